@@ -1,0 +1,192 @@
+"""Pruning benchmarks: ratios measured side by side in one run.
+
+1. Train-step time with ``pruner`` last in the chain vs the same step with plain optax (MLP and
+   CNN, jitted, paired runs, median ratio). Target <= 1.05x.
+2. Global magnitude threshold at 90 % over 50M parameters: jaxslim's sort-free bisection vs one
+   ``sum(abs(p))`` pass and vs a ``jnp.sort``-based threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxslim import prune
+
+
+def _time(f, *args, reps):
+    jax.block_until_ready(f(*args))
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def paired(fa, fb, args, reps=30, inner=1):
+    """Alternates a and b; returns (median a, median b, median of ratios a/b)."""
+    jax.block_until_ready(fa(*args))
+    jax.block_until_ready(fb(*args))
+    ta, tb = [], []
+    for _ in range(reps):
+        for f, acc in ((fa, ta), (fb, tb)):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                r = f(*args)
+            jax.block_until_ready(r)
+            acc.append((time.perf_counter() - t0) / inner)
+    ratios = [a / b for a, b in zip(ta, tb, strict=True)]
+    return statistics.median(ta), statistics.median(tb), statistics.median(ratios)
+
+
+def mlp_params(key, sizes):
+    keys = jax.random.split(key, len(sizes))
+    return {f"l{i}": {"kernel": jax.random.normal(k, (a, b)) * a**-0.5, "bias": jnp.zeros(b)}
+            for i, (k, a, b) in enumerate(zip(keys, sizes[:-1], sizes[1:], strict=False))}
+
+
+def mlp_apply(p, x):
+    n = len(p)
+    for i in range(n):
+        x = x @ p[f"l{i}"]["kernel"] + p[f"l{i}"]["bias"]
+        x = jax.nn.relu(x) if i < n - 1 else x
+    return x
+
+
+def cnn_params(key, c=64, length=64):
+    k = jax.random.split(key, 4)
+    return {
+        "c1": {"kernel": jax.random.normal(k[0], (5, 1, c)) * 0.3, "bias": jnp.zeros(c)},
+        "c2": {"kernel": jax.random.normal(k[1], (3, c, c)) * 0.1, "bias": jnp.zeros(c)},
+        "c3": {"kernel": jax.random.normal(k[2], (3, c, c)) * 0.1, "bias": jnp.zeros(c)},
+        "head": {"kernel": jax.random.normal(k[3], (c * length // 8, 10)) * 0.05,
+                 "bias": jnp.zeros(10)},
+    }
+
+
+def cnn_apply(p, x):
+    x = x[..., None]
+    for name in ("c1", "c2", "c3"):
+        x = jax.lax.conv_general_dilated(x, p[name]["kernel"], (2,), "SAME",
+                                         dimension_numbers=("NWC", "WIO", "NWC"))
+        x = jax.nn.relu(x + p[name]["bias"])
+    return x.reshape(x.shape[0], -1) @ p["head"]["kernel"] + p["head"]["bias"]
+
+
+def train_step_table(reps):
+    rows = []
+    key = jax.random.key(0)
+    cases = {
+        "MLP 784-1024-1024-10, batch 128": (mlp_params(key, [784, 1024, 1024, 10]), mlp_apply,
+                                            jax.random.normal(key, (128, 784))),
+        "CNN 3x64ch conv1d, batch 128": (cnn_params(key), cnn_apply,
+                                         jax.random.normal(key, (128, 64))),
+    }
+    for name, (params, apply, x) in cases.items():
+        y = jnp.zeros(x.shape[0], jnp.int32)
+
+        def make(tx, apply=apply):
+            @jax.jit
+            def step(params, state, x):
+                def loss(p):
+                    return optax.softmax_cross_entropy_with_integer_labels(apply(p, x), y).mean()
+
+                g = jax.grad(loss)(params)
+                u, state = tx.update(g, state, params)
+                return optax.apply_updates(params, u), state
+
+            return step
+
+        base_tx = optax.adam(1e-3)
+        prune_tx = optax.chain(optax.adam(1e-3), prune.pruner(
+            prune.polynomial_schedule(0.9, 0, 10_000, frequency=100)))
+        fb, fp = make(base_tx), make(prune_tx)
+        sb, sp = base_tx.init(params), prune_tx.init(params)
+        # advance the pruner past step 0 so the timed steps are the common, non-update steps
+        params_p, sp = fp(params, sp, x)
+        tp, tb, ratio = paired(lambda: fp(params_p, sp, x), lambda: fb(params, sb, x), (),
+                               reps=reps, inner=5)
+        rows.append((name, tb * 1e3, tp * 1e3, ratio))
+        # an update step (masks recomputed) for reference
+        upd = prune_tx.init(params)
+        tu = statistics.median(_time(fp, params, upd, x, reps=max(3, reps // 5)))
+        rows[-1] = rows[-1] + (tu * 1e3,)
+    return rows
+
+
+def threshold_table(n_params, reps):
+    key = jax.random.key(1)
+    shapes = []
+    left = n_params
+    while left > 0:  # a model-like mix of leaf sizes
+        for s in [(4096, 1024), (1024, 4096), (1024, 1024), (4096, 256)]:
+            if left <= 0:
+                break
+            shapes.append(s)
+            left -= s[0] * s[1]
+    params = {f"w{i}": jax.random.normal(jax.random.fold_in(key, i), s)
+              for i, s in enumerate(shapes)}
+    total = sum(a * b for a, b in shapes)
+
+    one_pass = jax.jit(lambda p: sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(p)))
+    ours = jax.jit(lambda p: prune.topk_mask(prune.magnitude(p), 0.9, scope="global"))
+
+    @jax.jit
+    def sort_based(p):
+        flat = jnp.concatenate([jnp.abs(x).ravel() for x in jax.tree.leaves(p)])
+        t = jnp.sort(flat)[round(0.9 * flat.size) - 1]
+        return jax.tree.map(lambda x: jnp.abs(x) > t, p)
+
+    t_pass = statistics.median(_time(one_pass, params, reps=reps))
+    t_ours = statistics.median(_time(ours, params, reps=reps))
+    t_sort = statistics.median(_time(sort_based, params, reps=max(2, reps // 3)))
+    return total, t_pass, t_ours, t_sort
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import os
+
+    return (f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on "
+            f"{jax.default_backend()} ({jax.devices()[0].device_kind})")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--params", type=float, default=50e6)
+    ap.add_argument("--reps", type=int, default=20)
+    args = ap.parse_args()
+    print(f"machine: {machine()}\n")
+    print("## Train step: pruner last in chain vs plain optax (Adam), median of paired runs\n")
+    print("| model | optax ms | + pruner ms | ratio | mask-update step ms |")
+    print("|---|---|---|---|---|")
+    for name, tb, tp, r, tu in train_step_table(args.reps):
+        print(f"| {name} | {tb:.2f} | {tp:.2f} | {r:.3f}x | {tu:.2f} |")
+    total, t_pass, t_ours, t_sort = threshold_table(int(args.params), max(3, args.reps // 4))
+    print(f"\n## Global 90 % magnitude threshold over {total / 1e6:.1f}M parameters\n")
+    print("| method | ms | vs one sum(abs(p)) pass |")
+    print("|---|---|---|")
+    for name, t in (("one sum(abs(p)) pass", t_pass), ("jaxslim topk_mask (bisection)", t_ours),
+                    ("jnp.sort threshold", t_sort)):
+        print(f"| {name} | {t * 1e3:.1f} | {t / t_pass:.1f}x |")
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()

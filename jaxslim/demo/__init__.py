@@ -1,0 +1,1 @@
+"""The ``jaxslim demo`` report: MNIST-1D models compressed by each part of jaxslim."""

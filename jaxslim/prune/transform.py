@@ -1,0 +1,175 @@
+"""The pruning transforms: ``pruner`` (scheduled masks) and ``keep_mask`` (a fixed mask).
+
+Both go **last** in ``optax.chain``. They return ``u' = where(mask, u, -p)``, so that
+``optax.apply_updates(p, u')`` lands pruned weights on exact zeros and keeps them there — with
+``flax.training.train_state.TrainState.apply_gradients`` and ``flax.nnx.Optimizer.update`` as they
+are, with no extra call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from jaxslim import _tree
+from jaxslim.prune.masks import apply_mask, check_mask_leaf, topk_mask
+from jaxslim.prune.schedules import SparsitySchedule, constant_schedule
+from jaxslim.prune.scores import magnitude
+from jaxslim.structures import Structure, Unstructured
+
+__all__ = ["PrunerState", "MaskState", "pruner", "keep_mask", "masks_of"]
+
+
+class PrunerState(NamedTuple):
+    """State of ``pruner``: the step count and the current mask tree."""
+
+    count: jax.Array
+    masks: optax.Params
+
+
+class MaskState(NamedTuple):
+    """State of ``keep_mask``: the fixed mask tree."""
+
+    masks: optax.Params
+
+
+def _masked_updates(fn: str, updates, params, masks):
+    if params is None:
+        raise ValueError(f"{fn}: params are required (call tx.update(grads, state, params))")
+
+    def one(path, u, p, m):
+        if m is None:
+            return u
+        name = _tree.path_str(path)
+        check_mask_leaf(fn, name, p, m)
+        return jnp.where(m, u, -p).astype(u.dtype)
+
+    return jax.tree_util.tree_map_with_path(one, updates, params, masks)
+
+
+def pruner(
+    schedule: SparsitySchedule | float,
+    *,
+    score: Callable[[optax.Params], optax.Params] = magnitude,
+    structure: Structure = Unstructured(),
+    scope: str = "layer",
+    where: _tree.Where = None,
+) -> optax.GradientTransformation:
+    """Prunes during training on a sparsity schedule (Zhu & Gupta 2017), last in ``optax.chain``.
+
+    At step ``t`` (its own count) the transform recomputes the masks when ``t == 0`` or the
+    scheduled sparsity changes, ``s(t) != s(t-1)``, from the parameters after this update,
+    ``topk_mask(score(apply_mask(p + u, masks)), s(t), ...)`` — the recomputation runs under
+    ``lax.cond``, so steps between updates only apply the mask. Weights pruned once stay pruned
+    under magnitude-like scores (they are scored at 0). It returns ``where(mask, u, -p)``.
+
+    Args:
+      schedule: ``step -> sparsity`` (``polynomial_schedule``, ``one_shot_schedule``, ...) or a
+        float for a constant sparsity from step 0.
+      score: ``params -> scores`` (``magnitude``; ``functools.partial(random, key)``).
+      structure, scope, where: as in ``topk_mask``.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is a ``PrunerState``; read its masks with
+      ``masks_of(opt_state)``.
+
+    >>> import jax.numpy as jnp, optax
+    >>> params = {"w": jnp.array([[1.0, -4.0], [0.5, 2.0]])}
+    >>> tx = optax.chain(optax.sgd(0.0), pruner(0.5))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> optax.apply_updates(params, updates)["w"]
+    Array([[ 0., -4.],
+           [ 0.,  2.]], dtype=float32)
+    """
+    fn = "prune.pruner"
+    if isinstance(schedule, int | float):
+        schedule = constant_schedule(schedule)
+    if not callable(schedule):
+        raise TypeError(f"{fn}: schedule must be a float or a callable step -> sparsity, got "
+                        f"{schedule!r}")
+    if scope not in ("layer", "global"):
+        raise ValueError(f"{fn}: scope must be 'layer' or 'global', got {scope!r}")
+
+    def init_fn(params):
+        paths = _tree.selected_paths(params, where, fn_name=fn)
+        for path, leaf in _tree.leaves_with_paths(params):
+            if path in paths:
+                structure.check(leaf.shape, path, fn)
+        masks = _tree.map_selected(
+            lambda _, p: jnp.ones(p.shape, jnp.bool_), params, where=where, fn_name=fn,
+            unselected=lambda *_: None,
+        )
+        return PrunerState(count=jnp.zeros([], jnp.int32), masks=masks)
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(f"{fn}: params are required (call tx.update(grads, state, params))")
+        t = state.count
+        s = schedule(t)
+        recompute = (t == 0) | (s != schedule(jnp.maximum(t - 1, 0)))
+
+        def new_masks():
+            after = optax.apply_updates(params, updates)
+            return topk_mask(score(apply_mask(after, state.masks)), s, structure=structure,
+                             scope=scope, where=where)
+
+        masks = lax.cond(recompute, new_masks, lambda: state.masks)
+        new_updates = _masked_updates(fn, updates, params, masks)
+        return new_updates, PrunerState(count=optax.safe_increment(t), masks=masks)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def keep_mask(mask: optax.Params) -> optax.GradientTransformation:
+    """Holds a fixed mask, last in ``optax.chain``: pruned weights become and stay exactly zero.
+
+    Use it to fine-tune after one-shot pruning: ``mask = topk_mask(magnitude(params), 0.9)``.
+
+    >>> import jax.numpy as jnp, optax
+    >>> params = {"w": jnp.array([1.0, 2.0])}
+    >>> tx = optax.chain(optax.sgd(0.1), keep_mask({"w": jnp.array([True, False])}))
+    >>> updates, _ = tx.update({"w": jnp.ones(2)}, tx.init(params), params)
+    >>> optax.apply_updates(params, updates)["w"]
+    Array([0.9, 0. ], dtype=float32)
+    """
+    fn = "prune.keep_mask"
+
+    def init_fn(params):
+        _tree.check_same_structure(params, mask, fn_name=fn)
+        jax.tree_util.tree_map_with_path(
+            lambda path, p, m: m is None or check_mask_leaf(fn, _tree.path_str(path), p, m),
+            params, mask,
+        )
+        return MaskState(masks=mask)
+
+    def update_fn(updates, state, params=None):
+        return _masked_updates(fn, updates, params, state.masks), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _unwrap(x: Any) -> Any:
+    # Optimizer states held by flax.nnx wrap arrays in Variables; return the arrays.
+    return x.get_value() if hasattr(x, "get_value") else getattr(x, "value", x)
+
+
+def masks_of(opt_state: Any) -> optax.Params:
+    """The mask tree held by the first ``pruner`` or ``keep_mask`` inside ``opt_state``.
+
+    Works on any optimizer state (nested ``optax.chain`` tuples, ``optax.inject_hyperparams``,
+    ``TrainState.opt_state``, ``nnx.Optimizer.opt_state``). Raises ``ValueError`` if none is found.
+    """
+    found = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, PrunerState | MaskState))
+    for node in found:
+        if isinstance(node, PrunerState | MaskState):
+            is_var = lambda x: hasattr(x, "get_value") or (  # noqa: E731
+                hasattr(x, "value") and not isinstance(x, jax.Array)
+            )
+            return jax.tree.map(_unwrap, node.masks, is_leaf=is_var)
+    raise ValueError("prune.masks_of: no pruner or keep_mask state found in opt_state")

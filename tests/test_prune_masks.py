@@ -1,0 +1,265 @@
+"""prune: scores, structures and topk_mask against an independent reference of torch's rules.
+
+The references below re-implement ``torch.nn.utils.prune``'s published semantics in numpy:
+``l1_unstructured`` / ``global_unstructured`` prune the ``round(amount * n)`` smallest ``|w|``;
+``ln_structured(dim, n)`` prunes the ``round(amount * size[dim])`` slices with the smallest
+``n``-norm over the other dims.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from jaxslim import prune
+from jaxslim.structures import NM, Blocks, Channels, Unstructured
+
+VARIANTS = {"eager": lambda f: f, "jit": jax.jit}
+
+
+@pytest.fixture(params=sorted(VARIANTS))
+def variant(request):
+    return VARIANTS[request.param]
+
+
+def ref_unstructured(w: np.ndarray, amount: float) -> np.ndarray:
+    k = round(amount * w.size)
+    order = np.argsort(np.abs(w).ravel(), kind="stable")
+    keep = np.ones(w.size, bool)
+    keep[order[:k]] = False
+    return keep.reshape(w.shape)
+
+
+def ref_global(ws: list[np.ndarray], amount: float) -> list[np.ndarray]:
+    flat = np.concatenate([np.abs(w).ravel() for w in ws])
+    keep = ref_unstructured(flat, amount)
+    out, i = [], 0
+    for w in ws:
+        out.append(keep[i : i + w.size].reshape(w.shape))
+        i += w.size
+    return out
+
+
+def ref_ln_structured(w: np.ndarray, amount: float, ord: float, dim: int) -> np.ndarray:
+    norms = np.linalg.norm(np.moveaxis(w, dim, 0).reshape(w.shape[dim], -1), ord=ord, axis=1)
+    k = round(amount * w.shape[dim])
+    order = np.argsort(norms, kind="stable")
+    keep = np.ones(w.shape[dim], bool)
+    keep[order[:k]] = False
+    shape = [1] * w.ndim
+    shape[dim] = w.shape[dim]
+    return np.broadcast_to(keep.reshape(shape), w.shape)
+
+
+shapes = st.lists(st.integers(1, 7), min_size=2, max_size=4).map(tuple)
+fractions = st.floats(0.0, 1.0, allow_nan=False)
+
+
+def tie_free(shape, seed):
+    w = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    assume(len(np.unique(np.abs(w))) == w.size)
+    return w
+
+
+@settings(max_examples=12)
+@given(shapes, fractions, st.integers(0, 2**31 - 1))
+def test_unstructured_matches_torch_rule(shape, s, seed):
+    w = tie_free(shape, seed)
+    mask = prune.topk_mask(prune.magnitude({"w": jnp.asarray(w)}), s)["w"]
+    np.testing.assert_array_equal(np.asarray(mask), ref_unstructured(w, s))
+    assert int((~mask).sum()) == round(s * w.size)
+
+
+@settings(max_examples=12)
+@given(st.lists(shapes, min_size=1, max_size=3), fractions, st.integers(0, 2**31 - 1))
+def test_global_matches_torch_rule(shape_list, s, seed):
+    rng = np.random.default_rng(seed)
+    ws = [rng.standard_normal(sh).astype(np.float32) for sh in shape_list]
+    flat = np.concatenate([np.abs(w).ravel() for w in ws])
+    assume(len(np.unique(flat)) == flat.size)
+    params = {f"l{i}": jnp.asarray(w) for i, w in enumerate(ws)}
+    masks = prune.topk_mask(prune.magnitude(params), s, scope="global")
+    refs = ref_global(ws, s)
+    for i, ref in enumerate(refs):
+        np.testing.assert_array_equal(np.asarray(masks[f"l{i}"]), ref)
+
+
+@settings(max_examples=12)
+@given(shapes, fractions, st.sampled_from([1, 2, math.inf]), st.integers(0, 3), st.integers(0, 99))
+def test_channels_matches_ln_structured_on_any_axis(shape, s, ord, axis, seed):
+    axis = axis % len(shape)
+    w = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    ref = ref_ln_structured(w, s, ord, axis)
+    norms = np.linalg.norm(np.moveaxis(w, axis, 0).reshape(shape[axis], -1), ord=ord, axis=1)
+    assume(len(np.unique(norms.astype(np.float32))) == norms.size)
+    # scores are |w|; Channels ranks the norm of |w| = norm of w
+    mask = prune.topk_mask(prune.magnitude({"w": jnp.asarray(w)}), s,
+                           structure=Channels(axis=axis, ord=ord))["w"]
+    np.testing.assert_array_equal(np.asarray(mask), ref)
+
+
+def test_ties_prune_lowest_flat_index_first(variant):
+    scores = {"a": jnp.zeros((2, 3)), "b": jnp.zeros((2, 2))}
+    m = variant(lambda s: prune.topk_mask(s, 0.5))(scores)
+    np.testing.assert_array_equal(np.asarray(m["a"]).ravel(), [False] * 3 + [True] * 3)
+    np.testing.assert_array_equal(np.asarray(m["b"]).ravel(), [False] * 2 + [True] * 2)
+    g = variant(lambda s: prune.topk_mask(s, 0.5, scope="global"))(scores)
+    # 10 entries, 5 pruned: all 6 of "a" come first in tree order, so a loses 5, b none.
+    assert np.asarray(g["a"]).ravel().tolist() == [False] * 5 + [True]
+    assert np.asarray(g["b"]).all()
+
+
+@given(st.integers(0, 12), st.integers(0, 99))
+def test_exact_count_with_many_ties(k, seed):
+    # values drawn from 3 levels: heavy ties at the threshold
+    vals = np.random.default_rng(seed).integers(0, 3, size=(3, 4)).astype(np.float32)
+    s = k / 12
+    m = np.asarray(prune.topk_mask({"w": jnp.asarray(vals)}, s)["w"])
+    assert (~m).sum() == round(s * 12)
+    order = np.lexsort((np.arange(12), vals.ravel()))  # by value, then flat index
+    expected = np.ones(12, bool)
+    expected[order[: round(s * 12)]] = False
+    np.testing.assert_array_equal(m.ravel(), expected)
+
+
+def test_traced_sparsity_equals_static(variant):
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((16, 8)), jnp.float32)
+    scores = prune.magnitude({"w": w})
+    f = jax.jit(lambda s: prune.topk_mask(scores, s)["w"])
+    for s in (0.0, 0.1, 0.25, 0.5, 0.9, 1.0):
+        np.testing.assert_array_equal(f(jnp.float32(s)), variant(lambda: prune.topk_mask(
+            scores, s)["w"])())
+
+
+def test_negative_and_infinite_scores_rank_correctly():
+    s = jnp.array([[3.0, -jnp.inf, -1.0, 0.0, jnp.inf, -0.5]])
+    m = prune.topk_mask({"w": s}, 0.5)["w"]
+    np.testing.assert_array_equal(np.asarray(m)[0], [True, False, False, True, True, False])
+
+
+@settings(max_examples=12)
+@given(st.sampled_from([(2, 4), (1, 4), (4, 8), (0, 4), (4, 4)]), st.integers(1, 3),
+       st.integers(1, 4), st.integers(0, 99))
+def test_nm_keeps_n_largest_of_every_m(nm, rows_mult, cols, seed):
+    n, m = nm
+    w = np.random.default_rng(seed).standard_normal((rows_mult * m, cols)).astype(np.float32)
+    mask = np.asarray(prune.topk_mask(prune.magnitude({"w": jnp.asarray(w)}), 0.5,
+                                      structure=NM(n, m))["w"])
+    runs = np.abs(w).T.reshape(cols, rows_mult, m)
+    kept = mask.T.reshape(cols, rows_mult, m)
+    assert (kept.sum(-1) == n).all()
+    ref = np.argsort(-runs, axis=-1, kind="stable")[..., :n]
+    ref_mask = np.zeros_like(kept)
+    np.put_along_axis(ref_mask, ref, True, axis=-1)
+    np.testing.assert_array_equal(kept, ref_mask)
+
+
+def test_nm_sparsity_zero_keeps_all_and_traced_gate(variant):
+    w = {"w": jnp.arange(16.0).reshape(8, 2)}
+    assert np.asarray(prune.topk_mask(w, 0.0, structure=NM(2, 4))["w"]).all()
+    f = variant(lambda s: prune.topk_mask(w, s, structure=NM(2, 4))["w"])
+    assert np.asarray(f(jnp.float32(0.0))).all()
+    assert int(np.asarray(f(jnp.float32(0.3))).sum()) == 8
+
+
+def test_blocks_group_scores_and_count():
+    w = np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32)
+    mask = np.asarray(prune.topk_mask({"w": jnp.asarray(w)}, 0.5, structure=Blocks((2, 3)))["w"])
+    norms = np.array([[np.linalg.norm(w[i:i + 2, j:j + 3]) for j in (0, 3)] for i in (0, 2)])
+    ref_keep = norms >= np.sort(norms.ravel())[2]
+    np.testing.assert_array_equal(mask, np.kron(ref_keep, np.ones((2, 3), bool)))
+
+
+def test_global_channels_rank_across_leaves():
+    a = jnp.array([[1.0, 5.0], [1.0, 5.0]])  # channel norms sqrt2, 5sqrt2
+    b = jnp.array([[2.0, 0.1, 3.0]])  # channel norms 2, .1, 3
+    m = prune.topk_mask({"a": a, "b": b}, 0.4, structure=Channels(), scope="global")
+    # 5 channels, prune 2: b[:,1] (0.1) and a[:,0] (1.41)
+    np.testing.assert_array_equal(np.asarray(m["a"]), [[False, True], [False, True]])
+    np.testing.assert_array_equal(np.asarray(m["b"]), [[True, False, True]])
+
+
+def test_scores_saliency_random_magnitude(variant):
+    p = {"w": jnp.array([[2.0, -1.0]]), "n": jnp.array(3, jnp.int32)}
+    g = {"w": jnp.array([[0.5, 3.0]]), "n": jnp.array(0, jnp.int32)}
+    np.testing.assert_allclose(variant(prune.saliency)(p, g)["w"], [[1.0, 3.0]])
+    assert variant(prune.saliency)(p, g)["n"] is None
+    np.testing.assert_allclose(variant(prune.magnitude)(p)["w"], [[2.0, 1.0]])
+    r1 = variant(prune.random)(jax.random.key(0), p)["w"]
+    r2 = prune.random(jax.random.key(0), {"w": p["w"], "x": jnp.ones((3, 3))})["w"]
+    np.testing.assert_array_equal(r1, r2)
+    assert ((r1 >= 0) & (r1 < 1)).all()
+
+
+def test_apply_mask_exact_zeros_and_passthrough(variant):
+    params = {
+        "dense": {"kernel": jnp.ones((3, 4), jnp.bfloat16), "bias": jnp.ones(4)},
+        "step": jnp.array(5, jnp.int32),
+        "key": jax.random.key(0),
+        "empty": jnp.zeros((0, 3)),
+        "none": None,
+        "scalar": 2.0,
+    }
+    mask = prune.topk_mask(prune.random(jax.random.key(1), params), 0.25)
+    assert mask["dense"]["bias"] is None and mask["step"] is None and mask["empty"] is None
+    out = variant(prune.apply_mask)(params, mask)
+    k = out["dense"]["kernel"]
+    assert k.dtype == jnp.bfloat16 and int((k == 0).sum()) == 3
+    assert out["step"] == 5 and out["none"] is None and out["scalar"] == 2.0
+    assert out["empty"].shape == (0, 3)
+    assert jax.random.key_data(out["key"]).tolist() == jax.random.key_data(params["key"]).tolist()
+    np.testing.assert_array_equal(out["dense"]["bias"], params["dense"]["bias"])
+
+
+def test_all_zero_tensor_is_pruned_by_index():
+    m = prune.topk_mask(prune.magnitude({"w": jnp.zeros((2, 2))}), 0.5)["w"]
+    np.testing.assert_array_equal(np.asarray(m), [[False, False], [True, True]])
+
+
+def test_regex_and_predicate_where():
+    p = {"a": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}, "b": {"kernel": jnp.ones((2, 2))}}
+    m = prune.topk_mask(prune.magnitude(p), 0.5, where="bias")
+    assert m["a"]["kernel"] is None and m["a"]["bias"].shape == (2,)
+    m = prune.topk_mask(prune.magnitude(p), 0.5, where=lambda path, x: path.startswith("b/"))
+    assert m["a"]["kernel"] is None and m["b"]["kernel"].shape == (2, 2)
+
+
+@pytest.mark.parametrize("s", [-0.1, 1.5, float("nan")])
+def test_bad_sparsity_names_the_leaf(s):
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\].*'layer/kernel'"):
+        prune.topk_mask({"layer": {"kernel": jnp.ones((2, 2))}}, s)
+
+
+def test_bad_structure_and_where_name_the_leaf():
+    p = {"layer": {"kernel": jnp.ones((6, 2))}}
+    with pytest.raises(ValueError, match=r"NM\(2, 4\).*'layer/kernel'.*\(6, 2\)"):
+        prune.topk_mask(p, 0.5, structure=NM(2, 4))
+    with pytest.raises(ValueError, match="Blocks.*'layer/kernel'"):
+        prune.topk_mask(p, 0.5, structure=Blocks((4, 4)))
+    with pytest.raises(ValueError, match="axis 3 is out of range for 'layer/kernel'"):
+        prune.topk_mask(p, 0.5, structure=Channels(axis=3))
+    with pytest.raises(ValueError, match="selects no floating-point array leaf"):
+        prune.topk_mask(p, 0.5, where="nothing")
+    with pytest.raises(ValueError, match="scope"):
+        prune.topk_mask(p, 0.5, scope="model")
+    with pytest.raises(TypeError, match="structure"):
+        prune.topk_mask(p, 0.5, structure="channels")
+    with pytest.raises(ValueError, match="n <= m"):
+        NM(5, 4)
+
+
+def test_apply_mask_rejects_mismatched_masks():
+    p = {"a": jnp.ones((2, 2))}
+    with pytest.raises(ValueError, match="structures differ"):
+        prune.apply_mask(p, {"b": jnp.ones((2, 2), bool)})
+    with pytest.raises(ValueError, match=r"mask for 'a' must be a bool array of shape \(2, 2\)"):
+        prune.apply_mask(p, {"a": jnp.ones((2, 3), bool)})
+
+
+def test_unstructured_structure_default_is_identity():
+    x = jnp.arange(6.0).reshape(2, 3)
+    assert Unstructured().reduce(x) is x and Unstructured().group_size(x.shape) == 1
