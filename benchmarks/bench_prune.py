@@ -49,8 +49,10 @@ def paired(fa, fb, args, reps=30, inner=1):
 
 def mlp_params(key, sizes):
     keys = jax.random.split(key, len(sizes))
-    return {f"l{i}": {"kernel": jax.random.normal(k, (a, b)) * a**-0.5, "bias": jnp.zeros(b)}
-            for i, (k, a, b) in enumerate(zip(keys, sizes[:-1], sizes[1:], strict=False))}
+    return {
+        f"l{i}": {"kernel": jax.random.normal(k, (a, b)) * a**-0.5, "bias": jnp.zeros(b)}
+        for i, (k, a, b) in enumerate(zip(keys, sizes[:-1], sizes[1:], strict=False))
+    }
 
 
 def mlp_apply(p, x):
@@ -67,16 +69,19 @@ def cnn_params(key, c=64, length=64):
         "c1": {"kernel": jax.random.normal(k[0], (5, 1, c)) * 0.3, "bias": jnp.zeros(c)},
         "c2": {"kernel": jax.random.normal(k[1], (3, c, c)) * 0.1, "bias": jnp.zeros(c)},
         "c3": {"kernel": jax.random.normal(k[2], (3, c, c)) * 0.1, "bias": jnp.zeros(c)},
-        "head": {"kernel": jax.random.normal(k[3], (c * length // 8, 10)) * 0.05,
-                 "bias": jnp.zeros(10)},
+        "head": {
+            "kernel": jax.random.normal(k[3], (c * length // 8, 10)) * 0.05,
+            "bias": jnp.zeros(10),
+        },
     }
 
 
 def cnn_apply(p, x):
     x = x[..., None]
     for name in ("c1", "c2", "c3"):
-        x = jax.lax.conv_general_dilated(x, p[name]["kernel"], (2,), "SAME",
-                                         dimension_numbers=("NWC", "WIO", "NWC"))
+        x = jax.lax.conv_general_dilated(
+            x, p[name]["kernel"], (2,), "SAME", dimension_numbers=("NWC", "WIO", "NWC")
+        )
         x = jax.nn.relu(x + p[name]["bias"])
     return x.reshape(x.shape[0], -1) @ p["head"]["kernel"] + p["head"]["bias"]
 
@@ -85,10 +90,16 @@ def train_step_table(reps):
     rows = []
     key = jax.random.key(0)
     cases = {
-        "MLP 784-1024-1024-10, batch 128": (mlp_params(key, [784, 1024, 1024, 10]), mlp_apply,
-                                            jax.random.normal(key, (128, 784))),
-        "CNN 3x64ch conv1d, batch 128": (cnn_params(key), cnn_apply,
-                                         jax.random.normal(key, (128, 64))),
+        "MLP 784-1024-1024-10, batch 128": (
+            mlp_params(key, [784, 1024, 1024, 10]),
+            mlp_apply,
+            jax.random.normal(key, (128, 784)),
+        ),
+        "CNN 3x64ch conv1d, batch 128": (
+            cnn_params(key),
+            cnn_apply,
+            jax.random.normal(key, (128, 64)),
+        ),
     }
     for name, (params, apply, x) in cases.items():
         y = jnp.zeros(x.shape[0], jnp.int32)
@@ -106,14 +117,16 @@ def train_step_table(reps):
             return step
 
         base_tx = optax.adam(1e-3)
-        prune_tx = optax.chain(optax.adam(1e-3), prune.pruner(
-            prune.polynomial_schedule(0.9, 0, 10_000, frequency=100)))
+        prune_tx = optax.chain(
+            optax.adam(1e-3), prune.pruner(prune.polynomial_schedule(0.9, 0, 10_000, frequency=100))
+        )
         fb, fp = make(base_tx), make(prune_tx)
         sb, sp = base_tx.init(params), prune_tx.init(params)
         # advance the pruner past step 0 so the timed steps are the common, non-update steps
         params_p, sp = fp(params, sp, x)
-        tp, tb, ratio = paired(lambda: fp(params_p, sp, x), lambda: fb(params, sb, x), (),
-                               reps=reps, inner=5)
+        tp, tb, ratio = paired(
+            lambda: fp(params_p, sp, x), lambda: fb(params, sb, x), (), reps=reps, inner=5
+        )
         rows.append((name, tb * 1e3, tp * 1e3, ratio))
         # an update step (masks recomputed) for reference
         upd = prune_tx.init(params)
@@ -132,8 +145,9 @@ def threshold_table(n_params, reps):
                 break
             shapes.append(s)
             left -= s[0] * s[1]
-    params = {f"w{i}": jax.random.normal(jax.random.fold_in(key, i), s)
-              for i, s in enumerate(shapes)}
+    params = {
+        f"w{i}": jax.random.normal(jax.random.fold_in(key, i), s) for i, s in enumerate(shapes)
+    }
     total = sum(a * b for a, b in shapes)
 
     one_pass = jax.jit(lambda p: sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(p)))
@@ -163,8 +177,10 @@ def machine():
         pass
     import os
 
-    return (f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on "
-            f"{jax.default_backend()} ({jax.devices()[0].device_kind})")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on "
+        f"{jax.default_backend()} ({jax.devices()[0].device_kind})"
+    )
 
 
 def main():
@@ -182,8 +198,11 @@ def main():
     print(f"\n## Global 90 % magnitude threshold over {total / 1e6:.1f}M parameters\n")
     print("| method | ms | vs one sum(abs(p)) pass |")
     print("|---|---|---|")
-    for name, t in (("one sum(abs(p)) pass", t_pass), ("jaxslim topk_mask (bisection)", t_ours),
-                    ("jnp.sort threshold", t_sort)):
+    for name, t in (
+        ("one sum(abs(p)) pass", t_pass),
+        ("jaxslim topk_mask (bisection)", t_ours),
+        ("jnp.sort threshold", t_sort),
+    ):
         print(f"| {name} | {t * 1e3:.1f} | {t / t_pass:.1f}x |")
 
 

@@ -97,8 +97,9 @@ def test_channels_matches_ln_structured_on_any_axis(shape, s, ord, axis, seed):
     norms = np.linalg.norm(np.moveaxis(w, axis, 0).reshape(shape[axis], -1), ord=ord, axis=1)
     assume(len(np.unique(norms.astype(np.float32))) == norms.size)
     # scores are |w|; Channels ranks the norm of |w| = norm of w
-    mask = prune.topk_mask(prune.magnitude({"w": jnp.asarray(w)}), s,
-                           structure=Channels(axis=axis, ord=ord))["w"]
+    mask = prune.topk_mask(
+        prune.magnitude({"w": jnp.asarray(w)}), s, structure=Channels(axis=axis, ord=ord)
+    )["w"]
     np.testing.assert_array_equal(np.asarray(mask), ref)
 
 
@@ -131,8 +132,9 @@ def test_traced_sparsity_equals_static(variant):
     scores = prune.magnitude({"w": w})
     f = jax.jit(lambda s: prune.topk_mask(scores, s)["w"])
     for s in (0.0, 0.1, 0.25, 0.5, 0.9, 1.0):
-        np.testing.assert_array_equal(f(jnp.float32(s)), variant(lambda: prune.topk_mask(
-            scores, s)["w"])())
+        np.testing.assert_array_equal(
+            f(jnp.float32(s)), variant(lambda: prune.topk_mask(scores, s)["w"])()
+        )
 
 
 def test_negative_and_infinite_scores_rank_correctly():
@@ -142,13 +144,18 @@ def test_negative_and_infinite_scores_rank_correctly():
 
 
 @settings(max_examples=12)
-@given(st.sampled_from([(2, 4), (1, 4), (4, 8), (0, 4), (4, 4)]), st.integers(1, 3),
-       st.integers(1, 4), st.integers(0, 99))
+@given(
+    st.sampled_from([(2, 4), (1, 4), (4, 8), (0, 4), (4, 4)]),
+    st.integers(1, 3),
+    st.integers(1, 4),
+    st.integers(0, 99),
+)
 def test_nm_keeps_n_largest_of_every_m(nm, rows_mult, cols, seed):
     n, m = nm
     w = np.random.default_rng(seed).standard_normal((rows_mult * m, cols)).astype(np.float32)
-    mask = np.asarray(prune.topk_mask(prune.magnitude({"w": jnp.asarray(w)}), 0.5,
-                                      structure=NM(n, m))["w"])
+    mask = np.asarray(
+        prune.topk_mask(prune.magnitude({"w": jnp.asarray(w)}), 0.5, structure=NM(n, m))["w"]
+    )
     runs = np.abs(w).T.reshape(cols, rows_mult, m)
     kept = mask.T.reshape(cols, rows_mult, m)
     assert (kept.sum(-1) == n).all()
@@ -169,7 +176,7 @@ def test_nm_sparsity_zero_keeps_all_and_traced_gate(variant):
 def test_blocks_group_scores_and_count():
     w = np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32)
     mask = np.asarray(prune.topk_mask({"w": jnp.asarray(w)}, 0.5, structure=Blocks((2, 3)))["w"])
-    norms = np.array([[np.linalg.norm(w[i:i + 2, j:j + 3]) for j in (0, 3)] for i in (0, 2)])
+    norms = np.array([[np.linalg.norm(w[i : i + 2, j : j + 3]) for j in (0, 3)] for i in (0, 2)])
     ref_keep = norms >= np.sort(norms.ravel())[2]
     np.testing.assert_array_equal(mask, np.kron(ref_keep, np.ones((2, 3), bool)))
 

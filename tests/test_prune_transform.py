@@ -29,11 +29,18 @@ def zhu_gupta(t, final, t0, t1, initial, power, freq):
     return final + (initial - final) * (1 - (last - t0) / (t1 - t0)) ** power
 
 
-@given(st.floats(0, 1), st.floats(0, 1), st.integers(0, 50), st.integers(1, 200),
-       st.integers(1, 20), st.sampled_from([1, 2, 3]))
+@given(
+    st.floats(0, 1),
+    st.floats(0, 1),
+    st.integers(0, 50),
+    st.integers(1, 200),
+    st.integers(1, 20),
+    st.sampled_from([1, 2, 3]),
+)
 def test_polynomial_schedule_matches_formula(final, initial, t0, span, freq, power):
-    sched = prune.polynomial_schedule(final, t0, t0 + span, initial=initial, power=power,
-                                      frequency=freq)
+    sched = prune.polynomial_schedule(
+        final, t0, t0 + span, initial=initial, power=power, frequency=freq
+    )
     ts = np.arange(0, t0 + span + 5)
     got = np.asarray(jax.jit(jax.vmap(sched))(jnp.asarray(ts)))
     ref = np.array([zhu_gupta(t, final, t0, t0 + span, initial, power, freq) for t in ts])
@@ -56,10 +63,14 @@ def test_schedules_bad_input():
 def _params():
     rng = np.random.default_rng(0)
     return {
-        "l1": {"kernel": jnp.asarray(rng.standard_normal((8, 16)), jnp.float32),
-               "bias": jnp.ones(16)},
-        "l2": {"kernel": jnp.asarray(rng.standard_normal((16, 4)), jnp.float32),
-               "bias": jnp.ones(4)},
+        "l1": {
+            "kernel": jnp.asarray(rng.standard_normal((8, 16)), jnp.float32),
+            "bias": jnp.ones(16),
+        },
+        "l2": {
+            "kernel": jnp.asarray(rng.standard_normal((16, 4)), jnp.float32),
+            "bias": jnp.ones(4),
+        },
         "scale": jnp.float32(2.0),
     }
 
@@ -75,8 +86,13 @@ def _run(tx, params, steps, variant, grad_seed=1):
     step = variant(step)
     for _ in range(steps):
         grads = jax.tree.map(
-            lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype)
-            if jnp.issubdtype(p.dtype, jnp.floating) else jnp.zeros_like(p), params)
+            lambda p: (
+                jnp.asarray(rng.standard_normal(p.shape), p.dtype)
+                if jnp.issubdtype(p.dtype, jnp.floating)
+                else jnp.zeros_like(p)
+            ),
+            params,
+        )
         params, state = step(params, state, grads)
     return params, state
 
@@ -91,7 +107,9 @@ def test_pruner_gradual_reaches_exact_sparsity_and_zeros_stay(variant):
         assert (np.asarray(params[name]["bias"]) != 0).all()
     masks = prune.masks_of(state)
     for name in ("l1", "l2"):
-        np.testing.assert_array_equal(masks[name]["kernel"], np.asarray(params[name]["kernel"]) != 0)
+        np.testing.assert_array_equal(
+            masks[name]["kernel"], np.asarray(params[name]["kernel"]) != 0
+        )
     assert masks["l1"]["bias"] is None and masks["scale"] is None
 
 
@@ -149,8 +167,9 @@ def test_pruner_is_jit_stable_no_retrace():
 
 
 def test_pruner_preserves_bf16_dtypes():
-    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x,
-                          _params())
+    params = jax.tree.map(
+        lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, _params()
+    )
     tx = optax.chain(optax.sgd(0.1), prune.pruner(0.5))
     out, _ = _run(tx, params, 2, jax.jit)
     assert out["l1"]["kernel"].dtype == jnp.bfloat16

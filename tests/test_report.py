@@ -16,8 +16,12 @@ def test_sparsity_counts_selected_leaves(variant):
 
 
 def test_summary_rows_and_bytes():
-    tree = {"w": jnp.array([[0.0, 1.0], [2.0, 0.0]], jnp.bfloat16), "i": jnp.arange(3),
-            "k": jax.random.key(0), "none": None}
+    tree = {
+        "w": jnp.array([[0.0, 1.0], [2.0, 0.0]], jnp.bfloat16),
+        "i": jnp.arange(3),
+        "k": jax.random.key(0),
+        "none": None,
+    }
     rows = {r["path"]: r for r in report.summary(tree)}
     assert rows["w"]["nonzeros"] == 2 and rows["w"]["bits"] == 16 and rows["w"]["bytes"] == 8
     assert rows["w"]["sparsity"] == 0.5 and rows["w"]["shape"] == (2, 2)

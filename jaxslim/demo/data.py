@@ -50,8 +50,9 @@ class CNN(nnx.Module):
     Input ``(batch, 40)``; the convolutions see ``(batch, 40, 1)`` (length, channels).
     """
 
-    def __init__(self, channels: Sequence[int] = (32, 32, 32), length: int = 40, dout: int = 10,
-                 *, rngs):
+    def __init__(
+        self, channels: Sequence[int] = (32, 32, 32), length: int = 40, dout: int = 10, *, rngs
+    ):
         c1, c2, c3 = channels
         self.conv1 = nnx.Conv(1, c1, kernel_size=(5,), strides=(2,), padding=2, rngs=rngs)
         self.conv2 = nnx.Conv(c1, c2, kernel_size=(3,), strides=(2,), padding=1, rngs=rngs)
@@ -130,7 +131,9 @@ def accuracy(model: nnx.Module, x, y) -> float:
 
 def count_params(model_or_tree) -> int:
     """Number of parameters (entries of every array leaf) of an NNX model or a pytree."""
-    tree = nnx.state(model_or_tree, nnx.Param) if isinstance(model_or_tree, nnx.Module) else (
-        model_or_tree
+    tree = (
+        nnx.state(model_or_tree, nnx.Param)
+        if isinstance(model_or_tree, nnx.Module)
+        else (model_or_tree)
     )
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree) if hasattr(x, "shape"))

@@ -72,7 +72,7 @@ def _kth_key(keys: list[jax.Array], k) -> jax.Array:
 
 @jax.jit
 def _lowest_k(keys: list[jax.Array], k) -> list[jax.Array]:
-    """Boolean arrays marking the ``k`` lowest keys overall (ties by leaf order, then flat index)."""
+    """Marks the ``k`` lowest keys overall (ties by leaf order, then flat index)."""
     k = jnp.asarray(k, jnp.int32)
     t = _kth_key(keys, jnp.maximum(k, 1))
     lt = [key < t for key in keys]
@@ -116,8 +116,10 @@ def _flat_index(shape: tuple[int, ...]) -> jax.Array:
 
 def _check_leaf(path: str, leaf, structure: Structure, fn: str) -> None:
     if not isinstance(structure, Structure):
-        raise TypeError(f"{fn}: structure must be Unstructured(), Channels(), NM() or Blocks(), "
-                        f"got {structure!r}")
+        raise TypeError(
+            f"{fn}: structure must be Unstructured(), Channels(), NM() or Blocks(), "
+            f"got {structure!r}"
+        )
     structure.check(leaf.shape, path, fn)
 
 

@@ -53,7 +53,12 @@ def saliency(params: optax.Params, grads: optax.Params) -> optax.Params:
         return jnp.abs(p.astype(jnp.float32) * jnp.asarray(g).astype(jnp.float32))
 
     return _tree.map_selected(
-        one, params, grads, where=_all_float, allow_empty=True, unselected=_none,
+        one,
+        params,
+        grads,
+        where=_all_float,
+        allow_empty=True,
+        unselected=_none,
         fn_name="prune.saliency",
     )
 
@@ -69,6 +74,7 @@ def random(key: jax.Array, params: optax.Params) -> optax.Params:
     >>> s["w"].shape
     (2, 3)
     """
+
     def one(path, p):
         sub = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
         return jax.random.uniform(sub, p.shape, jnp.float32)

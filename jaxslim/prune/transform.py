@@ -91,8 +91,9 @@ def pruner(
     if isinstance(schedule, int | float):
         schedule = constant_schedule(schedule)
     if not callable(schedule):
-        raise TypeError(f"{fn}: schedule must be a float or a callable step -> sparsity, got "
-                        f"{schedule!r}")
+        raise TypeError(
+            f"{fn}: schedule must be a float or a callable step -> sparsity, got {schedule!r}"
+        )
     if scope not in ("layer", "global"):
         raise ValueError(f"{fn}: scope must be 'layer' or 'global', got {scope!r}")
 
@@ -102,7 +103,10 @@ def pruner(
             if path in paths:
                 structure.check(leaf.shape, path, fn)
         masks = _tree.map_selected(
-            lambda _, p: jnp.ones(p.shape, jnp.bool_), params, where=where, fn_name=fn,
+            lambda _, p: jnp.ones(p.shape, jnp.bool_),
+            params,
+            where=where,
+            fn_name=fn,
             unselected=lambda *_: None,
         )
         return PrunerState(count=jnp.zeros([], jnp.int32), masks=masks)
@@ -116,8 +120,13 @@ def pruner(
 
         def new_masks():
             after = optax.apply_updates(params, updates)
-            return topk_mask(score(apply_mask(after, state.masks)), s, structure=structure,
-                             scope=scope, where=where)
+            return topk_mask(
+                score(apply_mask(after, state.masks)),
+                s,
+                structure=structure,
+                scope=scope,
+                where=where,
+            )
 
         masks = lax.cond(recompute, new_masks, lambda: state.masks)
         new_updates = _masked_updates(fn, updates, params, masks)
@@ -144,7 +153,8 @@ def keep_mask(mask: optax.Params) -> optax.GradientTransformation:
         _tree.check_same_structure(params, mask, fn_name=fn)
         jax.tree_util.tree_map_with_path(
             lambda path, p, m: m is None or check_mask_leaf(fn, _tree.path_str(path), p, m),
-            params, mask,
+            params,
+            mask,
         )
         return MaskState(masks=mask)
 
@@ -168,8 +178,11 @@ def masks_of(opt_state: Any) -> optax.Params:
     found = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, PrunerState | MaskState))
     for node in found:
         if isinstance(node, PrunerState | MaskState):
-            is_var = lambda x: hasattr(x, "get_value") or (  # noqa: E731
-                hasattr(x, "value") and not isinstance(x, jax.Array)
+            is_var = lambda x: (
+                hasattr(x, "get_value")
+                or (  # noqa: E731
+                    hasattr(x, "value") and not isinstance(x, jax.Array)
+                )
             )
             return jax.tree.map(_unwrap, node.masks, is_leaf=is_var)
     raise ValueError("prune.masks_of: no pruner or keep_mask state found in opt_state")

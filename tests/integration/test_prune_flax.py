@@ -56,12 +56,13 @@ def test_nnx_optimizer_loop():
     for i in range(150):
         sl = slice((i * 64) % 1700, (i * 64) % 1700 + 64)
         step(model, opt, x[sl], y[sl])
-    _check_exact([(model.l1.kernel[...], model.l1.bias[...]),
-                  (model.l2.kernel[...], model.l2.bias[...])])
+    _check_exact(
+        [(model.l1.kernel[...], model.l1.bias[...]), (model.l2.kernel[...], model.l2.bias[...])]
+    )
     masks = prune.masks_of(opt.opt_state)
     np.testing.assert_array_equal(np.asarray(masks["l1"]["kernel"]), model.l1.kernel[...] != 0)
     before = np.asarray(model.l1.kernel[...]) == 0
-    for i in range(10):  # zeros survive more training
+    for _ in range(10):  # zeros survive more training
         step(model, opt, x[:64], y[:64])
     np.testing.assert_array_equal(np.asarray(model.l1.kernel[...]) == 0, before)
     acc = float(jnp.mean(jnp.argmax(model(x), -1) == y))
@@ -93,10 +94,15 @@ def test_linen_train_state_loop():
         sl = slice((i * 64) % 1700, (i * 64) % 1700 + 64)
         state = step(state, x[sl], y[sl])
     p = state.params
-    _check_exact([(p["Dense_0"]["kernel"], p["Dense_0"]["bias"]),
-                  (p["Dense_1"]["kernel"], p["Dense_1"]["bias"])])
+    _check_exact(
+        [
+            (p["Dense_0"]["kernel"], p["Dense_0"]["bias"]),
+            (p["Dense_1"]["kernel"], p["Dense_1"]["bias"]),
+        ]
+    )
     masks = prune.masks_of(state.opt_state)
-    np.testing.assert_array_equal(np.asarray(masks["Dense_1"]["kernel"]),
-                                  np.asarray(p["Dense_1"]["kernel"]) != 0)
+    np.testing.assert_array_equal(
+        np.asarray(masks["Dense_1"]["kernel"]), np.asarray(p["Dense_1"]["kernel"]) != 0
+    )
     acc = float(jnp.mean(jnp.argmax(module.apply({"params": p}, x), -1) == y))
     assert acc > 0.7  # chance is 0.1; a 90 %-sparse 64-32-10 MLP after 150 steps

@@ -1,0 +1,140 @@
+"""One conformance table: every public tree function and transform, run the same way.
+
+Each row is checked for: jit == eager, no retrace on a second call with new values, dtype
+preservation for float32 and bfloat16 parameters, and pass-through of leaves it must not touch
+(ints, PRNG keys, ``None``, size-0 arrays). A new algorithm is one new row.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxslim
+from jaxslim import _tree, prune
+
+
+def params(dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "dense": {
+            "kernel": jnp.asarray(rng.standard_normal((8, 12)), dtype),
+            "bias": jnp.asarray(rng.standard_normal(12), dtype),
+        },
+        "conv": {"kernel": jnp.asarray(rng.standard_normal((3, 4, 8)), dtype)},
+        "count": jnp.array(3, jnp.int32),
+        "key": jax.random.key(7),
+        "empty": jnp.zeros((0, 4), dtype),
+        "nothing": None,
+    }
+
+
+# Tree functions: name -> f(params) returning a tree of params' structure.
+TREE_FUNCTIONS = {
+    "prune.magnitude": prune.magnitude,
+    "prune.random": functools.partial(prune.random, jax.random.key(0)),
+    "prune.saliency": lambda p: prune.saliency(p, p),
+    "prune.topk_mask": lambda p: prune.topk_mask(prune.magnitude(p), 0.5),
+    "prune.topk_mask(global, Channels)": lambda p: prune.topk_mask(
+        prune.magnitude(p), 0.5, structure=prune.Channels(), scope="global"
+    ),
+    "prune.apply_mask": lambda p: prune.apply_mask(p, prune.topk_mask(prune.magnitude(p), 0.5)),
+}
+
+# Transforms last in a chain: name -> (params -> GradientTransformation).
+TRANSFORMS = {
+    "prune.pruner": lambda p: prune.pruner(prune.polynomial_schedule(0.5, 0, 4)),
+    "prune.pruner(NM)": lambda p: prune.pruner(0.5, structure=prune.NM(2, 4)),
+    "prune.keep_mask": lambda p: prune.keep_mask(prune.topk_mask(prune.magnitude(p), 0.5)),
+}
+
+
+def _leaves_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb, strict=True):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_array_equal(
+            np.asarray(x, np.float32) if x.dtype == jnp.bfloat16 else np.asarray(x),
+            np.asarray(y, np.float32) if y.dtype == jnp.bfloat16 else np.asarray(y),
+        )
+
+
+@pytest.mark.parametrize("name", sorted(TREE_FUNCTIONS))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_tree_function(name, dtype):
+    f = TREE_FUNCTIONS[name]
+    p = params(dtype)
+    eager = f(p)
+    traces = []
+    jitted = jax.jit(lambda p: (traces.append(1), f(p))[1])
+    _leaves_equal(jitted(p), eager)
+    jitted(params(dtype, seed=1))  # new values, same shapes: no retrace
+    assert len(traces) == 1
+    _tree.check_same_structure(p, eager, fn_name=name)  # params' structure, None allowed
+    assert eager["count"] is None or eager["count"] == 3
+    if name == "prune.apply_mask":
+        assert eager["dense"]["kernel"].dtype == dtype and eager["count"] == 3
+        assert eager["empty"].shape == (0, 4) and eager["nothing"] is None
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_transform(name, dtype):
+    p = params(dtype)
+    p.pop("count"), p.pop("key")  # optimizers upstream of us don't take ints or keys
+    tx = optax.chain(optax.sgd(0.1), TRANSFORMS[name](p))
+    state = tx.init(p)
+
+    traces = []
+
+    @jax.jit
+    def step(p, state, g):
+        traces.append(1)
+        u, state = tx.update(g, state, p)
+        return optax.apply_updates(p, u), state
+
+    def eager_step(p, state, g):
+        u, state = tx.update(g, state, p)
+        return optax.apply_updates(p, u), state
+
+    g = jax.tree.map(jnp.ones_like, p)
+    out_j, s_j = step(p, state, g)
+    out_e, s_e = eager_step(p, state, g)
+    _leaves_equal(out_j, out_e)
+    _leaves_equal(s_j, s_e)
+    out2, _ = step(out_j, s_j, g)  # second call: no retrace
+    assert len(traces) == 1
+    for a, b in zip(jax.tree.leaves(out2), jax.tree.leaves(p), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+    assert out2["nothing"] is None and out2["empty"].shape == (0, 4)
+
+
+def _public_names():
+    for mod_name in ["jaxslim", "jaxslim.prune", "jaxslim.structures", "jaxslim.report"]:
+        mod = importlib.import_module(mod_name)
+        for name in mod.__all__:
+            yield mod_name, name, getattr(mod, name)
+
+
+@pytest.mark.parametrize(
+    "mod_name,name,obj", list(_public_names()), ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_every_public_name_has_a_docstring(mod_name, name, obj):
+    if inspect.ismodule(obj):
+        assert obj.__doc__, f"{mod_name}.{name}"
+        return
+    doc = inspect.getdoc(obj)
+    assert doc and len(doc.strip()) > 10, f"{mod_name}.{name} has no docstring"
+
+
+def test_version():
+    assert jaxslim.__version__.count(".") == 2
