@@ -200,7 +200,7 @@ def main():
     print("|---|---|---|")
     for name, t in (
         ("one sum(abs(p)) pass", t_pass),
-        ("jaxslim topk_mask (bisection)", t_ours),
+        ("jaxslim topk_mask (radix select)", t_ours),
         ("jnp.sort threshold", t_sort),
     ):
         print(f"| {name} | {t * 1e3:.1f} | {t / t_pass:.1f}x |")

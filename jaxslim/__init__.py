@@ -1,8 +1,27 @@
-"""jaxslim: composable model compression for JAX."""
+"""jaxslim: composable model compression for JAX.
 
-from jaxslim import prune, structures
+Pruning (``jaxslim.prune``), quantization (``jaxslim.quant``), layer splicing
+(``jaxslim.splice``), per-leaf reports (``jaxslim.report``) and the weight structures they share
+(``Unstructured``, ``Channels``, ``NM``, ``Blocks``). Flax NNX and Linen glue is in
+``jaxslim.flax``.
+"""
+
+from jaxslim import prune, quant, report, splice, structures
+from jaxslim.quant import QArray, QuantSpec
 from jaxslim.structures import NM, Blocks, Channels, Unstructured
 
 __version__ = "0.1.0"
 
-__all__ = ["prune", "structures", "Unstructured", "Channels", "NM", "Blocks"]
+__all__ = [
+    "prune",
+    "quant",
+    "splice",
+    "report",
+    "structures",
+    "QuantSpec",
+    "QArray",
+    "Unstructured",
+    "Channels",
+    "NM",
+    "Blocks",
+]

@@ -5,9 +5,10 @@ Counting rule (the same as ``torch.nn.utils.prune``): ``sparsity=s`` over ``n`` 
 their flat (row-major) index, lowest first, and across leaves in ``jax.tree`` order.
 
 The k-th smallest score is found without sorting: scores are mapped to ``uint32`` keys whose
-integer order is the float order, and a 32-step bisection counts ``key <= mid`` with one reduction
-per step. Counting is a sum, so XLA runs it shard by shard on sharded parameters, and the global
-threshold over all layers never concatenates or gathers them.
+integer order is the float order, and a radix select builds two 65536-bin histograms (high, then
+low 16 bits). Histograms and counts are reductions, so XLA runs them shard by shard on sharded
+parameters, and the global threshold over all layers never concatenates or gathers them. Under
+a mesh with ``Explicit`` axes a 32-step bisection on counts is used instead.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ def _count_le(keys: list[jax.Array], t: jax.Array) -> jax.Array:
     return sum(jnp.sum(k <= t, dtype=jnp.int32) for k in keys)
 
 
-def _kth_key(keys: list[jax.Array], k) -> jax.Array:
-    """Smallest ``t`` with ``#{key <= t} >= k`` over all arrays in ``keys`` (needs ``k >= 1``)."""
+def _kth_key_bisect(keys: list[jax.Array], k) -> jax.Array:
+    """Smallest ``t`` with ``#{key <= t} >= k`` over all ``keys`` (``k >= 1``): 32 count passes."""
 
     def step(_, lohi):
         lo, hi = lohi
@@ -68,6 +69,51 @@ def _kth_key(keys: list[jax.Array], k) -> jax.Array:
     lo, hi = jnp.uint32(0), jnp.uint32(0xFFFFFFFF)
     _, hi = lax.fori_loop(0, 32, step, (lo, hi))
     return hi
+
+
+def _kth_key_radix(keys: list[jax.Array], k) -> jax.Array:
+    """Same as ``_kth_key_bisect`` by radix select: two 65536-bin histogram passes.
+
+    Pass 1 counts the high 16 bits and finds the bucket holding the k-th key; pass 2 counts the
+    low 16 bits of the keys in that bucket. The histograms are scatter-adds into a small
+    replicated array, which XLA partitions into per-shard histograms and one all-reduce.
+    """
+    bins = 1 << 16
+
+    def hist(index_of, weight_of):
+        return sum(
+            jnp.zeros(bins, jnp.int32).at[index_of(key)].add(weight_of(key), mode="drop")
+            for key in keys
+        )
+
+    def pick(h, k):
+        c = jnp.cumsum(h)
+        b = jnp.sum(c < k, dtype=jnp.int32)  # first bucket whose cumulative count reaches k
+        return b, c[b] - h[b]  # the bucket and the count below it
+
+    high = lambda key: (key >> 16).astype(jnp.int32)  # noqa: E731
+    low = lambda key: (key & jnp.uint32(0xFFFF)).astype(jnp.int32)  # noqa: E731
+    b1, below = pick(hist(high, lambda key: jnp.int32(1)), k)
+    b2, _ = pick(hist(low, lambda key: (high(key) == b1).astype(jnp.int32)), k - below)
+    return (b1.astype(jnp.uint32) << 16) | b2.astype(jnp.uint32)
+
+
+def _explicitly_sharded(x: jax.Array) -> bool:
+    try:
+        return any(s is not None for s in jax.typeof(x).sharding.spec)
+    except AttributeError:
+        return False
+
+
+def _kth_key(keys: list[jax.Array], k) -> jax.Array:
+    """Smallest ``t`` with ``#{key <= t} >= k`` over all arrays in ``keys`` (needs ``k >= 1``).
+
+    Radix select by default; under a mesh with ``Explicit`` axes (where a scatter from a sharded
+    array needs the mesh in context) the 32-pass bisection, which only sums.
+    """
+    if any(_explicitly_sharded(key) for key in keys):
+        return _kth_key_bisect(keys, k)
+    return _kth_key_radix(keys, k)
 
 
 @jax.jit

@@ -1,0 +1,8 @@
+"""Flax glue (NNX and Linen): quantized layers, in-place module surgery, distillation helpers.
+
+The only part of jaxslim that imports flax; the core works on any pytree.
+"""
+
+from jaxslim.flax import quant, splice
+
+__all__ = ["quant", "splice"]

@@ -1,0 +1,233 @@
+"""Quantized Flax layers: NNX models quantized in place and a ``dot_general`` for Linen modules.
+
+NNX, post-training (PTQ)::
+
+    report = quantize_model(model, [("head", None), (None, QuantSpec(8, axis=-1))])
+    logits = model(x)          # Linear: quant.qdot_general; Conv / Einsum: dequantized kernel
+
+``nnx.Linear``, ``nnx.Conv`` and ``nnx.Einsum`` kernels become ``QArray``s (rules as in
+``quant.quantize_params``, matched against ``"<module path>/kernel"``, e.g. ``"layers/0/kernel"``).
+A Linear layer multiplies with ``quant.qdot_general``; with ``act_bits=8`` its input is quantized
+per row on the fly and int8 x int8 products accumulate in int32 where that is faster (dynamic
+quantization). Conv and Einsum layers dequantize the kernel and run the float op (weight-only).
+
+NNX, quantization-aware training (QAT)::
+
+    qat_model(model, rules, act_bits=8)   # kernels stay float Params, fake-quantized in the call
+    ... train ...
+    quantize_model(model, rules, act_bits=8)   # same grid: the trained weights quantize exactly
+
+Linen: ``nn.Dense(features, dot_general=fake_quant_dot_general(QuantSpec(4, axis=-1)))``
+fake-quantizes the kernel (and, with ``act_bits``, the input) in the forward pass, with a
+straight-through gradient, for QAT and for simulating PTQ; store the trained tree with
+``quant.quantize_params`` and restore it with ``quant.dequantize_params``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import dtypes
+from jax import lax
+
+from jaxslim import _tree
+from jaxslim.quant.dot import qdot_general
+from jaxslim.quant.observers import Observer
+from jaxslim.quant.params import LeafSize, SizeReport, _normalize_rules
+from jaxslim.quant.qarray import QArray, dequantize, fake_quant, quantize
+from jaxslim.quant.spec import QuantSpec
+
+__all__ = ["quantize_model", "qat_model", "fake_quant_dot_general", "quantized_layers"]
+
+_LAYERS = (nnx.Linear, nnx.Conv, nnx.Einsum)
+
+
+def _act_spec(bits: int | None, ndim: int, per_row: bool) -> QuantSpec | None:
+    if bits is None or ndim == 0:
+        return None
+    axis = tuple(range(ndim - 1)) if per_row else (0,)
+    return QuantSpec(bits, axis=axis if ndim > 1 else None)
+
+
+def _promote_keep_qarray(args, dtype=None, inexact=True):
+    plain = tuple(None if isinstance(a, QArray) else a for a in args)
+    out = dtypes.promote_dtype(plain, dtype=dtype, inexact=inexact)
+    return tuple(a if isinstance(a, QArray) else o for a, o in zip(args, out, strict=True))
+
+
+def _ptq_dot(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+             *, act_bits=None, **kw):
+    spec = _act_spec(act_bits, lhs.ndim, per_row=True)
+    return qdot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
+                        lhs_spec=spec, **kw)
+
+
+def _ptq_conv(lhs, rhs, *args, act_bits=None, **kw):
+    spec = _act_spec(act_bits, lhs.ndim, per_row=False)
+    if spec is not None:
+        lhs = fake_quant(lhs, spec)
+    w = dequantize(rhs) if isinstance(rhs, QArray) else rhs
+    return lax.conv_general_dilated(lhs, w.astype(lhs.dtype), *args, **kw)
+
+
+def _ptq_einsum(eq, lhs, rhs, **kw):
+    w = dequantize(rhs) if isinstance(rhs, QArray) else rhs
+    return jnp.einsum(eq, lhs, w, **kw)
+
+
+def _qat_dot(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+             *, spec, act_bits=None, path="", **kw):
+    aspec = _act_spec(act_bits, lhs.ndim, per_row=True)
+    if aspec is not None:
+        lhs = fake_quant(lhs, aspec)
+    rhs = fake_quant(rhs, spec, path=path)
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, **kw)
+
+
+def _qat_conv(lhs, rhs, *args, spec, act_bits=None, path="", **kw):
+    aspec = _act_spec(act_bits, lhs.ndim, per_row=False)
+    if aspec is not None:
+        lhs = fake_quant(lhs, aspec)
+    return lax.conv_general_dilated(lhs, fake_quant(rhs, spec, path=path), *args, **kw)
+
+
+def _qat_einsum(eq, lhs, rhs, *, spec, path="", **kw):
+    return jnp.einsum(eq, lhs, fake_quant(rhs, spec, path=path), **kw)
+
+
+def quantized_layers(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
+    """``[(path, module)]`` of the ``nnx.Linear``, ``nnx.Conv`` and ``nnx.Einsum`` layers."""
+    return [
+        ("/".join(str(k) for k in path), m)
+        for path, m in nnx.iter_modules(model)
+        if isinstance(m, _LAYERS)
+    ]
+
+
+def _plan(model, rules, default, fn):
+    rules = _normalize_rules(rules)
+    plan = []
+    for path, m in quantized_layers(model):
+        kernel = m.kernel[...]
+        name = f"{path}/kernel" if path else "kernel"
+        spec = default
+        if isinstance(kernel, QArray) or not _tree.is_float_array(kernel):
+            continue
+        for where, s in rules:
+            if _tree.is_selected(where, name, kernel):
+                spec = s
+                break
+        plan.append((name, m, kernel, spec))
+    if not any(spec is not None for *_, spec in plan):
+        raise ValueError(
+            f"{fn}: the rules quantize no kernel; kernels are {[p for p, *_ in plan][:8]}"
+        )
+    return plan
+
+
+def quantize_model(
+    model: nnx.Module,
+    rules: Any,
+    *,
+    default: QuantSpec | None = None,
+    act_bits: int | None = None,
+    observer: Callable[[QuantSpec], Observer] | None = None,
+) -> SizeReport:
+    """Quantizes an NNX model's Linear/Conv/Einsum kernels in place (post-training).
+
+    Args:
+      model: an ``nnx.Module``; modified in place.
+      rules: a ``QuantSpec`` or ``(where, spec or None)`` pairs matched against
+        ``"<module path>/kernel"`` (first match wins; ``None`` keeps the kernel float).
+      default: the spec for kernels no rule selects.
+      act_bits: quantize Linear inputs per row to this many bits on the fly (int8 x int8 products
+        where faster) and fake-quantize Conv inputs per example; ``None``: weight-only.
+      observer: how kernel scales are chosen, e.g. ``quant.mse_observer`` (MSE-optimal clipping,
+        better for 4 bits); ``None``: min/max of the kernel.
+
+    Returns:
+      A ``quant.SizeReport`` of the kernels (bytes before/after).
+
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> model = nnx.Linear(64, 8, rngs=nnx.Rngs(0))
+    >>> report = quantize_model(model, QuantSpec(4, axis=-1, group_size=32))
+    >>> type(model.kernel[...]).__name__, report.bytes_before, report.bytes_after
+    ('QArray', 2048, 320)
+    >>> model(jnp.ones((2, 64))).shape
+    (2, 8)
+    """
+    rows = []
+    for name, m, kernel, spec in _plan(model, rules, default, "flax.quantize_model"):
+        if spec is None:
+            rows.append(LeafSize(name, tuple(kernel.shape), None, kernel.nbytes, kernel.nbytes))
+            continue
+        if observer is None:
+            q = quantize(kernel, spec, path=name)
+        else:
+            obs = observer(spec)
+            scale, zp = obs.result(obs.update(obs.init(kernel), kernel))
+            q = quantize(kernel, spec, scale=scale, zero_point=zp, path=name)
+        m.kernel.set_value(q) if hasattr(m.kernel, "set_value") else setattr(m.kernel, "value", q)
+        m.promote_dtype = _promote_keep_qarray
+        if isinstance(m, nnx.Linear):
+            m.dot_general = partial(_ptq_dot, act_bits=act_bits)
+        elif isinstance(m, nnx.Conv):
+            m.conv_general_dilated = partial(_ptq_conv, act_bits=act_bits)
+        else:
+            m.einsum_op = _ptq_einsum
+        rows.append(LeafSize(name, tuple(kernel.shape), spec, kernel.nbytes, q.nbytes))
+    return SizeReport(tuple(rows))
+
+
+def qat_model(
+    model: nnx.Module, rules: Any, *, default: QuantSpec | None = None, act_bits: int | None = None
+) -> list[str]:
+    """Makes an NNX model quantization-aware in place: kernels are fake-quantized in the call.
+
+    Kernels stay float ``nnx.Param``s and train through the straight-through estimator
+    (``quant.fake_quant``); with ``act_bits`` the layer inputs are fake-quantized too (per row for
+    Linear, per example for Conv), the same grid ``quantize_model(..., act_bits=...)`` uses.
+    Returns the paths of the fake-quantized kernels.
+
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> model = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
+    >>> qat_model(model, QuantSpec(4, axis=-1))
+    ['kernel']
+    """
+    done = []
+    for name, m, _, spec in _plan(model, rules, default, "flax.qat_model"):
+        if spec is None:
+            continue
+        if isinstance(m, nnx.Linear):
+            m.dot_general = partial(_qat_dot, spec=spec, act_bits=act_bits, path=name)
+        elif isinstance(m, nnx.Conv):
+            m.conv_general_dilated = partial(_qat_conv, spec=spec, act_bits=act_bits, path=name)
+        else:
+            m.einsum_op = partial(_qat_einsum, spec=spec, path=name)
+        done.append(name)
+    return done
+
+
+def fake_quant_dot_general(spec: QuantSpec, *, act_bits: int | None = None):
+    """A ``dot_general`` for Linen layers that fake-quantizes the kernel (and input) first.
+
+    ``nn.Dense(features, dot_general=fake_quant_dot_general(QuantSpec(8, axis=-1)))`` trains
+    with quantized weights (straight-through gradient) or, on trained parameters, shows the
+    accuracy of post-training quantization with that spec.
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> layer = nn.Dense(3, dot_general=fake_quant_dot_general(QuantSpec(4, axis=-1)))
+    >>> params = layer.init(jax.random.key(0), jnp.ones((1, 8)))
+    >>> layer.apply(params, jnp.ones((2, 8))).shape
+    (2, 3)
+    """
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"flax.fake_quant_dot_general: spec must be a QuantSpec, got {spec!r}")
+    return partial(_qat_dot, spec=spec, act_bits=act_bits)
+

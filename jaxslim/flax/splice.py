@@ -1,0 +1,229 @@
+"""Channel removal and layer surgery on Flax NNX modules, in place.
+
+The core :mod:`jaxslim.splice` works on pytrees. An NNX module still runs after its arrays shrink,
+but keeps stale ``in_features``/``out_features``; these functions shrink the arrays *and* update
+each layer's feature attributes (``Linear``, ``Conv``, ``BatchNorm``/``LayerNorm``/``RMSNorm``,
+``Embed``, ``LinearGeneral``, ``MultiHeadAttention``), and apply the same plan to an
+``nnx.Optimizer`` so training continues. For Linen, call the core functions on
+``{"params": ...}`` with ``lambda v, x: model.apply(v, x)`` and rebuild the module with
+``report.features``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxslim import splice
+from jaxslim.splice.remove import Plan, apply_plan, make_plan
+
+__all__ = [
+    "module_fn",
+    "trace_module",
+    "remove_channels_module",
+    "prune_channels_module",
+    "apply_plan_module",
+    "sync_features",
+    "fold_batchnorm_module",
+    "widen_module",
+    "Identity",
+]
+
+
+class Identity(nnx.Module):
+    """``x -> x``: the stand-in for a dropped block or a folded batch norm."""
+
+    def __call__(self, x, *args, **kwargs):
+        return x
+
+
+def module_fn(model: nnx.Module) -> tuple[Any, Any]:
+    """``(fn, state)`` with ``fn(state, *args) = model(*args)``, for the core splice functions."""
+    graphdef, state = nnx.split(model)
+
+    def fn(s, *args):
+        return nnx.merge(graphdef, s)(*args)
+
+    return fn, state
+
+
+def trace_module(model: nnx.Module, *example_args: Any) -> list[splice.Group]:
+    """:func:`jaxslim.splice.trace` for an NNX module; paths are its state paths
+    (``"layers/0/kernel"``). Put the module in the mode you will run (``model.eval()``).
+
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> m = nnx.Sequential(nnx.Linear(2, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 1, rngs=nnx.Rngs(1)))
+    >>> [g.paths for g in trace_module(m, jnp.ones((1, 2))) if g.removable]
+    [('layers/0/bias', 'layers/0/kernel', 'layers/1/kernel')]
+    """
+    fn, state = module_fn(model)
+    return splice.trace(fn, state, *example_args)
+
+
+def _set_features(module: Any) -> None:
+    if isinstance(module, nnx.Conv | nnx.ConvTranspose):
+        k = module.kernel.get_value()
+        old_out, g = module.out_features, getattr(module, "feature_group_count", 1)
+        if g > 1 and k.shape[-1] != old_out:
+            mult = old_out // g
+            if k.shape[-1] % mult == 0:
+                module.feature_group_count = k.shape[-1] // mult
+        module.in_features = k.shape[-2] * getattr(module, "feature_group_count", 1)
+        module.out_features = k.shape[-1]
+        if hasattr(module, "kernel_shape"):
+            module.kernel_shape = tuple(k.shape)
+    elif isinstance(module, nnx.LinearGeneral):
+        k = module.kernel.get_value()
+        n_in = len(module.in_features)
+        module.in_features = tuple(k.shape[:n_in])
+        module.out_features = tuple(k.shape[n_in:])
+    elif isinstance(module, nnx.Linear):
+        module.in_features, module.out_features = module.kernel.get_value().shape
+    elif isinstance(module, nnx.BatchNorm | nnx.LayerNorm | nnx.RMSNorm):
+        arr = next(
+            v.get_value()
+            for v in (getattr(module, n, None) for n in ("scale", "bias", "mean"))
+            if v is not None
+        )
+        module.num_features = arr.shape[-1]
+    elif isinstance(module, nnx.Embed):
+        module.num_embeddings, module.features = module.embedding.get_value().shape
+    elif isinstance(module, nnx.MultiHeadAttention):
+        q = module.query.kernel.get_value()  # (in, heads, head_dim)
+        module.in_features = q.shape[0]
+        module.num_heads, module.head_dim = q.shape[1], q.shape[2]
+        module.qkv_features = q.shape[1] * q.shape[2]
+        module.out_features = module.out.kernel.get_value().shape[-1]
+        module.in_kv_features = module.key.kernel.get_value().shape[0]
+
+
+def sync_features(model: nnx.Module) -> None:
+    """Sets every layer's feature attributes from its arrays' shapes (after surgery)."""
+    for _, module in nnx.iter_modules(model):
+        _set_features(module)
+
+
+def apply_plan_module(model: nnx.Module, plan: Plan, optimizer: nnx.Optimizer | None = None):
+    """Applies ``plan`` to the module's state in place (and to ``optimizer``'s moments).
+
+    The optimizer state is matched by path suffix (``opt_state/0/mu/<param path>``).
+    """
+    _, state = nnx.split(model)
+    nnx.update(model, apply_plan(state, plan, fn_name="flax.splice.apply_plan_module"))
+    sync_features(model)
+    if optimizer is not None:
+        ostate = nnx.state(optimizer)
+        nnx.update(
+            optimizer,
+            apply_plan(ostate, plan, suffix=True, fn_name="flax.splice.apply_plan_module"),
+        )
+
+
+def remove_channels_module(
+    model: nnx.Module,
+    group: splice.Group,
+    keep: Sequence[int],
+    optimizer: nnx.Optimizer | None = None,
+) -> None:
+    """:func:`jaxslim.splice.remove_channels` on an NNX module, in place, features updated.
+
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> m = nnx.Sequential(nnx.Linear(2, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 1, rngs=nnx.Rngs(1)))
+    >>> g = [g for g in trace_module(m, jnp.ones((1, 2))) if g.removable][0]
+    >>> remove_channels_module(m, g, [0, 1, 3])
+    >>> m.layers[0].out_features, m.layers[1].in_features, m(jnp.ones((1, 2))).shape
+    (3, 3, (1, 1))
+    """
+    apply_plan_module(model, make_plan([group], [keep]), optimizer)
+
+
+def prune_channels_module(
+    model: nnx.Module,
+    *example_args: Any,
+    sparsity: float,
+    optimizer: nnx.Optimizer | None = None,
+    **kwargs: Any,
+) -> splice.SpliceReport:
+    """:func:`jaxslim.splice.prune_channels` on an NNX module, in place; returns the report.
+
+    ``kwargs`` go to ``prune_channels`` (``score``, ``grads``, ``where``, ``round_to``,
+    ``groups``). With ``optimizer`` its state shrinks with the parameters.
+    """
+    fn, state = module_fn(model)
+    _, report = splice.prune_channels(fn, state, *example_args, sparsity=sparsity, **kwargs)
+    apply_plan_module(model, report.plan, optimizer)
+    return report
+
+
+def fold_batchnorm_module(layer: nnx.Linear | nnx.Conv, bn: nnx.BatchNorm) -> None:
+    """Folds ``bn`` (which must follow ``layer``) into ``layer`` in place; replace ``bn`` by
+    :class:`Identity` afterwards (``model.bn = Identity()``)."""
+    k = layer.kernel.get_value()
+    b = layer.bias.get_value() if layer.bias is not None else None
+    get = lambda name: None if getattr(bn, name, None) is None else getattr(bn, name).get_value()
+    w, b = splice.fold_batchnorm(
+        k, b, get("scale"), get("bias"), bn.mean.get_value(), bn.var.get_value(), bn.epsilon
+    )
+    layer.kernel.set_value(w)
+    if layer.bias is None:
+        layer.bias = nnx.Param(b)
+        layer.use_bias = True
+    else:
+        layer.bias.set_value(b)
+
+
+def widen_module(
+    layer1: nnx.Linear | nnx.Conv,
+    layer2: nnx.Linear | nnx.Conv,
+    new_width: int,
+    key: jax.Array | None = None,
+    *,
+    between: Sequence[nnx.Module] = (),
+    noise: float = 0.0,
+) -> None:
+    """Net2WiderNet on two NNX layers in place: ``layer1``'s outputs grow to ``new_width``.
+
+    ``between`` are per-channel modules on the hidden units (a ``BatchNorm``), widened by
+    replication too. The function is unchanged when ``noise == 0``.
+    """
+    b1 = layer1.bias.get_value() if layer1.bias is not None else None
+    names = ("scale", "bias", "mean", "var")
+    extra = [
+        getattr(m, n).get_value() for m in between for n in names if getattr(m, n, None) is not None
+    ]
+    out = splice.widen(
+        layer1.kernel.get_value(),
+        b1,
+        layer2.kernel.get_value(),
+        new_width,
+        key,
+        noise=noise,
+        extra=tuple(extra),
+    )
+    layer1.kernel.set_value(out[0])
+    layer2.kernel.set_value(out[2])
+    if b1 is not None:
+        layer1.bias.set_value(out[1])
+    it = iter(out[3:])
+    for m in between:
+        for n in names:
+            if getattr(m, n, None) is not None:
+                getattr(m, n).set_value(next(it))
+    for m in (layer1, layer2, *between):
+        _set_features(m)
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of entries of the module's ``nnx.Param`` arrays."""
+    return sum(
+        math.prod(x.shape)
+        for x in jax.tree.leaves(nnx.state(model, nnx.Param))
+        if hasattr(x, "shape") and jnp.issubdtype(x.dtype, jnp.floating)
+    )

@@ -1,0 +1,77 @@
+"""Bit packing of 2-, 3- and 4-bit integer codes into ``uint8``.
+
+Codes are packed along the last axis: with ``b``-bit storage a byte holds ``8 // b`` codes, the
+code of element ``k * (8 // b) + j`` in bits ``[j*b, (j+1)*b)`` — for 4 bits element ``2i`` in the
+low nibble and ``2i+1`` in the high nibble. A last axis whose length is not a multiple of
+``8 // b`` is padded with zero codes. Signed codes are stored in two's complement and sign-extended
+on unpacking.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["pack", "unpack", "packed_shape"]
+
+
+def _per_byte(bits: int) -> int:
+    if bits not in (2, 4, 8):
+        raise ValueError(f"quant.pack: storage bits must be 2, 4 or 8, got {bits!r}")
+    return 8 // bits
+
+
+def packed_shape(shape: tuple[int, ...], bits: int) -> tuple[int, ...]:
+    """Shape of the packed ``uint8`` array for codes of ``shape`` (a scalar packs as ``(1,)``).
+
+    >>> packed_shape((3, 5), 4), packed_shape((8,), 2), packed_shape((), 4)
+    ((3, 3), (2,), (1,))
+    """
+    per = _per_byte(bits)
+    shape = tuple(shape) or (1,)
+    return shape[:-1] + (-(-shape[-1] // per),)
+
+
+def pack(codes: jax.Array, bits: int) -> jax.Array:
+    """Packs integer ``codes`` (values fitting ``bits`` bits, signed or not) into ``uint8``.
+
+    >>> import jax.numpy as jnp
+    >>> pack(jnp.array([1, -1, 7], jnp.int8), 4).tolist()  # 0xF1, then 0x07
+    [241, 7]
+    """
+    per = _per_byte(bits)
+    codes = jnp.asarray(codes)
+    if codes.ndim == 0:
+        codes = codes.reshape(1)
+    if per == 1:
+        return codes.astype(jnp.uint8)
+    n = codes.shape[-1]
+    pad = -n % per
+    u = codes.astype(jnp.int32) & (2**bits - 1)
+    if pad:
+        u = jnp.pad(u, [(0, 0)] * (u.ndim - 1) + [(0, pad)])
+    u = u.reshape(u.shape[:-1] + (u.shape[-1] // per, per))
+    shifts = (jnp.arange(per, dtype=jnp.int32) * bits).reshape((1,) * (u.ndim - 1) + (per,))
+    return jnp.sum(u << shifts, axis=-1, dtype=jnp.int32).astype(jnp.uint8)
+
+
+def unpack(packed: jax.Array, bits: int, shape: tuple[int, ...], *, signed: bool) -> jax.Array:
+    """Inverse of ``pack``: ``int8`` codes (``uint8`` when unsigned) of ``shape``.
+
+    >>> import jax.numpy as jnp
+    >>> unpack(jnp.array([241, 7], jnp.uint8), 4, (3,), signed=True).tolist()
+    [1, -1, 7]
+    """
+    per = _per_byte(bits)
+    out_dtype = jnp.int8 if signed else jnp.uint8
+    shape = tuple(shape)
+    flat_shape = shape or (1,)
+    if per == 1:
+        return packed.astype(out_dtype).reshape(shape)
+    p = packed.astype(jnp.int32)
+    shifts = (jnp.arange(per, dtype=jnp.int32) * bits).reshape((1,) * p.ndim + (per,))
+    u = (p[..., None] >> shifts) & (2**bits - 1)
+    u = u.reshape(u.shape[:-2] + (u.shape[-2] * per,))[..., : flat_shape[-1]]
+    if signed:
+        u = jnp.where(u >= 2 ** (bits - 1), u - 2**bits, u)
+    return u.astype(out_dtype).reshape(shape)

@@ -1,0 +1,178 @@
+"""Tree-wide quantization with mixed precision: ``quantize_params`` / ``dequantize_params``.
+
+``rules`` is a list of ``(where, spec or None)``; for each floating-point leaf the first rule whose
+``where`` selects it decides (``None`` keeps the leaf float), and leaves no rule selects get
+``default``. ``where`` follows jaxslim's convention: ``None`` = float leaves with ``ndim >= 2``, a
+regex on the path, or a predicate ``(path, leaf) -> bool``. So "global" (per-tensor), "local"
+(per-channel / per-group) and "mixed" (some leaves left float, different bits per layer) are all
+just rules::
+
+    rules = [("head", None),                                  # keep the classifier float
+             ("embed", QuantSpec(8, axis=-1)),                 # int8 per channel
+             (None, QuantSpec(4, axis=-1, group_size=32))]     # other kernels int4, groups of 32
+    qtree, report = quantize_params(params, rules)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxslim import _tree
+from jaxslim.quant.qarray import QArray, dequantize, is_qarray, quantize
+from jaxslim.quant.spec import QuantSpec
+
+__all__ = ["quantize_params", "dequantize_params", "SizeReport", "LeafSize"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafSize:
+    """One row of a ``SizeReport``: a floating-point leaf and its bytes before and after."""
+
+    path: str
+    shape: tuple[int, ...]
+    spec: QuantSpec | None
+    bytes_before: int
+    bytes_after: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SizeReport:
+    """Per-leaf bytes before/after quantization (float leaves only) and their totals."""
+
+    rows: tuple[LeafSize, ...]
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(r.bytes_before for r in self.rows)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(r.bytes_after for r in self.rows)
+
+    @property
+    def ratio(self) -> float:
+        """``bytes_before / bytes_after`` (the compression factor)."""
+        return self.bytes_before / max(self.bytes_after, 1)
+
+    def __str__(self) -> str:
+        lines = ["| path | shape | spec | bytes before | bytes after |", "|---|---|---|---|---|"]
+        for r in self.rows:
+            s = _spec_str(r.spec)
+            lines.append(f"| {r.path} | {r.shape} | {s} | {r.bytes_before:,} | {r.bytes_after:,} |")
+        lines.append(f"| total | | | {self.bytes_before:,} | {self.bytes_after:,} |")
+        return "\n".join(lines)
+
+
+def _spec_str(spec: QuantSpec | None) -> str:
+    if spec is None:
+        return "float"
+    name = f"int{spec.bits}" if spec.fmt == "int" else spec.fmt
+    if not spec.signed:
+        name = "u" + name
+    parts = [name]
+    if spec.axis is not None:
+        parts.append(f"axis={spec.axis if len(spec.axis) > 1 else spec.axis[0]}")
+    if spec.group_size is not None:
+        parts.append(f"group={spec.group_size}")
+    if not spec.symmetric:
+        parts.append("affine")
+    return " ".join(parts)
+
+
+def _nbytes(leaf: Any) -> int:
+    if isinstance(leaf, QArray):
+        return leaf.nbytes
+    return math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
+
+
+def _normalize_rules(rules: Any) -> list[tuple[Any, QuantSpec | None]]:
+    if isinstance(rules, QuantSpec):
+        return [(None, rules)]
+    if not isinstance(rules, Sequence) or isinstance(rules, str):
+        raise TypeError(
+            "quant.quantize_params: rules must be a QuantSpec or a list of (where, QuantSpec or "
+            f"None) pairs, got {rules!r}"
+        )
+    out = []
+    for rule in rules:
+        if not (isinstance(rule, tuple | list) and len(rule) == 2):
+            raise TypeError(f"quant.quantize_params: each rule must be (where, spec), got {rule!r}")
+        where, spec = rule
+        if spec is not None and not isinstance(spec, QuantSpec):
+            raise TypeError(
+                f"quant.quantize_params: a rule's spec must be a QuantSpec or None, got {spec!r}"
+            )
+        out.append((where, spec))
+    return out
+
+
+def quantize_params(
+    params: Any, rules: Any, *, default: QuantSpec | None = None
+) -> tuple[Any, SizeReport]:
+    """Quantizes the leaves of ``params`` by rules; returns ``(tree, report)``.
+
+    Args:
+      params: any pytree (plain dicts, Linen ``params``, an NNX ``State``).
+      rules: a ``QuantSpec`` (applied to ``where=None``) or a list of ``(where, spec or None)``;
+        first match wins, ``None`` keeps the leaf float.
+      default: the spec for floating-point leaves no rule selects (``None``: keep float).
+
+    Returns:
+      The tree with ``QArray`` leaves where a spec applied (other leaves untouched, ``QArray``
+      leaves already present kept as they are) and a ``SizeReport`` of every floating-point leaf.
+
+    Raises ``ValueError`` naming the leaf when a spec does not fit it, and when nothing is
+    quantized.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"w": jnp.ones((64, 32)), "b": jnp.zeros(32), "head": jnp.ones((32, 10))}
+    >>> q, report = quantize_params(params, [("head", None), (None, QuantSpec(8, axis=-1))])
+    >>> type(q["w"]).__name__, type(q["head"]).__name__, report.bytes_after
+    ('QArray', 'ArrayImpl', 3584)
+    """
+    fn = "quant.quantize_params"
+    rules = _normalize_rules(rules)
+    if default is not None and not isinstance(default, QuantSpec):
+        raise TypeError(f"{fn}: default must be a QuantSpec or None, got {default!r}")
+    rows: list[LeafSize] = []
+
+    def visit(path, leaf):
+        if isinstance(leaf, QArray) or not _tree.is_float_array(leaf):
+            return leaf
+        name = _tree.path_str(path)
+        spec = default
+        for where, s in rules:
+            if _tree.is_selected(where, name, leaf):
+                spec = s
+                break
+        new = leaf if spec is None else quantize(leaf, spec, path=name)
+        rows.append(LeafSize(name, tuple(leaf.shape), spec, _nbytes(leaf), _nbytes(new)))
+        return new
+
+    out = jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_qarray)
+    if not any(r.spec is not None for r in rows):
+        names = [r.path for r in rows][:8]
+        raise ValueError(
+            f"{fn}: the rules quantize no leaf; floating-point leaves are {names}"
+            f"{' ...' if len(rows) > 8 else ''}"
+        )
+    return out, SizeReport(tuple(rows))
+
+
+def dequantize_params(tree: Any) -> Any:
+    """Replaces every ``QArray`` leaf by its dequantized array; other leaves are untouched.
+
+    >>> import jax.numpy as jnp
+    >>> q, _ = quantize_params({"w": jnp.ones((2, 2))}, QuantSpec(8))
+    >>> dequantize_params(q)["w"].round(2).tolist()
+    [[1.0, 1.0], [1.0, 1.0]]
+    """
+    return jax.tree.map(
+        lambda x: dequantize(x) if isinstance(x, QArray) else x, tree, is_leaf=is_qarray
+    )

@@ -1,0 +1,44 @@
+"""Layer splicing: coupled-axis tracing, channel removal, and cut / merge / add layer surgery."""
+
+from jaxslim.splice.channels import (
+    GroupReport,
+    SpliceReport,
+    feature_sizes,
+    prune_channels,
+    score_group,
+)
+from jaxslim.splice.graph import Group, Member, count_flops, trace
+from jaxslim.splice.influence import Influence, block_influence
+from jaxslim.splice.remove import (
+    Plan,
+    apply_plan,
+    apply_plan_to_opt_state,
+    make_plan,
+    remove_channels,
+)
+from jaxslim.splice.surgery import deepen, drop_layer, fold_batchnorm, fuse_linear, widen, widen_map
+
+__all__ = [
+    "trace",
+    "Group",
+    "Member",
+    "count_flops",
+    "remove_channels",
+    "prune_channels",
+    "score_group",
+    "Plan",
+    "make_plan",
+    "apply_plan",
+    "apply_plan_to_opt_state",
+    "GroupReport",
+    "SpliceReport",
+    "feature_sizes",
+    "fold_batchnorm",
+    "fuse_linear",
+    "drop_layer",
+    "widen",
+    "widen_map",
+    "deepen",
+    "block_influence",
+    "Influence",
+]

@@ -1,0 +1,229 @@
+"""Channel removal as data: a :class:`Plan` of groups and kept indices, replayable on any tree.
+
+A plan names, for each group from :func:`jaxslim.splice.trace`, the channel indices to keep.
+``apply_plan`` shrinks every member array of a tree that has the parameters' paths (the params,
+their gradients, a mask tree with ``None`` leaves); ``apply_plan_to_opt_state`` does the same on
+every parameter-shaped subtree of an Optax state (``optax.tree_map_params``), so training can
+continue after surgery, and a plan can be replayed on a restored checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxslim import _tree
+from jaxslim.splice.graph import Group, Member
+
+__all__ = ["Plan", "make_plan", "apply_plan", "apply_plan_to_opt_state", "remove_channels"]
+
+
+class Plan(NamedTuple):
+    """Which channels of which groups survive: ``keep[i]`` are sorted indices into
+    ``groups[i]``."""
+
+    groups: tuple[Group, ...]
+    keep: tuple[tuple[int, ...], ...]
+
+
+def _describe(group: Group) -> str:
+    return f"group of {group.size} channels over {list(group.paths)}"
+
+
+def _check_keep(group: Any, keep: Any, fn_name: str) -> tuple[int, ...]:
+    if not isinstance(group, Group):
+        raise TypeError(f"{fn_name}: group must be a splice.Group from trace(), got {group!r}")
+    if not group.removable:
+        raise ValueError(
+            f"{fn_name}: the {_describe(group)} is not removable: {'; '.join(group.reasons)}"
+        )
+    arr = np.asarray(keep)
+    if arr.ndim != 1 or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(
+            f"{fn_name}: keep must be a 1-D sequence of integer indices, got {keep!r} for the "
+            f"{_describe(group)}"
+        )
+    if arr.size == 0:
+        raise ValueError(
+            f"{fn_name}: keep is empty: it would remove every channel of the {_describe(group)}"
+        )
+    bad = arr[(arr < 0) | (arr >= group.size)]
+    if bad.size:
+        raise ValueError(
+            f"{fn_name}: keep index {int(bad[0])} is out of range [0, {group.size}) for the "
+            f"{_describe(group)}"
+        )
+    if np.unique(arr).size != arr.size:
+        raise ValueError(
+            f"{fn_name}: keep has repeated indices {keep!r} for the {_describe(group)}"
+        )
+    return tuple(int(i) for i in np.sort(arr))
+
+
+def make_plan(groups: Sequence[Group], keep: Sequence[Sequence[int]]) -> Plan:
+    """Validates and packs ``(groups, keep)`` into a :class:`Plan`.
+
+    Raises ``ValueError`` naming the group's paths for a non-removable group, an empty ``keep``
+    (every channel removed), an index out of ``[0, size)`` or repeated, and for two groups that
+    claim the same parameter axis factor.
+    """
+    if len(groups) != len(keep):
+        raise ValueError(f"splice.make_plan: {len(groups)} groups but {len(keep)} keep lists")
+    ks = tuple(_check_keep(g, k, "splice.make_plan") for g, k in zip(groups, keep, strict=True))
+    seen: dict[tuple[str, int, int], Group] = {}
+    for g in groups:
+        for m in g.members:
+            key = (m.path, m.axis, m.factor)
+            if key in seen and seen[key] is not g:
+                raise ValueError(
+                    f"splice.make_plan: {m.path!r} axis {m.axis} is in two groups of the plan"
+                )
+            seen[key] = g
+    return Plan(tuple(groups), ks)
+
+
+def _per_leaf(plan: Plan) -> dict[str, dict[int, tuple[tuple[int, ...], dict[int, np.ndarray]]]]:
+    """path -> axis -> (factors, {factor: kept indices})."""
+    out: dict = {}
+    for g, keep in zip(plan.groups, plan.keep, strict=True):
+        for m in g.members:
+            axes = out.setdefault(m.path, {})
+            factors, picks = axes.setdefault(m.axis, (m.factors, {}))
+            if factors != m.factors:
+                raise ValueError(
+                    f"splice.apply_plan: {m.path!r} axis {m.axis} is split as {factors} in one "
+                    f"group and {m.factors} in another: trace the function once for a plan"
+                )
+            picks[m.factor] = np.asarray(keep, dtype=np.int32)
+    return out
+
+
+def _shrink(x: Any, axis: int, factors: tuple[int, ...], picks: dict[int, np.ndarray]) -> Any:
+    shape = x.shape
+    y = x.reshape(shape[:axis] + factors + shape[axis + 1 :])
+    new = list(factors)
+    for j, idx in picks.items():
+        y = (
+            jnp.take(y, idx, axis=axis + j)
+            if isinstance(y, jax.Array)
+            else np.take(y, idx, axis=axis + j)
+        )
+        new[j] = idx.size
+    return y.reshape(shape[:axis] + (math.prod(new),) + shape[axis + 1 :])
+
+
+def _apply_leaf(path: str, leaf: Any, where: dict, fn_name: str) -> Any:
+    if leaf is None:
+        return None
+    for axis, (factors, picks) in sorted(where.items()):
+        if getattr(leaf, "ndim", 0) <= axis or leaf.shape[axis] != math.prod(factors):
+            raise ValueError(
+                f"{fn_name}: {path!r} has shape {getattr(leaf, 'shape', None)} but the plan "
+                f"expects axis {axis} of size {math.prod(factors)}"
+            )
+        leaf = _shrink(leaf, axis, factors, picks)
+    return leaf
+
+
+def apply_plan(
+    tree: Any, plan: Plan, *, suffix: bool = False, fn_name: str = "splice.apply_plan"
+) -> Any:
+    """Shrinks every leaf of ``tree`` named in ``plan`` to the kept channels.
+
+    ``tree`` has the parameters' paths: the params, gradients, a mask tree (``None`` leaves pass
+    through) or any other parameter-shaped tree. A member path missing from ``tree`` raises
+    ``ValueError``. With ``suffix=True`` a leaf also matches when its path *ends* with a member
+    path (``"opt_state/0/mu/" + path`` of an optimizer state) and missing paths are allowed.
+    Pure: works under ``jit`` (the plan is static).
+
+    >>> import jax.numpy as jnp
+    >>> from jaxslim.splice import trace
+    >>> p = {"w1": jnp.ones((2, 4)), "w2": jnp.ones((4, 1))}
+    >>> (g,) = [g for g in trace(lambda p, x: x @ p["w1"] @ p["w2"], p, jnp.ones(2)) if g.removable]
+    >>> jax.tree.map(jnp.shape, apply_plan(p, make_plan([g], [[0, 3]])))
+    {'w1': (2, 2), 'w2': (2, 1)}
+    """
+    if not isinstance(plan, Plan):
+        raise TypeError(f"{fn_name}: plan must be a splice.Plan, got {type(plan).__name__}")
+    todo = _per_leaf(plan)
+    found: set[str] = set()
+
+    def visit(path, leaf):
+        name = _tree.path_str(path)
+        if name not in todo and suffix:
+            ends = [p for p in todo if name.endswith("/" + p)]
+            name = max(ends, key=len) if ends else name
+        if name not in todo:
+            return leaf
+        found.add(name)
+        if not hasattr(leaf, "shape"):
+            return leaf
+        return _apply_leaf(name, leaf, todo[name], fn_name)
+
+    out = jax.tree_util.tree_map_with_path(visit, tree, is_leaf=lambda x: x is None)
+    missing = sorted(set(todo) - found)
+    if missing and not suffix:
+        raise ValueError(f"{fn_name}: the plan names {missing} which the tree does not have")
+    return out
+
+
+def apply_plan_to_opt_state(
+    plan: Plan, tx: optax.GradientTransformation, opt_state: Any, params: Any
+) -> Any:
+    """Applies ``plan`` to every parameter-shaped subtree of an Optax state (``mu``, ``nu``, ...).
+
+    ``params`` is the tree the state was built for (before removal): it gives the paths. Uses
+    ``optax.tree_map_params``, so scalars such as the step count pass through.
+
+    >>> import jax.numpy as jnp, optax
+    >>> from jaxslim.splice import trace
+    >>> p = {"w1": jnp.ones((2, 4)), "w2": jnp.ones((4, 1))}
+    >>> (g,) = [g for g in trace(lambda p, x: x @ p["w1"] @ p["w2"], p, jnp.ones(2)) if g.removable]
+    >>> tx = optax.adam(1e-3)
+    >>> s = apply_plan_to_opt_state(make_plan([g], [[1]]), tx, tx.init(p), p)
+    >>> s[0].mu["w1"].shape
+    (2, 1)
+    """
+    todo = _per_leaf(plan)
+    names = jax.tree_util.tree_map_with_path(lambda path, _: _tree.path_str(path), params)
+
+    def shrink(leaf, name):
+        if name in todo and leaf is not None and hasattr(leaf, "shape"):
+            return _apply_leaf(name, leaf, todo[name], "splice.apply_plan_to_opt_state")
+        return leaf
+
+    return optax.tree_map_params(tx, shrink, opt_state, names, is_leaf=lambda x: x is None)
+
+
+def remove_channels(params: Any, group: Group, keep: Sequence[int]) -> Any:
+    """Physically shrinks every array of ``group`` to the channels ``keep``.
+
+    For a member ``(path, axis)`` whose axis is split into ``factors`` (a fused head kernel), the
+    group's factor is indexed and the others kept whole. Raises ``ValueError`` naming the group's
+    paths if it is not removable, ``keep`` is empty or has an index outside ``[0, size)``.
+
+    >>> import jax.numpy as jnp
+    >>> from jaxslim.splice import trace
+    >>> p = {"w1": jnp.ones((3, 4)), "b1": jnp.ones(4), "w2": jnp.ones((4, 2))}
+    >>> fn = lambda p, x: (x @ p["w1"] + p["b1"]) @ p["w2"]
+    >>> g = [g for g in trace(fn, p, jnp.ones(3)) if g.removable][0]
+    >>> jax.tree.map(jnp.shape, remove_channels(p, g, [0, 2]))
+    {'b1': (2,), 'w1': (3, 2), 'w2': (2, 2)}
+    """
+    keep = _check_keep(group, keep, "splice.remove_channels")
+    return apply_plan(params, Plan((group,), (keep,)), fn_name="splice.remove_channels")
+
+
+def member_view(x: Any, m: Member) -> Any:
+    """``x`` with the member's channel factor moved to axis 0 and the rest flattened:
+    shape ``(channels, -1)``."""
+    shape = x.shape
+    y = jnp.reshape(x, shape[: m.axis] + m.factors + shape[m.axis + 1 :])
+    y = jnp.moveaxis(y, m.axis + m.factor, 0)
+    return y.reshape(y.shape[0], -1)
