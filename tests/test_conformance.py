@@ -18,7 +18,7 @@ import optax
 import pytest
 
 import jaxslim
-from jaxslim import _tree, prune
+from jaxslim import QuantSpec, _tree, prune, quant
 
 
 def params(dtype=jnp.float32, seed=0):
@@ -46,6 +46,16 @@ TREE_FUNCTIONS = {
         prune.magnitude(p), 0.5, structure=prune.Channels(), scope="global"
     ),
     "prune.apply_mask": lambda p: prune.apply_mask(p, prune.topk_mask(prune.magnitude(p), 0.5)),
+    "quant.quantize_params(int8 per-channel) -> dequantize_params": lambda p: (
+        quant.dequantize_params(quant.quantize_params(p, [(None, QuantSpec(8, axis=-1))])[0])
+    ),
+    "quant.quantize_params(int4 group 4, mixed) -> dequantize_params": lambda p: (
+        quant.dequantize_params(
+            quant.quantize_params(p, [("conv", None), (None, QuantSpec(4, axis=-1, group_size=4))])[
+                0
+            ]
+        )
+    ),
 }
 
 # Transforms last in a chain: name -> (params -> GradientTransformation).
@@ -119,7 +129,16 @@ def test_transform(name, dtype):
 
 
 def _public_names():
-    for mod_name in ["jaxslim", "jaxslim.prune", "jaxslim.structures", "jaxslim.report"]:
+    for mod_name in [
+        "jaxslim",
+        "jaxslim.prune",
+        "jaxslim.structures",
+        "jaxslim.report",
+        "jaxslim.quant",
+        "jaxslim.splice",
+        "jaxslim.flax.quant",
+        "jaxslim.flax.splice",
+    ]:
         mod = importlib.import_module(mod_name)
         for name in mod.__all__:
             yield mod_name, name, getattr(mod, name)
