@@ -22,6 +22,8 @@ def demo(steps: int = 3000, seed: int = 0) -> str:
     from jaxslim import report
     from jaxslim.demo import data as D
     from jaxslim.demo import prune as prune_demo
+    from jaxslim.demo import quant as quant_demo
+    from jaxslim.demo import splice as splice_demo
 
     t0 = time.perf_counter()
     data = D.load_mnist1d(seed=seed)
@@ -42,6 +44,8 @@ def demo(steps: int = 3000, seed: int = 0) -> str:
     ]
     pruned_rows, layers = prune_demo.run(data, dense, steps=steps, seed=seed)
     rows += pruned_rows
+    rows += quant_demo.run(data, dense)
+    rows += splice_demo.run(data, dense, seed=seed)
 
     lines = [
         "# jaxslim demo: MNIST-1D (4000 train / 1000 test, generated locally)",
