@@ -57,8 +57,11 @@ def _count_le(keys: list[jax.Array], t: jax.Array) -> jax.Array:
     return sum(jnp.sum(k <= t, dtype=jnp.int32) for k in keys)
 
 
-def _kth_key_bisect(keys: list[jax.Array], k) -> jax.Array:
-    """Smallest ``t`` with ``#{key <= t} >= k`` over all ``keys`` (``k >= 1``): 32 count passes."""
+def _select_bisect(keys: list[jax.Array], k):
+    """``(t, #{key < t}, [#{key_i == t}])`` for the smallest ``t`` with ``#{key <= t} >= k``.
+
+    32 bisection steps, each one count (a sum) over all keys; needs ``k >= 1``.
+    """
 
     def step(_, lohi):
         lo, hi = lohi
@@ -66,36 +69,38 @@ def _kth_key_bisect(keys: list[jax.Array], k) -> jax.Array:
         ok = _count_le(keys, mid) >= k
         return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
 
-    lo, hi = jnp.uint32(0), jnp.uint32(0xFFFFFFFF)
-    _, hi = lax.fori_loop(0, 32, step, (lo, hi))
-    return hi
+    _, t = lax.fori_loop(0, 32, step, (jnp.uint32(0), jnp.uint32(0xFFFFFFFF)))
+    n_lt = sum(jnp.sum(key < t, dtype=jnp.int32) for key in keys)
+    return t, n_lt, [jnp.sum(key == t, dtype=jnp.int32) for key in keys]
 
 
-def _kth_key_radix(keys: list[jax.Array], k) -> jax.Array:
-    """Same as ``_kth_key_bisect`` by radix select: two 65536-bin histogram passes.
+def _select_radix(keys: list[jax.Array], k):
+    """Same as ``_select_bisect`` by radix select: two 65536-bin histogram passes.
 
-    Pass 1 counts the high 16 bits and finds the bucket holding the k-th key; pass 2 counts the
-    low 16 bits of the keys in that bucket. The histograms are scatter-adds into a small
-    replicated array, which XLA partitions into per-shard histograms and one all-reduce.
+    Pass 1 counts the high 16 bits and finds the bucket holding the k-th key; pass 2 counts, per
+    leaf, the low 16 bits of the keys in that bucket, which also gives each leaf's count of keys
+    equal to the threshold. The histograms are scatter-adds into a small replicated array, which
+    XLA partitions into per-shard histograms and one all-reduce.
     """
     bins = 1 << 16
 
-    def hist(index_of, weight_of):
-        return sum(
-            jnp.zeros(bins, jnp.int32).at[index_of(key)].add(weight_of(key), mode="drop")
-            for key in keys
-        )
+    def hist(key, index, weight):
+        return jnp.zeros(bins, jnp.int32).at[index].add(weight, mode="drop")
 
     def pick(h, k):
         c = jnp.cumsum(h)
         b = jnp.sum(c < k, dtype=jnp.int32)  # first bucket whose cumulative count reaches k
         return b, c[b] - h[b]  # the bucket and the count below it
 
-    high = lambda key: (key >> 16).astype(jnp.int32)  # noqa: E731
-    low = lambda key: (key & jnp.uint32(0xFFFF)).astype(jnp.int32)  # noqa: E731
-    b1, below = pick(hist(high, lambda key: jnp.int32(1)), k)
-    b2, _ = pick(hist(low, lambda key: (high(key) == b1).astype(jnp.int32)), k - below)
-    return (b1.astype(jnp.uint32) << 16) | b2.astype(jnp.uint32)
+    high = [(key >> 16).astype(jnp.int32) for key in keys]
+    b1, below1 = pick(sum(hist(key, h, jnp.int32(1)) for key, h in zip(keys, high, strict=True)), k)
+    h2 = [
+        hist(key, (key & jnp.uint32(0xFFFF)).astype(jnp.int32), (h == b1).astype(jnp.int32))
+        for key, h in zip(keys, high, strict=True)
+    ]
+    b2, below2 = pick(sum(h2), k - below1)
+    t = (b1.astype(jnp.uint32) << 16) | b2.astype(jnp.uint32)
+    return t, below1 + below2, [h[b2] for h in h2]
 
 
 def _explicitly_sharded(x: jax.Array) -> bool:
@@ -105,48 +110,42 @@ def _explicitly_sharded(x: jax.Array) -> bool:
         return False
 
 
-def _kth_key(keys: list[jax.Array], k) -> jax.Array:
-    """Smallest ``t`` with ``#{key <= t} >= k`` over all arrays in ``keys`` (needs ``k >= 1``).
-
-    Radix select by default; under a mesh with ``Explicit`` axes (where a scatter from a sharded
-    array needs the mesh in context) the 32-pass bisection, which only sums.
-    """
-    if any(_explicitly_sharded(key) for key in keys):
-        return _kth_key_bisect(keys, k)
-    return _kth_key_radix(keys, k)
-
-
 @jax.jit
 def _lowest_k(keys: list[jax.Array], k) -> list[jax.Array]:
-    """Marks the ``k`` lowest keys overall (ties by leaf order, then flat index)."""
+    """Marks the ``k`` lowest keys overall (ties by leaf order, then flat index).
+
+    The threshold comes from a radix select; under a mesh with ``Explicit`` axes (where a scatter
+    from a sharded array needs the mesh in context) from a 32-pass bisection, which only sums.
+    The mask itself is one elementwise pass per leaf.
+    """
     k = jnp.asarray(k, jnp.int32)
-    t = _kth_key(keys, jnp.maximum(k, 1))
-    lt = [key < t for key in keys]
-    need = k - sum(jnp.sum(m, dtype=jnp.int32) for m in lt)  # entries equal to t still to prune
+    select = _select_bisect if any(map(_explicitly_sharded, keys)) else _select_radix
+    t, n_lt, n_eqs = select(keys, jnp.maximum(k, 1))
+    need = k - n_lt  # entries equal to t still to prune, taken in leaf order
     out = []
-    for key, below in zip(keys, lt, strict=True):
-        eq = key == t
-        n_eq = jnp.sum(eq, dtype=jnp.int32)
+    for key, n_eq in zip(keys, n_eqs, strict=True):
         take = jnp.clip(need, 0, n_eq)
         need = need - take
 
-        def first(eq=eq, take=take):
-            # The `take` equal entries with the lowest flat index, found by bisection on the index
-            # (no cumsum: it would need the array unsharded along the scanned axis).
-            flat = _flat_index(eq.shape)
+        def some_ties(key=key, take=take):
+            # the `take` equal entries with the lowest flat index: bisection on the index for the
+            # cut (no cumsum: it would need the array unsharded along the scanned axis)
+            flat = _flat_index(key.shape)
 
             def step(_, lohi):
                 lo, hi = lohi
                 mid = lo + (hi - lo) // 2
-                ok = jnp.sum(eq & (flat < mid), dtype=jnp.int32) >= take
+                ok = jnp.sum((key == t) & (flat < mid), dtype=jnp.int32) >= take
                 return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
 
-            bits = max(1, int(np.ceil(np.log2(eq.size + 1))))
-            _, cut = lax.fori_loop(0, bits, step, (jnp.int32(0), jnp.int32(eq.size)))
-            return eq & (flat < cut)
+            bits = max(1, int(np.ceil(np.log2(key.size + 1))))
+            cut = lax.fori_loop(0, bits, step, (jnp.int32(0), jnp.int32(key.size)))[1]
+            return (key < t) | ((key == t) & (flat < cut))
 
-        ties = lax.cond(take >= n_eq, lambda eq=eq: eq, first)
-        out.append((below | (ties & (take > 0))) & (k > 0))
+        # The common cases need no index: all or none of the entries equal to t are pruned.
+        case = jnp.where(take >= n_eq, 0, jnp.where(take == 0, 1, 2))
+        pruned = lax.switch(case, [lambda key=key: key <= t, lambda key=key: key < t, some_ties])
+        out.append(pruned & (k > 0))
     return out
 
 
