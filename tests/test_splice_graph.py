@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxslim import splice
@@ -282,6 +282,7 @@ def test_count_flops_matches_formula():
     )
 
 
+@settings(max_examples=12)
 @given(st.lists(st.integers(2, 6), min_size=1, max_size=4))
 def test_deep_mlp_has_one_group_per_hidden_layer(widths):
     sizes = [3, *widths, 2]

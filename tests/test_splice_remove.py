@@ -122,7 +122,8 @@ def test_removing_zeroed_channels_preserves_the_function(name, fn, make, xshape)
         zeroed = zero_channels(zeroed, g, drop)
     new, rep = splice.prune_channels(fn, zeroed, x, sparsity=0.5)
     assert [r.removed for r in rep.groups] == [tuple(d) for d in drops]
-    np.testing.assert_allclose(fn(new, x), fn(zeroed, x), atol=EPS, rtol=EPS)
+    jfn = jax.jit(fn)
+    np.testing.assert_allclose(jfn(new, x), jfn(zeroed, x), atol=EPS, rtol=EPS)
     leaves = dict(leaves_with_paths(new))
     for g in groups:
         for m in g.members:
@@ -295,7 +296,7 @@ def test_bad_input_raises_naming_the_group():
         splice.remove_channels(p, [("w1", 1)], [0])
 
 
-@settings(max_examples=10)
+@settings(max_examples=6)
 @given(st.integers(2, 9), st.data())
 def test_any_keep_subset_shrinks_every_member_to_it(n, data):
     keep = sorted(data.draw(st.sets(st.integers(0, n - 1), min_size=1)))

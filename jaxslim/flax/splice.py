@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxslim import splice
+from jaxslim import _tree, splice
 from jaxslim.splice.remove import Plan, apply_plan, make_plan
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "sync_features",
     "fold_batchnorm_module",
     "widen_module",
+    "fold_all_module",
     "Identity",
 ]
 
@@ -227,3 +228,79 @@ def count_params(model: nnx.Module) -> int:
         for x in jax.tree.leaves(nnx.state(model, nnx.Param))
         if hasattr(x, "shape") and jnp.issubdtype(x.dtype, jnp.floating)
     )
+
+
+def _get(model: Any, path: str) -> Any:
+    node = model
+    for k in path.split("/") if path else ():
+        node = node[int(k)] if k.isdigit() else getattr(node, k)
+    return node
+
+
+def _replace(model: Any, path: str, new: Any) -> None:
+    parent, _, last = path.rpartition("/")
+    node = _get(model, parent)
+    if last.isdigit():
+        node[int(last)] = new
+    else:
+        setattr(node, last, new)
+
+
+def fold_all_module(
+    model: nnx.Module, *example_args: Any, fuse: bool = True
+) -> list[splice.Fold | splice.Fuse]:
+    """Folds every batch norm (and fuses every linear pair) found in an NNX module, in place.
+
+    Runs :func:`jaxslim.splice.find_foldable` on the module (put it in inference mode first:
+    ``model.eval()``), then :func:`~jaxslim.splice.fold_all` and, with ``fuse``,
+    :func:`~jaxslim.splice.fuse_all`. Each folded norm and each fused-away second layer is replaced
+    by :class:`Identity`; the kept layers get the new kernels and biases (a bias is created where
+    a layer had none) and their feature attributes are updated. Returns the records applied.
+
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> m = nnx.Sequential(nnx.Linear(2, 4, rngs=nnx.Rngs(0)),
+    ...                    nnx.BatchNorm(4, use_running_average=True, rngs=nnx.Rngs(1)))
+    >>> [type(r).__name__ for r in fold_all_module(m, jnp.ones((1, 2)))]
+    ['Fold']
+    >>> type(m.layers[1]).__name__, m(jnp.ones((1, 2))).shape
+    ('Identity', (1, 4))
+    """
+    fn, state = module_fn(model)
+    found = splice.find_foldable(fn, state, *example_args)
+    if not fuse:
+        found = [r for r in found if isinstance(r, splice.Fold)]
+    new = splice.fold_all(state, found)
+    new = splice.fuse_all(new, found)
+    leaves = dict(_tree.leaves_with_paths(new))
+    gone: set[str] = set()
+    for r in found:
+        gone.update(r.absorbed)
+        if isinstance(r, splice.Fuse):
+            gone.update(p for p in r.second if p is not None)
+    modules: dict[str, None] = {}
+    for path in sorted(gone):
+        module = path.rpartition("/")[0]
+        owned = [p for p, _ in _tree.leaves_with_paths(nnx.state(_get(model, module)))]
+        left = [p for p in owned if f"{module}/{p}" not in gone]
+        if left:
+            raise ValueError(
+                f"flax.splice.fold_all_module: module {module!r} keeps {left} after folding; "
+                "only whole modules (a BatchNorm, a fused-away Linear) can be removed"
+            )
+        modules[module] = None
+    kept = [r.kernel if isinstance(r, splice.Fold) else r.first[0] for r in found]
+    for kernel in kept:
+        module = kernel.rpartition("/")[0]
+        layer = _get(model, module)
+        layer.kernel.set_value(leaves[kernel])
+        b = leaves[f"{module}/bias" if module else "bias"]
+        if getattr(layer, "bias", None) is None:
+            layer.bias = nnx.Param(b)
+            layer.use_bias = True
+        else:
+            layer.bias.set_value(b)
+        _set_features(layer)
+    for module in modules:
+        _replace(model, module, Identity())
+    return found

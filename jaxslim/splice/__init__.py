@@ -7,8 +7,10 @@ from jaxslim.splice.channels import (
     prune_channels,
     score_group,
 )
+from jaxslim.splice.fold import Fold, Fuse, find_foldable, fold_all, fuse_all
 from jaxslim.splice.graph import Group, Member, count_flops, trace
 from jaxslim.splice.influence import Influence, block_influence
+from jaxslim.splice.merge import MergeReport, block_similarity, merge_similar_blocks
 from jaxslim.splice.remove import (
     Plan,
     apply_plan,
@@ -41,4 +43,12 @@ __all__ = [
     "deepen",
     "block_influence",
     "Influence",
+    "find_foldable",
+    "fold_all",
+    "fuse_all",
+    "Fold",
+    "Fuse",
+    "merge_similar_blocks",
+    "block_similarity",
+    "MergeReport",
 ]

@@ -91,6 +91,11 @@ def score_group(params: Any, group: Group, score: str = "l2", grads: Any = None)
     >>> score_group(p, g)
     Array([3., 4.], dtype=float32)
     """
+    return _score_groups(params, [group], score, grads)[0]
+
+
+def _score_groups(params: Any, groups: Sequence[Group], score: str, grads: Any) -> list:
+    """Scores of every group in one jitted call (one compilation for the whole model)."""
     leaves = _leaf_dict(params)
     gleaves = _leaf_dict(grads) if grads is not None else None
     if score == "taylor" and gleaves is None:
@@ -99,15 +104,30 @@ def score_group(params: Any, group: Group, score: str = "l2", grads: Any = None)
         raise ValueError(
             f"splice.score_group: score must be 'l2', 'l1', 'taylor' or a callable, got {score!r}"
         )
-    for m in group.members:
-        if m.path not in leaves:
-            raise ValueError(f"splice.score_group: params have no leaf {m.path!r} of the group")
-    xs = tuple(leaves[m.path] for m in group.members)
-    gs = tuple(gleaves[m.path] for m in group.members) if score == "taylor" else None
-    return _score(xs, gs, group.members, group.size, score)
+    paths = sorted({m.path for g in groups for m in g.members})
+    for p in paths:
+        if p not in leaves:
+            raise ValueError(f"splice.score_group: params have no leaf {p!r} of a group")
+    xs = {p: leaves[p] for p in paths}
+    gs = {p: gleaves[p] for p in paths} if score == "taylor" else None
+    spec = tuple((g.members, g.size) for g in groups)
+    return list(_score_all(xs, gs, spec, score))
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _score_all(xs, gs, spec, score):
+    return tuple(
+        _score(
+            tuple(xs[m.path] for m in members),
+            None if gs is None else tuple(gs[m.path] for m in members),
+            members,
+            size,
+            score,
+        )
+        for members, size in spec
+    )
+
+
 def _score(xs, gs, members, size, score):
     total = jnp.zeros((size,), jnp.float32)
     for i, m in enumerate(members):
@@ -227,9 +247,12 @@ def prune_channels(
             for g in groups
             if any(m.path in outputs and m.axis == leaves[m.path].ndim - 1 for m in g.members)
         ]
+    if callable(score):
+        scores = [score(params, g) for g in groups]
+    else:
+        scores = _score_groups(params, groups, score, grads)
     chosen, keeps, reports = [], [], []
-    for g in groups:
-        s = score(params, g) if callable(score) else score_group(params, g, score, grads)
+    for g, s in zip(groups, scores, strict=True):
         s = np.asarray(s, dtype=np.float64)
         if s.shape != (g.size,):
             raise ValueError(
