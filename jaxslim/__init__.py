@@ -1,12 +1,13 @@
 """jaxslim: composable model compression for JAX.
 
 Pruning (``jaxslim.prune``), quantization (``jaxslim.quant``), layer splicing
-(``jaxslim.splice``), per-leaf reports (``jaxslim.report``) and the weight structures they share
-(``Unstructured``, ``Channels``, ``NM``, ``Blocks``). Flax NNX and Linen glue is in
-``jaxslim.flax``.
+(``jaxslim.splice``), sparsity regularizers as Optax transforms (``jaxslim.regularize``),
+learning-rate decays (``jaxslim.schedules``), distillation losses (``jaxslim.distill``), per-leaf
+reports (``jaxslim.report``) and the weight structures they share (``Unstructured``,
+``Channels``, ``NM``, ``Blocks``). Flax NNX and Linen glue is in ``jaxslim.flax``.
 """
 
-from jaxslim import prune, quant, report, splice, structures
+from jaxslim import distill, prune, quant, regularize, report, schedules, splice, structures
 from jaxslim.quant import QArray, QuantSpec
 from jaxslim.structures import NM, Blocks, Channels, Unstructured
 
@@ -16,6 +17,9 @@ __all__ = [
     "prune",
     "quant",
     "splice",
+    "regularize",
+    "schedules",
+    "distill",
     "report",
     "structures",
     "QuantSpec",

@@ -21,6 +21,7 @@ def demo(steps: int = 3000, seed: int = 0) -> str:
 
     from jaxslim import report
     from jaxslim.demo import data as D
+    from jaxslim.demo import distill as distill_demo
     from jaxslim.demo import prune as prune_demo
     from jaxslim.demo import quant as quant_demo
     from jaxslim.demo import splice as splice_demo
@@ -46,6 +47,7 @@ def demo(steps: int = 3000, seed: int = 0) -> str:
     rows += pruned_rows
     rows += quant_demo.run(data, dense)
     rows += splice_demo.run(data, dense, seed=seed)
+    rows += distill_demo.run(data, dense)
 
     lines = [
         "# jaxslim demo: MNIST-1D (4000 train / 1000 test, generated locally)",

@@ -18,7 +18,7 @@ import optax
 import pytest
 
 import jaxslim
-from jaxslim import QuantSpec, _tree, prune, quant
+from jaxslim import QuantSpec, _tree, prune, quant, regularize, schedules
 
 
 def params(dtype=jnp.float32, seed=0):
@@ -63,6 +63,20 @@ TRANSFORMS = {
     "prune.pruner": lambda p: prune.pruner(prune.polynomial_schedule(0.5, 0, 4)),
     "prune.pruner(NM)": lambda p: prune.pruner(0.5, structure=prune.NM(2, 4)),
     "prune.keep_mask": lambda p: prune.keep_mask(prune.topk_mask(prune.magnitude(p), 0.5)),
+    "regularize.add_l1": lambda p: regularize.add_l1(1e-2),
+    "regularize.add_l2": lambda p: regularize.add_l2(1e-2),
+    "regularize.prox_l1": lambda p: regularize.prox_l1(0.5, 0.1),
+    "regularize.prox_elastic_net": lambda p: regularize.prox_elastic_net(0.5, 0.1, 0.1),
+    "regularize.prox_group_lasso": lambda p: regularize.prox_group_lasso(
+        0.5, schedules.exponential_decay(0.1, 0.9)
+    ),
+}
+
+# Scalar loss terms: name -> f(params) -> scalar.
+PENALTIES = {
+    "regularize.l1_penalty": regularize.l1_penalty,
+    "regularize.l2_penalty": regularize.l2_penalty,
+    "regularize.group_lasso_penalty": regularize.group_lasso_penalty,
 }
 
 
@@ -128,6 +142,22 @@ def test_transform(name, dtype):
     assert out2["nothing"] is None and out2["empty"].shape == (0, 4)
 
 
+@pytest.mark.parametrize("name", sorted(PENALTIES))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_penalty(name, dtype):
+    f = PENALTIES[name]
+    p = params(dtype)
+    traces = []
+    jitted = jax.jit(lambda p: (traces.append(1), f(p))[1])
+    np.testing.assert_allclose(np.float32(jitted(p)), np.float32(f(p)), rtol=1e-6)
+    jitted(params(dtype, seed=1))
+    assert len(traces) == 1
+    g = jax.grad(lambda k: f({**p, "dense": {**p["dense"], "kernel": k}}))(
+        jnp.zeros_like(p["dense"]["kernel"])
+    )
+    assert np.isfinite(np.asarray(g, np.float32)).all()  # finite gradient at zero
+
+
 def _public_names():
     for mod_name in [
         "jaxslim",
@@ -138,6 +168,10 @@ def _public_names():
         "jaxslim.splice",
         "jaxslim.flax.quant",
         "jaxslim.flax.splice",
+        "jaxslim.regularize",
+        "jaxslim.schedules",
+        "jaxslim.distill",
+        "jaxslim.flax.distill",
     ]:
         mod = importlib.import_module(mod_name)
         for name in mod.__all__:

@@ -3,6 +3,6 @@
 The only part of jaxslim that imports flax; the core works on any pytree.
 """
 
-from jaxslim.flax import quant, splice
+from jaxslim.flax import distill, quant, splice
 
-__all__ = ["quant", "splice"]
+__all__ = ["quant", "splice", "distill"]

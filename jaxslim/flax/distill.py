@@ -1,0 +1,73 @@
+"""A distillation training step for Flax NNX: a student learns from a frozen teacher.
+
+The teacher is only ever called, never differentiated or updated: its logits enter ``kd_loss``
+under ``stop_gradient`` and only the student's parameters are in the ``nnx.Optimizer``. Put a
+teacher with dropout or batch norm in evaluation mode first (``teacher.eval()``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+from flax import nnx
+from jax import lax
+
+from jaxslim.distill import kd_loss
+
+__all__ = ["distill_step"]
+
+
+@functools.partial(nnx.jit, static_argnames=("temperature", "soft_weight", "hard_weight"))
+def distill_step(
+    student: nnx.Module,
+    optimizer: nnx.Optimizer,
+    x: jax.Array,
+    teacher: nnx.Module | Callable[[jax.Array], jax.Array] | jax.Array,
+    labels: jax.Array | None = None,
+    *,
+    temperature: float = 4.0,
+    soft_weight: float = 1.0,
+    hard_weight: float = 0.0,
+) -> jax.Array:
+    """One jitted step on ``kd_loss(student(x), teacher(x), labels, ...)``; updates the student.
+
+    Args:
+      student: the NNX model being trained (updated in place).
+      optimizer: ``nnx.Optimizer(student, tx, wrt=nnx.Param)``.
+      x: the input batch.
+      teacher: a frozen NNX model (or any callable ``x -> logits``), or the teacher's logits for
+        ``x`` precomputed once (a frozen teacher's outputs never change, so they can be cached).
+      labels: integer labels for the hard term (needed when ``hard_weight != 0``).
+      temperature, soft_weight, hard_weight: as in ``jaxslim.distill.kd_loss`` (static: a new
+        value compiles a new step).
+
+    Returns:
+      The loss before the update (a scalar).
+
+    >>> import jax.numpy as jnp, optax
+    >>> from flax import nnx
+    >>> teacher, student = nnx.Linear(4, 3, rngs=nnx.Rngs(0)), nnx.Linear(4, 3, rngs=nnx.Rngs(1))
+    >>> opt = nnx.Optimizer(student, optax.sgd(0.5), wrt=nnx.Param)
+    >>> x = jnp.ones((8, 4))
+    >>> losses = [float(distill_step(student, opt, x, teacher)) for _ in range(50)]
+    >>> losses[-1] < 0.01 * losses[0]
+    True
+    """
+    t = teacher(x) if callable(teacher) else teacher
+    t = lax.stop_gradient(t)
+
+    def loss_fn(model):
+        return kd_loss(
+            model(x),
+            t,
+            labels,
+            temperature=temperature,
+            soft_weight=soft_weight,
+            hard_weight=hard_weight,
+        )
+
+    loss, grads = nnx.value_and_grad(loss_fn)(student)
+    optimizer.update(student, grads)
+    return loss

@@ -1,0 +1,432 @@
+"""Sparsity regularizers as Optax transforms: L1, L2, elastic net and group lasso.
+
+Two forms of each penalty ``R(p)``:
+
+* **Gradient (subgradient) form** — ``add_l1``, ``add_l2``: add ``strength * grad R(p)`` to the
+  gradient; put them *before* the optimizer (``optax.chain(add_l1(1e-4), optax.sgd(0.1))``).
+  Weights hover around zero but never land on it.
+* **Proximal form** — ``prox_l1``, ``prox_elastic_net``, ``prox_group_lasso``: after the optimizer
+  has proposed ``p + u``, map it through the proximal operator of ``eta * strength * R``
+  (``eta`` = the learning rate), ``p_new = prox(p + u)``. Put them **last** in ``optax.chain``; they
+  return ``prox(p + u) - p`` so ``optax.apply_updates`` lands on exact zeros (ISTA / proximal
+  gradient descent; with Adam it is the usual proximal-Adam heuristic).
+
+Loss-side terms ``l1_penalty``, ``l2_penalty`` and ``group_lasso_penalty`` return ``R(params)``
+with a finite gradient at zero, to add to a loss by hand.
+
+Every strength and learning rate is a float or an ``optax.Schedule`` (``step -> value``, for a
+warm-up or decay of the penalty), evaluated at the transform's own step count. ``where=`` selects
+leaves as everywhere in jaxslim (default: float leaves with ``ndim >= 2``, i.e. kernels, not
+biases); other leaves' updates pass through untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from jaxslim import _tree
+from jaxslim.structures import Blocks, Channels, Structure, Unstructured
+
+__all__ = [
+    "RegularizerState",
+    "add_l1",
+    "add_l2",
+    "prox_l1",
+    "prox_elastic_net",
+    "prox_group_lasso",
+    "l1_penalty",
+    "l2_penalty",
+    "group_lasso_penalty",
+]
+
+ScalarOrSchedule = float | Callable[[jax.Array], Any]
+
+
+class RegularizerState(NamedTuple):
+    """State of every regularizer transform: its own step count (for scheduled strengths)."""
+
+    count: jax.Array
+
+
+def _schedule(fn: str, name: str, value: ScalarOrSchedule) -> Callable[[Any], Any]:
+    """``value`` as a schedule; raises for a negative, non-finite or non-numeric value."""
+    if callable(value):
+        sched = value
+
+        def value(t):
+            # Some optax schedules mix float and int32 arithmetic; allow it under strict promotion.
+            with jax.numpy_dtype_promotion("standard"):
+                return sched(t)
+
+        try:  # a concrete value at step 0 can be checked eagerly
+            v0 = float(value(jnp.zeros([], jnp.int32)))
+        except (TypeError, jax.errors.ConcretizationTypeError):
+            return value
+        if not math.isfinite(v0) or v0 < 0:
+            raise ValueError(f"{fn}: {name} must be >= 0, got {v0!r} from the schedule at step 0")
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be a float or an optax schedule, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{fn}: {name} must be finite and >= 0, got {value!r}")
+    value = float(value)
+    return lambda _: value
+
+
+def _regularizer(
+    fn: str,
+    where: _tree.Where,
+    leaf_update: Callable[[jax.Array, str, jax.Array, jax.Array], jax.Array],
+    check_leaf: Callable[[str, jax.Array], None] | None = None,
+) -> optax.GradientTransformation:
+    """A transform mapping ``leaf_update(count, path, p, u) -> u'`` over the selected leaves."""
+
+    def init_fn(params):
+        paths = set(_tree.selected_paths(params, where, fn_name=fn))
+        if check_leaf is not None:
+            for path, leaf in _tree.leaves_with_paths(params):
+                if path in paths:
+                    check_leaf(path, leaf)
+        return RegularizerState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(f"{fn}: params are required (call tx.update(grads, state, params))")
+        t = state.count
+        new = _tree.map_selected(
+            lambda path, p, u: leaf_update(t, path, p, u),
+            params,
+            updates,
+            where=where,
+            fn_name=fn,
+            unselected=lambda p, u: u,
+        )
+        return new, RegularizerState(count=optax.safe_increment(t))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _cast(value: Any, dtype) -> jax.Array:
+    return jnp.asarray(value).astype(dtype)
+
+
+def _wide(dtype) -> Any:
+    """float32, or float64 for float64 leaves: the accumulation dtype of norms and sums."""
+    return jnp.float64 if jnp.dtype(dtype).itemsize > 4 else jnp.float32
+
+
+def add_l1(
+    strength: ScalarOrSchedule, *, where: _tree.Where = None
+) -> optax.GradientTransformation:
+    """Adds the L1 subgradient ``strength * sign(p)`` to the updates (before the optimizer).
+
+    The penalty is ``strength * ||p||_1``. This subgradient form **never gives exact zeros**: a
+    weight near zero flips sign every step and oscillates around it with an amplitude of about
+    ``learning_rate * strength``. For exact zeros use ``prox_l1`` instead.
+
+    Args:
+      strength: ``lambda >= 0``, a float or an ``optax.Schedule``.
+      where: which leaves (default: float leaves with ``ndim >= 2``).
+
+    Returns:
+      An ``optax.GradientTransformation`` with ``RegularizerState``; ``update`` needs ``params``.
+
+    >>> import jax.numpy as jnp
+    >>> p = {"w": jnp.array([[2.0, -3.0, 0.0]])}
+    >>> u, _ = add_l1(0.5).update({"w": jnp.zeros((1, 3))}, add_l1(0.5).init(p), p)
+    >>> u["w"]
+    Array([[ 0.5, -0.5,  0. ]], dtype=float32)
+    """
+    fn = "regularize.add_l1"
+    strength = _schedule(fn, "strength", strength)
+
+    def leaf(t, path, p, u):
+        return u + _cast(strength(t), u.dtype) * jnp.sign(p).astype(u.dtype)
+
+    return _regularizer(fn, where, leaf)
+
+
+def add_l2(
+    strength: ScalarOrSchedule, *, where: _tree.Where = None
+) -> optax.GradientTransformation:
+    """Adds the L2 gradient ``2 * strength * p`` to the updates (before the optimizer).
+
+    The penalty is ``strength * ||p||_2^2``, so ``add_l2(s)`` equals
+    ``optax.add_decayed_weights(2 * s)`` (whose penalty is ``wd / 2 * ||p||^2``). Placed before
+    ``optax.adam`` this is *coupled* L2: the penalty's gradient is divided by Adam's running RMS of
+    the total gradient, which itself grows with ``strength``, so the effective decay barely depends
+    on ``strength`` (Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization"). For a
+    decay that scales with its coefficient under Adam use ``optax.adamw`` (decoupled: ``p -= lr *
+    wd * p`` after the Adam step).
+
+    Args:
+      strength: ``lambda >= 0``, a float or an ``optax.Schedule``.
+      where: which leaves (default: float leaves with ``ndim >= 2``).
+
+    Returns:
+      An ``optax.GradientTransformation`` with ``RegularizerState``; ``update`` needs ``params``.
+
+    >>> import jax.numpy as jnp
+    >>> p = {"w": jnp.array([[2.0, -3.0]])}
+    >>> u, _ = add_l2(0.25).update({"w": jnp.ones((1, 2))}, add_l2(0.25).init(p), p)
+    >>> u["w"]
+    Array([[ 2. , -0.5]], dtype=float32)
+    """
+    fn = "regularize.add_l2"
+    strength = _schedule(fn, "strength", strength)
+
+    def leaf(t, path, p, u):
+        return u + (2 * _cast(strength(t), u.dtype)) * p.astype(u.dtype)
+
+    return _regularizer(fn, where, leaf)
+
+
+def _soft_threshold(z: jax.Array, tau: jax.Array) -> jax.Array:
+    """``S_tau(z) = sign(z) * max(|z| - tau, 0)``: exact zeros where ``|z| <= tau``."""
+    return jnp.where(jnp.abs(z) > tau, z - jnp.sign(z) * tau, jnp.zeros_like(z))
+
+
+def prox_l1(
+    strength: ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
+    *,
+    where: _tree.Where = None,
+) -> optax.GradientTransformation:
+    """Proximal L1 step (ISTA soft threshold), last in ``optax.chain``: exact zeros.
+
+    With ``z = p + u`` the parameters the optimizer proposes, the new parameters are
+    ``p_new = S_tau(z) = sign(z) * max(|z| - tau, 0)`` with
+    ``tau = learning_rate(t) * strength(t)``, the proximal operator of ``tau * ||.||_1``
+    (Daubechies et al. 2004; Beck & Teboulle 2009).
+    It returns ``S_tau(p + u) - p``, so ``optax.apply_updates`` lands on exact zeros and keeps a
+    zero weight at zero unless one step's update exceeds ``tau``. Works unchanged with
+    ``TrainState.apply_gradients`` and ``nnx.Optimizer.update``.
+
+    Args:
+      strength: ``lambda >= 0`` of the penalty ``lambda * ||p||_1``; float or schedule.
+      learning_rate: the optimizer's learning rate (float or the same schedule), ``eta >= 0``.
+      where: which leaves (default: float leaves with ``ndim >= 2``).
+
+    Returns:
+      An ``optax.GradientTransformation`` with ``RegularizerState``; ``update`` needs ``params``.
+
+    >>> import jax.numpy as jnp, optax
+    >>> p = {"w": jnp.array([[0.5, -0.05, 0.02, -1.0]])}
+    >>> tx = optax.chain(optax.sgd(0.1), prox_l1(1.0, learning_rate=0.1))
+    >>> u, _ = tx.update({"w": jnp.zeros((1, 4))}, tx.init(p), p)
+    >>> optax.apply_updates(p, u)["w"]
+    Array([[ 0.4,  0. ,  0. , -0.9]], dtype=float32)
+    """
+    fn = "regularize.prox_l1"
+    strength = _schedule(fn, "strength", strength)
+    learning_rate = _schedule(fn, "learning_rate", learning_rate)
+
+    def leaf(t, path, p, u):
+        z = p + u.astype(p.dtype)
+        tau = _cast(learning_rate(t) * strength(t), p.dtype)
+        return (_soft_threshold(z, tau) - p).astype(u.dtype)
+
+    return _regularizer(fn, where, leaf)
+
+
+def prox_elastic_net(
+    l1: ScalarOrSchedule,
+    l2: ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
+    *,
+    where: _tree.Where = None,
+) -> optax.GradientTransformation:
+    """Proximal elastic-net step, last in ``optax.chain``: exact zeros plus L2 shrinkage.
+
+    The penalty is ``l1 * ||p||_1 + l2 * ||p||_2^2`` (Zou & Hastie 2005); its proximal operator at
+    step size ``eta`` is ``p_new = S_{eta * l1}(z) / (1 + 2 * eta * l2)`` with ``z = p + u``.
+    Returns ``p_new - p``. ``l2 = 0`` is ``prox_l1``.
+
+    Args:
+      l1, l2: the penalty strengths (``>= 0``), floats or schedules.
+      learning_rate: the optimizer's learning rate (float or schedule).
+      where: which leaves (default: float leaves with ``ndim >= 2``).
+
+    >>> import jax.numpy as jnp, optax
+    >>> p = {"w": jnp.array([[0.5, -0.05]])}
+    >>> tx = prox_elastic_net(1.0, 2.0, learning_rate=0.25)  # (0.5 - 0.25) / (1 + 1)
+    >>> u, _ = tx.update({"w": jnp.zeros((1, 2))}, tx.init(p), p)
+    >>> optax.apply_updates(p, u)["w"]
+    Array([[0.125, 0.   ]], dtype=float32)
+    """
+    fn = "regularize.prox_elastic_net"
+    l1 = _schedule(fn, "l1", l1)
+    l2 = _schedule(fn, "l2", l2)
+    learning_rate = _schedule(fn, "learning_rate", learning_rate)
+
+    def leaf(t, path, p, u):
+        z = p + u.astype(p.dtype)
+        eta = learning_rate(t)
+        tau = _cast(eta * l1(t), p.dtype)
+        shrink = _cast(1 + 2 * eta * l2(t), p.dtype)
+        return (_soft_threshold(z, tau) / shrink - p).astype(u.dtype)
+
+    return _regularizer(fn, where, leaf)
+
+
+def _check_groups(fn: str, groups: Any) -> None:
+    if not isinstance(groups, Structure) or not isinstance(
+        groups, Unstructured | Channels | Blocks
+    ):
+        raise TypeError(
+            f"{fn}: groups must be Unstructured(), Channels(axis=...) or Blocks(shape), got "
+            f"{groups!r}"
+        )
+    if isinstance(groups, Channels | Blocks) and groups.ord != 2:
+        raise ValueError(
+            f"{fn}: group lasso uses 2-norms of groups; got ord={groups.ord!r} in {groups!r}"
+        )
+
+
+def _group_norms(x: jax.Array, groups: Structure) -> jax.Array:
+    """2-norm of each group (shape of ``groups.reduce(x)``), with a zero gradient at zero."""
+    if isinstance(groups, Unstructured):
+        return x * lax.stop_gradient(jnp.sign(x))  # |x| with gradient sign(x), 0 at 0
+    if isinstance(groups, Channels):
+        ax = groups.axis % x.ndim
+        cols = jnp.moveaxis(x, ax, -1).reshape(-1, x.shape[ax])  # (group size, channels)
+        return optax.safe_norm(cols, 0.0, axis=0)
+    full = (1,) * (x.ndim - len(groups.shape)) + groups.shape
+    split = [d for s, b in zip(x.shape, full, strict=True) for d in (s // b, b)]
+    tiles = x.reshape(split).transpose(*range(0, 2 * x.ndim, 2), *range(1, 2 * x.ndim, 2))
+    return optax.safe_norm(tiles.reshape(*tiles.shape[: x.ndim], -1), 0.0, axis=-1)
+
+
+def prox_group_lasso(
+    strength: ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
+    *,
+    groups: Structure = Channels(axis=-1),
+    where: _tree.Where = None,
+) -> optax.GradientTransformation:
+    """Proximal group-lasso step (block soft threshold), last in chain: whole groups reach zero.
+
+    For each group ``g`` of ``z = p + u`` (default: output channels, the last axis of a Flax
+    kernel ``(in, out)`` / ``(*spatial, in, out)``):
+    ``p_new_g = z_g * max(0, 1 - tau_g / ||z_g||_2)`` with
+    ``tau_g = learning_rate(t) * strength(t) * sqrt(|g|)``, the proximal operator of
+    ``strength * sum_g sqrt(|g|) ||p_g||_2`` (Yuan & Lin 2006; ``group_lasso_penalty``). A group is
+    either entirely zero or scaled as a whole, never zeroed in part — the zero channels are what
+    ``splice`` removes. Returns ``p_new - p``.
+
+    Args:
+      strength: ``lambda >= 0``, float or schedule.
+      learning_rate: the optimizer's learning rate (float or schedule).
+      groups: ``Channels(axis)`` (default ``axis=-1``), ``Blocks(shape)`` or ``Unstructured()``
+        (which is ``prox_l1``); 2-norm groups only.
+      where: which leaves (default: float leaves with ``ndim >= 2``).
+
+    >>> import jax.numpy as jnp, optax
+    >>> p = {"w": jnp.array([[2.0, 0.1], [2.0, -0.1], [2.0, 0.1], [2.0, 0.1]])}  # (in=4, out=2)
+    >>> tx = prox_group_lasso(1.0, learning_rate=1.0)  # tau_g = 1 * 1 * sqrt(4) = 2
+    >>> u, _ = tx.update({"w": jnp.zeros((4, 2))}, tx.init(p), p)
+    >>> optax.apply_updates(p, u)["w"].T  # norms 4 and 0.2: halved, and zeroed
+    Array([[1., 1., 1., 1.],
+           [0., 0., 0., 0.]], dtype=float32)
+    """
+    fn = "regularize.prox_group_lasso"
+    _check_groups(fn, groups)
+    strength = _schedule(fn, "strength", strength)
+    learning_rate = _schedule(fn, "learning_rate", learning_rate)
+
+    def check_leaf(path, leaf):
+        groups.check(tuple(leaf.shape), path, fn)
+
+    def leaf(t, path, p, u):
+        # one rounding, at the end: jit and eager agree for bf16 leaves
+        acc = _wide(p.dtype)
+        z = p.astype(acc) + u.astype(acc)
+        norms = _group_norms(z, groups)
+        root = math.sqrt(groups.group_size(z.shape))
+        tau = _cast(learning_rate(t) * strength(t), acc) * jnp.asarray(root, acc)
+        keep = norms > tau
+        scale = jnp.where(keep, 1 - tau / jnp.where(keep, norms, 1), jnp.zeros_like(norms))
+        scale = _tree.match_sharding(groups.expand(scale, z.shape), z)
+        new = jnp.where(scale > 0, z * scale, jnp.zeros_like(z))
+        return (new - p.astype(acc)).astype(u.dtype)
+
+    return _regularizer(fn, where, leaf, check_leaf)
+
+
+def _penalty(fn: str, params: Any, where: _tree.Where, term: Callable[[str, Any], jax.Array]):
+    parts = _tree.map_selected(
+        lambda path, p: term(path, p.astype(_wide(p.dtype))),
+        params,
+        where=where,
+        fn_name=fn,
+        unselected=lambda _: None,
+    )
+    leaves = jax.tree.leaves(parts)
+    dtype = max((x.dtype for x in leaves), key=lambda d: jnp.dtype(d).itemsize)
+    return sum((x.astype(dtype) for x in leaves[1:]), leaves[0].astype(dtype))
+
+
+def l1_penalty(params: Any, *, where: _tree.Where = None) -> jax.Array:
+    """``sum_i |p_i|`` over the selected leaves (a scalar, float32 or wider).
+
+    Its gradient is ``sign(p)`` — ``0`` at ``p = 0``, the same subgradient ``add_l1`` uses (plain
+    ``jnp.abs`` has ``jax.grad(jnp.abs)(0.0) == 1``, which pushes zero weights off zero). Add
+    ``strength * l1_penalty(params)`` to a loss.
+
+    >>> import jax, jax.numpy as jnp
+    >>> p = {"w": jnp.array([[1.0, -2.0, 0.0]]), "b": jnp.array([5.0])}
+    >>> l1_penalty(p), jax.grad(l1_penalty)(p)["w"]
+    (Array(3., dtype=float32), Array([[ 1., -1.,  0.]], dtype=float32))
+    """
+
+    def term(path, p):
+        return jnp.sum(p * lax.stop_gradient(jnp.sign(p)))
+
+    return _penalty("regularize.l1_penalty", params, where, term)
+
+
+def l2_penalty(params: Any, *, where: _tree.Where = None) -> jax.Array:
+    """``sum_i p_i^2`` over the selected leaves (squared 2-norm; gradient ``2 p``).
+
+    ``jax.grad(lambda p: s * l2_penalty(p))`` is the update ``add_l2(s)`` adds.
+
+    >>> import jax.numpy as jnp
+    >>> l2_penalty({"w": jnp.array([[1.0, -2.0]])})
+    Array(5., dtype=float32)
+    """
+    return _penalty("regularize.l2_penalty", params, where, lambda _, p: jnp.sum(p * p))
+
+
+def group_lasso_penalty(
+    params: Any, groups: Structure = Channels(axis=-1), *, where: _tree.Where = None
+) -> jax.Array:
+    """``sum_g sqrt(|g|) * ||p_g||_2`` over the groups of the selected leaves (Yuan & Lin 2006).
+
+    ``groups`` as in ``prox_group_lasso`` (whose step is the proximal operator of
+    ``strength * group_lasso_penalty``). The norms use ``optax.safe_norm``: the gradient of an
+    all-zero group is ``0``, not ``NaN``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> p = {"w": jnp.array([[3.0, 0.0], [4.0, 0.0]])}
+    >>> group_lasso_penalty(p)  # sqrt(2) * (5 + 0)
+    Array(7.071068, dtype=float32)
+    >>> jax.grad(group_lasso_penalty)(p)["w"][:, 1]
+    Array([0., 0.], dtype=float32)
+    """
+    fn = "regularize.group_lasso_penalty"
+    _check_groups(fn, groups)
+
+    def term(path, p):
+        groups.check(tuple(p.shape), path, fn)
+        root = jnp.asarray(math.sqrt(groups.group_size(p.shape)), p.dtype)
+        return root * jnp.sum(_group_norms(p, groups))
+
+    return _penalty(fn, params, where, term)
