@@ -45,22 +45,27 @@ def bytes_table() -> str:
 
     from jaxslim.demo.data import make_model
 
-    demo = {"/".join(map(str, p)): tuple(v.shape)
-            for p, v in nnx.to_flat_state(nnx.state(make_model("cnn"), nnx.Param))
-            if len(v.shape) >= 2}
+    demo = {
+        "/".join(map(str, p)): tuple(v.shape)
+        for p, v in nnx.to_flat_state(nnx.state(make_model("cnn"), nnx.Param))
+        if len(v.shape) >= 2
+    }
     # ~100M parameters: 8 transformer-like blocks of 1024-wide kernels and a 32000-row embedding.
     big = {f"block{i}/{k}": (1024, 1024) for i in range(8) for k in ("q", "k", "v", "o")}
     big |= {f"block{i}/mlp_in": (1024, 2048) for i in range(8)}
     big |= {f"block{i}/mlp_out": (2048, 1024) for i in range(8)}
     big |= {"embed": (32000, 1024 - 1024 % 32)}
-    lines = ["| tree | params | " + " | ".join(["float32", *SPECS]) + " |",
-             "|---|---|" + "---|" * (1 + len(SPECS))]
+    lines = [
+        "| tree | params | " + " | ".join(["float32", *SPECS]) + " |",
+        "|---|---|" + "---|" * (1 + len(SPECS)),
+    ]
     for name, shapes in [("MNIST-1D CNN kernels", demo), ("100M-parameter tree", big)]:
         b = tree_bytes(shapes)
         n = sum(int(np.prod(s)) for s in shapes.values())
         unit, div = ("KiB", 2**10) if b["float32"] < 2**20 else ("MiB", 2**20)
         cells = [f"{b['float32'] / div:.1f} {unit}"] + [
-            f"{b[k] / div:.1f} {unit} ({b['float32'] / b[k]:.1f}x)" for k in SPECS]
+            f"{b[k] / div:.1f} {unit} ({b['float32'] / b[k]:.1f}x)" for k in SPECS
+        ]
         lines.append(f"| {name} | {n:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -72,35 +77,46 @@ def _time(f, *args) -> float:
 
 
 def dot_table(k: int = 4096, n: int = 4096, reps: int = 7) -> str:
+    """Median time of each path and its median paired ratio to the float32 dot."""
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.normal(size=(k, n)).astype(np.float32))
     wq = quant.quantize(w, QuantSpec(8, axis=-1))
     dn = (((1,), (0,)), ((), ()))
     act = QuantSpec(8, axis=0)
+    wg = quant.quantize(w, QuantSpec(4, axis=-1, group_size=32))
+
+    def qdot(impl, lhs_spec=None):
+        return jax.jit(lambda x, q: quant.qdot_general(x, q, dn, lhs_spec=lhs_spec, impl=impl))
+
     fns = {
         "f32": jax.jit(lambda x, w: lax.dot_general(x, w, dn)),
-        "weight-only": jax.jit(lambda x, q: quant.qdot_general(x, q, dn)),
-        "int8 path": jax.jit(lambda x, q: quant.qdot_general(x, q, dn, lhs_spec=act, impl="int")),
-        "dequant path": jax.jit(
-            lambda x, q: quant.qdot_general(x, q, dn, lhs_spec=act, impl="dequantize")),
-        "auto": jax.jit(lambda x, q: quant.qdot_general(x, q, dn, lhs_spec=act)),
+        "int8 dequantize": qdot("dequantize"),
+        "int8 blocked": qdot("blocked"),
+        "int8 x int8": qdot("int", act),
+        "int8 auto": qdot("auto", act),
+        "int4 g32 dequantize": qdot("dequantize"),
+        "int4 g32 blocked": qdot("blocked"),
     }
-    lines = ["| M | f32 ms | weight-only ms | int8 x int8 ms | dequant ms | auto ms | "
-             "auto / f32 |", "|---|---|---|---|---|---|---|"]
+    cols = list(fns)
+    lines = [
+        "| M | " + " | ".join(f"{c} ms (x f32)" for c in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
     for m in (1, 8, 64, 512):
         x = jnp.asarray(rng.normal(size=(m, k)).astype(np.float32))
-        args = {"f32": (x, w)} | {name: (x, wq) for name in fns if name != "f32"}
+        args = {name: (x, wg if name.startswith("int4") else wq) for name in fns} | {"f32": (x, w)}
         for name, f in fns.items():
             _time(f, *args[name])  # compile + warm up
         times = {name: [] for name in fns}
         for _ in range(reps):  # paired: every variant once per round
             for name, f in fns.items():
                 times[name].append(_time(f, *args[name]))
-        med = {name: float(np.median(t)) * 1e3 for name, t in times.items()}
-        ratio = float(np.median(np.array(times["auto"]) / np.array(times["f32"])))
-        lines.append(f"| {m} | {med['f32']:.1f} | {med['weight-only']:.1f} | "
-                     f"{med['int8 path']:.1f} | {med['dequant path']:.1f} | {med['auto']:.1f} | "
-                     f"{ratio:.2f} |")
+        base = np.array(times["f32"])
+        cells = [
+            f"{np.median(t) * 1e3:.1f} ({np.median(np.array(t) / base):.2f}x)"
+            for t in times.values()
+        ]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -111,8 +127,10 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
     except (OSError, StopIteration):
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__}, backend "
-            f"{jax.default_backend()}, int path from {quant.INT_MIN_ROWS.get('cpu')} rows on CPU")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__}, backend "
+        f"{jax.default_backend()}, int path from {quant.INT_MIN_ROWS.get('cpu')} rows on CPU"
+    )
 
 
 if __name__ == "__main__":
@@ -120,5 +138,8 @@ if __name__ == "__main__":
     print()
     print(bytes_table())
     print()
-    print("qdot_general, K = N = 4096, int8 per-channel weights, activations int8 per row")
+    print(
+        "qdot_general, K = N = 4096: int8 per-channel / int4 group-32 weights; 'int8 x int8' "
+        "and 'int8 auto' quantize the activations per row on the fly"
+    )
     print(dot_table())

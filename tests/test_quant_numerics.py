@@ -27,16 +27,22 @@ def torch_rule(x, scale, zp, qmin, qmax):
 @st.composite
 def cases(draw):
     qmin, qmax = draw(st.sampled_from(RANGES))
-    scale = np.float32(draw(st.sampled_from([1e-30, 1e-8, 1.1920929e-07, 0.003, 0.1, 0.37, 1.0,
-                                             17.0, 1e6, 3e30])))
+    scale = np.float32(
+        draw(st.sampled_from([1e-30, 1e-8, 1.1920929e-07, 0.003, 0.1, 0.37, 1.0, 17.0, 1e6, 3e30]))
+    )
     zp = draw(st.integers(qmin, qmax))
-    n = draw(st.integers(1, 24))
+    n = 24  # one shape: one compilation for every example
     ks = draw(st.lists(st.integers(-300, 300), min_size=n, max_size=n))
     kind = draw(st.lists(st.sampled_from(["tie", "int", "free"]), min_size=n, max_size=n))
     free = draw(st.lists(st.floats(-400, 400, width=32), min_size=n, max_size=n))
-    x = [np.float32((k + 0.5) * scale) if t == "tie" else
-         np.float32(k * scale) if t == "int" else np.float32(f * scale)
-         for k, t, f in zip(ks, kind, free, strict=True)]
+    x = [
+        np.float32((k + 0.5) * scale)
+        if t == "tie"
+        else np.float32(k * scale)
+        if t == "int"
+        else np.float32(f * scale)
+        for k, t, f in zip(ks, kind, free, strict=True)
+    ]
     return np.array(x, np.float32), scale, zp, qmin, qmax
 
 
@@ -80,8 +86,10 @@ def test_half_precision_computes_in_float32(dtype):
     got = quant.fake_quant_affine(x, 0.05, 3, -128, 127)
     assert got.dtype == dtype
     want = torch_rule(np.asarray(x.astype(jnp.float32)), 0.05, 3, -128, 127)
-    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)),
-                                  np.asarray(jnp.asarray(want).astype(dtype).astype(jnp.float32)))
+    np.testing.assert_array_equal(
+        np.asarray(got.astype(jnp.float32)),
+        np.asarray(jnp.asarray(want).astype(dtype).astype(jnp.float32)),
+    )
 
 
 def test_ste_gradient_is_torch_mask():
@@ -133,8 +141,16 @@ def test_int8_symmetric_divisor_is_127_5():
     assert s.item() == np.float32(2.55) / np.float32(127.5) and z.item() == 0
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(8), QuantSpec(4, axis=-1), QuantSpec(
-    8, signed=False, symmetric=False), QuantSpec(4, axis=-1, group_size=2), QuantSpec(fmt="e4m3")])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(8),
+        QuantSpec(4, axis=-1),
+        QuantSpec(8, signed=False, symmetric=False),
+        QuantSpec(4, axis=-1, group_size=2),
+        QuantSpec(fmt="e4m3"),
+    ],
+)
 def test_all_zero_tensor_gives_zeros_not_nan(spec):
     x = jnp.zeros((4, 6))
     s, _ = quant.qparams(x, spec)

@@ -18,8 +18,11 @@ JIT = [lambda f: f, jax.jit]
 def test_lsq_gradients_hand_derived(wrap):
     x = jnp.array([0.3, -0.8, 2.6, 5.0, -9.0])
     s = jnp.float32(0.5)  # v = x/s = 0.6, -1.6, 5.2, 10, -18; grid [-8, 7]
-    gx, gs = wrap(jax.grad(lambda x, s: quant.fake_quant_lsq(x, s, -8, 7, grad_scale=1.0).sum(),
-                           argnums=(0, 1)))(x, s)
+    gx, gs = wrap(
+        jax.grad(
+            lambda x, s: quant.fake_quant_lsq(x, s, -8, 7, grad_scale=1.0).sum(), argnums=(0, 1)
+        )
+    )(x, s)
     np.testing.assert_array_equal(np.asarray(gx), [1, 1, 1, 0, 0])
     # (r - v) inside: (1 - 0.6) + (-2 + 1.6) + (5 - 5.2); outside: qmax, qmin.
     want = (1 - 0.6) + (-2 + 1.6) + (5 - 5.2) + 7 - 8
@@ -68,8 +71,11 @@ def test_mse_observer_beats_minmax_with_outlier():
     x = jnp.concatenate([jnp.linspace(-1, 1, 2001), jnp.array([12.0])])
     spec = QuantSpec(4)
     errs = {}
-    for name, make in [("minmax", quant.minmax_observer), ("mse", quant.mse_observer),
-                       ("pct", lambda s: quant.percentile_observer(s, 99.0))]:
+    for name, make in [
+        ("minmax", quant.minmax_observer),
+        ("mse", quant.mse_observer),
+        ("pct", lambda s: quant.percentile_observer(s, 99.0)),
+    ]:
         obs = make(spec)
         s, z = obs.result(jax.jit(obs.update)(obs.init(x), x))
         errs[name] = float(jnp.sum((quant.fake_quant(x, spec, scale=s, zero_point=z) - x) ** 2))
@@ -77,10 +83,18 @@ def test_mse_observer_beats_minmax_with_outlier():
 
 
 def test_quantize_params_rules_first_match_wins():
-    params = {"embed": jnp.ones((16, 8)), "dense": {"kernel": jnp.ones((32, 8)),
-              "bias": jnp.ones(8)}, "head": jnp.ones((8, 4)), "step": jnp.int32(3), "none": None}
-    rules = [("head", None), ("embed", QuantSpec(8, axis=-1)),
-             (None, QuantSpec(4, axis=-1, group_size=16))]
+    params = {
+        "embed": jnp.ones((16, 8)),
+        "dense": {"kernel": jnp.ones((32, 8)), "bias": jnp.ones(8)},
+        "head": jnp.ones((8, 4)),
+        "step": jnp.int32(3),
+        "none": None,
+    }
+    rules = [
+        ("head", None),
+        ("embed", QuantSpec(8, axis=-1)),
+        (None, QuantSpec(4, axis=-1, group_size=16)),
+    ]
     q, report = quant.quantize_params(params, rules)
     assert isinstance(q["embed"], QArray) and q["embed"].spec.bits == 8
     assert isinstance(q["dense"]["kernel"], QArray) and q["dense"]["kernel"].spec.bits == 4
@@ -140,8 +154,9 @@ def test_qdot_batch_dims_and_errors():
 
 
 def test_nnx_ptq_and_qat():
-    model = nnx.Sequential(nnx.Linear(32, 16, rngs=nnx.Rngs(0)), nnx.relu,
-                           nnx.Linear(16, 4, rngs=nnx.Rngs(1)))
+    model = nnx.Sequential(
+        nnx.Linear(32, 16, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(16, 4, rngs=nnx.Rngs(1))
+    )
     x = jax.random.normal(jax.random.key(0), (8, 32))
     want = model(x)
     ref = nnx.clone(model)
@@ -159,8 +174,9 @@ def test_nnx_ptq_and_qat():
     k0 = ref.layers[0].kernel[...]
     h = jax.nn.relu(x @ quant.fake_quant(k0, QuantSpec(4, axis=-1)) + ref.layers[0].bias[...][None])
     out = h @ quant.fake_quant(ref.layers[2].kernel[...], QuantSpec(4, axis=-1))
-    np.testing.assert_allclose(np.asarray(ref(x)), np.asarray(out + ref.layers[2].bias[...][None]),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(ref(x)), np.asarray(out + ref.layers[2].bias[...][None]), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_linen_dot_general():
@@ -170,8 +186,9 @@ def test_linen_dot_general():
     params = nn.Dense(3).init(jax.random.key(0), x)
     y = layer.apply(params, x)
     k, b = params["params"]["kernel"], params["params"]["bias"]
-    np.testing.assert_allclose(np.asarray(y), np.asarray(x @ quant.fake_quant(k, spec) + b[None]),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(y), np.asarray(x @ quant.fake_quant(k, spec) + b[None]), rtol=1e-6
+    )
     with pytest.raises(TypeError, match="QuantSpec"):
         fake_quant_dot_general(4)
 
@@ -183,19 +200,28 @@ def test_demo_section_smoke():
     from jaxslim.demo.data import MLP, train
 
     rng = np.random.default_rng(0)
-    data = (rng.normal(size=(256, 40)).astype(np.float32), rng.integers(0, 10, 256).astype(
-        np.int32), rng.normal(size=(64, 40)).astype(np.float32), rng.integers(0, 10, 64).astype(
-        np.int32))
+    data = (
+        rng.normal(size=(256, 40)).astype(np.float32),
+        rng.integers(0, 10, 256).astype(np.int32),
+        rng.normal(size=(64, 40)).astype(np.float32),
+        rng.integers(0, 10, 64).astype(np.int32),
+    )
     # optax.adam's bias correction (float ** int32 count) needs standard promotion.
     with jax.numpy_dtype_promotion("standard"):
-        dense = train(MLP(rngs=nnx.Rngs(0)), optax.adam(1e-3), data, steps=5)
+        dense = train(MLP(hidden=(32,), rngs=nnx.Rngs(0)), optax.adam(1e-3), data, steps=5)
         before = nnx.state(dense, nnx.Param)
-        rows = demo.run(data, dense, steps=3)
-    assert [r["method"] for r in rows] == ["PTQ int8 per-channel", "PTQ int4 group-32",
-                                           "QAT int4 group-32"]
+        rows = demo.run(data, dense, steps=3, calibration_size=64)
+    assert [r["method"] for r in rows] == [
+        "PTQ int8 per-channel",
+        "PTQ int4 group-32",
+        "PTQ int4 group-32 GPTQ",
+        "QAT int4 group-32",
+    ]
     for r in rows:
         assert set(r) == {"method", "accuracy", "size", "seconds", "note"}
         assert 0.0 <= r["accuracy"] <= 1.0 and r["size"].endswith("KiB")
     after = nnx.state(dense, nnx.Param)
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before),
-                                                    jax.tree.leaves(after), strict=True))
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True)
+    )

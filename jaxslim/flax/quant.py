@@ -17,6 +17,12 @@ NNX, quantization-aware training (QAT)::
     ... train ...
     quantize_model(model, rules, act_bits=8)   # same grid: the trained weights quantize exactly
 
+NNX, GPTQ (Frantar et al., 2023): pass model inputs as ``calibration`` and each Linear/Conv kernel
+is quantized with ``quant.gptq`` from the statistics of its own inputs, layer after layer (a layer
+sees the outputs of the layers already quantized before it)::
+
+    quantize_model(model, QuantSpec(4, axis=-1, group_size=32), calibration=x_train[:1024])
+
 Linen: ``nn.Dense(features, dot_general=fake_quant_dot_general(QuantSpec(4, axis=-1)))``
 fake-quantizes the kernel (and, with ``act_bits``, the input) in the forward pass, with a
 straight-through gradient, for QAT and for simulating PTQ; store the trained tree with
@@ -29,6 +35,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes
@@ -36,12 +43,19 @@ from jax import lax
 
 from jaxslim import _tree
 from jaxslim.quant.dot import qdot_general
+from jaxslim.quant.gptq import gptq
 from jaxslim.quant.observers import Observer
 from jaxslim.quant.params import LeafSize, SizeReport, _normalize_rules
 from jaxslim.quant.qarray import QArray, dequantize, fake_quant, quantize
 from jaxslim.quant.spec import QuantSpec
 
-__all__ = ["quantize_model", "qat_model", "fake_quant_dot_general", "quantized_layers"]
+__all__ = [
+    "quantize_model",
+    "qat_model",
+    "fake_quant_dot_general",
+    "quantized_layers",
+    "conv_patches",
+]
 
 _LAYERS = (nnx.Linear, nnx.Conv, nnx.Einsum)
 
@@ -59,11 +73,13 @@ def _promote_keep_qarray(args, dtype=None, inexact=True):
     return tuple(a if isinstance(a, QArray) else o for a, o in zip(args, out, strict=True))
 
 
-def _ptq_dot(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
-             *, act_bits=None, **kw):
+def _ptq_dot(
+    lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *, act_bits=None, **kw
+):
     spec = _act_spec(act_bits, lhs.ndim, per_row=True)
-    return qdot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
-                        lhs_spec=spec, **kw)
+    return qdot_general(
+        lhs, rhs, dimension_numbers, precision, preferred_element_type, lhs_spec=spec, **kw
+    )
 
 
 def _ptq_conv(lhs, rhs, *args, act_bits=None, **kw):
@@ -79,8 +95,18 @@ def _ptq_einsum(eq, lhs, rhs, **kw):
     return jnp.einsum(eq, lhs, w, **kw)
 
 
-def _qat_dot(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
-             *, spec, act_bits=None, path="", **kw):
+def _qat_dot(
+    lhs,
+    rhs,
+    dimension_numbers,
+    precision=None,
+    preferred_element_type=None,
+    *,
+    spec,
+    act_bits=None,
+    path="",
+    **kw,
+):
     aspec = _act_spec(act_bits, lhs.ndim, per_row=True)
     if aspec is not None:
         lhs = fake_quant(lhs, aspec)
@@ -129,6 +155,105 @@ def _plan(model, rules, default, fn):
     return plan
 
 
+def conv_patches(
+    lhs,
+    rhs_shape,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    **_,
+) -> jax.Array:
+    """The input patches of a Flax convolution, ``(..., prod(spatial) * in)``, ordered like the
+    rows of its kernel ``(*spatial, in, out)`` flattened: ``conv(x, k) == patches @ k.reshape(-1,
+    out)``. Takes ``lax.conv_general_dilated``'s arguments (channels-last input, as Flax).
+
+    >>> import jax.numpy as jnp
+    >>> conv_patches(jnp.ones((2, 10, 3)), (5, 3, 4), (2,), [(2, 2)]).shape
+    (2, 5, 15)
+    """
+    if feature_group_count != 1:
+        raise ValueError(
+            f"flax.conv_patches: feature_group_count must be 1, got {feature_group_count}"
+        )
+    spatial, cin = tuple(rhs_shape[:-2]), rhs_shape[-2]
+    if dimension_numbers is None:
+        nd = len(spatial)
+        dimension_numbers = lax.conv_dimension_numbers(
+            (1, *([1] * nd), cin),
+            (*spatial, cin, 1),
+            ("N" + "HWD"[:nd] + "C", "HWD"[:nd] + "IO", "N" + "HWD"[:nd] + "C"),
+        )
+    p = lax.conv_general_dilated_patches(
+        lhs, spatial, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers
+    )
+    p = jnp.moveaxis(p, dimension_numbers.out_spec[1], -1)  # features (in, *spatial) last
+    s = p.shape[-1] // cin
+    return jnp.swapaxes(p.reshape(*p.shape[:-1], cin, s), -1, -2).reshape(p.shape)
+
+
+def _capture_hessian(model, m, batches) -> jax.Array | None:
+    """``X^T X / n`` of the inputs ``m`` sees when ``model`` runs on ``batches`` (None: no call).
+
+    The forward pass runs under ``nnx.jit`` (one compilation per layer and batch shape); a hook on
+    the layer's ``dot_general`` / ``conv_general_dilated`` adds up the statistics in the trace.
+    """
+    stats: list[tuple[jax.Array, int]] = []
+
+    def add(x):
+        x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+        stats.append((jnp.matmul(x2.T, x2, precision=lax.Precision.HIGHEST), x2.shape[0]))
+
+    if isinstance(m, nnx.Linear):
+        attr, orig = "dot_general", m.dot_general
+
+        def hook(lhs, rhs, *args, **kw):
+            add(lhs)
+            return orig(lhs, rhs, *args, **kw)
+    else:
+        attr, orig = "conv_general_dilated", m.conv_general_dilated
+
+        def hook(lhs, rhs, *args, **kw):
+            add(conv_patches(lhs, rhs.shape, *args, **kw))
+            return orig(lhs, rhs, *args, **kw)
+
+    @nnx.jit
+    def forward(model, x):
+        stats.clear()
+        model(x)
+        if not stats:
+            return jnp.zeros((0, 0), jnp.float32), 0
+        return sum(h for h, _ in stats), sum(c for _, c in stats)
+
+    setattr(m, attr, hook)
+    try:
+        h, n = None, 0
+        for xb in batches:
+            hb, nb = forward(model, jnp.asarray(xb))
+            if hb.size:
+                h, n = (hb if h is None else h + hb), n + int(nb)
+    finally:
+        setattr(m, attr, orig)
+    return None if h is None else h / n
+
+
+@partial(jax.jit, static_argnums=(1, 2))
+def _rtn(kernel, spec, observer):
+    """Round to nearest, with scales from min/max or from ``observer``, in one compiled call."""
+    if observer is None:
+        return quantize(kernel, spec)
+    obs = observer(spec)
+    scale, zp = obs.result(obs.update(obs.init(kernel), kernel))
+    symmetric_signed = spec.symmetric and spec.signed  # zero point 0: not stored
+    return quantize(kernel, spec, scale=scale, zero_point=None if symmetric_signed else zp)
+
+
+def _gptq_applies(m) -> bool:
+    return isinstance(m, nnx.Linear) or (isinstance(m, nnx.Conv) and m.feature_group_count == 1)
+
+
 def quantize_model(
     model: nnx.Module,
     rules: Any,
@@ -136,6 +261,8 @@ def quantize_model(
     default: QuantSpec | None = None,
     act_bits: int | None = None,
     observer: Callable[[QuantSpec], Observer] | None = None,
+    calibration: Any = None,
+    gptq_options: dict[str, Any] | None = None,
 ) -> SizeReport:
     """Quantizes an NNX model's Linear/Conv/Einsum kernels in place (post-training).
 
@@ -148,6 +275,11 @@ def quantize_model(
         where faster) and fake-quantize Conv inputs per example; ``None``: weight-only.
       observer: how kernel scales are chosen, e.g. ``quant.mse_observer`` (MSE-optimal clipping,
         better for 4 bits); ``None``: min/max of the kernel.
+      calibration: model inputs (an array, or an iterable of arrays) for GPTQ: each Linear and
+        Conv kernel is quantized by ``quant.gptq`` from its own inputs, in model order, after the
+        layers before it are quantized (other layers round to nearest). Not with ``observer``.
+      gptq_options: keyword arguments for ``quant.gptq`` (``damp``, ``block_size``,
+        ``clip_candidates``).
 
     Returns:
       A ``quant.SizeReport`` of the kernels (bytes before/after).
@@ -161,17 +293,28 @@ def quantize_model(
     >>> model(jnp.ones((2, 64))).shape
     (2, 8)
     """
+    fn = "flax.quantize_model"
+    if calibration is not None and observer is not None:
+        raise ValueError(f"{fn}: pass calibration (GPTQ) or observer, not both")
+    if gptq_options is not None and calibration is None:
+        raise ValueError(f"{fn}: gptq_options given without calibration inputs")
+    if calibration is not None:
+        batches = [calibration] if hasattr(calibration, "shape") else list(calibration)
+        if not batches:
+            raise ValueError(f"{fn}: calibration holds no batch")
     rows = []
-    for name, m, kernel, spec in _plan(model, rules, default, "flax.quantize_model"):
+    for name, m, kernel, spec in _plan(model, rules, default, fn):
         if spec is None:
             rows.append(LeafSize(name, tuple(kernel.shape), None, kernel.nbytes, kernel.nbytes))
             continue
-        if observer is None:
-            q = quantize(kernel, spec, path=name)
+        h = None
+        if calibration is not None and spec.fmt == "int" and _gptq_applies(m):
+            h = _capture_hessian(model, m, batches)
+        if h is not None:
+            q = gptq(kernel, h, spec, path=name, **(gptq_options or {}))
         else:
-            obs = observer(spec)
-            scale, zp = obs.result(obs.update(obs.init(kernel), kernel))
-            q = quantize(kernel, spec, scale=scale, zero_point=zp, path=name)
+            jax.eval_shape(partial(quantize, spec=spec, path=name), kernel)  # names the leaf
+            q = _rtn(kernel, spec, observer)
         m.kernel.set_value(q) if hasattr(m.kernel, "set_value") else setattr(m.kernel, "value", q)
         m.promote_dtype = _promote_keep_qarray
         if isinstance(m, nnx.Linear):
@@ -230,4 +373,3 @@ def fake_quant_dot_general(spec: QuantSpec, *, act_bits: int | None = None):
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"flax.fake_quant_dot_general: spec must be a QuantSpec, got {spec!r}")
     return partial(_qat_dot, spec=spec, act_bits=act_bits)
-

@@ -1,7 +1,15 @@
 """Quantization: specs, QArray, quantize/dequantize, fake-quant (STE and LSQ), packing, observers,
-tree-wide mixed-precision rules and a quantized ``dot_general``."""
+tree-wide mixed-precision rules, GPTQ and a quantized ``dot_general``."""
 
-from jaxslim.quant.dot import INT_MIN_ROWS, int_path_applies, qdot_general
+from jaxslim.quant.dot import (
+    BLOCK_ROWS,
+    BLOCKED_BACKENDS,
+    INT_MIN_ROWS,
+    blocked_path_applies,
+    int_path_applies,
+    qdot_general,
+)
+from jaxslim.quant.gptq import gptq, gptq_hessian
 from jaxslim.quant.lsq import fake_quant_lsq, lsq_init_scale
 from jaxslim.quant.numerics import EPS, fake_quant_affine, qparams, qparams_from_range
 from jaxslim.quant.observers import (
@@ -49,4 +57,9 @@ __all__ = [
     "qdot_general",
     "int_path_applies",
     "INT_MIN_ROWS",
+    "blocked_path_applies",
+    "BLOCKED_BACKENDS",
+    "BLOCK_ROWS",
+    "gptq",
+    "gptq_hessian",
 ]

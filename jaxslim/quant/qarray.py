@@ -73,8 +73,9 @@ class QArray:
         """The unpacked integer codes (``int8``, or ``uint8`` for unsigned), shape ``shape``."""
         if self.spec.fmt != "int":
             raise ValueError("QArray.codes: fp8 values have no integer codes; use .values")
-        return packing.unpack(self.values, self.spec.storage_bits, self.shape,
-                              signed=self.spec.signed)
+        return packing.unpack(
+            self.values, self.spec.storage_bits, self.shape, signed=self.spec.signed
+        )
 
     def __getitem__(self, idx):
         # ``variable[...]`` (how Flax NNX layers read their kernel) returns the QArray itself.
@@ -84,8 +85,10 @@ class QArray:
 
     def __repr__(self) -> str:
         s = self.spec
-        return (f"QArray(shape={self.shape}, dtype={jnp.dtype(self.dtype).name}, bits={s.bits}, "
-                f"fmt={s.fmt!r}, axis={s.axis}, group_size={s.group_size}, nbytes={self.nbytes})")
+        return (
+            f"QArray(shape={self.shape}, dtype={jnp.dtype(self.dtype).name}, bits={s.bits}, "
+            f"fmt={s.fmt!r}, axis={s.axis}, group_size={s.group_size}, nbytes={self.nbytes})"
+        )
 
 
 jax.tree_util.register_dataclass(
@@ -109,22 +112,29 @@ def _check_input(x: Any, spec: Any, path: str, fn_name: str) -> jax.Array:
     return jnp.asarray(x)
 
 
-def _params(x, spec, scale, zero_point, lay, path, fn_name):
-    if scale is None:
-        scale, zp = qparams(x, spec, path=path, fn_name=fn_name)
-        return jax.lax.stop_gradient(scale), zp
-    scale = jnp.asarray(scale, jnp.float32)
-    zp = jnp.zeros((), jnp.int32) if zero_point is None else jnp.asarray(zero_point)
-    for name, v in (("scale", scale), ("zero_point", zp)):
+def _check_params(scale, zero_point, lay, path, fn_name):
+    """Raises unless a given scale / zero point broadcasts to the layout's scale shape."""
+    for name, v in (("scale", scale), ("zero_point", zero_point)):
+        if v is None:
+            continue
+        shape = jnp.shape(v)
         try:
-            ok = jnp.broadcast_shapes(v.shape, lay.scale_shape) == lay.scale_shape
+            ok = jnp.broadcast_shapes(shape, lay.scale_shape) == lay.scale_shape
         except ValueError:
             ok = False
         if not ok:
             raise ValueError(
-                f"{fn_name}: {name} of shape {v.shape} does not broadcast to the scale shape "
+                f"{fn_name}: {name} of shape {shape} does not broadcast to the scale shape "
                 f"{lay.scale_shape} of {path or 'the input'!r}"
             )
+
+
+def _params(x, spec, scale, zero_point, lay):
+    if scale is None:
+        scale, zp = qparams(x, spec)
+        return jax.lax.stop_gradient(scale), zp
+    scale = jnp.asarray(scale, jnp.float32)
+    zp = jnp.zeros((), jnp.int32) if zero_point is None else jnp.asarray(zero_point)
     return jnp.broadcast_to(scale, lay.scale_shape), jnp.broadcast_to(zp, lay.scale_shape)
 
 
@@ -152,7 +162,15 @@ def quantize(
     fn_name = "quant.quantize"
     x = _check_input(x, spec, path, fn_name)
     lay = layout(spec, x.shape, path=path, fn_name=fn_name)
-    scale, zp = _params(x, spec, scale, zero_point, lay, path, fn_name)
+    _check_params(scale, zero_point, lay, path, fn_name)
+    return _quantize(x, spec, scale, zero_point)
+
+
+@partial(jax.jit, static_argnums=(1,))
+def _quantize(x, spec, scale, zero_point):
+    # One compiled program per spec and shape (also when called eagerly).
+    lay = layout(spec, x.shape)
+    scale, zp = _params(x, spec, scale, zero_point, lay)
     v = x.reshape(lay.view_shape).astype(compute_dtype(x.dtype))
     if spec.fmt != "int":
         y = jnp.clip(v * (jnp.asarray(1, v.dtype) / scale.astype(v.dtype)), -spec.fmax, spec.fmax)
@@ -179,6 +197,11 @@ def dequantize(q: QArray) -> jax.Array:
     """
     if not isinstance(q, QArray):
         raise TypeError(f"quant.dequantize: expects a QArray, got {type(q).__name__}")
+    return _dequantize(q)
+
+
+@jax.jit
+def _dequantize(q: QArray) -> jax.Array:
     lay = layout(q.spec, q.shape, fn_name="quant.dequantize")
     cd = compute_dtype(q.dtype)
     if q.spec.fmt != "int":
@@ -230,7 +253,14 @@ def fake_quant(
     fn_name = "quant.fake_quant"
     x = _check_input(x, spec, path, fn_name)
     lay = layout(spec, x.shape, path=path, fn_name=fn_name)
-    scale, zp = _params(x, spec, scale, zero_point, lay, path, fn_name)
+    _check_params(scale, zero_point, lay, path, fn_name)
+    return _fake_quant_spec(x, spec, scale, zero_point)
+
+
+@partial(jax.jit, static_argnums=(1,))
+def _fake_quant_spec(x, spec, scale, zero_point):
+    lay = layout(spec, x.shape)
+    scale, zp = _params(x, spec, scale, zero_point, lay)
     cd = compute_dtype(x.dtype)
     v = x.reshape(lay.view_shape)
     if spec.fmt != "int":

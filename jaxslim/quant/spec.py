@@ -76,14 +76,13 @@ class QuantSpec:
 
     def __post_init__(self):
         if self.fmt not in ("int", *_FP8):
-            raise ValueError(
-                f"QuantSpec: fmt must be 'int', 'e4m3' or 'e5m2', got {self.fmt!r}"
-            )
+            raise ValueError(f"QuantSpec: fmt must be 'int', 'e4m3' or 'e5m2', got {self.fmt!r}")
         if isinstance(self.bits, bool) or not isinstance(self.bits, int | np.integer):
             raise ValueError(f"QuantSpec: bits must be an int, got {self.bits!r}")
         if self.fmt == "int" and self.bits not in _INT_BITS:
-            raise ValueError(f"QuantSpec: bits must be one of {_INT_BITS} for fmt='int', "
-                             f"got {self.bits!r}")
+            raise ValueError(
+                f"QuantSpec: bits must be one of {_INT_BITS} for fmt='int', got {self.bits!r}"
+            )
         if self.fmt != "int" and (self.bits != 8 or not self.signed or not self.symmetric):
             raise ValueError(
                 f"QuantSpec: fmt={self.fmt!r} needs bits=8, signed=True, symmetric=True; got "
@@ -93,8 +92,9 @@ class QuantSpec:
         if axis is not None:
             axes = (axis,) if isinstance(axis, int | np.integer) else tuple(axis)
             if not all(isinstance(a, int | np.integer) and not isinstance(a, bool) for a in axes):
-                raise ValueError(f"QuantSpec: axis must be None, an int or a tuple of ints, "
-                                 f"got {axis!r}")
+                raise ValueError(
+                    f"QuantSpec: axis must be None, an int or a tuple of ints, got {axis!r}"
+                )
             object.__setattr__(self, "axis", tuple(int(a) for a in axes))
         if self.group_size is not None and (
             isinstance(self.group_size, bool)
