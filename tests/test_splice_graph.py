@@ -104,7 +104,7 @@ def test_layernorm_over_channels_is_a_hazard():
     [
         (lambda h, idx: jnp.fft.fft(h).real.astype(F32), "no rule for primitive 'fft'"),
         (lambda h, idx: h[:, idx], "gather"),
-        (lambda h, idx: jnp.concatenate([h, h], axis=1)[:, :8], "concatenated"),
+        (lambda h, idx: jnp.concatenate([h, h], axis=1)[:, ::2], "stride"),
     ],
 )
 def test_unsupported_ops_make_groups_non_removable_with_reason(op, reason):
@@ -301,3 +301,86 @@ def test_deep_mlp_has_one_group_per_hidden_layer(widths):
     for i, g in enumerate(groups):
         assert pairs(g) == sorted([(f"{i}/w", 1), (f"{i}/b", 0), (f"{i + 1}/w", 0)])
     np.testing.assert_equal(len(splice.trace(fn, p, jnp.ones((1, 3)))), len(widths) + 2)
+
+
+def branches_fn(p, x):
+    h = jnp.concatenate([jax.nn.relu(x @ p["w_a"]), jax.nn.relu(x @ p["w_b"])], -1)
+    return h @ p["w_c"]
+
+
+def seg(g):
+    return sorted((m.path, m.axis, m.offset, m.segments) for m in g.members)
+
+
+def test_concatenate_segments_the_next_kernel_at_offsets():
+    p = {"w_a": jnp.ones((4, 6)), "w_b": jnp.ones((4, 4)), "w_c": jnp.ones((10, 3))}
+    groups = splice.trace(branches_fn, p, jnp.ones((2, 4)))
+    ga, gb = find(groups, "w_a", 1), find(groups, "w_b", 1)
+    assert ga.removable and gb.removable and (ga.size, gb.size) == (6, 4)
+    assert seg(ga) == [("w_a", 1, 0, ()), ("w_c", 0, 0, (6, 4))]
+    assert seg(gb) == [("w_b", 1, 0, ()), ("w_c", 0, 6, (6, 4))]
+    assert not find(groups, "w_c", 1).removable
+    # the same operand twice: one group holds both segments of the next kernel
+    twice = splice.trace(
+        lambda p, x: jnp.concatenate([x @ p["w_a"], x @ p["w_a"]], -1) @ p["w_c"],
+        {"w_a": jnp.ones((4, 5)), "w_c": jnp.ones((10, 3))},
+        jnp.ones((2, 4)),
+    )
+    g = find(twice, "w_a", 1)
+    assert g.removable and seg(g) == [
+        ("w_a", 1, 0, ()),
+        ("w_c", 0, 0, (5, 5)),
+        ("w_c", 0, 5, (5, 5)),
+    ]
+
+
+def densenet_fn(p, x):
+    h = jnp.concatenate([x, jax.nn.relu(x @ p["w1"])], -1)
+    h = jnp.concatenate([h, jax.nn.relu(h @ p["w2"])], -1)
+    a, b = jnp.split(h, [x.shape[-1] + p["w1"].shape[1]], -1)  # back into pieces
+    return h @ p["w3"] + (a @ p["wa"]) * (b @ p["wb"])
+
+
+DENSE = {"w1": (4, 6), "w2": (10, 4), "w3": (14, 3), "wa": (10, 3), "wb": (4, 3)}
+
+
+def test_densenet_concat_of_input_and_layer_output_and_split_back():
+    p = {k: jnp.ones(s) for k, s in DENSE.items()}
+    groups = splice.trace(densenet_fn, p, jnp.ones((2, 4)))
+    g_in, g1, g2 = find(groups, "w1", 0), find(groups, "w1", 1), find(groups, "w2", 1)
+    assert not g_in.removable and any("input" in r for r in g_in.reasons)
+    assert seg(g_in) == [
+        ("w1", 0, 0, ()),
+        ("w2", 0, 0, (4, 6)),
+        ("w3", 0, 0, (4, 6, 4)),
+        ("wa", 0, 0, (4, 6)),
+    ]
+    assert g1.removable and seg(g1) == [
+        ("w1", 1, 0, ()),
+        ("w2", 0, 4, (4, 6)),
+        ("w3", 0, 4, (4, 6, 4)),
+        ("wa", 0, 4, (4, 6)),
+    ]
+    assert g2.removable and seg(g2) == [
+        ("w2", 1, 0, ()),
+        ("w3", 0, 10, (4, 6, 4)),
+        ("wb", 0, 0, ()),
+    ]
+
+
+@pytest.mark.parametrize(
+    "tail, reason",
+    [
+        (lambda h, p: h.reshape(2, 30) @ p["w_c"], "reshape"),  # merged with another axis
+        (lambda h, p: h[:, :, ::2].reshape(2, 15) @ p["w_c"][:15], "stride"),
+    ],
+)
+def test_concatenated_axis_that_cannot_be_mapped_is_not_removable(tail, reason):
+    def fn(p, x):
+        return tail(jnp.concatenate([x @ p["w_a"], x @ p["w_b"]], -1), p)
+
+    p = {"w_a": jnp.ones((4, 6)), "w_b": jnp.ones((4, 4)), "w_c": jnp.ones((30, 2))}
+    groups = splice.trace(fn, p, jnp.ones((2, 3, 4)))
+    for path in ("w_a", "w_b"):
+        g = find(groups, path, 1)
+        assert not g.removable and any(reason in r for r in g.reasons), g.reasons

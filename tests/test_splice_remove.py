@@ -93,7 +93,11 @@ def zero_channels(params, group, idx):
         name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
         a = np.array(x)
         for m in group.members:
-            if m.path == name:
+            if m.path == name and m.segments:
+                sl = [slice(None)] * a.ndim
+                sl[m.axis] = [sum(m.segments[: m.segment]) + i for i in idx]
+                a[tuple(sl)] = 0.0
+            elif m.path == name:
                 v = a.reshape(a.shape[: m.axis] + m.factors + a.shape[m.axis + 1 :])
                 sl = [slice(None)] * v.ndim
                 sl[m.axis + m.factor] = list(idx)
@@ -311,3 +315,58 @@ def test_any_keep_subset_shrinks_every_member_to_it(n, data):
     np.testing.assert_array_equal(new["w1"], np.arange(3.0 * n).reshape(3, n)[:, keep])
     np.testing.assert_array_equal(new["b1"], np.arange(1.0 * n)[keep])
     np.testing.assert_array_equal(new["w2"], np.arange(2.0 * n).reshape(n, 2)[keep])
+
+
+def branches_fn(p, x):
+    h = jnp.concatenate([jax.nn.relu(x @ p["w_a"]), jax.nn.relu(x @ p["w_b"])], -1)
+    return h @ p["w_c"]
+
+
+def densenet_fn(p, x):
+    h = jnp.concatenate([x, jax.nn.relu(bias(x @ p["w1"], p["b1"]))], -1)
+    h = jnp.concatenate([h, jax.nn.relu(h @ p["w2"])], -1)
+    a, b = jnp.split(h, [x.shape[-1] + p["w1"].shape[1]], -1)
+    return h @ p["w3"] + (a @ p["wa"]) * (b @ p["wb"])
+
+
+BRANCHES = {"w_a": (4, 6), "w_b": (4, 4), "w_c": (10, 3)}
+DENSE = {"w1": (4, 6), "b1": (6,), "w2": (10, 4), "w3": (14, 3), "wa": (10, 3), "wb": (4, 3)}
+CONCAT_CASES = [("branches", branches_fn, BRANCHES), ("densenet", densenet_fn, DENSE)]
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@pytest.mark.parametrize("name, fn, shapes", CONCAT_CASES, ids=[c[0] for c in CONCAT_CASES])
+def test_removing_zeroed_channels_through_concatenate_preserves_the_function(
+    name, fn, shapes, transform
+):
+    params = rand_tree(shapes, seed=3)
+    x = jax.random.normal(jax.random.key(1), (5, 4))
+    groups = [g for g in splice.trace(fn, params, x) if g.removable]
+    assert len(groups) == 2 and any(m.segments for g in groups for m in g.members)
+    drops = [list(range(1, g.size, 2)) for g in groups]
+    zeroed = params
+    for g, drop in zip(groups, drops, strict=True):
+        zeroed = zero_channels(zeroed, g, drop)
+    new, rep = splice.prune_channels(fn, zeroed, x, sparsity=0.5)
+    assert [r.removed for r in rep.groups] == [tuple(d) for d in drops]
+    f = transform(fn)
+    np.testing.assert_allclose(f(new, x), f(zeroed, x), atol=EPS, rtol=EPS)
+    for g, drop in zip(groups, drops, strict=True):  # each group alone with remove_channels
+        one = splice.remove_channels(zeroed, g, [i for i in range(g.size) if i not in drop])
+        np.testing.assert_allclose(f(one, x), f(zeroed, x), atol=EPS, rtol=EPS)
+
+
+def test_remove_channels_through_concatenate_equals_numpy_take_at_offsets():
+    params = rand_tree(BRANCHES)
+    groups = splice.trace(branches_fn, params, jnp.ones((2, 4)))
+    (gb,) = [g for g in groups if ("w_b", 1) in list(g)]
+    new = splice.remove_channels(params, gb, [1, 3])
+    w_c = np.asarray(params["w_c"])
+    np.testing.assert_array_equal(new["w_b"], np.asarray(params["w_b"])[:, [1, 3]])
+    np.testing.assert_array_equal(new["w_c"], w_c[[0, 1, 2, 3, 4, 5, 7, 9]])
+    np.testing.assert_array_equal(new["w_a"], params["w_a"])
+    expect = np.sqrt(np.sum(np.asarray(params["w_b"]) ** 2, 0) + np.sum(w_c[6:] ** 2, 1))
+    np.testing.assert_allclose(splice.score_group(params, gb), expect, rtol=1e-6)
+    (ga,) = [g for g in groups if ("w_a", 1) in list(g)]
+    both = splice.apply_plan(params, splice.make_plan([ga, gb], [[0, 5], [2]]))
+    np.testing.assert_array_equal(both["w_c"], w_c[[0, 5, 8]])

@@ -7,6 +7,13 @@ inner: a reshape of ``(d, heads * dim)`` into ``(d, heads, dim)`` makes the kern
 the product ``heads x dim``. Uniting two products refines both to their common factorisation, so a
 fused kernel and the per-head values it feeds end up sharing a ``heads`` class and a ``dim`` class.
 
+A node can also be a *concatenation* of segment nodes (``segments``): concatenating operands of
+widths ``a`` and ``b`` along a channel axis gives an axis whose first ``a`` channels are the first
+operand's and the next ``b`` the second's. Uniting two concatenations cuts both at the union of
+their segment boundaries (always possible), so the next layer's input rows end up segmented too,
+one segment per operand. A concatenation that meets a product (a reshape merging it with another
+axis) is not mapped: both are tagged.
+
 A class also carries *reasons* (it cannot be removed: it reaches an input, an output, an op
 without a rule) and *hazards* (it can be removed but something changes, e.g. a norm reduces over
 it). Both are plain strings collected on the leaf atoms of a class.
@@ -27,6 +34,7 @@ class Axes:
         self.reasons: dict[int, dict[str, None]] = {}
         self.hazards: dict[int, dict[str, None]] = {}
         self.hidden: set[int] = set()
+        self.segments: dict[int, list[int]] = {}
 
     def new(self, size: int) -> int:
         """A fresh atom of ``size`` channels."""
@@ -53,6 +61,40 @@ class Axes:
         self.children[n] = list(nodes)
         return n
 
+    def concat(self, nodes: list[int]) -> int:
+        """A node that is the concatenation of ``nodes`` (in order); empty segments are dropped."""
+        nodes = [n for n in nodes if self.size[n] > 0]
+        if len(nodes) == 1:
+            return nodes[0]
+        n = self.new(sum(self.size[m] for m in nodes))
+        self.segments[n] = list(nodes)
+        return n
+
+    def pieces(self, n: int) -> list[tuple[int, int]] | None:
+        """``(atom, offset)`` of the segments of ``n`` (nested concatenations flattened), or None
+        when some segment (or ``n``) is a product."""
+        r = self.find(n)
+        if r in self.children:
+            return None
+        if r not in self.segments:
+            return [(r, 0)]
+        out, off = [], 0
+        for c in self.segments[r]:
+            sub = self.pieces(c)
+            if sub is None:
+                return None
+            out += [(a, off + o) for a, o in sub]
+            off += self.size[self.find(c)]
+        return out
+
+    def atoms(self, n: int) -> list[int]:
+        """Every atom under ``n``, through products and concatenations."""
+        r = self.find(n)
+        kids = self.children.get(r) or self.segments.get(r)
+        if kids:
+            return [a for c in kids for a in self.atoms(c)]
+        return [r]
+
     def leaves(self, n: int) -> list[int]:
         """The atoms of ``n``, outer to inner, each a class root."""
         r = self.find(n)
@@ -65,12 +107,12 @@ class Axes:
         if n is None or self.size[n] <= 1:
             return
         store = self.hazards if hazard else self.reasons
-        for leaf in self.leaves(n):
+        for leaf in self.atoms(n):
             store.setdefault(leaf, {})[reason] = None
 
     def hide(self, n: int) -> None:
         """Marks ``n`` as not a channel axis at all (a convolution kernel's spatial axis)."""
-        for leaf in self.leaves(n):
+        for leaf in self.atoms(n):
             self.hidden.add(leaf)
 
     def _link(self, a: int, b: int) -> None:
@@ -80,6 +122,8 @@ class Axes:
         self.parent[rb] = ra
         if rb in self.children and ra not in self.children:
             self.children[ra] = self.children[rb]
+        if rb in self.segments and ra not in self.segments:
+            self.segments[ra] = self.segments[rb]
         for store in (self.reasons, self.hazards):
             if rb in store:
                 store.setdefault(ra, {}).update(store.pop(rb))
@@ -118,6 +162,8 @@ class Axes:
             self.tag(a, why or "axes of different sizes meet")
             self.tag(b, why or "axes of different sizes meet")
             return False
+        if self._segmented(ra) or self._segmented(rb):
+            return self._unite_segments(ra, rb, why)
         la, lb = self.leaves(ra), self.leaves(rb)
         if len(la) == 1 and len(lb) == 1:
             self._link(ra, rb)
@@ -134,6 +180,46 @@ class Axes:
         self._refine(ra, bounds)
         self._refine(rb, bounds)
         for x, y in zip(self.leaves(ra), self.leaves(rb), strict=True):
+            self._link(x, y)
+        self._link(ra, rb)
+        return True
+
+    def _segmented(self, r: int) -> bool:
+        return r in self.segments or any(x in self.segments for x in self.leaves(r))
+
+    def _cut(self, r: int, cuts: set[int]) -> bool:
+        """Splits the segment atoms of ``r`` at the offsets ``cuts``; True if anything changed."""
+        changed = False
+        for atom, off in self.pieces(r) or ():
+            end = off + self.size[atom]
+            inner = sorted(c - off for c in cuts if off < c < end)
+            if inner and atom not in self.segments:
+                bounds = [0, *inner, self.size[atom]]
+                kids = [self.new(b - a) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+                for k in kids:
+                    for store in (self.reasons, self.hazards):
+                        if atom in store:
+                            store[k] = dict(store[atom])
+                    if atom in self.hidden:
+                        self.hidden.add(k)
+                self.segments[atom] = kids
+                changed = True
+        return changed
+
+    def _unite_segments(self, ra: int, rb: int, why: str) -> bool:
+        """Unites two equal-size nodes of which one is a concatenation, segment by segment."""
+        if self.pieces(ra) is None or self.pieces(rb) is None:
+            reason = why or "a concatenated axis meets a reshape that merges it with another axis"
+            self.tag(ra, reason)
+            self.tag(rb, reason)
+            return False
+        while True:
+            cuts = {o for _, o in self.pieces(ra)} | {o for _, o in self.pieces(rb)}
+            changed = self._cut(ra, cuts)
+            changed = self._cut(rb, cuts) or changed
+            if not changed:
+                break
+        for (x, _), (y, _) in zip(self.pieces(ra), self.pieces(rb), strict=True):
             self._link(x, y)
         self._link(ra, rb)
         return True

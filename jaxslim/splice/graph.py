@@ -33,12 +33,25 @@ class Member:
     ``factors`` is the axis split outer to inner (``(n,)`` when it is not split); the group's
     channel indexes factor ``factor``. A fused ``(d, heads * dim)`` kernel has output members with
     ``factors=(heads, dim)``: ``factor=0`` in the head group, ``factor=1`` in the per-head group.
+
+    ``segments`` is set when the axis meets a concatenation: the axis is cut into pieces of these
+    sizes (one per concatenated operand) and the group's channel ``i`` is index ``offset + i`` of
+    the axis, in segment ``segment``. The next layer's ``(a + b, d)`` kernel after
+    ``concatenate([x @ w_a, x @ w_b])`` has member ``segments=(a, b), segment=0`` in ``w_a``'s
+    group and ``segment=1`` (offset ``a``) in ``w_b``'s.
     """
 
     path: str
     axis: int
     factors: tuple[int, ...]
     factor: int = 0
+    segments: tuple[int, ...] = ()
+    segment: int = 0
+
+    @property
+    def offset(self) -> int:
+        """Index of the group's channel 0 on the axis (0 unless the axis is segmented)."""
+        return sum(self.segments[: self.segment])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +81,9 @@ class Group:
 
     def __str__(self) -> str:
         pairs = ", ".join(
-            f"{m.path}[{m.axis}]" + (f"<{m.factor} of {m.factors}>" if len(m.factors) > 1 else "")
+            f"{m.path}[{m.axis}]"
+            + (f"<{m.factor} of {m.factors}>" if len(m.factors) > 1 else "")
+            + (f"<at {m.offset} of {m.segments}>" if m.segments else "")
             for m in self.members
         )
         state = "removable" if self.removable else "not removable: " + "; ".join(self.reasons)
@@ -212,7 +227,13 @@ def trace(fn: Callable[..., Any], params: Any, *example_args: Any) -> list[Group
     feature axes (grouped convolutions by their group factor), element-wise ops (a residual add)
     unite same-position axes, ``broadcast_in_dim`` a bias with its layer's output, ``reshape``
     unites axes as products of factors (so a fused ``(d, heads * dim)`` kernel still gives a head
-    group and a per-head group). Axes that reach an input or output of ``fn``, a captured
+    group and a per-head group), ``concatenate`` makes the output axis a concatenation of the
+    operands' axes, so the next layer's input rows are cut into segments at offsets, one per
+    operand (``Member.segments``), and ``split`` / unit-stride ``slice`` map segments back to
+    pieces (their sizes and bounds must be computed from the parameters' shapes, as reshape sizes
+    must, for ``fn`` to run after removal). A concatenated axis that meets a reshape merging it
+    with another axis, or a strided slice, is not mapped: its groups are not removable. Axes that
+    reach an input or output of ``fn``, a captured
     constant, or an op without a rule make their group ``removable=False`` with the reason.
 
     Paths are the ``/``-joined strings of :func:`jaxslim._tree.path_str` (``"block/w2"``,
@@ -257,6 +278,7 @@ def trace(fn: Callable[..., Any], params: Any, *example_args: Any) -> list[Group
 
 def _groups(axes: Axes, leaves: list, nodes: list) -> list[Group]:
     found: dict[int, list[Member]] = {}
+    mixed: dict[int, list[str]] = {}
     for (path, leaf), leaf_nodes in zip(leaves, nodes, strict=True):
         if not _tree.is_float_array(leaf) and not isinstance(leaf, jax.ShapeDtypeStruct):
             continue
@@ -264,20 +286,34 @@ def _groups(axes: Axes, leaves: list, nodes: list) -> list[Group]:
             if axes.size[n] <= 1:
                 continue
             atoms = axes.leaves(n)
-            factors = tuple(axes.size[x] for x in atoms)
-            for j, x in enumerate(atoms):
-                found.setdefault(axes.find(x), []).append(Member(path, a, factors, j))
+            pieces = axes.pieces(n) if len(atoms) == 1 else None
+            if pieces is not None and len(pieces) > 1:
+                sizes = tuple(axes.size[x] for x, _ in pieces)
+                for j, (x, _) in enumerate(pieces):
+                    member = Member(path, a, (axes.size[n],), 0, sizes, j)
+                    found.setdefault(axes.find(x), []).append(member)
+            else:
+                factors = tuple(axes.size[x] for x in atoms)
+                for j, x in enumerate(atoms):
+                    if x not in axes.segments:
+                        found.setdefault(axes.find(x), []).append(Member(path, a, factors, j))
+                        continue
+                    for y in axes.atoms(x):  # a concatenation inside a product: not indexable
+                        mixed.setdefault(axes.find(y), []).append(
+                            f"{path!r} axis {a} is a reshape of a concatenated axis: its "
+                            "concatenated channels cannot be indexed"
+                        )
     groups = []
     for root, members in found.items():
         if root in axes.hidden:
             continue
-        reasons = list(axes.reasons.get(root, {}))
-        seen = {(m.path, m.axis) for m in members}
-        if len(seen) != len(members):
+        reasons = list(axes.reasons.get(root, {})) + list(dict.fromkeys(mixed.get(root, [])))
+        seen = {(m.path, m.axis) for m in members if not m.segments}
+        if len(seen) != len([m for m in members if not m.segments]):
             reasons.append("two factors of one parameter axis are coupled to each other")
         groups.append(
             Group(
-                members=tuple(sorted(members, key=lambda m: (m.path, m.axis, m.factor))),
+                members=tuple(sorted(members, key=lambda m: (m.path, m.axis, m.factor, m.segment))),
                 size=axes.size[root],
                 removable=not reasons,
                 reasons=tuple(reasons),

@@ -79,7 +79,7 @@ def make_plan(groups: Sequence[Group], keep: Sequence[Sequence[int]]) -> Plan:
     seen: dict[tuple[str, int, int], Group] = {}
     for g in groups:
         for m in g.members:
-            key = (m.path, m.axis, m.factor)
+            key = (m.path, m.axis, m.factor, m.segment)
             if key in seen and seen[key] is not g:
                 raise ValueError(
                     f"splice.make_plan: {m.path!r} axis {m.axis} is in two groups of the plan"
@@ -88,23 +88,43 @@ def make_plan(groups: Sequence[Group], keep: Sequence[Sequence[int]]) -> Plan:
     return Plan(tuple(groups), ks)
 
 
-def _per_leaf(plan: Plan) -> dict[str, dict[int, tuple[tuple[int, ...], dict[int, np.ndarray]]]]:
-    """path -> axis -> (factors, {factor: kept indices})."""
+def _per_leaf(plan: Plan) -> dict[str, dict[int, tuple[tuple, tuple, dict[int, np.ndarray]]]]:
+    """path -> axis -> (factors, segments, {factor or segment: kept indices})."""
     out: dict = {}
     for g, keep in zip(plan.groups, plan.keep, strict=True):
         for m in g.members:
             axes = out.setdefault(m.path, {})
-            factors, picks = axes.setdefault(m.axis, (m.factors, {}))
-            if factors != m.factors:
+            factors, segments, picks = axes.setdefault(m.axis, (m.factors, m.segments, {}))
+            if (factors, segments) != (m.factors, m.segments):
                 raise ValueError(
-                    f"splice.apply_plan: {m.path!r} axis {m.axis} is split as {factors} in one "
-                    f"group and {m.factors} in another: trace the function once for a plan"
+                    f"splice.apply_plan: {m.path!r} axis {m.axis} is split as {factors} / "
+                    f"{segments} in one group and {m.factors} / {m.segments} in another: trace "
+                    "the function once for a plan"
                 )
-            picks[m.factor] = np.asarray(keep, dtype=np.int32)
+            picks[m.segment if m.segments else m.factor] = np.asarray(keep, dtype=np.int32)
     return out
 
 
-def _shrink(x: Any, axis: int, factors: tuple[int, ...], picks: dict[int, np.ndarray]) -> Any:
+def _take(y: Any, idx: np.ndarray, axis: int) -> Any:
+    return jnp.take(y, idx, axis=axis) if isinstance(y, jax.Array) else np.take(y, idx, axis=axis)
+
+
+def _shrink(
+    x: Any,
+    axis: int,
+    factors: tuple[int, ...],
+    picks: dict[int, np.ndarray],
+    segments: tuple[int, ...] = (),
+) -> Any:
+    if segments:  # kept indices of each segment, shifted by the segment's offset
+        offsets = np.cumsum((0, *segments[:-1]))
+        idx = np.concatenate(
+            [
+                off + picks.get(j, np.arange(n))
+                for j, (off, n) in enumerate(zip(offsets, segments, strict=True))
+            ]
+        )
+        return _take(x, idx.astype(np.int32), axis)
     shape = x.shape
     y = x.reshape(shape[:axis] + factors + shape[axis + 1 :])
     new = list(factors)
@@ -121,13 +141,13 @@ def _shrink(x: Any, axis: int, factors: tuple[int, ...], picks: dict[int, np.nda
 def _apply_leaf(path: str, leaf: Any, where: dict, fn_name: str) -> Any:
     if leaf is None:
         return None
-    for axis, (factors, picks) in sorted(where.items()):
+    for axis, (factors, segments, picks) in sorted(where.items()):
         if getattr(leaf, "ndim", 0) <= axis or leaf.shape[axis] != math.prod(factors):
             raise ValueError(
                 f"{fn_name}: {path!r} has shape {getattr(leaf, 'shape', None)} but the plan "
                 f"expects axis {axis} of size {math.prod(factors)}"
             )
-        leaf = _shrink(leaf, axis, factors, picks)
+        leaf = _shrink(leaf, axis, factors, picks, segments)
     return leaf
 
 
@@ -205,7 +225,9 @@ def remove_channels(params: Any, group: Group, keep: Sequence[int]) -> Any:
     """Physically shrinks every array of ``group`` to the channels ``keep``.
 
     For a member ``(path, axis)`` whose axis is split into ``factors`` (a fused head kernel), the
-    group's factor is indexed and the others kept whole. Raises ``ValueError`` naming the group's
+    group's factor is indexed and the others kept whole; for a member whose axis is cut into
+    ``segments`` (it meets a concatenation), index ``i`` of the group is index ``offset + i`` of
+    the axis and the other segments are kept whole. Raises ``ValueError`` naming the group's
     paths if it is not removable, ``keep`` is empty or has an index outside ``[0, size)``.
 
     >>> import jax.numpy as jnp
@@ -223,6 +245,9 @@ def remove_channels(params: Any, group: Group, keep: Sequence[int]) -> Any:
 def member_view(x: Any, m: Member) -> Any:
     """``x`` with the member's channel factor moved to axis 0 and the rest flattened:
     shape ``(channels, -1)``."""
+    if m.segments:
+        y = jax.lax.slice_in_dim(x, m.offset, m.offset + m.segments[m.segment], axis=m.axis)
+        return jnp.moveaxis(y, m.axis, 0).reshape(m.segments[m.segment], -1)
     shape = x.shape
     y = jnp.reshape(x, shape[: m.axis] + m.factors + shape[m.axis + 1 :])
     y = jnp.moveaxis(y, m.axis + m.factor, 0)

@@ -272,13 +272,24 @@ def _partial(w, eqn, ins, changed: Callable[[int], bool], what: str):
 
 @rule("slice")
 def _slice(w, eqn, ins):
+    """A unit-stride slice of an axis takes one segment out of it: the input axis is united with
+    the concatenation ``[cut before, output, cut after]``, so a slice that takes back one operand
+    of a concatenation maps that operand's channels to the output. The bounds must follow the
+    new widths when channels are removed (compute them from the parameters' shapes)."""
     p, shape = eqn.params, _shape(eqn.invars[0])
     strides = p["strides"] or (1,) * len(shape)
-
-    def changed(d):
-        return (p["start_indices"][d], p["limit_indices"][d], strides[d]) != (0, shape[d], 1)
-
-    return _partial(w, eqn, ins, changed, "sliced")
+    (out,) = [w.fresh(v) for v in eqn.outvars]
+    for d, n in enumerate(ins[0]):
+        start, limit, stride = p["start_indices"][d], p["limit_indices"][d], strides[d]
+        if (start, limit, stride) == (0, shape[d], 1):
+            w.axes.unite(out[d], n)
+        elif stride != 1:
+            w.axes.tag(n, f"sliced with stride {stride} by slice")
+            w.axes.tag(out[d], f"sliced with stride {stride} by slice")
+        else:
+            parts = [w.axes.new(start), out[d], w.axes.new(shape[d] - limit)]
+            w.axes.unite(n, w.axes.concat(parts), "sliced by slice")
+    return [out]
 
 
 @rule("dynamic_slice")
@@ -313,29 +324,35 @@ def _rev(w, eqn, ins):
 
 @rule("concatenate")
 def _concatenate(w, eqn, ins):
+    """The output's concatenated axis is the concatenation of the operands' axes (segments at
+    offsets); the other axes are united position by position."""
     dim = eqn.params["dimension"]
     (out,) = [w.fresh(v) for v in eqn.outvars]
-    for nodes in ins:
-        for d, n in enumerate(nodes or ()):
-            if d == dim:
-                w.axes.tag(n, "concatenated along it")
-            else:
+    segs = []
+    for v, nodes in zip(eqn.invars, ins, strict=True):
+        if nodes is None:
+            nodes = w.fresh(v)
+            for n in nodes:
+                w.axes.tag(n, FIXED)
+        for d, n in enumerate(nodes):
+            if d != dim:
                 w.axes.unite(out[d], n)
-    w.axes.tag(out[dim], "concatenated along it")
+        segs.append(nodes[dim])
+    w.axes.unite(out[dim], w.axes.concat(segs), "concatenated along it")
     return [out]
 
 
 @rule("split")
 def _split(w, eqn, ins):
-    dim = eqn.params["axis"]
+    """The input's split axis is the concatenation of the pieces' axes: the inverse of
+    ``concatenate``. The sizes must follow the new widths when channels are removed."""
+    dim = eqn.params["axis"] % len(ins[0])
     outs = [w.fresh(v) for v in eqn.outvars]
-    w.axes.tag(ins[0][dim], "split along it")
     for o in outs:
         for d, n in enumerate(o):
-            if d == dim:
-                w.axes.tag(n, "split along it")
-            else:
+            if d != dim:
                 w.axes.unite(n, ins[0][d])
+    w.axes.unite(ins[0][dim], w.axes.concat([o[dim] for o in outs]), "split along it")
     return outs
 
 
