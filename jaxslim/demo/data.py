@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 __all__ = ["load_mnist1d", "MLP", "CNN", "make_model", "train", "accuracy", "count_params"]
 
