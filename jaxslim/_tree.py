@@ -17,7 +17,7 @@ the filter rejects) pass through untouched.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -36,6 +36,8 @@ __all__ = [
     "leaves_with_paths",
     "check_same_structure",
     "match_sharding",
+    "subtree",
+    "child_key",
 ]
 
 
@@ -163,3 +165,34 @@ def match_sharding(x: jax.Array, ref: jax.Array) -> jax.Array:
     if all(s is None for s in spec) or tuple(spec) == tuple(mine):
         return x
     return jax.sharding.reshard(x, jax.sharding.NamedSharding(sharding.mesh, spec))
+
+
+def child_key(node: Any, name: str) -> Any:
+    """The key of ``node`` whose path-string form is ``name``.
+
+    List items take an ``int``; dicts whose keys are ints (NNX states of list attributes) match
+    ``"0"`` to ``0``; otherwise the string itself.
+    """
+    if isinstance(node, list | tuple):
+        return int(name)
+    if isinstance(node, Mapping) and name not in node and name.lstrip("-").isdigit():
+        if int(name) in node:
+            return int(name)
+    return name
+
+
+def subtree(tree: Any, path: str, *, fn_name: str) -> Any:
+    """The node of ``tree`` at ``path`` (``"blocks/1/w"``, the form ``path_str`` gives).
+
+    Raises ``ValueError`` naming ``fn_name``, the path and the missing key.
+
+    >>> subtree({"blocks": [{"w": 1}, {"w": 2}]}, "blocks/1/w", fn_name="f")
+    2
+    """
+    node = tree
+    for name in path.split("/"):
+        try:
+            node = node[child_key(node, name)]
+        except (KeyError, IndexError, ValueError, TypeError) as e:
+            raise ValueError(f"{fn_name}: {path!r} is not in the tree (no key {name!r})") from e
+    return node

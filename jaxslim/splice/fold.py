@@ -459,22 +459,11 @@ def _nested(tree: Any) -> Any:
 
 
 def _locate(tree: Any, path: str, fn_name: str) -> tuple[Any, Any]:
-    keys = path.split("/")
-    node = tree
-    for k in keys[:-1]:
-        node = node[_key(node, k)]
+    parent, _, name = path.rpartition("/")
+    node = _tree.subtree(tree, parent, fn_name=fn_name) if parent else tree
     if not isinstance(node, dict | list):
         raise TypeError(f"{fn_name}: cannot edit {path!r} inside a {type(node).__name__}")
-    return node, _key(node, keys[-1])
-
-
-def _key(node: Any, k: str) -> Any:
-    """The key of ``node`` whose string is ``k`` (NNX states use int keys for list items)."""
-    if isinstance(node, list):
-        return int(k)
-    if k not in node and k.lstrip("-").isdigit() and int(k) in node:
-        return int(k)
-    return k
+    return node, _tree.child_key(node, name)
 
 
 def _set(tree: Any, path: str, value: Any, fn_name: str) -> None:

@@ -84,21 +84,9 @@ def block_similarity(
 def _get_block(params: Any, block: str | tuple[str, int]) -> Any:
     if isinstance(block, tuple):
         path, index = block
-        sub = _subtree(params, path)
+        sub = _tree.subtree(params, path, fn_name="splice.merge_similar_blocks")
         return jax.tree.map(lambda x: x[index], sub)
-    return _subtree(params, block)
-
-
-def _subtree(tree: Any, path: str) -> Any:
-    node = tree
-    for k in path.split("/"):
-        try:
-            node = node[int(k)] if isinstance(node, list | tuple) else node[k]
-        except (KeyError, IndexError, ValueError, TypeError) as e:
-            raise ValueError(
-                f"splice.merge_similar_blocks: {path!r} is not in the tree (no key {k!r})"
-            ) from e
-    return node
+    return _tree.subtree(params, block, fn_name="splice.merge_similar_blocks")
 
 
 def _set_block(params: Any, block: str | tuple[str, int], value: Any) -> Any:
