@@ -17,6 +17,7 @@ from jax import lax
 
 from jaxslim import quant
 from jaxslim.quant import QuantSpec
+from jaxslim.quant.dot import INT_MIN_ROWS
 
 SPECS = {
     "int8 per-channel": QuantSpec(8, axis=-1),
@@ -76,14 +77,14 @@ def _time(f, *args) -> float:
     return time.perf_counter() - t0
 
 
-def dot_table(k: int = 4096, n: int = 4096, reps: int = 7) -> str:
+def dot_table(k: int = 4096, n: int = 4096, reps: int = int(os.environ.get("REPS", 7))) -> str:
     """Median time of each path and its median paired ratio to the float32 dot."""
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.normal(size=(k, n)).astype(np.float32))
     wq = quant.quantize(w, QuantSpec(8, axis=-1))
     dn = (((1,), (0,)), ((), ()))
     act = QuantSpec(8, axis=0)
-    wg = quant.quantize(w, QuantSpec(4, axis=-1, group_size=32))
+    wg = quant.quantize(w, QuantSpec(4, axis=-1, group_size=128))
 
     def qdot(impl, lhs_spec=None):
         return jax.jit(lambda x, q: quant.qdot_general(x, q, dn, lhs_spec=lhs_spec, impl=impl))
@@ -92,10 +93,11 @@ def dot_table(k: int = 4096, n: int = 4096, reps: int = 7) -> str:
         "f32": jax.jit(lambda x, w: lax.dot_general(x, w, dn)),
         "int8 dequantize": qdot("dequantize"),
         "int8 blocked": qdot("blocked"),
-        "int8 x int8": qdot("int", act),
-        "int8 auto": qdot("auto", act),
-        "int4 g32 dequantize": qdot("dequantize"),
-        "int4 g32 blocked": qdot("blocked"),
+        "int8 auto": qdot("auto"),
+        "W8A8 int8 x int8": qdot("int", act),
+        "W8A8 auto": qdot("auto", act),
+        "int4 g128 dequantize": qdot("dequantize"),
+        "int4 g128 blocked": qdot("blocked"),
     }
     cols = list(fns)
     lines = [
@@ -129,17 +131,18 @@ def machine() -> str:
         pass
     return (
         f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__}, backend "
-        f"{jax.default_backend()}, int path from {quant.INT_MIN_ROWS.get('cpu')} rows on CPU"
+        f"{jax.default_backend()}, int path from {INT_MIN_ROWS.get('cpu')} rows on CPU"
     )
 
 
 if __name__ == "__main__":
     print(machine())
     print()
-    print(bytes_table())
-    print()
+    if not os.environ.get("DOT_ONLY"):
+        print(bytes_table())
+        print()
     print(
-        "qdot_general, K = N = 4096: int8 per-channel / int4 group-32 weights; 'int8 x int8' "
-        "and 'int8 auto' quantize the activations per row on the fly"
+        "qdot_general, K = N = 4096: int8 per-channel / int4 group-128 weights (weight-only); "
+        "'W8A8' columns quantize the activations per row (token) on the fly"
     )
     print(dot_table())

@@ -6,7 +6,9 @@ of an NNX ``Variable`` is dropped from the name).
 
 Every tree-wide function takes ``where=``:
 
-* ``None``: every floating-point array leaf with ``ndim >= 2`` (kernels, not biases or scales);
+* ``None``: every floating-point matrix, and every higher-rank floating-point array with at
+  least two axes of size > 1 (kernels; not biases, scales, or an Equinox conv bias
+  ``(O, 1, 1)``);
 * a regex ``str``: floating-point array leaves whose path matches ``re.search``;
 * a predicate ``(path, leaf) -> bool``: called on floating-point array leaves only.
 
@@ -38,6 +40,10 @@ __all__ = [
     "match_sharding",
     "subtree",
     "child_key",
+    "check_where",
+    "get_path",
+    "set_path",
+    "delete_path",
 ]
 
 
@@ -77,19 +83,49 @@ def is_float_array(leaf: Any) -> bool:
     return bool(jnp.issubdtype(dtype, jnp.floating)) and int(np.prod(leaf.shape)) > 0
 
 
-def is_selected(where: Where, path: str, leaf: Any) -> bool:
-    """Whether ``where`` selects the leaf named ``path`` (see the module docstring)."""
+def check_where(where: Any, *, fn_name: str = "jaxslim") -> None:
+    """Raises unless ``where`` is ``None``, a valid regex ``str`` or a callable.
+
+    ``TypeError`` for another type, ``ValueError`` for a pattern ``re`` cannot compile (instead
+    of a bare ``re.error``); both name ``fn_name`` and the pattern.
+
+    >>> check_where("Dense_[", fn_name="f")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: f: where='Dense_[' is not a valid regular expression (...); escape ... re.escape
+    """
+    if where is None or (callable(where) and not isinstance(where, str)):
+        return
+    if isinstance(where, str):
+        try:
+            re.compile(where)
+        except re.error as e:
+            raise ValueError(
+                f"{fn_name}: where={where!r} is not a valid regular expression ({e}); "
+                "escape literal characters with re.escape"
+            ) from None
+        return
+    raise TypeError(
+        f"{fn_name}: where must be None, a regex string or a predicate (path, leaf) -> bool; "
+        f"got {type(where).__name__} {where!r}"
+    )
+
+
+def is_selected(where: Where, path: str, leaf: Any, *, fn_name: str = "jaxslim") -> bool:
+    """Whether ``where`` selects the leaf named ``path`` (see the module docstring).
+
+    Raises as :func:`check_where` for an invalid ``where``, whatever the leaf.
+    """
+    check_where(where, fn_name=fn_name)
     if not is_float_array(leaf):
         return False
     if where is None:
-        return leaf.ndim >= 2
+        # A matrix is a kernel (a Dense (n, 1) too); a higher-rank leaf needs two axes of size
+        # > 1, so an Equinox conv bias (O, 1, 1) or a broadcast scale (1, 1, C) is not one.
+        return leaf.ndim == 2 or (leaf.ndim > 2 and sum(int(d) > 1 for d in leaf.shape) >= 2)
     if isinstance(where, str):
         return re.search(where, path) is not None
-    if callable(where):
-        return bool(where(path, leaf))
-    raise TypeError(
-        f"where must be None, a regex string or a predicate (path, leaf) -> bool; got {where!r}"
-    )
+    return bool(where(path, leaf))
 
 
 def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
@@ -99,6 +135,7 @@ def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
 
 def selected_paths(tree: Any, where: Where, *, fn_name: str, allow_empty: bool = False) -> list:
     """Paths of the leaves ``where`` selects; raises ``ValueError`` if it selects none."""
+    check_where(where, fn_name=fn_name)
     paths = [p for p, leaf in leaves_with_paths(tree) if is_selected(where, p, leaf)]
     if not paths and not allow_empty:
         names = [p for p, _ in leaves_with_paths(tree)][:8]
@@ -131,7 +168,7 @@ def map_selected(
 
     def visit(path, leaf, *others):
         name = path_str(path)
-        if is_selected(where, name, leaf):
+        if is_selected(where, name, leaf, fn_name=fn_name):
             return fn(name, leaf, *others)
         return unselected(leaf, *others)
 
@@ -182,17 +219,243 @@ def child_key(node: Any, name: str) -> Any:
 
 
 def subtree(tree: Any, path: str, *, fn_name: str) -> Any:
-    """The node of ``tree`` at ``path`` (``"blocks/1/w"``, the form ``path_str`` gives).
-
-    Raises ``ValueError`` naming ``fn_name``, the path and the missing key.
+    """The node of ``tree`` at ``path``: :func:`get_path` (kept for older callers).
 
     >>> subtree({"blocks": [{"w": 1}, {"w": 2}]}, "blocks/1/w", fn_name="f")
     2
     """
-    node = tree
-    for name in path.split("/"):
-        try:
-            node = node[child_key(node, name)]
-        except (KeyError, IndexError, ValueError, TypeError) as e:
-            raise ValueError(f"{fn_name}: {path!r} is not in the tree (no key {name!r})") from e
-    return node
+    return get_path(tree, path, fn_name=fn_name)
+
+
+# --- get / set / delete by path -------------------------------------------------------------
+#
+# A path is the ``/``-joined string ``path_str`` gives ("blocks/1/w"), or a key path from
+# ``jax.tree_util``. One step of a path names a child of a node:
+#
+# * a ``Mapping`` (dict, FrozenDict, an NNX ``State``, ``nnx.to_pure_dict`` output): its keys,
+#   ``str`` or ``int`` (NNX states of ``nnx.List``/``nnx.Sequential``/list attributes are keyed
+#   0, 1, ...): ``"1"`` names the key ``1`` unless there is a key ``"1"``;
+# * a list or tuple: its indices; a NamedTuple: its field names;
+# * any other registered pytree node (a dataclass, an Equinox module): the names ``path_str``
+#   gives its children.
+#
+# An NNX ``Variable`` is named without its ``.value`` (like ``path_str``): ``get_path`` returns
+# the array inside, ``set_path`` puts an array inside a copy of the Variable.
+# Keys that themselves contain "/" are matched whole (the longest key that fits wins).
+
+
+def _is_namedtuple(node: Any) -> bool:
+    return isinstance(node, tuple) and hasattr(node, "_fields")
+
+
+def _is_variable(node: Any) -> bool:
+    """An NNX ``Variable`` (duck-typed: flax is not imported here)."""
+    return (
+        not isinstance(node, Mapping | list | tuple)
+        and hasattr(node, "get_value")
+        and hasattr(node, "replace")
+    )
+
+
+def _is_leaf(node: Any) -> bool:
+    return node is None or jax.tree_util.all_leaves([node])
+
+
+def _children(node: Any) -> list[tuple[str, Any]]:
+    """``[(name, key), ...]``: the children of ``node`` as path strings and exact keys."""
+    if isinstance(node, Mapping):
+        return [(str(k), k) for k in node]
+    if _is_namedtuple(node):
+        return [(f, f) for f in node._fields]
+    if isinstance(node, list | tuple):
+        return [(str(i), i) for i in range(len(node))]
+    if _is_variable(node) or _is_leaf(node):
+        return []
+    keyed, _ = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
+    return [(_key_str(p[0]), p[0]) for p, _ in keyed]
+
+
+def _child(node: Any, key: Any) -> Any:
+    if isinstance(node, Mapping):
+        return node[key]
+    if _is_namedtuple(node):
+        return getattr(node, key)
+    if isinstance(node, list | tuple):
+        return node[key]
+    keyed, _ = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
+    return next(x for p, x in keyed if p[0] == key)
+
+
+def _rebuild(node: Any, key: Any, value: Any, fn_name: str, path: str) -> Any:
+    """A shallow copy of ``node`` with child ``key`` replaced by ``value``."""
+    if isinstance(node, Mapping):
+        items = dict(node.items())
+        items[key] = value
+        return _same_mapping(node, items, fn_name, path)
+    if _is_namedtuple(node):
+        return node._replace(**{key: value})
+    if isinstance(node, list | tuple):
+        new = list(node)
+        new[key] = value
+        return new if isinstance(node, list) else type(node)(new)
+    keyed, treedef = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
+    return jax.tree_util.tree_unflatten(treedef, [value if p[0] == key else x for p, x in keyed])
+
+
+def _same_mapping(node: Mapping, items: dict, fn_name: str, path: str) -> Any:
+    if type(node) is dict:
+        return items
+    try:
+        return type(node)(items)
+    except TypeError as e:
+        raise TypeError(
+            f"{fn_name}: cannot rebuild the {type(node).__name__} holding {path!r} from a dict "
+            f"({e}); convert the tree to plain dicts first"
+        ) from None
+
+
+def _path_string(path: Any, fn_name: str) -> str:
+    if isinstance(path, str):
+        return path
+    if isinstance(path, Sequence) and all(
+        isinstance(k, jax.tree_util.DictKey | jax.tree_util.SequenceKey | jax.tree_util.GetAttrKey)
+        or isinstance(k, jax.tree_util.FlattenedIndexKey)
+        for k in path
+    ):
+        return path_str(path)
+    raise TypeError(
+        f"{fn_name}: path must be a '/'-joined string such as 'blocks/1/w' or a jax key path, "
+        f"got {type(path).__name__} {path!r}"
+    )
+
+
+def _step(node: Any, rest: str, path: str, done: str, fn_name: str) -> tuple[Any, str, str]:
+    """``(key, name, rest_after)``: the child of ``node`` that the head of ``rest`` names."""
+    children = _children(node)
+    fits = [(n, k) for n, k in children if rest == n or rest.startswith(n + "/")]
+    where = f"under {done!r}" if done else "at the root"
+    if not fits:
+        head = rest.split("/", 1)[0]
+        if not children:
+            raise ValueError(
+                f"{fn_name}: {path!r} is not in the tree (no key {head!r} {where}: that node is "
+                f"a leaf of type {type(node).__name__})"
+            )
+        names = [n for n, _ in children]
+        more = " ..." if len(names) > 8 else ""
+        raise ValueError(
+            f"{fn_name}: {path!r} is not in the tree (no key {head!r} {where}; keys there: "
+            f"{names[:8]}{more})"
+        )
+    # the longest key wins ("a/b" over "a"); between 1 and "1", the string
+    name, key = max(fits, key=lambda nk: (len(nk[0]), isinstance(nk[1], str)))
+    return key, name, rest[len(name) + 1 :]
+
+
+def get_path(tree: Any, path: str | Sequence[Any], *, fn_name: str = "_tree.get_path") -> Any:
+    """The node of ``tree`` at ``path`` (``"blocks/1/w"``, as :func:`path_str` names it).
+
+    Works on dicts with ``str`` or ``int`` keys, lists, tuples, NamedTuples, NNX ``State`` (and
+    its ``nnx.to_pure_dict`` form) and other pytree nodes; an NNX ``Variable`` gives its value,
+    so ``get_path(tree, p)`` is the leaf that :func:`leaves_with_paths` names ``p``. ``""`` is
+    the root. Raises ``ValueError`` naming ``fn_name``, the path and the missing key.
+
+    >>> get_path({"blocks": [{"w": 1}, {"w": 2}]}, "blocks/1/w")
+    2
+    >>> get_path({"blocks": {0: {"w": 1}}}, "blocks/0/w")  # an nnx.List state
+    1
+    >>> get_path({"blocks": [1]}, "blocks/3")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: _tree.get_path: 'blocks/3' is not in the tree (no key '3' under 'blocks'; ...)
+    """
+    path = _path_string(path, fn_name)
+    node, rest, done = tree, path, ""
+    while rest:
+        key, name, rest = _step(node, rest, path, done, fn_name)
+        node = _child(node, key)
+        done = f"{done}/{name}" if done else name
+    return node.get_value() if _is_variable(node) else node
+
+
+def set_path(
+    tree: Any,
+    path: str | Sequence[Any],
+    value: Any,
+    *,
+    create: bool = False,
+    fn_name: str = "_tree.set_path",
+) -> Any:
+    """A new tree with the node at ``path`` replaced by ``value``; ``tree`` is not modified.
+
+    Only the containers on the path are copied (shallow); everything else is shared. Where the
+    old node is an NNX ``Variable`` and ``value`` is not, the new node is the Variable with
+    ``value`` inside (its metadata kept). With ``create=True`` the last key may be missing from
+    a mapping and is added; otherwise a missing key raises ``ValueError`` as :func:`get_path`.
+    ``path=""`` returns ``value``.
+
+    >>> t = {"blocks": [{"w": 1}, {"w": 2}]}
+    >>> set_path(t, "blocks/0/w", 5), t
+    ({'blocks': [{'w': 5}, {'w': 2}]}, {'blocks': [{'w': 1}, {'w': 2}]})
+    >>> set_path({"l": {"kernel": 1}}, "l/bias", 0, create=True)
+    {'l': {'kernel': 1, 'bias': 0}}
+    """
+    path = _path_string(path, fn_name)
+
+    def go(node: Any, rest: str, done: str) -> Any:
+        if not rest:
+            if _is_variable(node) and not _is_variable(value):
+                return node.replace(value)
+            return value
+        if create and isinstance(node, Mapping) and "/" not in rest:
+            fits = [k for n, k in _children(node) if n == rest]
+            if not fits:
+                return _rebuild(node, rest, value, fn_name, path)
+        key, name, after = _step(node, rest, path, done, fn_name)
+        new = go(_child(node, key), after, f"{done}/{name}" if done else name)
+        return _rebuild(node, key, new, fn_name, path)
+
+    return go(tree, path, "")
+
+
+def _is_index_keyed(node: Mapping) -> bool:
+    keys = list(node)
+    return all(type(k) is int for k in keys) and sorted(keys) == list(range(len(keys)))
+
+
+def delete_path(tree: Any, path: str | Sequence[Any], *, fn_name: str = "_tree.delete_path") -> Any:
+    """A new tree without the node at ``path``; ``tree`` is not modified.
+
+    From a list or tuple the item is popped (later items shift down). From a mapping the key is
+    removed; a mapping keyed exactly ``0 .. n-1`` (the NNX state of an ``nnx.List``,
+    ``nnx.Sequential`` or list attribute, and its ``nnx.to_pure_dict`` form) behaves like a list:
+    the later keys shift down, so the result is the state of the list without that item. A
+    NamedTuple field or another node's child cannot be deleted (``ValueError``).
+
+    >>> delete_path({"blocks": [10, 11, 12]}, "blocks/1")
+    {'blocks': [10, 12]}
+    >>> delete_path({"blocks": {0: 10, 1: 11, 2: 12}}, "blocks/1")
+    {'blocks': {0: 10, 1: 12}}
+    """
+    path = _path_string(path, fn_name)
+    if not path:
+        raise ValueError(f"{fn_name}: cannot delete the root (path '')")
+
+    def go(node: Any, rest: str, done: str) -> Any:
+        key, name, after = _step(node, rest, path, done, fn_name)
+        if after:
+            new = go(_child(node, key), after, f"{done}/{name}" if done else name)
+            return _rebuild(node, key, new, fn_name, path)
+        if isinstance(node, Mapping):
+            shift = _is_index_keyed(node)
+            items = {(k - 1 if shift and k > key else k): v for k, v in node.items() if k != key}
+            return _same_mapping(node, items, fn_name, path)
+        if isinstance(node, list | tuple) and not _is_namedtuple(node):
+            new = [v for i, v in enumerate(node) if i != key]
+            return new if isinstance(node, list) else type(node)(new)
+        raise ValueError(
+            f"{fn_name}: cannot delete {path!r}: its parent is a {type(node).__name__}, "
+            "whose children are fixed (only dict, list and tuple items can be removed)"
+        )
+
+    return go(tree, path, "")

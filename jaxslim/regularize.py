@@ -14,8 +14,18 @@ Two forms of each penalty ``R(p)``:
 Loss-side terms ``l1_penalty``, ``l2_penalty`` and ``group_lasso_penalty`` return ``R(params)``
 with a finite gradient at zero, to add to a loss by hand.
 
-Every strength and learning rate is a float or an ``optax.Schedule`` (``step -> value``, for a
-warm-up or decay of the penalty), evaluated at the transform's own step count. ``where=`` selects
+Every strength and learning rate is a number or an ``optax.Schedule`` (``step -> value``, for a
+warm-up or decay of the penalty), evaluated at the transform's own step count. A concrete value
+that is negative, NaN or infinite raises ``ValueError`` (a number, also as a NumPy or 0-d jax
+array, when the transform is made; a schedule's value at step 0 then too, and at every step of an
+eager ``update``). Under ``jit`` a schedule's value is traced and cannot raise: a negative, NaN or
+infinite strength or learning rate counts as ``0`` for that step, i.e. no penalty and no shrinkage
+(weights are never zeroed or grown by a bad value).
+
+Non-finite weights: a NaN entry of ``p + u`` stays NaN where it is (the proximal steps never turn
+it into a silent 0) and does not take part in its group's norm, so one NaN neither zeroes nor
+rescales the rest of its group; the penalties skip NaN entries likewise (their gradient there is
+0). ``where=`` selects
 leaves as everywhere in jaxslim (default: float leaves with ``ndim >= 2``, i.e. kernels, not
 biases); other leaves' updates pass through untouched.
 """
@@ -23,7 +33,8 @@ biases); other leaves' updates pass through untouched.
 from __future__ import annotations
 
 import math
-import numbers
+import re
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -33,7 +44,8 @@ import optax
 from jax import lax
 
 from jaxslim import _tree
-from jaxslim.structures import Blocks, Channels, Structure, Unstructured
+from jaxslim.schedules import _scalar
+from jaxslim.structures import NM, Blocks, Channels, Structure, Unstructured
 
 __all__ = [
     "RegularizerState",
@@ -56,29 +68,56 @@ class RegularizerState(NamedTuple):
     count: jax.Array
 
 
+def _check_value(fn: str, name: str, value: Any, step: str) -> None:
+    """Raises ``ValueError`` for a concrete value that is negative or non-finite."""
+    v = _scalar(fn, name, value)
+    if v is not None and not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"{fn}: {name} must be finite and >= 0, got {v!r}{step}")
+
+
+def _guard(value: Any) -> jax.Array:
+    """A traced value that is negative, NaN or infinite counts as 0 (no step)."""
+    v = jnp.asarray(value)
+    return jnp.where(jnp.isfinite(v) & (v >= 0), v, jnp.zeros_like(v))
+
+
 def _schedule(fn: str, name: str, value: ScalarOrSchedule) -> Callable[[Any], Any]:
-    """``value`` as a schedule; raises for a negative, non-finite or non-numeric value."""
+    """``value`` as a schedule; raises for a negative, non-finite or non-numeric value.
+
+    A schedule's value is checked at step 0 when the transform is made and at every step whose
+    value is concrete (eager ``update``); a traced bad value is guarded to 0 (``_guard``).
+    """
     if callable(value):
         sched = value
 
-        def value(t):
+        def raw(t):
             # Some optax schedules mix float and int32 arithmetic; allow it under strict promotion.
             with jax.numpy_dtype_promotion("standard"):
                 return sched(t)
 
+        def scheduled(t):
+            v = raw(t)
+            step = " at step (traced)" if isinstance(t, jax.core.Tracer) else f" at step {int(t)}"
+            _check_value(fn, name, v, f" from the schedule{step}")
+            return _guard(v)
+
         try:  # a concrete value at step 0 can be checked eagerly
-            v0 = float(value(jnp.zeros([], jnp.int32)))
-        except (TypeError, jax.errors.ConcretizationTypeError):
-            return value
-        if not math.isfinite(v0) or v0 < 0:
-            raise ValueError(f"{fn}: {name} must be >= 0, got {v0!r} from the schedule at step 0")
-        return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{fn}: {name} must be a float or an optax schedule, got {value!r}")
-    if not math.isfinite(value) or value < 0:
+            v0 = raw(jnp.zeros([], jnp.int32))
+        except jax.errors.ConcretizationTypeError:
+            return scheduled
+        _check_value(fn, name, v0, " from the schedule at step 0")
+        return scheduled
+    try:
+        v = _scalar(fn, name, value)
+    except TypeError:
+        raise TypeError(
+            f"{fn}: {name} must be a float or an optax schedule, got {value!r}"
+        ) from None
+    if v is None:  # traced (the transform is built inside jit): guard it
+        return lambda _: _guard(value)
+    if not (math.isfinite(v) and v >= 0):
         raise ValueError(f"{fn}: {name} must be finite and >= 0, got {value!r}")
-    value = float(value)
-    return lambda _: value
+    return lambda _: v
 
 
 def _regularizer(
@@ -88,6 +127,7 @@ def _regularizer(
     check_leaf: Callable[[str, jax.Array], None] | None = None,
 ) -> optax.GradientTransformation:
     """A transform mapping ``leaf_update(count, path, p, u) -> u'`` over the selected leaves."""
+    _check_where(fn, where)
 
     def init_fn(params):
         paths = set(_tree.selected_paths(params, where, fn_name=fn))
@@ -100,6 +140,10 @@ def _regularizer(
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError(f"{fn}: params are required (call tx.update(grads, state, params))")
+        if not isinstance(state, RegularizerState):
+            raise TypeError(
+                f"{fn}: state must be the RegularizerState from init, got {state!r:.80}"
+            )
         t = state.count
         new = _tree.map_selected(
             lambda path, p, u: leaf_update(t, path, p, u),
@@ -112,6 +156,22 @@ def _regularizer(
         return new, RegularizerState(count=optax.safe_increment(t))
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _check_where(fn: str, where: Any) -> None:
+    """Raises ``TypeError``/``ValueError`` naming ``fn`` for a ``where=`` of the wrong kind."""
+    if where is None or callable(where):
+        return
+    if isinstance(where, str):
+        try:
+            re.compile(where)
+        except re.error as e:
+            raise ValueError(f"{fn}: where={where!r} is not a valid regex ({e})") from None
+        return
+    raise TypeError(
+        f"{fn}: where must be None, a regex string or a predicate (path, leaf) -> bool; "
+        f"got {where!r}"
+    )
 
 
 def _cast(value: Any, dtype) -> jax.Array:
@@ -140,10 +200,11 @@ def add_l1(
       An ``optax.GradientTransformation`` with ``RegularizerState``; ``update`` needs ``params``.
 
     >>> import jax.numpy as jnp
-    >>> p = {"w": jnp.array([[2.0, -3.0, 0.0]])}
-    >>> u, _ = add_l1(0.5).update({"w": jnp.zeros((1, 3))}, add_l1(0.5).init(p), p)
+    >>> p = {"w": jnp.array([[2.0, -3.0, 0.0], [1.0, 0.0, -1.0]])}
+    >>> u, _ = add_l1(0.5).update({"w": jnp.zeros((2, 3))}, add_l1(0.5).init(p), p)
     >>> u["w"]
-    Array([[ 0.5, -0.5,  0. ]], dtype=float32)
+    Array([[ 0.5, -0.5,  0. ],
+           [ 0.5,  0. , -0.5]], dtype=float32)
     """
     fn = "regularize.add_l1"
     strength = _schedule(fn, "strength", strength)
@@ -175,10 +236,11 @@ def add_l2(
       An ``optax.GradientTransformation`` with ``RegularizerState``; ``update`` needs ``params``.
 
     >>> import jax.numpy as jnp
-    >>> p = {"w": jnp.array([[2.0, -3.0]])}
-    >>> u, _ = add_l2(0.25).update({"w": jnp.ones((1, 2))}, add_l2(0.25).init(p), p)
+    >>> p = {"w": jnp.array([[2.0, -3.0], [0.0, 1.0]])}
+    >>> u, _ = add_l2(0.25).update({"w": jnp.ones((2, 2))}, add_l2(0.25).init(p), p)
     >>> u["w"]
-    Array([[ 2. , -0.5]], dtype=float32)
+    Array([[ 2. , -0.5],
+           [ 1. ,  1.5]], dtype=float32)
     """
     fn = "regularize.add_l2"
     strength = _schedule(fn, "strength", strength)
@@ -189,9 +251,16 @@ def add_l2(
     return _regularizer(fn, where, leaf)
 
 
-def _soft_threshold(z: jax.Array, tau: jax.Array) -> jax.Array:
-    """``S_tau(z) = sign(z) * max(|z| - tau, 0)``: exact zeros where ``|z| <= tau``."""
-    return jnp.where(jnp.abs(z) > tau, z - jnp.sign(z) * tau, jnp.zeros_like(z))
+def _soft_threshold(z: jax.Array, tau: jax.Array, shrink: Any = None) -> jax.Array:
+    """``S_tau(z) = sign(z) * max(|z| - tau, 0)`` (``/ shrink``): exact zeros where ``|z| <= tau``.
+
+    A NaN entry of ``z`` stays NaN. (The NaN select comes after the division: placed before
+    it, XLA fuses the division differently under ``jit`` and jit and eager differ by 1 ulp.)
+    """
+    out = jnp.where(jnp.abs(z) > tau, z - jnp.sign(z) * tau, jnp.zeros_like(z))
+    if shrink is not None:
+        out = out / shrink
+    return jnp.where(jnp.isnan(z), z, out)
 
 
 def prox_l1(
@@ -219,11 +288,11 @@ def prox_l1(
       An ``optax.GradientTransformation`` with ``RegularizerState``; ``update`` needs ``params``.
 
     >>> import jax.numpy as jnp, optax
-    >>> p = {"w": jnp.array([[0.5, -0.05, 0.02, -1.0]])}
+    >>> p = {"w": jnp.array([[0.5, -0.05, 0.02, -1.0], [0.1, 0.2, -0.3, 0.0]])}
     >>> tx = optax.chain(optax.sgd(0.1), prox_l1(1.0, learning_rate=0.1))
-    >>> u, _ = tx.update({"w": jnp.zeros((1, 4))}, tx.init(p), p)
-    >>> optax.apply_updates(p, u)["w"]
-    Array([[ 0.4,  0. ,  0. , -0.9]], dtype=float32)
+    >>> u, _ = tx.update({"w": jnp.zeros((2, 4))}, tx.init(p), p)
+    >>> optax.apply_updates(p, u)["w"][0]
+    Array([ 0.4,  0. ,  0. , -0.9], dtype=float32)
     """
     fn = "regularize.prox_l1"
     strength = _schedule(fn, "strength", strength)
@@ -256,11 +325,12 @@ def prox_elastic_net(
       where: which leaves (default: float leaves with ``ndim >= 2``).
 
     >>> import jax.numpy as jnp, optax
-    >>> p = {"w": jnp.array([[0.5, -0.05]])}
+    >>> p = {"w": jnp.array([[0.5, -0.05], [-1.25, 0.0]])}
     >>> tx = prox_elastic_net(1.0, 2.0, learning_rate=0.25)  # (0.5 - 0.25) / (1 + 1)
-    >>> u, _ = tx.update({"w": jnp.zeros((1, 2))}, tx.init(p), p)
+    >>> u, _ = tx.update({"w": jnp.zeros((2, 2))}, tx.init(p), p)
     >>> optax.apply_updates(p, u)["w"]
-    Array([[0.125, 0.   ]], dtype=float32)
+    Array([[ 0.125,  0.   ],
+           [-0.5  ,  0.   ]], dtype=float32)
     """
     fn = "regularize.prox_elastic_net"
     l1 = _schedule(fn, "l1", l1)
@@ -272,34 +342,62 @@ def prox_elastic_net(
         eta = learning_rate(t)
         tau = _cast(eta * l1(t), p.dtype)
         shrink = _cast(1 + 2 * eta * l2(t), p.dtype)
-        return (_soft_threshold(z, tau) / shrink - p).astype(u.dtype)
+        return (_soft_threshold(z, tau, shrink) - p).astype(u.dtype)
 
     return _regularizer(fn, where, leaf)
 
 
-def _check_groups(fn: str, groups: Any) -> None:
-    if not isinstance(groups, Structure) or not isinstance(
-        groups, Unstructured | Channels | Blocks
-    ):
+_UNSET: Any = object()
+
+
+def _structure_arg(fn: str, structure: Any, groups: Any) -> Structure:
+    """Resolves ``structure=`` and its deprecated alias ``groups=``; checks the structure."""
+    if groups is not _UNSET:
+        if structure is not _UNSET:
+            raise TypeError(f"{fn}: pass structure= only (groups= is its deprecated alias)")
+        warnings.warn(
+            f"{fn}: groups= is deprecated, use structure= (the name prune.topk_mask uses)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        structure = groups
+    if structure is _UNSET:
+        structure = Channels(axis=-1)
+    if isinstance(structure, NM) or not isinstance(structure, Unstructured | Channels | Blocks):
+        hint = ""
+        if isinstance(structure, type) and issubclass(structure, Structure):
+            hint = f" (a class: write {structure.__name__}())"
         raise TypeError(
-            f"{fn}: groups must be Unstructured(), Channels(axis=...) or Blocks(shape), got "
-            f"{groups!r}"
+            f"{fn}: structure must be Unstructured(), Channels(axis=...) or Blocks(shape), got "
+            f"{structure!r}{hint}"
         )
-    if isinstance(groups, Channels | Blocks) and groups.ord != 2:
+    if isinstance(structure, Channels | Blocks) and structure.ord != 2:
         raise ValueError(
-            f"{fn}: group lasso uses 2-norms of groups; got ord={groups.ord!r} in {groups!r}"
+            f"{fn}: group lasso uses 2-norms of groups; got ord={structure.ord!r} in {structure!r}"
         )
+    return structure
 
 
-def _group_norms(x: jax.Array, groups: Structure) -> jax.Array:
-    """2-norm of each group (shape of ``groups.reduce(x)``), with a zero gradient at zero."""
-    if isinstance(groups, Unstructured):
+def _check_leaf(fn: str, structure: Structure, path: str, shape) -> None:
+    try:
+        structure.check(tuple(shape), path)
+    except ValueError as e:
+        raise ValueError(f"{fn}: {e}") from None
+
+
+def _group_norms(x: jax.Array, structure: Structure) -> jax.Array:
+    """2-norm of each group (shape of ``structure.reduce(x)``), zero gradient at zero.
+
+    NaN entries are left out of their group's norm (and get a zero gradient).
+    """
+    x = jnp.where(jnp.isnan(x), jnp.zeros_like(x), x)
+    if isinstance(structure, Unstructured):
         return x * lax.stop_gradient(jnp.sign(x))  # |x| with gradient sign(x), 0 at 0
-    if isinstance(groups, Channels):
-        ax = groups.axis % x.ndim
+    if isinstance(structure, Channels):
+        ax = structure.axis % x.ndim
         cols = jnp.moveaxis(x, ax, -1).reshape(-1, x.shape[ax])  # (group size, channels)
         return optax.safe_norm(cols, 0.0, axis=0)
-    full = (1,) * (x.ndim - len(groups.shape)) + groups.shape
+    full = (1,) * (x.ndim - len(structure.shape)) + structure.shape
     split = [d for s, b in zip(x.shape, full, strict=True) for d in (s // b, b)]
     tiles = x.reshape(split).transpose(*range(0, 2 * x.ndim, 2), *range(1, 2 * x.ndim, 2))
     return optax.safe_norm(tiles.reshape(*tiles.shape[: x.ndim], -1), 0.0, axis=-1)
@@ -309,25 +407,32 @@ def prox_group_lasso(
     strength: ScalarOrSchedule,
     learning_rate: ScalarOrSchedule,
     *,
-    groups: Structure = Channels(axis=-1),
+    structure: Structure = _UNSET,
     where: _tree.Where = None,
+    groups: Structure = _UNSET,
 ) -> optax.GradientTransformation:
     """Proximal group-lasso step (block soft threshold), last in chain: whole groups reach zero.
 
     For each group ``g`` of ``z = p + u`` (default: output channels, the last axis of a Flax
-    kernel ``(in, out)`` / ``(*spatial, in, out)``):
+    kernel ``(in, out)`` / ``(*spatial, in, out)``; for Equinox ``(out, in, ...)`` weights pass
+    ``structure=Channels(axis=0)``):
     ``p_new_g = z_g * max(0, 1 - tau_g / ||z_g||_2)`` with
     ``tau_g = learning_rate(t) * strength(t) * sqrt(|g|)``, the proximal operator of
     ``strength * sum_g sqrt(|g|) ||p_g||_2`` (Yuan & Lin 2006; ``group_lasso_penalty``). A group is
     either entirely zero or scaled as a whole, never zeroed in part — the zero channels are what
     ``splice`` removes. Returns ``p_new - p``.
 
+    A NaN entry of ``z`` is left out of its group's norm and stays NaN; the rest of the group is
+    shrunk as if it were absent. An infinite entry makes its group's norm infinite: the group is
+    kept unchanged. Bad scheduled values: see the module docstring.
+
     Args:
       strength: ``lambda >= 0``, float or schedule.
       learning_rate: the optimizer's learning rate (float or schedule).
-      groups: ``Channels(axis)`` (default ``axis=-1``), ``Blocks(shape)`` or ``Unstructured()``
-        (which is ``prox_l1``); 2-norm groups only.
+      structure: ``Channels(axis)`` (default ``axis=-1``), ``Blocks(shape)`` or
+        ``Unstructured()`` (which is ``prox_l1``); 2-norm groups only.
       where: which leaves (default: float leaves with ``ndim >= 2``).
+      groups: deprecated alias of ``structure`` (``DeprecationWarning``).
 
     >>> import jax.numpy as jnp, optax
     >>> p = {"w": jnp.array([[2.0, 0.1], [2.0, -0.1], [2.0, 0.1], [2.0, 0.1]])}  # (in=4, out=2)
@@ -338,30 +443,32 @@ def prox_group_lasso(
            [0., 0., 0., 0.]], dtype=float32)
     """
     fn = "regularize.prox_group_lasso"
-    _check_groups(fn, groups)
+    structure = _structure_arg(fn, structure, groups)
     strength = _schedule(fn, "strength", strength)
     learning_rate = _schedule(fn, "learning_rate", learning_rate)
 
     def check_leaf(path, leaf):
-        groups.check(tuple(leaf.shape), path, fn)
+        _check_leaf(fn, structure, path, leaf.shape)
 
     def leaf(t, path, p, u):
         # one rounding, at the end: jit and eager agree for bf16 leaves
         acc = _wide(p.dtype)
         z = p.astype(acc) + u.astype(acc)
-        norms = _group_norms(z, groups)
-        root = math.sqrt(groups.group_size(z.shape))
+        norms = _group_norms(z, structure)
+        root = math.sqrt(structure.group_size(z.shape))
         tau = _cast(learning_rate(t) * strength(t), acc) * jnp.asarray(root, acc)
         keep = norms > tau
         scale = jnp.where(keep, 1 - tau / jnp.where(keep, norms, 1), jnp.zeros_like(norms))
-        scale = _tree.match_sharding(groups.expand(scale, z.shape), z)
+        scale = _tree.match_sharding(structure.expand(scale, z.shape), z)
         new = jnp.where(scale > 0, z * scale, jnp.zeros_like(z))
+        new = jnp.where(jnp.isnan(z), z, new)  # a NaN stays where it is, visible
         return (new - p.astype(acc)).astype(u.dtype)
 
     return _regularizer(fn, where, leaf, check_leaf)
 
 
 def _penalty(fn: str, params: Any, where: _tree.Where, term: Callable[[str, Any], jax.Array]):
+    _check_where(fn, where)
     parts = _tree.map_selected(
         lambda path, p: term(path, p.astype(_wide(p.dtype))),
         params,
@@ -382,9 +489,9 @@ def l1_penalty(params: Any, *, where: _tree.Where = None) -> jax.Array:
     ``strength * l1_penalty(params)`` to a loss.
 
     >>> import jax, jax.numpy as jnp
-    >>> p = {"w": jnp.array([[1.0, -2.0, 0.0]]), "b": jnp.array([5.0])}
-    >>> l1_penalty(p), jax.grad(l1_penalty)(p)["w"]
-    (Array(3., dtype=float32), Array([[ 1., -1.,  0.]], dtype=float32))
+    >>> p = {"w": jnp.array([[1.0, -2.0, 0.0], [0.0, 0.0, 0.0]]), "b": jnp.array([5.0])}
+    >>> l1_penalty(p), jax.grad(l1_penalty)(p)["w"][0]
+    (Array(3., dtype=float32), Array([ 1., -1.,  0.], dtype=float32))
     """
 
     def term(path, p):
@@ -399,20 +506,26 @@ def l2_penalty(params: Any, *, where: _tree.Where = None) -> jax.Array:
     ``jax.grad(lambda p: s * l2_penalty(p))`` is the update ``add_l2(s)`` adds.
 
     >>> import jax.numpy as jnp
-    >>> l2_penalty({"w": jnp.array([[1.0, -2.0]])})
+    >>> l2_penalty({"w": jnp.array([[1.0, -2.0], [0.0, 0.0]])})
     Array(5., dtype=float32)
     """
     return _penalty("regularize.l2_penalty", params, where, lambda _, p: jnp.sum(p * p))
 
 
 def group_lasso_penalty(
-    params: Any, groups: Structure = Channels(axis=-1), *, where: _tree.Where = None
+    params: Any,
+    *,
+    structure: Structure = _UNSET,
+    where: _tree.Where = None,
+    groups: Structure = _UNSET,
 ) -> jax.Array:
     """``sum_g sqrt(|g|) * ||p_g||_2`` over the groups of the selected leaves (Yuan & Lin 2006).
 
-    ``groups`` as in ``prox_group_lasso`` (whose step is the proximal operator of
-    ``strength * group_lasso_penalty``). The norms use ``optax.safe_norm``: the gradient of an
-    all-zero group is ``0``, not ``NaN``.
+    ``structure`` as in ``prox_group_lasso`` (whose step is the proximal operator of
+    ``strength * group_lasso_penalty``); ``groups=`` is its deprecated alias. The norms use
+    ``optax.safe_norm``: the gradient of an all-zero group is ``0``, not ``NaN``. NaN entries are
+    left out of their group's norm (gradient 0 there), so one NaN does not turn its whole group's
+    gradient into NaN.
 
     >>> import jax, jax.numpy as jnp
     >>> p = {"w": jnp.array([[3.0, 0.0], [4.0, 0.0]])}
@@ -422,11 +535,11 @@ def group_lasso_penalty(
     Array([0., 0.], dtype=float32)
     """
     fn = "regularize.group_lasso_penalty"
-    _check_groups(fn, groups)
+    structure = _structure_arg(fn, structure, groups)
 
     def term(path, p):
-        groups.check(tuple(p.shape), path, fn)
-        root = jnp.asarray(math.sqrt(groups.group_size(p.shape)), p.dtype)
-        return root * jnp.sum(_group_norms(p, groups))
+        _check_leaf(fn, structure, path, p.shape)
+        root = jnp.asarray(math.sqrt(structure.group_size(p.shape)), p.dtype)
+        return root * jnp.sum(_group_norms(p, structure))
 
     return _penalty(fn, params, where, term)

@@ -3,22 +3,55 @@
 Both are thin, validated wrappers around Optax's own schedules, so they compose with everything
 that takes an ``optax.Schedule`` (``optax.sgd(step_decay(...))``, ``prox_l1(s, step_decay(...))``)
 and equal Optax's values exactly.
+
+The module also holds the checks every jaxslim hyper-parameter goes through (a strength, a
+learning rate, a sparsity, a temperature): a *concrete* value (a Python number, a NumPy scalar or
+0-d array, a 0-d ``jax.Array`` outside ``jit``) is checked eagerly and raises ``ValueError`` when
+out of range; only a *traced* value (inside ``jit``, e.g. from a schedule at a traced step) skips
+the check, and the function that uses it then guards it with ``jnp.where`` as its docstring says.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 __all__ = ["step_decay", "exponential_decay"]
 
 
-def _check_number(fn: str, name: str, value, *, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+def _scalar(fn: str, name: str, value: Any) -> float | None:
+    """The float value of a concrete real scalar, or ``None`` for a traced one.
+
+    Concrete: a Python ``int``/``float``, a NumPy scalar, a 0-d NumPy array, a 0-d ``jax.Array``
+    outside ``jit``. Raises ``TypeError`` naming ``fn`` for anything else: ``bool``, strings,
+    complex numbers, arrays with more than one entry (traced ones included).
+    """
+    if isinstance(value, bool | np.bool_):
+        raise TypeError(f"{fn}: {name} must be a real number, got the bool {value!r}")
+    if isinstance(value, numbers.Real):
+        return float(value)
+    dtype, shape = getattr(value, "dtype", None), getattr(value, "shape", None)
+    if dtype is None or shape is None or not isinstance(value, np.ndarray | np.generic | jax.Array):
         raise TypeError(f"{fn}: {name} must be a real number, got {value!r}")
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        raise TypeError(f"{fn}: {name} must be a real number, got an array of dtype {dtype}")
+    if tuple(shape) != ():
+        raise TypeError(f"{fn}: {name} must be a scalar, got an array of shape {tuple(shape)}")
+    if isinstance(value, jax.core.Tracer):
+        return None
+    return float(value)
+
+
+def _check_number(fn: str, name: str, value, *, positive: bool) -> float:
+    value = _scalar(fn, name, value)
+    if value is None:
+        raise TypeError(f"{fn}: {name} must be a concrete number, not a value traced under jit")
     if not math.isfinite(value) or (value <= 0 if positive else value < 0):
         need = "> 0" if positive else ">= 0"
         raise ValueError(f"{fn}: {name} must be finite and {need}, got {value!r}")
@@ -50,10 +83,10 @@ def step_decay(init: float, total_steps: int, power: float = 1.0) -> optax.Sched
     init = _check_number(fn, "init", init, positive=False)
     if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral):
         raise TypeError(f"{fn}: total_steps must be an int, got {total_steps!r}")
+    total_steps = int(total_steps)
     if total_steps <= 0:
         raise ValueError(f"{fn}: total_steps must be > 0, got {total_steps!r}")
     power = _check_number(fn, "power", power, positive=True)
-    total_steps = int(total_steps)
     poly = optax.polynomial_schedule(
         init_value=init, end_value=0.0, power=power, transition_steps=total_steps
     )

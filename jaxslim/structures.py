@@ -5,7 +5,16 @@ dataclass), so it can be a static argument under ``jax.jit``. The same structure
 (rank groups by a score), group lasso (shrink groups by their norm) and channel splicing.
 
 Shapes follow Flax: a Dense kernel is ``(in, out)``, a Conv kernel ``(*spatial, in, out)``; the
-output channel is axis ``-1``, the input channel axis ``-2``.
+output channel is axis ``-1``, the input channel axis ``-2``. The default axes assume this layout:
+
+* **Equinox / PyTorch** weights are ``(out, in)`` (``eqx.nn.Linear``) and ``(out, in, *kernel)``
+  (``eqx.nn.Conv2d``): use ``Channels(axis=0)`` for output channels (rows, filters),
+  ``Channels(axis=1)`` for input channels, ``NM(n, m, axis=1)`` for N:M along the contraction.
+  Their conv biases ``(out, 1, 1)`` have ``ndim >= 2`` but are not kernels; the ``where=``
+  predicate ``kernel_like`` selects only leaves with at least two axes of size > 1.
+* **Einsum / DenseGeneral kernels** with ``ndim >= 3`` (e.g. ``(2, heads, features)``) contract
+  whichever axes their equation says; pass the contracted axis explicitly
+  (``NM(2, 4, axis=...)``, ``Channels(axis=...)``).
 
 For a leaf ``x`` of shape ``S`` a group structure defines
 
@@ -22,11 +31,61 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
-__all__ = ["Structure", "Unstructured", "Channels", "NM", "Blocks", "nm_mask", "norm"]
+__all__ = [
+    "Structure",
+    "Unstructured",
+    "Channels",
+    "NM",
+    "Blocks",
+    "nm_mask",
+    "norm",
+    "kernel_like",
+]
+
+_LAYOUT = (
+    "the default axes assume Flax kernels (in, out) / (*spatial, in, out); for Equinox/PyTorch "
+    "(out, in, ...) or einsum kernels pass the axis explicitly"
+)
+
+
+def kernel_like(path: str, leaf: Any) -> bool:
+    """``where=`` predicate: a floating-point array with at least two axes of size > 1.
+
+    Unlike ``ndim >= 2`` it skips Equinox conv biases ``(out, 1, 1)``, ``(1, n)`` row vectors and
+    other broadcast-shaped leaves, which are not kernels.
+
+    >>> import jax.numpy as jnp
+    >>> kernel_like("w", jnp.zeros((3, 4))), kernel_like("conv/bias", jnp.zeros((8, 1, 1)))
+    (True, False)
+    """
+    dtype, shape = getattr(leaf, "dtype", None), getattr(leaf, "shape", None)
+    if dtype is None or shape is None or not jnp.issubdtype(dtype, jnp.floating):
+        return False
+    return sum(int(d) > 1 for d in shape) >= 2
+
+
+def float_keys(x: jax.Array) -> jax.Array:
+    """Maps scores to ``uint32`` keys whose integer order ranks them, for pruning lowest first.
+
+    ``NaN < -inf < ... < -0 < +0 < ... < +inf``: a NaN score ranks lowest (is pruned first) and
+    ``+inf`` highest (is kept last), whatever the NaN's sign bit.
+
+    >>> import jax.numpy as jnp
+    >>> [int(k) for k in float_keys(jnp.array([jnp.nan, -jnp.inf, 0.0, jnp.inf]))]
+    [0, 8388607, 2147483648, 4286578688]
+    """
+    x = x.astype(jnp.float32)
+    bits = lax.bitcast_convert_type(x, jnp.uint32)
+    sign = jnp.uint32(0x80000000)
+    keys = jnp.where(bits >= sign, ~bits, bits | sign)
+    return jnp.where(jnp.isnan(x), jnp.uint32(0), keys)
 
 
 def norm(x: jax.Array, axis, ord: float) -> jax.Array:
@@ -35,6 +94,7 @@ def norm(x: jax.Array, axis, ord: float) -> jax.Array:
     The 2-norm of an all-zero group is 0 (no NaN); use ``optax.safe_norm`` where a gradient at zero
     is needed.
     """
+    _check_ord(ord, "structures.norm")
     a = jnp.abs(x)
     if ord == 1:
         return jnp.sum(a, axis=axis)
@@ -46,21 +106,33 @@ def norm(x: jax.Array, axis, ord: float) -> jax.Array:
 
 
 def _check_ord(ord: float, name: str) -> None:
-    if not (ord == math.inf or (isinstance(ord, int | float) and ord > 0)):
+    if isinstance(ord, bool) or not isinstance(ord, int | float | np.integer | np.floating):
+        raise TypeError(f"{name}: ord must be a positive number or math.inf, got {ord!r}")
+    if not (ord == math.inf or ord > 0):
         raise ValueError(f"{name}: ord must be a positive number or math.inf, got {ord!r}")
 
 
 def _norm_axis(axis: int, ndim: int, what: str, path: str) -> int:
     if not -ndim <= axis < ndim:
-        raise ValueError(f"{what}: axis {axis} is out of range for {path!r} with ndim {ndim}")
+        raise ValueError(
+            f"{what}: axis {axis} is out of range for {path!r} with ndim {ndim}; {_LAYOUT}"
+        )
     return axis % ndim
+
+
+def _check_axis(name: str, axis: Any) -> None:
+    if isinstance(axis, bool) or not isinstance(axis, int | np.integer):
+        raise TypeError(f"{name}: axis must be an int, got {axis!r}")
 
 
 class Structure:
     """Base class: how entries of one leaf group together."""
 
-    def check(self, shape: tuple[int, ...], path: str = "", fn_name: str = "jaxslim") -> None:
-        """Raises ``ValueError`` naming ``path`` if this structure cannot group ``shape``."""
+    def check(self, shape: tuple[int, ...], path: str = "") -> None:
+        """Raises ``ValueError`` naming ``path`` if this structure cannot group ``shape``.
+
+        The message starts with the structure; a caller prefixes its own name.
+        """
 
     def reduce(self, x: jax.Array) -> jax.Array:
         raise NotImplementedError
@@ -95,8 +167,11 @@ class Channels(Structure):
     """A whole slice along ``axis`` is one group, scored by its ``ord``-norm over the other axes.
 
     ``Channels(axis=-1)`` groups the output channels of a Flax kernel (``(in, out)`` or
-    ``(*spatial, in, out)``); ``Channels(axis=-2)`` the input channels. ``reduce`` maps a leaf of
-    shape ``S`` to shape ``(S[axis],)``: ``g_c = ||x[..., c, ...]||_ord``.
+    ``(*spatial, in, out)``); ``Channels(axis=-2)`` the input channels. For Equinox/PyTorch
+    weights, ``(out, in)`` (``eqx.nn.Linear``) or ``(out, in, kh, kw)`` (``eqx.nn.Conv2d``), the
+    output channels (rows, filters) are ``Channels(axis=0)``: ``axis=-1`` there would group
+    input features or kernel columns. ``reduce`` maps a leaf of shape ``S`` to shape
+    ``(S[axis],)``: ``g_c = ||x[..., c, ...]||_ord``.
 
     >>> import jax.numpy as jnp
     >>> Channels(axis=-1, ord=1).reduce(jnp.array([[1.0, -2.0], [3.0, 0.0]]))
@@ -107,12 +182,13 @@ class Channels(Structure):
     ord: float = 2
 
     def __post_init__(self):
+        _check_axis("Channels", self.axis)
         _check_ord(self.ord, "Channels")
 
-    def check(self, shape, path="", fn_name="jaxslim"):
+    def check(self, shape, path=""):
         if len(shape) == 0:
-            raise ValueError(f"{fn_name}: Channels needs an array with ndim >= 1, {path!r} is 0-d")
-        _norm_axis(self.axis, len(shape), f"{fn_name}: Channels", path)
+            raise ValueError(f"Channels needs an array with ndim >= 1, {path!r} is 0-d")
+        _norm_axis(self.axis, len(shape), f"Channels(axis={self.axis})", path)
 
     def reduce(self, x):
         ax = self.axis % x.ndim
@@ -132,8 +208,13 @@ class Channels(Structure):
 class NM(Structure):
     """N:M sparsity: keep the ``n`` largest of every run of ``m`` consecutive entries on ``axis``.
 
-    The default ``axis=-2`` is the input (contraction) axis of a Flax kernel, which is what 2:4
-    sparse tensor cores need. The sparsity is fixed at ``1 - n/m``.
+    The default ``axis=-2`` is the input (contraction) axis of a Flax kernel ``(in, out)`` or
+    ``(*spatial, in, out)``, which is what 2:4 sparse tensor cores need. It is an assumption about
+    the layout, not read from the model: an Equinox ``(out, in)`` weight needs ``axis=1``, and an
+    einsum kernel of ``ndim >= 3`` such as ``(2, heads, features)`` contracting ``features`` needs
+    ``axis=-1`` (``axis=-2`` would run along ``heads``). A leaf whose ``axis`` is not a multiple
+    of ``m`` cannot be a Flax kernel of this pattern and is refused with the axis to pass.
+    The sparsity is fixed at ``1 - n/m``.
 
     >>> NM(2, 4).sparsity
     0.5
@@ -144,23 +225,31 @@ class NM(Structure):
     axis: int = -2
 
     def __post_init__(self):
-        if not (isinstance(self.n, int) and isinstance(self.m, int) and 0 <= self.n <= self.m):
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in (self.n, self.m)):
+            raise TypeError(f"NM: n and m must be ints, got n={self.n!r}, m={self.m!r}")
+        if not 0 <= self.n <= self.m:
             raise ValueError(f"NM: need integers 0 <= n <= m, got n={self.n!r}, m={self.m!r}")
         if self.m < 1:
             raise ValueError(f"NM: m must be >= 1, got {self.m!r}")
+        _check_axis("NM", self.axis)
 
     @property
     def sparsity(self) -> float:
         return 1 - self.n / self.m
 
-    def check(self, shape, path="", fn_name="jaxslim"):
+    def check(self, shape, path=""):
         if len(shape) == 0:
-            raise ValueError(f"{fn_name}: NM needs an array with ndim >= 1, {path!r} is 0-d")
-        ax = _norm_axis(self.axis, len(shape), f"{fn_name}: NM", path)
+            raise ValueError(f"NM needs an array with ndim >= 1, {path!r} is 0-d")
+        ax = _norm_axis(self.axis, len(shape), f"NM({self.n}, {self.m}, axis={self.axis})", path)
         if shape[ax] % self.m:
+            fits = [a for a in range(len(shape)) if shape[a] % self.m == 0]
+            hint = f"pass NM({self.n}, {self.m}, axis=...) with the contracted axis" + (
+                f" (axes of {path!r} divisible by {self.m}: {fits})" if fits else ""
+            )
             raise ValueError(
-                f"{fn_name}: NM({self.n}, {self.m}) needs axis {self.axis} of {path!r} to be a "
-                f"multiple of {self.m}, got shape {tuple(shape)}"
+                f"NM({self.n}, {self.m}) needs axis {self.axis} of {path!r} to be a multiple of "
+                f"{self.m}, got shape {tuple(shape)}; NM's axis (default -2) is the contracted "
+                f"axis of a Flax kernel (..., in, out): for another layout {hint}"
             )
 
     def reduce(self, x):
@@ -189,7 +278,13 @@ class Blocks(Structure):
     ord: float = 2
 
     def __post_init__(self):
-        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        try:
+            shape = tuple(self.shape)
+        except TypeError:
+            raise TypeError(f"Blocks: shape must be a tuple of ints, got {self.shape!r}") from None
+        if any(isinstance(s, bool) or not isinstance(s, int | np.integer) for s in shape):
+            raise TypeError(f"Blocks: shape must be a tuple of ints, got {self.shape!r}")
+        object.__setattr__(self, "shape", tuple(int(s) for s in shape))
         if not self.shape or any(s < 1 for s in self.shape):
             raise ValueError(f"Blocks: shape must be positive integers, got {self.shape!r}")
         _check_ord(self.ord, "Blocks")
@@ -197,16 +292,14 @@ class Blocks(Structure):
     def _full(self, shape: Sequence[int]) -> tuple[int, ...]:
         return (1,) * (len(shape) - len(self.shape)) + self.shape
 
-    def check(self, shape, path="", fn_name="jaxslim"):
+    def check(self, shape, path=""):
         if len(shape) < len(self.shape):
             raise ValueError(
-                f"{fn_name}: Blocks{self.shape} needs ndim >= {len(self.shape)}, "
+                f"Blocks{self.shape} needs ndim >= {len(self.shape)}, "
                 f"{path!r} has shape {tuple(shape)}"
             )
         if any(s % b for s, b in zip(shape, self._full(shape), strict=True)):
-            raise ValueError(
-                f"{fn_name}: Blocks{self.shape} does not tile {path!r} of shape {tuple(shape)}"
-            )
+            raise ValueError(f"Blocks{self.shape} does not tile {path!r} of shape {tuple(shape)}")
 
     def reduce(self, x):
         full = self._full(x.shape)
@@ -226,16 +319,25 @@ class Blocks(Structure):
 def nm_mask(scores: jax.Array, structure: NM) -> jax.Array:
     """Boolean mask keeping the ``n`` highest scores of every run of ``m`` along ``structure.axis``.
 
-    Ties break by position: of equal scores the earlier one is pruned first. Sort-free: each entry's
-    rank inside its run is counted by ``m`` comparisons.
+    Ties break by position: of equal scores the earlier one is pruned first. Scores are ranked by
+    ``float_keys``: a NaN score ranks lowest (pruned first, never at the cost of a finite entry),
+    ``+inf`` highest. Sort-free: each entry's rank inside its run is counted by ``m`` comparisons.
+    The leaf must have passed ``structure.check`` (``axis`` a multiple of ``m``).
 
     >>> import jax.numpy as jnp
     >>> nm_mask(jnp.array([[4.0], [1.0], [3.0], [2.0]]), NM(2, 4))[:, 0]
     Array([ True, False,  True, False], dtype=bool)
     """
+    if not isinstance(structure, NM):
+        raise TypeError(f"structures.nm_mask: structure must be NM(n, m), got {structure!r}")
+    scores = jnp.asarray(scores)
+    try:
+        structure.check(tuple(scores.shape), "scores")
+    except ValueError as e:
+        raise ValueError(f"structures.nm_mask: {e}") from None
     n, m = structure.n, structure.m
     ax = structure.axis % scores.ndim
-    x = jnp.moveaxis(scores, ax, -1)
+    x = jnp.moveaxis(float_keys(scores), ax, -1)
     runs = x.reshape(*x.shape[:-1], x.shape[-1] // m, m)
     a, b = runs[..., :, None], runs[..., None, :]
     j_lt_i = jnp.broadcast_to(jnp.arange(m)[None, :] < jnp.arange(m)[:, None], runs.shape + (m,))

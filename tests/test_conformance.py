@@ -46,6 +46,12 @@ TREE_FUNCTIONS = {
         prune.magnitude(p), 0.5, structure=prune.Channels(), scope="global"
     ),
     "prune.apply_mask": lambda p: prune.apply_mask(p, prune.topk_mask(prune.magnitude(p), 0.5)),
+    "prune.topk_mask(NM, kernel_like)": lambda p: prune.topk_mask(
+        prune.magnitude(p), 0.5, structure=prune.NM(2, 4), where=jaxslim.structures.kernel_like
+    ),
+    "prune.topk_mask(Blocks, numpy sparsity)": lambda p: prune.topk_mask(
+        prune.magnitude(p), np.array(0.25), structure=prune.Blocks((2, 4))
+    ),
     "quant.quantize_params(int8 per-channel) -> dequantize_params": lambda p: (
         quant.dequantize_params(quant.quantize_params(p, [(None, QuantSpec(8, axis=-1))])[0])
     ),
@@ -55,6 +61,14 @@ TREE_FUNCTIONS = {
                 0
             ]
         )
+    ),
+    "quant.quantize_params(nf4 group 4, double-quantized scales) -> dequantize_params": lambda p: (
+        quant.dequantize_params(
+            quant.quantize_params(p, QuantSpec(fmt="nf4", axis=-1, group_size=4))[0]
+        )
+    ),
+    "quant.quantize_params(e4m3 per-channel) -> dequantize_params": lambda p: (
+        quant.dequantize_params(quant.quantize_params(p, QuantSpec(fmt="e4m3", axis=-1))[0])
     ),
 }
 
@@ -69,6 +83,9 @@ TRANSFORMS = {
     "regularize.prox_elastic_net": lambda p: regularize.prox_elastic_net(0.5, 0.1, 0.1),
     "regularize.prox_group_lasso": lambda p: regularize.prox_group_lasso(
         0.5, schedules.exponential_decay(0.1, 0.9)
+    ),
+    "prune.pruner(Channels, global)": lambda p: prune.pruner(
+        prune.polynomial_schedule(0.5, 0, 4), structure=prune.Channels(), scope="global"
     ),
 }
 

@@ -139,10 +139,10 @@ def test_hint_loss_numpy_and_regressor(variant):
     s = jnp.asarray(rng.standard_normal((8, 4, 3)), jnp.float32)
     t = jnp.asarray(rng.standard_normal((8, 4, 5)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
-    got = variant(lambda s, t, w: hint_loss(s, t, lambda f: f @ w))(s, t, w)
+    got = variant(lambda s, t, w: hint_loss(s, t, regressor=lambda f: f @ w))(s, t, w)
     d = np.asarray(t, np.float64) - np.asarray(s, np.float64) @ np.asarray(w, np.float64)
     np.testing.assert_allclose(got, 0.5 * (d**2).sum(axis=(1, 2)).mean(), rtol=1e-5)
-    gt = jax.grad(lambda t: hint_loss(s, t, lambda f: f @ w))(t)
+    gt = jax.grad(lambda t: hint_loss(s, t, regressor=lambda f: f @ w))(t)
     np.testing.assert_array_equal(gt, np.zeros_like(t))
     with pytest.raises(ValueError, match=r"hint_loss: student_features \(8, 4, 3\) and teacher"):
         hint_loss(s, t)
@@ -236,3 +236,73 @@ def test_demo_section_smoke():
     jax.tree.map(
         np.testing.assert_array_equal, before, jax.tree.map(np.asarray, nnx.state(dense, nnx.Param))
     )  # dense not mutated
+
+
+# --- edge inputs: huge temperature, -inf teacher rows, empty batch, traced labels -------------
+
+
+@pytest.mark.parametrize("temperature", [1e2, 1e4, 1e6, 1e30])
+def test_kd_loss_large_temperature_is_exact_then_its_limit(variant, temperature):
+    s, t, _ = _logits(7)
+    got = float(variant(lambda s, t: kd_loss(s, t, temperature=temperature))(s, t))
+    d = np.asarray(t, np.float64) - np.asarray(s, np.float64)
+    limit = 0.5 * ((d - d.mean(-1, keepdims=True)) ** 2).mean(-1).mean()  # Hinton sec. 2.1
+    ref = _np_kd(s, t, temperature) if temperature <= 1e4 else limit
+    np.testing.assert_allclose(got, ref, rtol=2e-4)
+    g = variant(jax.grad(lambda s: kd_loss(s, t, temperature=temperature)))(s)
+    assert np.isfinite(np.asarray(g)).all()
+
+
+def test_kd_loss_teacher_rows_of_neg_inf(variant):
+    s, t, _ = _logits(8, shape=(4, 6))
+    t = np.asarray(t).copy()
+    t[0, :] = -np.inf  # no teacher distribution: contributes 0
+    t[1, :4] = -np.inf  # partial
+    t = jnp.asarray(t)
+    got = float(variant(lambda s, t: kd_loss(s, t, temperature=2.0))(s, t))
+    rows = [_np_kd(np.asarray(s)[i : i + 1], np.asarray(t)[i : i + 1], 2.0) for i in (1, 2, 3)]
+    np.testing.assert_allclose(got, sum(rows) / 4, rtol=1e-5)
+    g = np.asarray(variant(jax.grad(lambda s: kd_loss(s, t, temperature=2.0)))(s))
+    assert np.isfinite(g).all() and (g[0] == 0).all()
+
+
+def test_kd_loss_empty_batch_is_zero_with_finite_grad(variant):
+    s = jnp.zeros((0, 5))
+    y = jnp.zeros((0,), jnp.int32)
+    f = variant(lambda s: kd_loss(s, s + 1.0, y, hard_weight=1.0, temperature=3.0))
+    assert float(f(s)) == 0.0
+    assert variant(jax.grad(lambda s: kd_loss(s, s, y, hard_weight=1.0)))(s).shape == (0, 5)
+    assert float(hint_loss(jnp.zeros((0, 3)), jnp.zeros((0, 3)))) == 0.0
+    assert float(attention_transfer_loss(jnp.zeros((0, 2, 2, 3)), jnp.zeros((0, 2, 2, 5)))) == 0
+
+
+def test_kd_loss_traced_out_of_range_labels_are_ignored():
+    s, t, y = _logits(9, shape=(4, 5))
+    f = jax.jit(lambda y: kd_loss(s, t, y, soft_weight=0.0, hard_weight=1.0))
+    ce = -_np_log_softmax(s)[np.arange(4), np.asarray(y)]
+    bad = jnp.asarray(y).at[0].set(-1).at[2].set(5)  # -1 must not score as class 4
+    np.testing.assert_allclose(float(f(bad)), ce[[1, 3]].mean(), rtol=1e-6)
+    assert float(f(jnp.full((4,), 7, jnp.int32))) == 0.0  # no valid row
+    g = jax.jit(jax.grad(lambda s, y: kd_loss(s, t, y, soft_weight=0.0, hard_weight=1.0)))(s, bad)
+    assert (np.asarray(g)[[0, 2]] == 0).all()
+
+
+def test_kd_loss_traced_bad_hyperparameters_turn_terms_off():
+    s, t, y = _logits(10, shape=(4, 5))
+    f = jax.jit(lambda T, w: kd_loss(s, t, y, temperature=T, hard_weight=w))
+    hard = float(kd_loss(s, t, y, soft_weight=0.0, hard_weight=1.0))
+    assert float(f(jnp.float32(0.0), jnp.float32(1.0))) == pytest.approx(hard, rel=1e-6)
+    assert float(f(jnp.float32(jnp.nan), jnp.float32(1.0))) == pytest.approx(hard, rel=1e-6)
+    soft = float(kd_loss(s, t, temperature=2.0))
+    assert float(f(jnp.float32(2.0), jnp.float32(-1.0))) == pytest.approx(soft, rel=1e-6)
+
+
+def test_attention_transfer_large_p_and_activations_are_finite(variant):
+    rng = np.random.default_rng(11)
+    a = jnp.asarray(rng.standard_normal((2, 3, 3, 4)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((2, 3, 3, 6)), jnp.float32)
+    base = float(attention_transfer_loss(a, b))
+    # Q is scale-invariant: huge activations give the same loss instead of inf / inf
+    big = float(variant(attention_transfer_loss)(a * 1e30, b * 1e25))
+    np.testing.assert_allclose(big, base, rtol=1e-5)
+    assert np.isfinite(float(variant(lambda a, b: attention_transfer_loss(a, b, p=200.0))(a, b)))

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from jaxslim import prune
+from jaxslim import prune, structures
 from jaxslim.structures import NM, Blocks, Channels, Unstructured
 
 VARIANTS = {"eager": lambda f: f, "jit": jax.jit}
@@ -98,7 +98,10 @@ def test_channels_matches_ln_structured_on_any_axis(shape, s, ord, axis, seed):
     assume(len(np.unique(norms.astype(np.float32))) == norms.size)
     # scores are |w|; Channels ranks the norm of |w| = norm of w
     mask = prune.topk_mask(
-        prune.magnitude({"w": jnp.asarray(w)}), s, structure=Channels(axis=axis, ord=ord)
+        prune.magnitude({"w": jnp.asarray(w)}),
+        s,
+        structure=Channels(axis=axis, ord=ord),
+        where="w",  # any shape, (1, 1, 1) included: not only what the default calls a kernel
     )["w"]
     np.testing.assert_array_equal(np.asarray(mask), ref)
 
@@ -270,3 +273,134 @@ def test_apply_mask_rejects_mismatched_masks():
 def test_unstructured_structure_default_is_identity():
     x = jnp.arange(6.0).reshape(2, 3)
     assert Unstructured().reduce(x) is x and Unstructured().group_size(x.shape) == 1
+
+
+# --- non-finite scores, concrete array sparsities, layouts ------------------------------------
+
+
+def ref_rank_nan_lowest(w: np.ndarray, amount: float) -> np.ndarray:
+    """torch's rule with NaN ranked below everything (pruned first), +inf above everything."""
+    key = np.where(np.isnan(w), -np.inf, w).ravel()
+    first = np.isnan(w).ravel()
+    k = round(amount * w.size)
+    order = np.lexsort((np.arange(w.size), key, ~first))  # NaNs, then by value, then index
+    keep = np.ones(w.size, bool)
+    keep[order[:k]] = False
+    return keep.reshape(w.shape)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_nan_scores_rank_lowest_and_inf_highest(variant, scope):
+    w = np.arange(1.0, 13.0, dtype=np.float32).reshape(4, 3)
+    w[0, 1], w[2, 2], w[3, 0] = np.nan, np.inf, np.nan
+    for s in (0.25, 0.5, 11 / 12):
+        got = variant(lambda x, s=s: prune.topk_mask({"w": x}, s, scope=scope))(jnp.asarray(w))
+        np.testing.assert_array_equal(np.asarray(got["w"]), ref_rank_nan_lowest(w, s))
+    # the +inf score is the last one pruned, the NaNs the first
+    got = prune.topk_mask({"w": jnp.asarray(w)}, 2 / 12, scope=scope)["w"]
+    assert not got[0, 1] and not got[3, 0] and int(got.sum()) == 10
+
+
+@pytest.mark.parametrize("structure", [Channels(axis=-1), Blocks((2, 1))], ids=repr)
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_group_with_nan_ranks_lowest_group_with_inf_highest(variant, structure, scope):
+    w = np.ones((4, 3), np.float32) * np.array([5.0, 1.0, 3.0], np.float32)
+    w[1, 0] = np.nan  # poisons group 0 of both structures
+    w[0, 1] = np.inf  # makes the smallest column/block the largest
+    got = np.asarray(
+        variant(lambda x: prune.topk_mask({"w": x}, 1 / 3, structure=structure, scope=scope))(
+            jnp.asarray(w)
+        )["w"]
+    )
+    if isinstance(structure, Channels):  # 3 columns, 1 pruned: the NaN column
+        np.testing.assert_array_equal(got, np.array([[False, True, True]] * 4))
+    else:  # Blocks (2, 1): 6 blocks, 2 pruned: the NaN block, then the smallest finite (col 1)
+        expect = np.ones((4, 3), bool)
+        expect[0:2, 0] = False
+        expect[2:4, 1] = False
+        np.testing.assert_array_equal(got, expect)
+
+
+def test_nm_nan_never_drops_a_finite_entry(variant):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 6)).astype(np.float32)
+    w[1, 0] = w[4, 3] = w[6, 3] = np.nan  # one NaN in run 0 of col 0, two in run 1 of col 3
+    w[0, 5] = np.inf
+    got = np.asarray(
+        variant(lambda x: prune.topk_mask({"w": x}, 0.5, structure=NM(2, 4)))(jnp.asarray(w))["w"]
+    )
+    for col in range(6):
+        for run in range(2):
+            seg = w[4 * run : 4 * run + 4, col]
+            key = np.where(np.isnan(seg), -np.inf, seg)  # NaN below every finite score
+            expect = np.zeros(4, bool)
+            expect[np.argsort(key, kind="stable")[2:]] = True
+            np.testing.assert_array_equal(got[4 * run : 4 * run + 4, col], expect)
+            assert not got[4 * run : 4 * run + 4, col][np.isnan(seg)].any()
+    assert got[0, 5]  # +inf is kept
+
+
+@pytest.mark.parametrize(
+    "s", [np.array(0.5), jnp.array(0.5), np.float32(0.5), np.float64(0.5), np.int64(1)], ids=repr
+)
+def test_concrete_array_sparsity_is_checked_and_equals_float(s):
+    w = {"w": jnp.asarray(np.random.default_rng(1).standard_normal((4, 5)), jnp.float32)}
+    np.testing.assert_array_equal(prune.topk_mask(w, s)["w"], prune.topk_mask(w, float(s))["w"])
+
+
+def test_traced_sparsity_is_clipped_and_nan_prunes_nothing():
+    w = {"w": jnp.asarray(np.random.default_rng(2).standard_normal((4, 5)), jnp.float32)}
+    f = jax.jit(lambda s: prune.topk_mask(w, s)["w"])
+    assert bool(f(jnp.float32(1.5)).sum() == 0)  # clipped to 1: everything pruned
+    assert bool(f(jnp.float32(-0.5)).all())  # clipped to 0
+    assert bool(f(jnp.float32(jnp.nan)).all())  # NaN: nothing pruned
+    g = jax.jit(lambda s: prune.topk_mask(w, s, structure=NM(2, 4), where=lambda p, x: True))
+    assert bool(g(jnp.float32(jnp.nan))["w"].all())
+
+
+def test_equinox_layouts_channels_axis0_prunes_rows_and_filters(variant):
+    rng = np.random.default_rng(3)
+    # eqx.nn.Linear(5, 6).weight is (out=6, in=5); eqx.nn.Conv2d(3, 4, 3).weight (4, 3, 3, 3)
+    lin = rng.standard_normal((6, 5)).astype(np.float32) * np.arange(1, 7)[:, None]
+    conv = (
+        rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+        * np.array([3, 1, 4, 2])[:, None, None, None]
+    )
+    bias = np.ones((4, 1, 1), np.float32)  # eqx Conv2d bias: ndim 3 but not a kernel
+    params = {"linear": {"weight": lin}, "conv": {"weight": conv, "bias": bias}}
+    params = jax.tree.map(jnp.asarray, params)
+    mask = variant(
+        lambda p: prune.topk_mask(p, 0.5, structure=Channels(axis=0), where=structures.kernel_like)
+    )(params)
+    assert mask["conv"]["bias"] is None  # kernel_like skips (out, 1, 1)
+    row_norms = np.linalg.norm(lin, axis=1)
+    pruned_rows = np.sort(np.argsort(row_norms, kind="stable")[:3])
+    np.testing.assert_array_equal(
+        np.flatnonzero(~np.asarray(mask["linear"]["weight"]).all(1)), pruned_rows
+    )
+    assert np.asarray(mask["linear"]["weight"]).all(1).sum() == 3  # whole rows (outputs)
+    filt_norms = np.linalg.norm(conv.reshape(4, -1), axis=1)
+    kept = np.asarray(mask["conv"]["weight"]).reshape(4, -1)
+    assert (kept.all(1) | ~kept.any(1)).all()  # whole filters
+    np.testing.assert_array_equal(
+        np.flatnonzero(~kept.any(1)), np.sort(np.argsort(filt_norms, kind="stable")[:2])
+    )
+
+
+def test_kernel_like_predicate():
+    assert structures.kernel_like("k", jnp.zeros((3, 4)))
+    assert structures.kernel_like("k", jnp.zeros((3, 1, 4)))
+    assert not structures.kernel_like("b", jnp.zeros((8, 1, 1)))
+    assert not structures.kernel_like("b", jnp.zeros((1, 8)))
+    assert not structures.kernel_like("i", jnp.zeros((3, 4), jnp.int32))
+    assert not structures.kernel_like("n", None)
+
+
+def test_nm_on_einsum_kernel_follows_the_axis_given():
+    # (2, H=4, F=8) einsum kernel contracting F: NM(2, 4, axis=-1) runs along F.
+    w = jnp.asarray(np.random.default_rng(4).standard_normal((2, 4, 8)), jnp.float32)
+    along_f = prune.topk_mask({"w": w}, 0.5, structure=NM(2, 4, axis=-1))["w"]
+    assert (np.asarray(along_f).reshape(2, 4, 2, 4).sum(-1) == 2).all()
+    along_h = prune.topk_mask({"w": w}, 0.5, structure=NM(2, 4))["w"]  # default: axis -2 (H)
+    assert (np.asarray(along_h).sum(1) == 2).all()
+    assert not np.array_equal(np.asarray(along_f), np.asarray(along_h))

@@ -207,3 +207,18 @@ def test_transforms_bad_input():
         prune.masks_of(optax.sgd(0.1).init(params))
     with pytest.raises(TypeError, match="schedule"):
         prune.pruner("gradual")
+
+
+def test_pruner_traced_nan_schedule_keeps_masks_and_out_of_range_is_clipped():
+    params = {"w": jnp.asarray(np.random.default_rng(5).standard_normal((8, 4)), jnp.float32)}
+    values = jnp.array([0.25, 0.5, jnp.nan, jnp.nan, 0.75, -1.0, 2.0], jnp.float32)
+    tx = prune.pruner(lambda t: values[jnp.minimum(t, 6)])
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    zeros = {"w": jnp.zeros((8, 4))}
+    pruned = []
+    for _ in range(7):
+        _, state = update(zeros, state, params)
+        pruned.append(int((~prune.masks_of(state)["w"]).sum()))
+    # 0.25, 0.5, NaN (keep), NaN (keep), 0.75, -1 -> 0, 2 -> 1
+    assert pruned == [8, 16, 16, 16, 24, 0, 32]

@@ -13,6 +13,8 @@ from jax import lax
 from jaxslim import quant
 from jaxslim.flax.quant import conv_patches, quantize_model
 from jaxslim.quant import QArray, QuantSpec
+from jaxslim.quant.dot import INT_MIN_ROWS, blocked_path_applies
+from jaxslim.quant.spec import layout
 
 JIT = [lambda f: f, jax.jit]
 
@@ -59,7 +61,7 @@ def test_gptq_matches_numpy_reference(wrap, group, block):
     want = gptq_reference(w, h, 4, group or 64)
     got = np.asarray(q.codes())
     assert (got == want).mean() >= 0.99  # float32 vs float64 may flip a rare near-tie
-    assert q.scale.shape == quant.layout(spec, w.shape).scale_shape
+    assert q.scale.shape == layout(spec, w.shape).scale_shape
 
 
 @settings(max_examples=7)  # each example compiles GPTQ once
@@ -119,8 +121,8 @@ def test_gptq_dead_inputs_and_bad_input():
     h = quant.gptq_hessian(x)
     with pytest.raises(ValueError, match=r"hessian must have shape \(32, 32\).*'layer'"):
         quant.gptq(w, h[:4, :4], QuantSpec(4), path="layer")
-    with pytest.raises(ValueError, match="integer QuantSpec"):
-        quant.gptq(w, h, QuantSpec(fmt="e4m3"))
+    with pytest.raises(TypeError, match="QuantSpec"):
+        quant.gptq(w, h, "int4")
     with pytest.raises(ValueError, match="ndim >= 2"):
         quant.gptq(w[:, 0], h, QuantSpec(4))
     with pytest.raises(ValueError, match="does not divide.*'layer'"):
@@ -207,7 +209,7 @@ def test_blocked_path_equals_dequantize_path(wrap, spec):
     x = jnp.asarray(rng.normal(size=(2, 3, 1024)).astype(np.float32))
     q = quant.quantize(w, spec)
     dn = (((2,), (0,)), ((), ()))
-    assert quant.blocked_path_applies(x, q, dn)
+    assert blocked_path_applies(x, q, dn)
     y = wrap(lambda x, q: quant.qdot_general(x, q, dn, impl="blocked"))(x, q)
     want = np.einsum(
         "abk,kn->abn", np.asarray(x, np.float64), np.asarray(quant.dequantize(q), np.float64)
@@ -235,7 +237,7 @@ def test_auto_picks_the_measured_fastest_path():
     # One row: the blocked weight-only scan (int8 x int8 is slow for a matrix-vector product).
     assert "scan" in prims(1) and "scan" in prims(1, lhs_spec=act)
     # From INT_MIN_ROWS rows: int8 x int8 products accumulated in int32.
-    m = quant.INT_MIN_ROWS["cpu"]
+    m = INT_MIN_ROWS["cpu"]
     assert "preferred_element_type=int32" in prims(m, lhs_spec=act)
     assert "scan" in prims(m)  # weight-only: still the blocked path
     y1 = quant.qdot_general(jnp.ones((1, 512)), wq, DN, lhs_spec=act)
@@ -248,3 +250,35 @@ def test_auto_picks_the_measured_fastest_path():
             (((2,), (1,)), ((0,), (0,))),
             impl="blocked",
         )
+
+
+def test_gptq_on_obs_factor_matches_explicit_obs_loop():
+    """gptq runs on jaxslim._obs: per channel (one group), its codes are those of the plain OBS
+    row loop with the factor of _obs.obs_factor (numpy), dead inputs zeroed."""
+    from jaxslim import _obs
+
+    x, w = _data(32, 6, seed=3)
+    x = x.at[:, 5].set(0.0)  # a dead input: its row is zeroed
+    h = quant.gptq_hessian(x)
+    spec = QuantSpec(4, axis=-1)
+    q = quant.gptq(w, h, spec, block_size=8)
+    u, dead = _obs.obs_factor(h, 0.01)
+    u, wn = np.asarray(u, np.float64), np.where(np.asarray(dead)[:, None], 0.0, np.asarray(w))
+    s = np.asarray(q.float_scale(), np.float64).reshape(1, -1)
+    codes = np.zeros_like(wn)
+    for i in range(wn.shape[0]):
+        codes[i] = np.clip(np.round(wn[i] / s[0]), -8, 7)
+        e = (wn[i] - codes[i] * s[0]) / u[i, i]
+        wn[i + 1 :] -= np.outer(u[i, i + 1 :], e)
+    assert np.mean(np.asarray(q.codes()) == codes) > 0.99
+    assert bool(jnp.all(q.codes()[5] == 0))
+
+
+def test_gptq_under_jit_falls_back_to_rtn_on_a_bad_hessian():
+    x, w = _data(16, 4)
+    spec = QuantSpec(4, axis=-1, group_size=8)
+    bad = -jnp.eye(16)  # not positive definite: the _obs factor is all NaN under jit
+    q = jax.jit(lambda w, h: quant.gptq(w, h, spec))(w, bad)
+    np.testing.assert_array_equal(q.dequantize(), quant.quantize(w, spec).dequantize())
+    with pytest.raises(ValueError, match="quant.gptq: the hessian of 'k' is not positive definite"):
+        quant.gptq(w, bad, spec, path="k")

@@ -108,9 +108,13 @@ def test_nonfinite_inputs():
     assert np.isnan(y[2])
     g = jax.grad(lambda x: quant.fake_quant_affine(x, 0.1, 0, -8, 7).sum())(x)
     np.testing.assert_array_equal(np.asarray(g), [0, 0, 0, 0])  # 1.0 / 0.1 = 10 > 7 too
-    q = quant.quantize(x, QuantSpec(8))
-    assert np.asarray(q.values).tolist()[2] == 0  # NaN -> zero point
-    assert np.isfinite(np.asarray(q.scale)).all()
+    # Under jit nothing can raise: NaN -> zero point, +-inf clip, the scale ignores them.
+    q = jax.jit(lambda x: quant.quantize(x, QuantSpec(8)))(x)
+    assert np.asarray(q.values).tolist() == [127, -128, 0, 127]
+    assert np.asarray(q.scale).item() == np.float32(1) / np.float32(127.5)
+    # A concrete input with NaN or inf has no code: it raises, naming the leaf.
+    with pytest.raises(ValueError, match=r"quant.quantize: 'w' has 3 non-finite entries"):
+        quant.quantize(x, QuantSpec(8), path="w")
 
 
 @pytest.mark.parametrize("wrap", JIT)
@@ -122,7 +126,7 @@ def test_scales_equal_torch_observer_formula(wrap, bits, signed, symmetric):
     x = (rng.normal(size=(6, 5)) * 2 + 0.5).astype(np.float32)
     spec = QuantSpec(bits, signed=signed, symmetric=symmetric, axis=-1)
     s, z = wrap(lambda x: quant.qparams(x, spec))(x)
-    qmin, qmax = quant.qrange(bits, signed)
+    qmin, qmax = quant.qrange(bits, signed=signed)
     lo, hi = np.minimum(x.min(0), 0), np.maximum(x.max(0), 0)
     eps = np.finfo(np.float32).eps
     if symmetric:
@@ -168,3 +172,54 @@ def test_bad_primitive_inputs():
         quant.fake_quant_affine(jnp.ones((2, 3)), jnp.ones(3), jnp.zeros(3), 0, 5, axis=0)
     with pytest.raises(ValueError, match="out of range"):
         quant.fake_quant_affine(jnp.ones((2, 3)), jnp.ones(3), jnp.zeros(3), 0, 5, axis=2)
+
+
+@pytest.mark.parametrize("wrap", JIT)
+@pytest.mark.parametrize("signed", [True, False])
+def test_affine_range_wider_than_float32_stays_finite(wrap, signed):
+    # hi - lo = 6e38 overflows float32: the scale must not be inf (which made every value NaN).
+    x = jnp.linspace(-3e38, 3e38, 101, dtype=jnp.float32)
+    spec = QuantSpec(8, signed=signed, symmetric=False)
+    s, z = wrap(lambda x: quant.qparams(x, spec))(x)
+    assert np.isfinite(np.asarray(s)).all()
+    want_s = np.float32(3e38) / np.float32(255) - np.float32(-3e38) / np.float32(255)
+    assert s.item() == want_s
+    for f in (
+        lambda x: quant.dequantize(quant.quantize(x, spec)),
+        lambda x: quant.fake_quant(x, spec),
+    ):
+        y = np.asarray(wrap(f)(x))
+        assert np.isfinite(y).all()
+        err = np.abs(y.astype(np.float64) - np.asarray(x, np.float64))
+        # Within half a step everywhere, up to the float32 rounding of (q - z) * s.
+        assert (err <= s.item() / 2 + np.spacing(np.abs(np.asarray(x)))).all()
+
+
+@pytest.mark.parametrize("wrap", JIT)
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32], ids=str)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_values_at_the_dtype_max_never_dequantize_to_inf(wrap, dtype, symmetric):
+    # Symmetric int8: s = max / 127.5, so -max -> -127.5 -> -128 (half to even), and
+    # -128 * s = -1.0039 * max is past the dtype's largest finite value. It saturates there.
+    big = float(jnp.finfo(dtype).max)
+    x = jnp.array([-big, -big / 2, 0.0, big / 3, big], dtype)
+    spec = QuantSpec(8, symmetric=symmetric)
+    y = np.asarray(wrap(lambda x: quant.dequantize(quant.quantize(x, spec)))(x), np.float64)
+    f = np.asarray(wrap(lambda x: quant.fake_quant(x, spec))(x), np.float64)
+    np.testing.assert_array_equal(y, f)
+    assert np.isfinite(y).all() and y.dtype == np.float64
+    assert y[0] == -big and y[-1] <= big and y[2] == 0.0
+    s, _ = quant.qparams(x, spec)
+    err = np.abs(y - np.asarray(x, np.float64))
+    ulp = np.spacing(np.abs(np.asarray(x, np.float32)[1:-1]))
+    assert (err[1:-1] <= s.item() / 2 * (1 + 1e-6) + 2 * ulp.astype(np.float64)).all()
+    # The primitive saturates the same way.
+    p = quant.fake_quant_affine(x, jnp.float32(big / 127.5), 0, -128, 127)
+    assert p.dtype == dtype and np.asarray(p, np.float64)[0] == -big
+
+
+def test_fp8_and_nf4_zero_point_and_scale_rules():
+    s, z = quant.qparams(jnp.array([-2.0, 448.0]), QuantSpec(fmt="e4m3"))
+    assert s.item() == 1.0 and z.item() == 0  # symmetric divisor: the fp8 max
+    s, z = quant.qparams(jnp.array([-3.0, 1.0]), QuantSpec(fmt="nf4"))
+    assert s.item() == 3.0 and z.item() == 0  # absmax: nf4's grid is [-1, 1]

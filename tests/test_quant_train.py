@@ -10,6 +10,7 @@ from flax import nnx
 from jaxslim import quant
 from jaxslim.flax.quant import fake_quant_dot_general, qat_model, quantize_model
 from jaxslim.quant import QArray, QuantSpec
+from jaxslim.quant.dot import INT_MIN_ROWS
 
 JIT = [lambda f: f, jax.jit]
 
@@ -74,7 +75,7 @@ def test_mse_observer_beats_minmax_with_outlier():
     for name, make in [
         ("minmax", quant.minmax_observer),
         ("mse", quant.mse_observer),
-        ("pct", lambda s: quant.percentile_observer(s, 99.0)),
+        ("pct", lambda s: quant.percentile_observer(s, percentile=99.0)),
     ]:
         obs = make(spec)
         s, z = obs.result(jax.jit(obs.update)(obs.init(x), x))
@@ -150,7 +151,7 @@ def test_qdot_batch_dims_and_errors():
         quant.qdot_general(quant.quantize(a[0], QuantSpec(8)), grouped, DN, impl="int")
     with pytest.raises(ValueError, match="impl must be"):
         quant.qdot_general(a[0], b[0], DN, impl="fast")
-    assert quant.INT_MIN_ROWS["cpu"] >= 1
+    assert INT_MIN_ROWS["cpu"] >= 1
 
 
 def test_nnx_ptq_and_qat():

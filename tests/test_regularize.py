@@ -182,7 +182,7 @@ def test_prox_elastic_net_matches_formula(variant):
 
 @functools.partial(jax.jit, static_argnums=3)
 def _group_step(params, u, strength, axis):
-    tx = R.prox_group_lasso(lambda _: strength, 0.5, groups=Channels(axis=axis))
+    tx = R.prox_group_lasso(lambda _: strength, 0.5, structure=Channels(axis=axis))
     out, _ = tx.update(u, tx.init(params), params)
     return out
 
@@ -221,7 +221,7 @@ def test_prox_group_lasso_zeros_channels_in_training(variant):
 def test_prox_group_lasso_blocks_and_unstructured(variant):
     params, u = _params(), _grads(_params())
     lr, s = 0.5, 0.8
-    tx = R.prox_group_lasso(s, lr, groups=Blocks((2, 4)), where="conv")
+    tx = R.prox_group_lasso(s, lr, structure=Blocks((2, 4)), where="conv")
     out, _ = _update(tx, u, params, variant)
     z = np.asarray(params["conv"]["kernel"], np.float64) + np.asarray(u["conv"]["kernel"])
     tiles = z.reshape(3, 2, 2, 2, 4).transpose(0, 1, 3, 2, 4)  # (3, 2, 2, [2, 4])
@@ -230,7 +230,7 @@ def test_prox_group_lasso_blocks_and_unstructured(variant):
     new = optax.apply_updates(params, out)
     np.testing.assert_allclose(new["conv"]["kernel"], ref.reshape(z.shape), rtol=1e-5, atol=1e-6)
     # Unstructured groups are single entries: the block threshold is the soft threshold
-    a, _ = _update(R.prox_group_lasso(s, lr, groups=Unstructured()), u, params, variant)
+    a, _ = _update(R.prox_group_lasso(s, lr, structure=Unstructured()), u, params, variant)
     b, _ = _update(R.prox_l1(s, lr), u, params, variant)
     chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-7)
 
@@ -345,7 +345,7 @@ def test_penalty_gradients_finite_at_zero(variant):
     assert float(jax.grad(jnp.abs)(0.0)) == 1.0  # why l1_penalty does not use jnp.abs alone
     g = variant(jax.grad(R.group_lasso_penalty))(p)["w"]
     np.testing.assert_allclose(g, np.sqrt(2) * np.array([[0, 0, 0.6], [0, 0, -0.8]]), rtol=1e-6)
-    gb = variant(jax.grad(lambda q: R.group_lasso_penalty(q, Blocks((1, 1)))))(p)["w"]
+    gb = variant(jax.grad(lambda q: R.group_lasso_penalty(q, structure=Blocks((1, 1)))))(p)["w"]
     assert np.isfinite(np.asarray(gb)).all()
 
 
@@ -443,12 +443,12 @@ def test_bad_input():
         R.add_l2(lambda t: -1.0)
     with pytest.raises(TypeError, match="float or an optax schedule"):
         R.prox_elastic_net("0.1", 0.1, 0.1)
-    with pytest.raises(TypeError, match="groups must be"):
-        R.prox_group_lasso(0.1, 0.1, groups=NM(2, 4))
+    with pytest.raises(TypeError, match="structure must be"):
+        R.prox_group_lasso(0.1, 0.1, structure=NM(2, 4))
     with pytest.raises(ValueError, match="ord"):
-        R.prox_group_lasso(0.1, 0.1, groups=Channels(ord=1))
+        R.prox_group_lasso(0.1, 0.1, structure=Channels(ord=1))
     with pytest.raises(ValueError, match="Blocks"):
-        R.prox_group_lasso(0.1, 0.1, groups=Blocks((4, 4))).init(params)
+        R.prox_group_lasso(0.1, 0.1, structure=Blocks((4, 4))).init(params)
     with pytest.raises(ValueError, match="params are required"):
         tx = R.prox_l1(0.1, 0.1)
         tx.update(params, tx.init(params))
@@ -456,3 +456,94 @@ def test_bad_input():
         R.add_l1(0.1, where="nothing_here").init(params)
     with pytest.raises(ValueError, match="l1_penalty"):
         R.l1_penalty(params, where="nothing_here")
+
+
+# --- bad scheduled values under jit, non-finite weights, the structure= name ------------------
+
+
+def _bad_after_step_0(bad):
+    return lambda t: jnp.where(t >= 1, jnp.float32(bad), jnp.float32(0.1))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, float("inf")], ids=["nan", "neg", "inf"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda sched: R.prox_l1(1.0, sched),
+        lambda sched: R.prox_l1(sched, 0.1),
+        lambda sched: R.prox_elastic_net(0.0, sched, 0.1),
+        lambda sched: R.prox_group_lasso(1.0, sched),
+        lambda sched: R.prox_group_lasso(sched, 0.1, structure=Blocks((2, 1))),
+        lambda sched: R.add_l1(sched),
+        lambda sched: R.add_l2(sched),
+    ],
+    ids=[
+        "prox_l1-lr",
+        "prox_l1-strength",
+        "elastic-l2",
+        "glasso-lr",
+        "glasso-strength",
+        "l1",
+        "l2",
+    ],
+)
+def test_traced_bad_schedule_value_is_no_step(make, bad):
+    """Under jit a NaN/negative/inf value after step 0 counts as 0: no zeroing, no growth."""
+    params = _params()
+    tx = make(_bad_after_step_0(bad))
+    state = tx.init(params)
+    zeros = jax.tree.map(lambda p: jnp.zeros_like(p) if p.dtype != jnp.int32 else p, params)
+    update = jax.jit(tx.update)
+    _, state = update(zeros, state, params)  # step 0: a real step
+    u, _ = update(zeros, state, params)  # step 1: the bad value, i.e. 0
+    for path in (("dense", "kernel"), ("conv", "kernel")):
+        got = u[path[0]][path[1]]
+        np.testing.assert_array_equal(np.asarray(got), 0.0)  # no change at all
+        assert np.isfinite(np.asarray(got)).all()
+
+
+def test_prox_nan_entry_stays_and_does_not_zero_its_group(variant):
+    z = np.array([[3.0, 0.1], [np.nan, 0.1], [4.0, 0.1]], np.float32)  # (in=3, out=2)
+    p = {"w": jnp.asarray(z)}
+    u, _ = _update(R.prox_group_lasso(0.5, 1.0), {"w": jnp.zeros((3, 2))}, p, variant)
+    new = np.asarray(p["w"] + u["w"])
+    assert np.isnan(new[1, 0])  # the NaN stays where it is, visible
+    tau = 0.5 * np.sqrt(3)
+    ref = _block(np.array([[3.0], [0.0], [4.0]]), tau)[:, 0]  # the group without its NaN
+    np.testing.assert_allclose(new[[0, 2], 0], ref[[0, 2]], rtol=1e-6)
+    np.testing.assert_array_equal(new[:, 1], 0.0)  # the small finite group is still zeroed
+    u1, _ = _update(R.prox_l1(1.0, 0.5), {"w": jnp.zeros((3, 2))}, p, variant)
+    new1 = np.asarray(p["w"] + u1["w"])
+    assert np.isnan(new1[1, 0]) and new1[0, 0] == 2.5 and new1[2, 0] == 3.5
+
+
+def test_group_lasso_penalty_skips_nan_entries(variant):
+    w = np.array([[3.0, 1.0], [np.nan, 1.0], [4.0, 1.0]], np.float32)
+    clean = np.where(np.isnan(w), 0.0, w)
+    got = variant(lambda p: R.group_lasso_penalty({"w": p}))(jnp.asarray(w))
+    want = np.sqrt(3) * (5.0 + np.sqrt(3))
+    np.testing.assert_allclose(float(got), want, rtol=1e-6)
+    g = np.asarray(variant(jax.grad(lambda p: R.group_lasso_penalty({"w": p})))(jnp.asarray(w)))
+    assert np.isfinite(g).all() and g[1, 0] == 0.0
+    np.testing.assert_allclose(g[[0, 2], 0], np.sqrt(3) * clean[[0, 2], 0] / 5.0, rtol=1e-6)
+
+
+def test_groups_is_a_deprecated_alias_of_structure():
+    params, u = _params(), _grads(_params())
+    with pytest.warns(DeprecationWarning, match="groups= is deprecated, use structure="):
+        old = R.prox_group_lasso(0.5, 0.1, groups=Channels(axis=-2))
+    new = R.prox_group_lasso(0.5, 0.1, structure=Channels(axis=-2))
+    a, _ = old.update(u, old.init(params), params)
+    b, _ = new.update(u, new.init(params), params)
+    chex.assert_trees_all_equal(a, b)
+    with pytest.warns(DeprecationWarning, match="group_lasso_penalty: groups= is deprecated"):
+        pa = R.group_lasso_penalty(params, groups=Blocks((2, 1)))
+    assert float(pa) == float(R.group_lasso_penalty(params, structure=Blocks((2, 1))))
+
+
+def test_concrete_array_strengths_equal_floats():
+    params, u = _params(), _grads(_params())
+    for v in (np.array(0.3), jnp.array(0.3), np.float32(0.3)):
+        a, _ = R.prox_l1(v, v).update(u, R.prox_l1(v, v).init(params), params)
+        b, _ = R.prox_l1(0.3, 0.3).update(u, R.prox_l1(0.3, 0.3).init(params), params)
+        chex.assert_trees_all_close(a, b, rtol=1e-6)

@@ -233,3 +233,61 @@ def test_bad_input_raises():
         splice.fold_all(folded, found)
     with pytest.raises(ValueError, match="no kernel 'l3/kernel'"):
         splice.fuse_all({"l2": PLAIN["l2"]}, found)
+
+
+def test_fold_found_inside_jit_and_through_a_registered_vector_primitive():
+    from jax.interpreters import mlir
+
+    from jaxslim.splice import rules
+
+    name = "jaxslim_test_softplus_fold"
+    prim = jax.extend.core.Primitive(name)
+    prim.def_impl(jax.nn.softplus)
+    prim.def_abstract_eval(lambda x: x)
+    mlir.register_lowering(prim, mlir.lower_fun(jax.nn.softplus, multiple_results=False))
+    p = {"w": rnd(0, 3, 4), "g": rnd(1, 4), "v": rnd(2, 4, 2)}
+
+    def fn(p, x):
+        h = jax.jit(lambda x, w, g: (x @ w) * prim.bind(g)[None])(x, p["w"], p["g"])
+        return jax.nn.relu(h) @ p["v"]
+
+    x = rnd(3, 2, 3)
+    assert splice.find_foldable(fn, p, x) == []  # no rule: the chain stops at the primitive
+    try:
+        splice.register_rule(prim, fold="vector")(lambda w, eqn, ins: [list(ins[0])])
+        found = splice.find_foldable(fn, p, x)
+        assert found == [splice.Fold("w", None, ("g",))]
+        new = splice.fold_all(p, found)
+        np.testing.assert_allclose(new["w"], p["w"] * jax.nn.softplus(p["g"])[None], rtol=1e-6)
+        ref = jax.nn.relu(x @ new["w"] + new["bias"][None]) @ new["v"]
+        np.testing.assert_allclose(ref, fn(p, x), atol=EPS, rtol=EPS)
+    finally:
+        del rules.RULES[name]
+
+
+def test_fold_inside_scan_body_is_exact_and_stacked_kernels_are_left_alone():
+    p = {"w": rnd(0, 4, 4, scale=0.5), "mean": rnd(1, 4), "var": jnp.abs(rnd(2, 4)) + 0.5}
+
+    def fn(p, x):
+        def body(c, _):
+            h = (c @ p["w"] - p["mean"][None]) * jax.lax.rsqrt(p["var"] + 1e-5)[None]
+            return jnp.tanh(h), None
+
+        return jax.lax.scan(body, x, length=3)[0]
+
+    x = rnd(3, 2, 4)
+    found = splice.find_foldable(fn, p, x)
+    assert found == [splice.Fold("w", None, ("mean", "var"))]
+    new = splice.fold_all(p, found)
+    ref = jax.lax.scan(lambda c, _: (jnp.tanh(c @ new["w"] + new["bias"][None]), None), x, length=3)
+    np.testing.assert_allclose(ref[0], fn(p, x), atol=EPS, rtol=EPS)
+
+    stacked = {"w": jnp.stack([p["w"]] * 3), "mean": p["mean"], "var": p["var"]}
+
+    def fn_stacked(p, x):
+        def body(c, w):
+            return jnp.tanh((c @ w - p["mean"][None]) * jax.lax.rsqrt(p["var"] + 1e-5)[None]), None
+
+        return jax.lax.scan(body, x, p["w"])[0]
+
+    assert splice.find_foldable(fn_stacked, stacked, x) == []

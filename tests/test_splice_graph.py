@@ -133,18 +133,27 @@ def test_reshape_that_mixes_axes_is_reported():
 
 
 def test_channel_permutation_by_reshape_transpose_gives_factor_groups():
-    def fn(p, x):
+    def fn(p, x, outer=2, inner=-1):
         h = jax.nn.relu(bias(x @ p["w1"], p["b1"]))
-        h = h.reshape(h.shape[0], 2, 4).transpose(0, 2, 1).reshape(h.shape[0], 8)
+        h = h.reshape(h.shape[0], outer, inner).transpose(0, 2, 1).reshape(h.shape[0], -1)
         return h @ p["w2"]
 
     p = {k: v for k, v in mlp_params().items() if k != "b2"}
-    groups = [g for g in splice.trace(fn, p, jnp.ones((2, 4))) if g.removable]
+    groups = [g for g in splice.trace(fn, p, jnp.ones((2, 4)), check=False) if g.removable]
     got = sorted(sorted((m.path, m.axis, m.factors, m.factor) for m in g.members) for g in groups)
     assert got == [
         [("b1", 0, (2, 4), 0), ("w1", 1, (2, 4), 0), ("w2", 0, (4, 2), 1)],
         [("b1", 0, (2, 4), 1), ("w1", 1, (2, 4), 1), ("w2", 0, (4, 2), 0)],
     ]
+    # A literal pins one factor (the other follows through the -1); the re-trace finds which
+    # and names the reshape and its sizes.
+    for kw, pinned, sizes in (({}, 2, "(2, 2, 4)"), ({"outer": -1, "inner": 4}, 4, "(2, 2, 4)")):
+        traced = splice.trace(lambda p, x: fn(p, x, **kw), p, jnp.ones((2, 4)))
+        groups = {g.size: g for g in traced if ("w1", 1) in list(g)}
+        assert sorted(groups) == [2, 4]
+        assert not groups[pinned].removable
+        assert f"reshape (new_sizes={sizes}" in groups[pinned].reasons[-1]
+        assert groups[6 - pinned].removable
 
 
 def test_fused_qkv_kernel_yields_head_groups():
@@ -158,7 +167,7 @@ def test_fused_qkv_kernel_yields_head_groups():
         a = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k), -1)
         return x + jnp.einsum("bhqk,bkhd->bqhd", a, v).reshape(b, s, heads * dim) @ p["wo"]
 
-    groups = splice.trace(fn, p, jnp.ones((2, 5, d)))
+    groups = splice.trace(fn, p, jnp.ones((2, 5, d)), within_heads=True, check=False)
     head = [g for g in groups if g.removable and g.size == heads]
     assert len(head) == 1
     assert sorted(head[0].members, key=lambda m: m.path) == [
@@ -169,6 +178,23 @@ def test_fused_qkv_kernel_yields_head_groups():
     assert [sorted((m.path, m.factor) for m in g.members) for g in dims] == [
         [("wo", 1), ("wqkv", 2)]
     ]
+    # By default: head_dim is not offered, and the literal head count pins the heads, which the
+    # re-trace names; reshaping by -1 heads (a constant head_dim, as most code does) frees them.
+    groups = {g.size: g for g in splice.trace(fn, p, jnp.ones((2, 5, d))) if len(g) == 2}
+    assert not groups[dim].removable and "within-head" in groups[dim].reasons[0]
+    assert not groups[heads].removable
+    assert "cannot reshape" in groups[heads].reasons[-1]
+    assert "into shape (2, 5, 3, 4, 8)" in groups[heads].reasons[-1]
+
+    def fn_free(p, x):
+        b, s, _ = x.shape
+        qkv = (x @ p["wqkv"]).reshape(b, s, 3, -1, dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        a = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k), -1)
+        return x + jnp.einsum("bhqk,bkhd->bqhd", a, v).reshape(b, s, -1) @ p["wo"]
+
+    groups = {g.size: g for g in splice.trace(fn_free, p, jnp.ones((2, 5, d))) if len(g) == 2}
+    assert groups[heads].removable and not groups[dim].removable
 
 
 def conv(x, w, groups=1):
@@ -384,3 +410,65 @@ def test_concatenated_axis_that_cannot_be_mapped_is_not_removable(tail, reason):
     for path in ("w_a", "w_b"):
         g = find(groups, path, 1)
         assert not g.removable and any(reason in r for r in g.reasons), g.reasons
+
+
+def test_count_flops_scales_scan_takes_costliest_cond_branch_and_counts_while_body_once():
+    w = jnp.ones((4, 4))
+    one = 2 * 2 * 4 * 4  # one (2, 4) @ (4, 4)
+
+    def fn(w, x):
+        x, _ = jax.lax.scan(lambda c, _: (c @ w, None), x, length=5)
+        x = jax.lax.cond(x.sum() > 0, lambda c: c @ w @ w @ w, lambda c: c @ w, x)
+        x = jax.lax.while_loop(lambda c: c.sum() < 0, lambda c: jax.jit(jnp.matmul)(c, w), x)
+        return x
+
+    assert splice.count_flops(fn, w, jnp.ones((2, 4))) == (5 + 3 + 1) * one
+
+
+def test_unstack_of_a_layer_output_keeps_its_channel_group():
+    # ``a, b = h`` is the ``unstack`` primitive on jax >= 0.12 and slice + squeeze before.
+    p = {"w1": jnp.ones((4, 8)), "w2": jnp.ones((8, 3))}
+
+    def fn(p, x):
+        a, b = x @ p["w1"]
+        return jax.nn.relu(a + b) @ p["w2"]
+
+    groups = splice.trace(fn, p, jnp.ones((2, 4)))
+    assert [pairs(g) for g in groups if g.removable] == [[("w1", 1), ("w2", 0)]]
+    assert splice.count_flops(fn, p, jnp.ones((2, 4))) == 2 * 2 * 4 * 8 + 2 * 8 * 3
+
+
+def _scale_primitive(name):
+    prim = jax.extend.core.Primitive(name)
+    prim.def_impl(lambda x, *, factor: x * factor)
+    prim.def_abstract_eval(lambda x, *, factor: x)
+    return prim
+
+
+def test_register_rule_teaches_trace_and_count_flops_a_custom_primitive():
+    from jaxslim.splice import rules
+
+    name = "jaxslim_test_scale_graph"
+    prim = _scale_primitive(name)
+    p = {"w1": jnp.ones((4, 8)), "w2": jnp.ones((8, 3))}
+
+    def fn(p, x):
+        return prim.bind(x @ p["w1"], factor=2.0) @ p["w2"]
+
+    x = jnp.ones((2, 4))
+    before = splice.trace(fn, p, x)
+    hidden = find(before, "w1", 1)
+    assert not hidden.removable and hidden.reasons == (f"no rule for primitive {name!r}",)
+    try:
+        splice.register_rule(prim, flops=lambda eqn: int(np.prod(eqn.outvars[0].aval.shape)))(
+            lambda w, eqn, ins: [list(ins[0])]
+        )
+        after = splice.trace(fn, p, x)
+        assert [pairs(g) for g in after if g.removable] == [[("w1", 1), ("w2", 0)]]
+        assert splice.count_flops(fn, p, x) == 2 * 2 * 4 * 8 + 2 * 8 + 2 * 2 * 8 * 3
+        with pytest.raises(ValueError, match="already has a rule"):
+            splice.register_rule(name)(lambda w, eqn, ins: [list(ins[0])])
+        splice.register_rule(name, override=True)(rules.unsupported)
+        assert not find(splice.trace(fn, p, x), "w1", 1).removable
+    finally:
+        del rules.RULES[name]

@@ -52,7 +52,9 @@ def np_cos(a, b):
 
 
 def test_similar_pair_is_merged_and_dissimilar_blocks_are_not():
-    new, rep = splice.merge_similar_blocks(res_fn, PARAMS, BATCHES, BLOCKS, 0.99, out="w2|b2")
+    new, rep = splice.merge_similar_blocks(
+        res_fn, PARAMS, BATCHES, BLOCKS, threshold=0.99, out="w2|b2"
+    )
     ref = np.zeros(3)
     for x in BATCHES:
         hs = [np.asarray(h) for h in res_fn(PARAMS, x)[1]]
@@ -80,10 +82,12 @@ def test_similar_pair_is_merged_and_dissimilar_blocks_are_not():
 
 
 def test_threshold_one_merges_nothing_and_first_mode_keeps_the_first():
-    new, rep = splice.merge_similar_blocks(res_fn, PARAMS, BATCHES, BLOCKS, 1.0, out="w2|b2")
+    new, rep = splice.merge_similar_blocks(
+        res_fn, PARAMS, BATCHES, BLOCKS, threshold=1.0, out="w2|b2"
+    )
     assert rep.merged == () and new is PARAMS and rep.loss_after == rep.loss_before
     new, _ = splice.merge_similar_blocks(
-        res_fn, PARAMS, BATCHES, BLOCKS, 0.99, out="w2|b2", how="first"
+        res_fn, PARAMS, BATCHES, BLOCKS, threshold=0.99, out="w2|b2", how="first"
     )
     np.testing.assert_array_equal(new["blocks"][1]["w1"], PARAMS["blocks"][1]["w1"])
     np.testing.assert_array_equal(new["blocks"][1]["b2"], 2 * np.asarray(PARAMS["blocks"][1]["b2"]))
@@ -94,7 +98,9 @@ def test_scanned_stack_run_of_three_becomes_one_layer():
     layers = [block(60), b, jitter(b, 70), jitter(b, 80)]
     stack = {"stack": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
     blocks = [("stack", i) for i in range(4)]
-    new, rep = splice.merge_similar_blocks(scan_fn, stack, BATCHES, blocks, 0.99, out="w2|b2")
+    new, rep = splice.merge_similar_blocks(
+        scan_fn, stack, BATCHES, blocks, threshold=0.99, out="w2|b2"
+    )
     assert rep.merged == ((("stack", 1), ("stack", 2), ("stack", 3)),)
     assert new["stack"]["w1"].shape == (2, 6, 8)
     mean_w2 = np.mean([np.asarray(lay["w2"]) for lay in layers[1:]], axis=0)
@@ -117,7 +123,7 @@ def test_block_similarity_of_known_updates(transform):
 
 def test_bad_input_raises():
     with pytest.raises(ValueError, match=r"threshold must be a cosine in \[-1, 1\], got 1.5"):
-        splice.merge_similar_blocks(res_fn, PARAMS, BATCHES, BLOCKS, 1.5, out="w2")
+        splice.merge_similar_blocks(res_fn, PARAMS, BATCHES, BLOCKS, threshold=1.5, out="w2")
     with pytest.raises(ValueError, match="how must be"):
         splice.merge_similar_blocks(res_fn, PARAMS, BATCHES, BLOCKS, out="w2", how="sum")
     with pytest.raises(ValueError, match="expected 4"):
@@ -127,4 +133,4 @@ def test_bad_input_raises():
     with pytest.raises(ValueError, match="batches is empty"):
         splice.merge_similar_blocks(res_fn, PARAMS, [], BLOCKS, out="w2")
     with pytest.raises(ValueError, match="where=.nope. selects no"):
-        splice.merge_similar_blocks(res_fn, PARAMS, BATCHES, BLOCKS, 0.99, out="nope")
+        splice.merge_similar_blocks(res_fn, PARAMS, BATCHES, BLOCKS, threshold=0.99, out="nope")

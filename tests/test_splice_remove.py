@@ -193,13 +193,15 @@ def test_prune_channels_l1_and_taylor_scores_match_numpy():
     (g,) = [g for g in splice.trace(mlp_fn, p, x) if g.removable]
     w1, b1, w2 = (np.asarray(p[k]) for k in ("w1", "b1", "w2"))
     l1 = np.abs(w1).sum(0) + np.abs(b1) + np.abs(w2).sum(1)
-    np.testing.assert_allclose(splice.score_group(p, g, "l1"), l1, rtol=1e-6)
+    np.testing.assert_allclose(splice.score_group(p, g, score="l1"), l1, rtol=1e-6)
     l2 = np.sqrt((w1**2).sum(0) + b1**2 + (w2**2).sum(1))
-    np.testing.assert_allclose(splice.score_group(p, g, "l2"), l2, rtol=1e-6)
+    np.testing.assert_allclose(splice.score_group(p, g, score="l2"), l2, rtol=1e-6)
     grads = jax.grad(lambda p: jnp.sum(mlp_fn(p, x) ** 2))(p)
     gw1, gb1, gw2 = (np.asarray(grads[k]) for k in ("w1", "b1", "w2"))
     taylor = ((gw1 * w1).sum(0) + gb1 * b1 + (gw2 * w2).sum(1)) ** 2
-    np.testing.assert_allclose(splice.score_group(p, g, "taylor", grads), taylor, rtol=1e-4)
+    np.testing.assert_allclose(
+        splice.score_group(p, g, score="taylor", grads=grads), taylor, rtol=1e-4
+    )
     _, rep = splice.prune_channels(mlp_fn, p, x, sparsity=0.5, score="taylor", grads=grads)
     assert rep.groups[0].removed == tuple(sorted(np.argsort(taylor, kind="stable")[:4]))
 
@@ -261,7 +263,7 @@ def test_plan_replays_on_optimizer_state_and_masks():
     _, state = tx.update(grads, state, p)
     new, rep = splice.prune_channels(mlp_fn, p, x, sparsity=0.5)
     keep = list(rep.plan.keep[0])
-    new_state = splice.apply_plan_to_opt_state(rep.plan, tx, state, p)
+    new_state = splice.apply_plan_to_opt_state(state, rep.plan, tx, p)
     np.testing.assert_array_equal(new_state[0].nu["w1"], np.asarray(state[0].nu["w1"])[:, keep])
     trace_new, trace_old = new_state[1][0].trace, state[1][0].trace
     np.testing.assert_array_equal(trace_new["w2"], np.asarray(trace_old["w2"])[keep])
@@ -370,3 +372,16 @@ def test_remove_channels_through_concatenate_equals_numpy_take_at_offsets():
     (ga,) = [g for g in groups if ("w_a", 1) in list(g)]
     both = splice.apply_plan(params, splice.make_plan([ga, gb], [[0, 5], [2]]))
     np.testing.assert_array_equal(both["w_c"], w_c[[0, 5, 8]])
+
+
+def test_apply_plan_to_opt_state_old_argument_order_warns_and_agrees():
+    p = rand_tree(MLP)
+    (g,) = [g for g in splice.trace(mlp_fn, p, jnp.ones((1, 4))) if g.removable]
+    plan = splice.make_plan([g], [[0, 3, 5]])
+    tx = optax.adam(1e-3)
+    state = tx.init(p)
+    new = splice.apply_plan_to_opt_state(state, plan, tx, p)
+    with pytest.warns(DeprecationWarning, match=r"apply_plan_to_opt_state\(opt_state, plan"):
+        old = splice.apply_plan_to_opt_state(plan, tx, state, p)
+    jax.tree.map(np.testing.assert_array_equal, old, new)
+    np.testing.assert_array_equal(new[0].mu["w1"], np.asarray(state[0].mu["w1"])[:, [0, 3, 5]])

@@ -15,7 +15,30 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-__all__ = ["load_mnist1d", "MLP", "CNN", "make_model", "train", "accuracy", "count_params"]
+__all__ = [
+    "load_mnist1d",
+    "MLP",
+    "CNN",
+    "make_model",
+    "baseline_optimizer",
+    "BATCH_SIZE",
+    "train",
+    "accuracy",
+    "count_params",
+]
+
+BATCH_SIZE = 100
+"""Minibatch size of the MNIST-1D paper's training code (``notebooks/train.py``)."""
+
+
+def baseline_optimizer(steps: int, learning_rate: float = 1e-2) -> optax.GradientTransformation:
+    """The baseline's optimizer: Adam at the paper's learning rate ``1e-2``, cosine-decayed to 0.
+
+    The paper's code trains 8000 steps of Adam(1e-2), batch 100 (~95 % for its CNN here); the
+    cosine decay reaches the same accuracy in 3000 steps (93-94 %, seeds 0 and 1) where a constant
+    ``3e-3`` stopped at 90.4 %.
+    """
+    return optax.adam(optax.cosine_decay_schedule(learning_rate, max(int(steps), 1)))
 
 
 def load_mnist1d(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -23,9 +23,17 @@ def run(data, dense, *, steps: int = 3000, sparsity: float = 0.9, seed: int = 0)
     schedule = prune.polynomial_schedule(
         sparsity, begin_step=steps // 6, end_step=2 * steps // 3, frequency=max(1, steps // 30)
     )
-    tx = optax.chain(optax.adam(3e-3), prune.pruner(schedule, scope="global"))
+    tx = optax.chain(D.baseline_optimizer(steps), prune.pruner(schedule, scope="global"))
     t0 = time.perf_counter()
-    D.train(model, tx, data, steps=steps, seed=seed, desc=f"prune to {sparsity:.0%}")
+    D.train(
+        model,
+        tx,
+        data,
+        steps=steps,
+        batch_size=D.BATCH_SIZE,
+        seed=seed,
+        desc=f"prune to {sparsity:.0%}",
+    )
     seconds = time.perf_counter() - t0
     params = nnx.state(model, nnx.Param)
     layers = [

@@ -24,7 +24,7 @@ def run(data, dense, *, steps: int = 300, sparsity: float = 0.5, seed: int = 0) 
     t0 = time.perf_counter()
     model = nnx.clone(dense)
     before = fsplice.count_params(model)
-    rep = fsplice.prune_channels_module(model, example, sparsity=sparsity)
+    rep = fsplice.prune_channels_model(model, example, sparsity=sparsity)
     acc = D.accuracy(model, x_test, y_test)
     cut = time.perf_counter() - t0
     flops = f"FLOPs {rep.flops_before:,} -> {rep.flops_after:,}"
@@ -55,7 +55,7 @@ def run(data, dense, *, steps: int = 300, sparsity: float = 0.5, seed: int = 0) 
         t0 = time.perf_counter()
         wide = nnx.clone(dense)
         a, b = _hidden_pair(wide)
-        fsplice.widen_module(a, b, 2 * a.out_features)
+        fsplice.widen_model(a, b, 2 * a.out_features)
         rows.append(
             {
                 "method": "splice: widen a hidden layer 2x (Net2WiderNet)",

@@ -14,12 +14,31 @@ import jax
 from flax import nnx
 from jax import lax
 
-from jaxslim.distill import kd_loss
+from jaxslim.distill import _hyper, kd_loss
 
 __all__ = ["distill_step"]
 
 
 @functools.partial(nnx.jit, static_argnames=("temperature", "soft_weight", "hard_weight"))
+def _step(student, optimizer, x, teacher, labels, *, temperature, soft_weight, hard_weight):
+    t = teacher(x) if callable(teacher) else teacher
+    t = lax.stop_gradient(t)
+
+    def loss_fn(model):
+        return kd_loss(
+            model(x),
+            t,
+            labels,
+            temperature=temperature,
+            soft_weight=soft_weight,
+            hard_weight=hard_weight,
+        )
+
+    loss, grads = nnx.value_and_grad(loss_fn)(student)
+    optimizer.update(student, grads)
+    return loss
+
+
 def distill_step(
     student: nnx.Module,
     optimizer: nnx.Optimizer,
@@ -55,19 +74,40 @@ def distill_step(
     >>> losses[-1] < 0.01 * losses[0]
     True
     """
-    t = teacher(x) if callable(teacher) else teacher
-    t = lax.stop_gradient(t)
-
-    def loss_fn(model):
-        return kd_loss(
-            model(x),
-            t,
-            labels,
-            temperature=temperature,
-            soft_weight=soft_weight,
-            hard_weight=hard_weight,
+    fn = "flax.distill.distill_step"
+    if not isinstance(student, nnx.Module):
+        raise TypeError(f"{fn}: student must be an nnx.Module, got {type(student).__name__}")
+    if not isinstance(optimizer, nnx.Optimizer):
+        raise TypeError(f"{fn}: optimizer must be an nnx.Optimizer, got {type(optimizer).__name__}")
+    if not (callable(teacher) or hasattr(teacher, "shape")):
+        raise TypeError(
+            f"{fn}: teacher must be an NNX model, a callable x -> logits or an array of logits, "
+            f"got {type(teacher).__name__}"
         )
-
-    loss, grads = nnx.value_and_grad(loss_fn)(student)
-    optimizer.update(student, grads)
-    return loss
+    for name, value in (
+        ("temperature", temperature),
+        ("soft_weight", soft_weight),
+        ("hard_weight", hard_weight),
+    ):
+        try:
+            hash(value)
+        except TypeError:
+            raise TypeError(
+                f"{fn}: {name} must be a Python number (it is static), got {value!r}"
+            ) from None
+    # static hyper-parameters: checked here, in Python, with this function's name
+    _hyper(fn, "temperature", temperature, positive=True)
+    _hyper(fn, "soft_weight", soft_weight)
+    _hyper(fn, "hard_weight", hard_weight)
+    if labels is None and hard_weight != 0:
+        raise ValueError(f"{fn}: labels are required when hard_weight={hard_weight!r} != 0")
+    return _step(
+        student,
+        optimizer,
+        x,
+        teacher,
+        labels,
+        temperature=temperature,
+        soft_weight=soft_weight,
+        hard_weight=hard_weight,
+    )

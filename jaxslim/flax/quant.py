@@ -46,7 +46,7 @@ from jaxslim.quant.dot import qdot_general
 from jaxslim.quant.gptq import gptq
 from jaxslim.quant.observers import Observer
 from jaxslim.quant.params import LeafSize, SizeReport, _normalize_rules
-from jaxslim.quant.qarray import QArray, dequantize, fake_quant, quantize
+from jaxslim.quant.qarray import QArray, check_finite, dequantize, fake_quant, quantize
 from jaxslim.quant.spec import QuantSpec
 
 __all__ = [
@@ -58,6 +58,18 @@ __all__ = [
 ]
 
 _LAYERS = (nnx.Linear, nnx.Conv, nnx.Einsum)
+
+
+def _check_act_bits(act_bits: Any, fn: str) -> None:
+    if act_bits is None:
+        return
+    try:
+        QuantSpec(act_bits)
+    except ValueError:
+        raise ValueError(
+            f"{fn}: act_bits must be None or an integer width of quant.QuantSpec (2, 3, 4, 8), "
+            f"got {act_bits!r}"
+        ) from None
 
 
 def _act_spec(bits: int | None, ndim: int, per_row: bool) -> QuantSpec | None:
@@ -135,7 +147,11 @@ def quantized_layers(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
 
 
 def _plan(model, rules, default, fn):
-    rules = _normalize_rules(rules)
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"{fn}: model must be an nnx.Module, got {type(model).__name__}")
+    rules = _normalize_rules(rules, fn)
+    if default is not None and not isinstance(default, QuantSpec):
+        raise TypeError(f"{fn}: default must be a QuantSpec or None, got {default!r}")
     plan = []
     for path, m in quantized_layers(model):
         kernel = m.kernel[...]
@@ -246,8 +262,7 @@ def _rtn(kernel, spec, observer):
         return quantize(kernel, spec)
     obs = observer(spec)
     scale, zp = obs.result(obs.update(obs.init(kernel), kernel))
-    symmetric_signed = spec.symmetric and spec.signed  # zero point 0: not stored
-    return quantize(kernel, spec, scale=scale, zero_point=None if symmetric_signed else zp)
+    return quantize(kernel, spec, scale=scale, zero_point=zp if spec.stores_zero_point else None)
 
 
 def _gptq_applies(m) -> bool:
@@ -278,6 +293,7 @@ def quantize_model(
       calibration: model inputs (an array, or an iterable of arrays) for GPTQ: each Linear and
         Conv kernel is quantized by ``quant.gptq`` from its own inputs, in model order, after the
         layers before it are quantized (other layers round to nearest). Not with ``observer``.
+        A batch with NaN or inf raises ``ValueError`` (so does a kernel with NaN or inf).
       gptq_options: keyword arguments for ``quant.gptq`` (``damp``, ``block_size``,
         ``clip_candidates``).
 
@@ -298,17 +314,29 @@ def quantize_model(
         raise ValueError(f"{fn}: pass calibration (GPTQ) or observer, not both")
     if gptq_options is not None and calibration is None:
         raise ValueError(f"{fn}: gptq_options given without calibration inputs")
+    if observer is not None and not callable(observer):
+        raise TypeError(f"{fn}: observer must be a function spec -> Observer, got {observer!r}")
+    _check_act_bits(act_bits, fn)
+    unknown = set(gptq_options or {}) - {"damp", "block_size", "clip_candidates"}
+    if unknown:
+        raise ValueError(
+            f"{fn}: gptq_options takes damp, block_size and clip_candidates, got {sorted(unknown)}"
+        )
     if calibration is not None:
         batches = [calibration] if hasattr(calibration, "shape") else list(calibration)
         if not batches:
             raise ValueError(f"{fn}: calibration holds no batch")
+        for i, xb in enumerate(batches):
+            if hasattr(xb, "dtype") and jnp.issubdtype(xb.dtype, jnp.floating):
+                check_finite(jnp.asarray(xb), f"calibration batch {i}", fn)
     rows = []
     for name, m, kernel, spec in _plan(model, rules, default, fn):
         if spec is None:
             rows.append(LeafSize(name, tuple(kernel.shape), None, kernel.nbytes, kernel.nbytes))
             continue
+        check_finite(kernel, name, fn)
         h = None
-        if calibration is not None and spec.fmt == "int" and _gptq_applies(m):
+        if calibration is not None and _gptq_applies(m):
             h = _capture_hessian(model, m, batches)
         if h is not None:
             q = gptq(kernel, h, spec, path=name, **(gptq_options or {}))
@@ -343,8 +371,10 @@ def qat_model(
     >>> qat_model(model, QuantSpec(4, axis=-1))
     ['kernel']
     """
+    fn = "flax.qat_model"
+    _check_act_bits(act_bits, fn)
     done = []
-    for name, m, _, spec in _plan(model, rules, default, "flax.qat_model"):
+    for name, m, _, spec in _plan(model, rules, default, fn):
         if spec is None:
             continue
         if isinstance(m, nnx.Linear):
@@ -370,6 +400,8 @@ def fake_quant_dot_general(spec: QuantSpec, *, act_bits: int | None = None):
     >>> layer.apply(params, jnp.ones((2, 8))).shape
     (2, 3)
     """
+    fn = "flax.fake_quant_dot_general"
     if not isinstance(spec, QuantSpec):
-        raise TypeError(f"flax.fake_quant_dot_general: spec must be a QuantSpec, got {spec!r}")
+        raise TypeError(f"{fn}: spec must be a QuantSpec, got {spec!r}")
+    _check_act_bits(act_bits, fn)
     return partial(_qat_dot, spec=spec, act_bits=act_bits)

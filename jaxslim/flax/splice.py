@@ -12,7 +12,8 @@ each layer's feature attributes (``Linear``, ``Conv``, ``BatchNorm``/``LayerNorm
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -20,20 +21,33 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxslim import _tree, splice
-from jaxslim.splice.remove import Plan, apply_plan, make_plan
+from jaxslim.splice.remove import Plan, _apply_plan, make_plan
 
 __all__ = [
-    "module_fn",
-    "trace_module",
-    "remove_channels_module",
-    "prune_channels_module",
-    "apply_plan_module",
+    "model_fn",
+    "trace_model",
+    "remove_channels_model",
+    "prune_channels_model",
+    "apply_plan_model",
     "sync_features",
-    "fold_batchnorm_module",
-    "widen_module",
-    "fold_all_module",
+    "fold_batchnorm_model",
+    "widen_model",
+    "fold_all_model",
     "Identity",
 ]
+
+# Earlier names (``_module`` suffix), kept as deprecated aliases; ``jaxslim.flax.quant`` uses
+# ``_model`` (``quantize_model``, ``qat_model``) and so does this module now.
+_DEPRECATED = {
+    "module_fn": "model_fn",
+    "trace_module": "trace_model",
+    "remove_channels_module": "remove_channels_model",
+    "prune_channels_module": "prune_channels_model",
+    "apply_plan_module": "apply_plan_model",
+    "fold_batchnorm_module": "fold_batchnorm_model",
+    "widen_module": "widen_model",
+    "fold_all_module": "fold_all_model",
+}
 
 
 class Identity(nnx.Module):
@@ -43,27 +57,36 @@ class Identity(nnx.Module):
         return x
 
 
-def module_fn(model: nnx.Module) -> tuple[Any, Any]:
-    """``(fn, state)`` with ``fn(state, *args) = model(*args)``, for the core splice functions."""
+def model_fn(model: nnx.Module) -> tuple[Any, Any]:
+    """``(fn, state)`` with ``fn(state, *args) = model(*args)``, for the core splice functions.
+
+    ``fn`` syncs the feature attributes of the merged copy with the state's shapes
+    (:func:`sync_features`: ``num_heads``, ``qkv_features``, ``in_features`` ...), so it runs on
+    a state whose arrays were cut, as the in-place functions leave the model; this is also what
+    lets ``trace``'s re-trace check see that those sizes follow the parameters.
+    """
     graphdef, state = nnx.split(model)
 
     def fn(s, *args):
-        return nnx.merge(graphdef, s)(*args)
+        m = nnx.merge(graphdef, s)
+        sync_features(m)
+        return m(*args)
 
     return fn, state
 
 
-def trace_module(model: nnx.Module, *example_args: Any) -> list[splice.Group]:
+def trace_model(model: nnx.Module, *example_args: Any) -> list[splice.Group]:
     """:func:`jaxslim.splice.trace` for an NNX module; paths are its state paths
     (``"layers/0/kernel"``). Put the module in the mode you will run (``model.eval()``).
 
     >>> from flax import nnx
     >>> import jax.numpy as jnp
     >>> m = nnx.Sequential(nnx.Linear(2, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 1, rngs=nnx.Rngs(1)))
-    >>> [g.paths for g in trace_module(m, jnp.ones((1, 2))) if g.removable]
+    >>> [g.paths for g in trace_model(m, jnp.ones((1, 2))) if g.removable]
     [('layers/0/bias', 'layers/0/kernel', 'layers/1/kernel')]
     """
-    fn, state = module_fn(model)
+    _check_model(model, "flax.splice.trace_model")
+    fn, state = model_fn(model)
     return splice.trace(fn, state, *example_args)
 
 
@@ -110,26 +133,48 @@ def sync_features(model: nnx.Module) -> None:
         _set_features(module)
 
 
-def apply_plan_module(model: nnx.Module, plan: Plan, optimizer: nnx.Optimizer | None = None):
-    """Applies ``plan`` to the module's state in place (and to ``optimizer``'s moments).
+def _check_model(model: Any, fn_name: str) -> None:
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"{fn_name}: model must be an nnx.Module, got {type(model).__name__}")
 
-    The optimizer state is matched by path suffix (``opt_state/0/mu/<param path>``).
-    """
-    _, state = nnx.split(model)
-    nnx.update(model, apply_plan(state, plan, fn_name="flax.splice.apply_plan_module"))
-    sync_features(model)
-    if optimizer is not None:
-        ostate = nnx.state(optimizer)
-        nnx.update(
-            optimizer,
-            apply_plan(ostate, plan, suffix=True, fn_name="flax.splice.apply_plan_module"),
+
+def _check_optimizer(optimizer: Any, fn_name: str) -> None:
+    if optimizer is not None and not isinstance(optimizer, nnx.Optimizer):
+        raise TypeError(
+            f"{fn_name}: optimizer must be an nnx.Optimizer or None, got {type(optimizer).__name__}"
         )
 
 
-def remove_channels_module(
+def _apply_plan_model(model, plan, optimizer, fn_name: str) -> None:
+    _check_model(model, fn_name)
+    _check_optimizer(optimizer, fn_name)
+    _, state = nnx.split(model)
+    new = _apply_plan(state, plan, suffix=False, fn_name=fn_name)
+    new_opt = None
+    if optimizer is not None:  # computed before anything changes: all or nothing
+        new_opt = _apply_plan(nnx.state(optimizer), plan, suffix=True, fn_name=fn_name)
+    nnx.update(model, new)
+    sync_features(model)
+    if new_opt is not None:
+        nnx.update(optimizer, new_opt)
+
+
+def apply_plan_model(
+    model: nnx.Module, plan: Plan, *, optimizer: nnx.Optimizer | None = None
+) -> None:
+    """Applies ``plan`` to the model's state in place (and to ``optimizer``'s moments).
+
+    The optimizer state is matched by path suffix (``opt_state/0/mu/<param path>``). Both
+    shrunk trees are computed before either is written, so a bad plan changes nothing.
+    """
+    _apply_plan_model(model, plan, optimizer, "flax.splice.apply_plan_model")
+
+
+def remove_channels_model(
     model: nnx.Module,
     group: splice.Group,
     keep: Sequence[int],
+    *,
     optimizer: nnx.Optimizer | None = None,
 ) -> None:
     """:func:`jaxslim.splice.remove_channels` on an NNX module, in place, features updated.
@@ -137,15 +182,21 @@ def remove_channels_module(
     >>> from flax import nnx
     >>> import jax.numpy as jnp
     >>> m = nnx.Sequential(nnx.Linear(2, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 1, rngs=nnx.Rngs(1)))
-    >>> g = [g for g in trace_module(m, jnp.ones((1, 2))) if g.removable][0]
-    >>> remove_channels_module(m, g, [0, 1, 3])
+    >>> g = [g for g in trace_model(m, jnp.ones((1, 2))) if g.removable][0]
+    >>> remove_channels_model(m, g, [0, 1, 3])
     >>> m.layers[0].out_features, m.layers[1].in_features, m(jnp.ones((1, 2))).shape
     (3, 3, (1, 1))
     """
-    apply_plan_module(model, make_plan([group], [keep]), optimizer)
+    fn_name = "flax.splice.remove_channels_model"
+    if not isinstance(group, splice.Group):
+        raise TypeError(
+            f"{fn_name}: group must be a splice.Group from trace_model(), got "
+            f"{type(group).__name__}"
+        )
+    _apply_plan_model(model, make_plan([group], [keep]), optimizer, fn_name)
 
 
-def prune_channels_module(
+def prune_channels_model(
     model: nnx.Module,
     *example_args: Any,
     sparsity: float,
@@ -157,20 +208,29 @@ def prune_channels_module(
     ``kwargs`` go to ``prune_channels`` (``score``, ``grads``, ``where``, ``round_to``,
     ``groups``). With ``optimizer`` its state shrinks with the parameters.
     """
-    fn, state = module_fn(model)
+    fn_name = "flax.splice.prune_channels_model"
+    _check_model(model, fn_name)
+    _check_optimizer(optimizer, fn_name)
+    fn, state = model_fn(model)
     _, report = splice.prune_channels(fn, state, *example_args, sparsity=sparsity, **kwargs)
-    apply_plan_module(model, report.plan, optimizer)
+    _apply_plan_model(model, report.plan, optimizer, fn_name)
     return report
 
 
-def fold_batchnorm_module(layer: nnx.Linear | nnx.Conv, bn: nnx.BatchNorm) -> None:
+def fold_batchnorm_model(layer: nnx.Linear | nnx.Conv, bn: nnx.BatchNorm) -> None:
     """Folds ``bn`` (which must follow ``layer``) into ``layer`` in place; replace ``bn`` by
-    :class:`Identity` afterwards (``model.bn = Identity()``)."""
+    :class:`Identity` afterwards (``model.bn = Identity()``). Invalid statistics raise as in
+    :func:`jaxslim.splice.fold_batchnorm`, before ``layer`` changes."""
+    fn_name = "flax.splice.fold_batchnorm_model"
+    if not isinstance(layer, nnx.Linear | nnx.Conv):
+        raise TypeError(f"{fn_name}: layer must be an nnx.Linear or nnx.Conv, got {layer!r}")
+    if not isinstance(bn, nnx.BatchNorm):
+        raise TypeError(f"{fn_name}: bn must be an nnx.BatchNorm, got {type(bn).__name__}")
     k = layer.kernel.get_value()
     b = layer.bias.get_value() if layer.bias is not None else None
     get = lambda name: None if getattr(bn, name, None) is None else getattr(bn, name).get_value()
     w, b = splice.fold_batchnorm(
-        k, b, get("scale"), get("bias"), bn.mean.get_value(), bn.var.get_value(), bn.epsilon
+        k, b, get("scale"), get("bias"), bn.mean.get_value(), bn.var.get_value(), eps=bn.epsilon
     )
     layer.kernel.set_value(w)
     if layer.bias is None:
@@ -180,12 +240,12 @@ def fold_batchnorm_module(layer: nnx.Linear | nnx.Conv, bn: nnx.BatchNorm) -> No
         layer.bias.set_value(b)
 
 
-def widen_module(
+def widen_model(
     layer1: nnx.Linear | nnx.Conv,
     layer2: nnx.Linear | nnx.Conv,
     new_width: int,
-    key: jax.Array | None = None,
     *,
+    key: jax.Array | None = None,
     between: Sequence[nnx.Module] = (),
     noise: float = 0.0,
 ) -> None:
@@ -194,6 +254,12 @@ def widen_module(
     ``between`` are per-channel modules on the hidden units (a ``BatchNorm``), widened by
     replication too. The function is unchanged when ``noise == 0``.
     """
+    for name, layer in (("layer1", layer1), ("layer2", layer2)):
+        if not isinstance(layer, nnx.Linear | nnx.Conv):
+            raise TypeError(
+                f"flax.splice.widen_model: {name} must be an nnx.Linear or nnx.Conv, got "
+                f"{type(layer).__name__}"
+            )
     b1 = layer1.bias.get_value() if layer1.bias is not None else None
     names = ("scale", "bias", "mean", "var")
     extra = [
@@ -204,7 +270,7 @@ def widen_module(
         b1,
         layer2.kernel.get_value(),
         new_width,
-        key,
+        key=key,
         noise=noise,
         extra=tuple(extra),
     )
@@ -230,23 +296,42 @@ def count_params(model: nnx.Module) -> int:
     )
 
 
-def _get(model: Any, path: str) -> Any:
+def _get(model: Any, path: str, fn_name: str = "flax.splice") -> Any:
+    """The submodule at a state path (``"blocks/0/linear"``): attributes, and integer or string
+    items of ``nnx.List``/``nnx.Sequential``/``nnx.Dict``/list attributes."""
     node = model
     for k in path.split("/") if path else ():
-        node = node[int(k)] if k.isdigit() else getattr(node, k)
+        node = _child(node, k, path, fn_name)
     return node
 
 
-def _replace(model: Any, path: str, new: Any) -> None:
+def _child(node: Any, k: str, path: str, fn_name: str) -> Any:
+    if isinstance(k, str) and not k.lstrip("-").isdigit() and hasattr(node, k):
+        return getattr(node, k)
+    for key in (int(k), k) if k.lstrip("-").isdigit() else (k,):
+        try:
+            return node[key]
+        except (KeyError, IndexError, TypeError, AttributeError):
+            continue
+    raise ValueError(
+        f"{fn_name}: {path!r} is not in the model (no attribute or item {k!r} in a "
+        f"{type(node).__name__})"
+    )
+
+
+def _replace(model: Any, path: str, new: Any, fn_name: str = "flax.splice") -> None:
     parent, _, last = path.rpartition("/")
-    node = _get(model, parent)
-    if last.isdigit():
+    node = _get(model, parent, fn_name)
+    _child(node, last, path, fn_name)  # raises if missing
+    if last.lstrip("-").isdigit() and not hasattr(node, last):
         node[int(last)] = new
-    else:
+    elif hasattr(node, last):
         setattr(node, last, new)
+    else:
+        node[last] = new
 
 
-def fold_all_module(
+def fold_all_model(
     model: nnx.Module, *example_args: Any, fuse: bool = True
 ) -> list[splice.Fold | splice.Fuse]:
     """Folds every batch norm (and fuses every linear pair) found in an NNX module, in place.
@@ -261,12 +346,14 @@ def fold_all_module(
     >>> import jax.numpy as jnp
     >>> m = nnx.Sequential(nnx.Linear(2, 4, rngs=nnx.Rngs(0)),
     ...                    nnx.BatchNorm(4, use_running_average=True, rngs=nnx.Rngs(1)))
-    >>> [type(r).__name__ for r in fold_all_module(m, jnp.ones((1, 2)))]
+    >>> [type(r).__name__ for r in fold_all_model(m, jnp.ones((1, 2)))]
     ['Fold']
     >>> type(m.layers[1]).__name__, m(jnp.ones((1, 2))).shape
     ('Identity', (1, 4))
     """
-    fn, state = module_fn(model)
+    fn_name = "flax.splice.fold_all_model"
+    _check_model(model, fn_name)
+    fn, state = model_fn(model)
     found = splice.find_foldable(fn, state, *example_args)
     if not fuse:
         found = [r for r in found if isinstance(r, splice.Fold)]
@@ -281,18 +368,18 @@ def fold_all_module(
     modules: dict[str, None] = {}
     for path in sorted(gone):
         module = path.rpartition("/")[0]
-        owned = [p for p, _ in _tree.leaves_with_paths(nnx.state(_get(model, module)))]
+        owned = [p for p, _ in _tree.leaves_with_paths(nnx.state(_get(model, module, fn_name)))]
         left = [p for p in owned if f"{module}/{p}" not in gone]
         if left:
             raise ValueError(
-                f"flax.splice.fold_all_module: module {module!r} keeps {left} after folding; "
+                f"{fn_name}: module {module!r} keeps {left} after folding; "
                 "only whole modules (a BatchNorm, a fused-away Linear) can be removed"
             )
         modules[module] = None
     kept = [r.kernel if isinstance(r, splice.Fold) else r.first[0] for r in found]
     for kernel in kept:
         module = kernel.rpartition("/")[0]
-        layer = _get(model, module)
+        layer = _get(model, module, fn_name)
         layer.kernel.set_value(leaves[kernel])
         b = leaves[f"{module}/bias" if module else "bias"]
         if getattr(layer, "bias", None) is None:
@@ -302,5 +389,37 @@ def fold_all_module(
             layer.bias.set_value(b)
         _set_features(layer)
     for module in modules:
-        _replace(model, module, Identity())
+        _replace(model, module, Identity(), fn_name)
     return found
+
+
+def _deprecated(old: str, new: Callable[..., Any]) -> Callable[..., Any]:
+    def alias(*args: Any, **kwargs: Any) -> Any:
+        if new is apply_plan_model and len(args) == 3:  # old form: (model, plan, optimizer)
+            kwargs["optimizer"] = args[2]
+            args = args[:2]
+        if new is remove_channels_model and len(args) == 4:
+            kwargs["optimizer"] = args[3]
+            args = args[:3]
+        if new is widen_model and len(args) == 4:  # old form: (layer1, layer2, width, key)
+            kwargs["key"] = args[3]
+            args = args[:3]
+        return new(*args, **kwargs)
+
+    alias.__name__ = alias.__qualname__ = old
+    alias.__doc__ = f"Deprecated alias of :func:`{new.__name__}`."
+    return alias
+
+
+def __getattr__(name: str) -> Any:
+    """The deprecated ``_module`` names: a ``DeprecationWarning``, then the ``_model`` one."""
+    if name in _DEPRECATED:
+        new = _DEPRECATED[name]
+        warnings.warn(
+            f"jaxslim.flax.splice.{name} is deprecated; use {new} (jaxslim.flax uses the "
+            "_model suffix throughout)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return _deprecated(name, globals()[new])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

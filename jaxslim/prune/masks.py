@@ -9,11 +9,15 @@ integer order is the float order, and a radix select builds two 65536-bin histog
 low 16 bits). Histograms and counts are reductions, so XLA runs them shard by shard on sharded
 parameters, and the global threshold over all layers never concatenates or gathers them. Under
 a mesh with ``Explicit`` axes a 32-step bisection on counts is used instead.
+
+Non-finite scores have a fixed rank (``structures.float_keys``): a NaN score ranks lowest and is
+pruned first, ``+inf`` ranks highest; a ``Channels``/``Blocks`` group holding a NaN has a NaN norm
+and is pruned first. This holds for every structure and both scopes.
 """
 
 from __future__ import annotations
 
-import math
+import re
 from typing import Any
 
 import jax
@@ -23,34 +27,75 @@ import optax
 from jax import lax
 
 from jaxslim import _tree
-from jaxslim.structures import NM, Structure, Unstructured, nm_mask
+from jaxslim.schedules import _scalar
+from jaxslim.structures import NM, Blocks, Channels, Structure, Unstructured, float_keys, nm_mask
 
 __all__ = ["topk_mask", "apply_mask", "float_keys", "num_to_prune"]
 
+_FN = "prune.topk_mask"
 
-def float_keys(x: jax.Array) -> jax.Array:
-    """Maps floats to ``uint32`` keys with the same order (``-inf < ... < -0 < +0 < ... < inf``).
 
-    NaN sorts above ``+inf`` (a NaN score is kept).
+def check_sparsity(sparsity: Any, *, fn: str = _FN, what: str = "") -> float | None:
+    """The concrete sparsity as a float (raises outside ``[0, 1]``), ``None`` when traced.
+
+    Python numbers, NumPy scalars and 0-d arrays and 0-d ``jax.Array`` outside ``jit`` are
+    concrete and checked; ``bool``, strings and arrays of more than one entry raise ``TypeError``.
     """
-    bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
-    sign = jnp.uint32(0x80000000)
-    return jnp.where(bits >= sign, ~bits, bits | sign)
+    s = _scalar(fn, "sparsity", sparsity)
+    if s is not None and not 0.0 <= s <= 1.0:  # NaN fails too
+        raise ValueError(f"{fn}: sparsity must be in [0, 1], got {sparsity!r}{what}")
+    return s
 
 
 def num_to_prune(sparsity: Any, n: int, *, what: str = "") -> jax.Array | int:
-    """``round_half_even(sparsity * n)``: exact in Python for a static sparsity.
+    """``round_half_even(sparsity * n)``: exact in Python for a concrete sparsity.
 
-    A traced sparsity (e.g. from a schedule inside ``jit``) is clipped to ``[0, 1]`` and the count
-    is rounded in float32.
+    A concrete sparsity outside ``[0, 1]`` raises ``ValueError``. A traced sparsity (e.g. from a
+    schedule inside ``jit``) cannot be checked: it is clipped to ``[0, 1]``, a NaN counts as ``0``
+    (nothing pruned), and the count is rounded in float32.
     """
-    if isinstance(sparsity, int | float | np.floating | np.integer):
-        s = float(sparsity)
-        if not 0.0 <= s <= 1.0 or math.isnan(s):
-            raise ValueError(f"prune.topk_mask: sparsity must be in [0, 1], got {sparsity!r}{what}")
+    s = check_sparsity(sparsity, what=what)
+    if s is not None:
         return round(s * n)
-    s = jnp.clip(jnp.asarray(sparsity, jnp.float32), 0.0, 1.0)
+    s = jnp.asarray(sparsity, jnp.float32)
+    s = jnp.where(jnp.isnan(s), jnp.float32(0), jnp.clip(s, 0.0, 1.0))
     return jnp.round(s * jnp.float32(n)).astype(jnp.int32)
+
+
+def check_where(fn: str, where: Any) -> None:
+    """Raises ``TypeError``/``ValueError`` naming ``fn`` for a ``where=`` of the wrong kind."""
+    if where is None or callable(where):
+        return
+    if isinstance(where, str):
+        try:
+            re.compile(where)
+        except re.error as e:
+            raise ValueError(f"{fn}: where={where!r} is not a valid regex ({e})") from None
+        return
+    raise TypeError(
+        f"{fn}: where must be None, a regex string or a predicate (path, leaf) -> bool; "
+        f"got {where!r}"
+    )
+
+
+def check_structure(fn: str, structure: Any) -> None:
+    """Raises ``TypeError`` naming ``fn`` unless ``structure`` is a ``Structure`` instance."""
+    if not isinstance(structure, Structure):
+        hint = ""
+        if isinstance(structure, type) and issubclass(structure, Structure):
+            hint = f" (a class: write {structure.__name__}())"
+        raise TypeError(
+            f"{fn}: structure must be one of {Unstructured.__name__}(), {Channels.__name__}("
+            f"axis=...), {NM.__name__}(n, m), {Blocks.__name__}(shape), got {structure!r}{hint}"
+        )
+
+
+def check_leaf_structure(fn: str, structure: Structure, path: str, shape) -> None:
+    """``structure.check`` with errors prefixed by ``fn``."""
+    try:
+        structure.check(tuple(shape), path)
+    except ValueError as e:
+        raise ValueError(f"{fn}: {e}") from None
 
 
 def _count_le(keys: list[jax.Array], t: jax.Array) -> jax.Array:
@@ -159,15 +204,6 @@ def _flat_index(shape: tuple[int, ...]) -> jax.Array:
     return flat
 
 
-def _check_leaf(path: str, leaf, structure: Structure, fn: str) -> None:
-    if not isinstance(structure, Structure):
-        raise TypeError(
-            f"{fn}: structure must be Unstructured(), Channels(), NM() or Blocks(), "
-            f"got {structure!r}"
-        )
-    structure.check(leaf.shape, path, fn)
-
-
 def topk_mask(
     scores: optax.Params,
     sparsity: Any,
@@ -188,11 +224,19 @@ def topk_mask(
       on raw scores (torch ``global_unstructured``).
 
     ``NM(n, m)`` is a fixed local pattern: every selected leaf keeps the ``n`` best of each run of
-    ``m`` whenever ``sparsity > 0`` (the ``sparsity`` value itself is not used).
+    ``m`` whenever ``sparsity > 0`` (the ``sparsity`` value itself is not used). Its default
+    ``axis=-2`` assumes a Flax kernel (see ``NM``).
+
+    Non-finite scores: NaN ranks lowest (pruned first), ``+inf`` highest; a group holding a NaN
+    has a NaN norm and is pruned first. A NaN never costs a finite entry its place in an N:M run.
 
     Args:
       scores: a tree of float arrays (e.g. ``magnitude(params)``); ``None`` leaves are skipped.
-      sparsity: fraction in ``[0, 1]`` to prune; a Python float or a traced scalar.
+      sparsity: fraction in ``[0, 1]`` to prune, or a per-leaf tree of fractions (``erk``,
+        ``uniform``; ``scope="layer"`` only) with a number on every selected leaf. A concrete
+        value (Python or NumPy number, 0-d array) is checked: outside ``[0, 1]`` or NaN raises
+        ``ValueError``. A traced scalar cannot be checked: it is clipped to ``[0, 1]`` and a NaN
+        prunes nothing.
       structure: ``Unstructured()``, ``Channels(axis, ord)``, ``NM(n, m, axis)``, ``Blocks(shape)``.
       scope: ``"layer"`` or ``"global"``.
       where: which leaves to prune (see ``jaxslim._tree``).
@@ -209,23 +253,29 @@ def topk_mask(
     (Array([[False,  True],
            [ True, False]], dtype=bool), None)
     """
-    fn = "prune.topk_mask"
+    fn = _FN
     if scope not in ("layer", "global"):
         raise ValueError(f"{fn}: scope must be 'layer' or 'global', got {scope!r}")
+    check_structure(fn, structure)
+    check_where(fn, where)
     paths = _tree.selected_paths(scores, where, fn_name=fn)
     leaves = dict(_tree.leaves_with_paths(scores))
     for path in paths:
-        _check_leaf(path, leaves[path], structure, fn)
+        check_leaf_structure(fn, structure, path, leaves[path].shape)
+
+    per_leaf = _per_leaf_sparsity(fn, sparsity, scores, paths, scope)
+    if per_leaf is not None:
+        return _topk_per_leaf(scores, per_leaf, structure, where)
 
     if isinstance(structure, NM):
-        if isinstance(sparsity, int | float | np.integer | np.floating):
-            num_to_prune(sparsity, 1, what=f" for {paths}")  # validates the range
-            active = float(sparsity) > 0
+        concrete = check_sparsity(sparsity, what=f" for {paths}")
+        if concrete is not None:
+            active = concrete > 0
 
             def nm(path, s):
                 return nm_mask(s, structure) if active else jnp.ones(s.shape, jnp.bool_)
         else:
-            gate = jnp.asarray(sparsity) > 0
+            gate = jnp.asarray(sparsity) > 0  # NaN: False, keep everything
 
             def nm(path, s):
                 return nm_mask(s, structure) | ~gate
@@ -254,6 +304,43 @@ def _none(*_):
     return None
 
 
+def _all(path, leaf) -> bool:
+    return True
+
+
+def is_sparsity_tree(sparsity: Any) -> bool:
+    """Whether ``sparsity`` is a per-leaf tree (a dict, list, ...) rather than one number."""
+    if sparsity is None:
+        return False
+    return not jax.tree_util.treedef_is_leaf(jax.tree.structure(sparsity))
+
+
+def _per_leaf_sparsity(fn: str, sparsity: Any, scores, paths: list, scope: str) -> dict | None:
+    """``{path: sparsity}`` for a per-leaf sparsity tree (e.g. from ``erk``), else ``None``."""
+    if not is_sparsity_tree(sparsity):
+        return None
+    if scope != "layer":
+        raise ValueError(f"{fn}: a per-leaf sparsity tree needs scope='layer', got {scope!r}")
+    given = dict(_tree.leaves_with_paths(sparsity))
+    out = {}
+    for p in paths:
+        if p not in given:
+            raise ValueError(
+                f"{fn}: the per-leaf sparsity tree has no value for {p!r} (it has "
+                f"{sorted(given)[:8]}); build it with prune.erk or prune.uniform on the same tree"
+            )
+        check_sparsity(given[p], fn=fn, what=f" for {p!r}")
+        out[p] = given[p]
+    return out
+
+
+def _topk_per_leaf(scores, per_leaf: dict, structure: Structure, where) -> Any:
+    def one(path, s):
+        return topk_mask({"x": s}, per_leaf[path], structure=structure, where=_all)["x"]
+
+    return _tree.map_selected(one, scores, where=where, fn_name=_FN, unselected=_none)
+
+
 def apply_mask(params: optax.Params, mask: optax.Params) -> optax.Params:
     """Zeros the pruned entries: ``where(mask, p, 0)`` on masked leaves; others pass through.
 
@@ -278,6 +365,11 @@ def apply_mask(params: optax.Params, mask: optax.Params) -> optax.Params:
 
 def check_mask_leaf(fn: str, path: str, p, m) -> None:
     """Raises ``ValueError`` unless ``m`` is a bool array with the shape of ``p``."""
+    if not isinstance(m, jax.Array | np.ndarray | np.bool_) and not hasattr(m, "aval"):
+        raise ValueError(
+            f"{fn}: mask for {path!r} must be a bool array of shape {jnp.shape(p)} or None, got "
+            f"{type(m).__name__} {m!r:.60}"
+        )
     if jnp.shape(m) != jnp.shape(p) or jnp.result_type(m) != jnp.bool_:
         raise ValueError(
             f"{fn}: mask for {path!r} must be a bool array of shape {jnp.shape(p)}, got "

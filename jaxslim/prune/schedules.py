@@ -1,21 +1,48 @@
-"""Sparsity schedules: ``step -> sparsity`` functions, traceable under ``jit``."""
+"""Sparsity schedules: ``step -> sparsity`` functions, traceable under ``jit``.
+
+Their arguments are checked when the schedule is made: a sparsity outside ``[0, 1]`` (NaN
+included) raises ``ValueError``, also as a NumPy or 0-d jax array; a wrong type raises
+``TypeError``. A hand-written schedule that returns a bad value later is handled by ``pruner``.
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["SparsitySchedule", "polynomial_schedule", "constant_schedule", "one_shot_schedule"]
+from jaxslim.schedules import _scalar
+
+__all__ = [
+    "SparsitySchedule",
+    "polynomial_schedule",
+    "constant_schedule",
+    "one_shot_schedule",
+    "uniform",
+    "erk",
+]
 
 SparsitySchedule = Callable[[jax.typing.ArrayLike], jax.Array]
 
 
-def _check_fraction(name: str, value: float) -> float:
-    if not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"prune.{name}: sparsity must be a number in [0, 1], got {value!r}")
-    return float(value)
+def _check_fraction(name: str, value: float, what: str = "sparsity") -> float:
+    v = _scalar(f"prune.{name}", what, value)
+    if v is None:
+        raise TypeError(f"prune.{name}: {what} must be a concrete number, not a traced value")
+    if not 0.0 <= v <= 1.0:  # NaN fails too
+        raise ValueError(f"prune.{name}: {what} must be a number in [0, 1], got {value!r}")
+    return v
+
+
+def _check_int(name: str, what: str, value, *, low: int | None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"prune.{name}: {what} must be an int, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"prune.{name}: {what} must be an int >= {low}, got {value!r}")
+    return int(value)
 
 
 def polynomial_schedule(
@@ -37,17 +64,21 @@ def polynomial_schedule(
     >>> [round(float(sched(t)), 4) for t in (0, 9, 10, 50, 100, 1000)]
     [0.0, 0.0, 0.2439, 0.7875, 0.9, 0.9]
     """
-    final = _check_fraction("polynomial_schedule", final)
-    initial = _check_fraction("polynomial_schedule", initial)
-    if not (isinstance(begin_step, int) and isinstance(end_step, int) and end_step > begin_step):
+    fn = "polynomial_schedule"
+    final = _check_fraction(fn, final, "final sparsity")
+    initial = _check_fraction(fn, initial, "initial sparsity")
+    begin_step = _check_int(fn, "begin_step", begin_step, low=None)
+    end_step = _check_int(fn, "end_step", end_step, low=None)
+    if end_step <= begin_step:
         raise ValueError(
             f"prune.polynomial_schedule: need integers end_step > begin_step, got "
             f"begin_step={begin_step!r}, end_step={end_step!r}"
         )
-    if not (isinstance(frequency, int) and frequency >= 1):
-        raise ValueError(f"prune.polynomial_schedule: frequency must be >= 1, got {frequency!r}")
-    if not power > 0:
-        raise ValueError(f"prune.polynomial_schedule: power must be > 0, got {power!r}")
+    frequency = _check_int(fn, "frequency", frequency, low=1)
+    p = _scalar(f"prune.{fn}", "power", power)
+    if p is None or not (math.isfinite(p) and p > 0):
+        raise ValueError(f"prune.polynomial_schedule: power must be finite and > 0, got {power!r}")
+    power = p
 
     def schedule(step):
         t = jnp.asarray(step, jnp.int32)
@@ -78,6 +109,101 @@ def one_shot_schedule(sparsity: float, at_step: int) -> SparsitySchedule:
     (0.0, 0.75)
     """
     s = _check_fraction("one_shot_schedule", sparsity)
-    if not (isinstance(at_step, int) and at_step >= 0):
-        raise ValueError(f"prune.one_shot_schedule: at_step must be an int >= 0, got {at_step!r}")
+    at_step = _check_int("one_shot_schedule", "at_step", at_step, low=0)
     return lambda step: jnp.where(jnp.asarray(step) >= at_step, s, 0.0).astype(jnp.float32)
+
+
+# --- layer-wise sparsity distributions ----------------------------------------------------------
+
+
+def _dist_args(fn: str, params, sparsity, where):
+    from jaxslim import _tree  # noqa: PLC0415 (keeps this module's top imports minimal)
+    from jaxslim.prune.masks import check_where  # noqa: PLC0415
+
+    s = _check_fraction(fn, sparsity)
+    check_where(f"prune.{fn}", where)
+    paths = _tree.selected_paths(params, where, fn_name=f"prune.{fn}")
+    shapes = {p: tuple(leaf.shape) for p, leaf in _tree.leaves_with_paths(params) if p in paths}
+    return s, shapes
+
+
+def _as_tree(fn: str, params, where, values: dict):
+    from jaxslim import _tree  # noqa: PLC0415
+
+    return _tree.map_selected(
+        lambda path, _: values[path],
+        params,
+        where=where,
+        fn_name=f"prune.{fn}",
+        unselected=lambda *_: None,
+    )
+
+
+def uniform(params, sparsity: float, *, where=None):
+    """The same sparsity on every selected leaf: a per-leaf tree for ``topk_mask``, ``pruner``,
+    ``rigl`` (``None`` on unselected leaves).
+
+    >>> import jax.numpy as jnp
+    >>> uniform({"w": jnp.zeros((4, 4)), "b": jnp.zeros(4)}, 0.5)
+    {'b': None, 'w': 0.5}
+    """
+    s, shapes = _dist_args("uniform", params, sparsity, where)
+    return _as_tree("uniform", params, where, dict.fromkeys(shapes, s))
+
+
+def erk(params, sparsity: float, *, where=None):
+    """Erdős–Rényi-Kernel layer sparsities (Evci et al. 2020, "Rigging the Lottery").
+
+    The density of a leaf of shape ``(d_1, ..., d_k)`` (a kernel ``(*spatial, in, out)``) is
+    ``1 - s_l = eps * (d_1 + ... + d_k) / (d_1 * ... * d_k)``, with ``eps`` chosen so that the
+    number of pruned weights over all selected leaves is ``round(sparsity * N)``. A leaf whose
+    density would exceed 1 is made dense and ``eps`` is solved again over the others (the RigL
+    reference code's redistribution). The per-leaf counts ``k_l`` are integers (largest
+    remainder) summing exactly to ``round(sparsity * N)``; the returned sparsities are
+    ``k_l / n_l``, so ``topk_mask`` prunes exactly ``k_l`` weights of each leaf.
+
+    Args:
+      params: a tree of arrays (only shapes are used).
+      sparsity: overall fraction in ``[0, 1]`` of the selected weights to prune.
+      where: which leaves (default: float leaves with ``ndim >= 2``).
+
+    Returns:
+      A tree of ``params``' structure with a Python float on selected leaves, ``None`` elsewhere.
+
+    >>> import jax.numpy as jnp
+    >>> sp = erk({"a": jnp.zeros((40, 128)), "b": jnp.zeros((128, 10))}, 0.9)
+    >>> round(sp["a"], 4), round(sp["b"], 4)
+    (0.9314, 0.7742)
+    """
+    s, shapes = _dist_args("erk", params, sparsity, where)
+    n = {p: math.prod(sh) for p, sh in shapes.items()}
+    total_prune = round(s * sum(n.values()))
+    raw = {p: (sum(sh) / n[p] if n[p] else 0.0) for p, sh in shapes.items()}
+    dense: set = set()
+    while True:
+        live = [p for p in shapes if p not in dense and n[p]]
+        if not live:
+            break
+        keep = sum(n.values()) - total_prune - sum(n[p] for p in dense)
+        divisor = sum(raw[p] * n[p] for p in live)
+        eps = keep / divisor if divisor else 0.0
+        top = max(raw[p] for p in live)
+        if eps * top > 1.0:
+            dense |= {p for p in live if raw[p] == top}
+        else:
+            break
+    exact = {p: (0.0 if p in dense or not n[p] else n[p] * (1.0 - eps * raw[p])) for p in shapes}
+    exact = {p: min(max(v, 0.0), n[p]) for p, v in exact.items()}
+    k = {p: math.floor(v) for p, v in exact.items()}
+    left = total_prune - sum(k.values())
+    order = sorted(
+        (p for p in shapes if p not in dense),
+        key=lambda p: (k[p] - exact[p], list(shapes).index(p)),
+    )
+    for p in order:  # largest remainders first
+        if left <= 0:
+            break
+        if k[p] < n[p]:
+            k[p] += 1
+            left -= 1
+    return _as_tree("erk", params, where, {p: (k[p] / n[p] if n[p] else 0.0) for p in shapes})

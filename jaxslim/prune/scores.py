@@ -75,6 +75,15 @@ def random(key: jax.Array, params: optax.Params) -> optax.Params:
     (2, 3)
     """
 
+    if not isinstance(key, jax.Array) or not (
+        jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+        or (key.dtype == jnp.uint32 and key.shape == (2,))
+    ):
+        raise TypeError(
+            f"prune.random: key must be a PRNG key (jax.random.key(0)), got {type(key).__name__}; "
+            f"the signature is random(key, params)"
+        )
+
     def one(path, p):
         sub = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
         return jax.random.uniform(sub, p.shape, jnp.float32)

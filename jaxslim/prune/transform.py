@@ -17,12 +17,22 @@ import optax
 from jax import lax
 
 from jaxslim import _tree
-from jaxslim.prune.masks import apply_mask, check_mask_leaf, topk_mask
+from jaxslim.prune.masks import (
+    apply_mask,
+    check_leaf_structure,
+    check_mask_leaf,
+    check_sparsity,
+    check_structure,
+    check_where,
+    is_sparsity_tree,
+    topk_mask,
+)
 from jaxslim.prune.schedules import SparsitySchedule, constant_schedule
 from jaxslim.prune.scores import magnitude
+from jaxslim.schedules import _scalar
 from jaxslim.structures import Structure, Unstructured
 
-__all__ = ["PrunerState", "MaskState", "pruner", "keep_mask", "masks_of"]
+__all__ = ["PrunerState", "MaskState", "SparseState", "pruner", "keep_mask", "masks_of"]
 
 
 class PrunerState(NamedTuple):
@@ -38,6 +48,17 @@ class MaskState(NamedTuple):
     masks: optax.Params
 
 
+class SparseState(NamedTuple):
+    """State of the sparse-training transforms (``rigl``, ``set_sparse``, ``static_sparse``,
+    ``ste``, ``sr_ste``): the step count, the mask tree, the PRNG key and the state of a wrapped
+    ``optimizer`` (``None`` without one)."""
+
+    count: jax.Array
+    masks: optax.Params
+    key: jax.Array
+    inner: Any
+
+
 def _masked_updates(fn: str, updates, params, masks):
     if params is None:
         raise ValueError(f"{fn}: params are required (call tx.update(grads, state, params))")
@@ -50,6 +71,10 @@ def _masked_updates(fn: str, updates, params, masks):
         return jnp.where(m, u, -p).astype(u.dtype)
 
     return jax.tree_util.tree_map_with_path(one, updates, params, masks)
+
+
+def _step(t) -> str:
+    return "(traced)" if isinstance(t, jax.core.Tracer) else str(int(t))
 
 
 def pruner(
@@ -70,13 +95,23 @@ def pruner(
     pruned it, and stays zero. Weights pruned once stay pruned under magnitude-like scores (they
     are scored at 0).
 
+    A schedule value that is out of range is handled by whether it is concrete: in an eager
+    ``update`` (step and schedule concrete) a sparsity outside ``[0, 1]`` or NaN raises
+    ``ValueError`` naming the step; under ``jit`` it is guarded instead: clipped to ``[0, 1]``,
+    and a NaN sparsity keeps the current masks (no recompute) until the schedule is finite again.
+
+    A NaN or infinite weight ranks lowest/highest as in ``topk_mask``, but ``p + (-p)`` is not 0
+    for it: a pruned non-finite weight stays non-finite after ``apply_updates``; clear it with
+    ``apply_mask``.
+
     Scoring ``p`` rather than ``p + u`` is deliberate: a ``lax.cond`` that reads ``u`` forces XLA
     to materialize the whole update, which costs ~10 % of a small MLP's Adam step on CPU; reading
     ``p`` costs ~2 %.
 
     Args:
-      schedule: ``step -> sparsity`` (``polynomial_schedule``, ``one_shot_schedule``, ...) or a
-        float for a constant sparsity from step 0.
+      schedule: ``step -> sparsity`` (``polynomial_schedule``, ``one_shot_schedule``, ...), a
+        number (Python, NumPy or 0-d array) for a constant sparsity from step 0, or a per-leaf
+        tree of constant sparsities (``erk(params, 0.9)``, ``uniform``; ``scope="layer"``).
       score: ``params -> scores`` (``magnitude``; ``functools.partial(random, key)``).
       structure, scope, where: as in ``topk_mask``.
 
@@ -94,20 +129,34 @@ def pruner(
            [ 0.,  2.]], dtype=float32)
     """
     fn = "prune.pruner"
-    if isinstance(schedule, int | float):
-        schedule = constant_schedule(schedule)
-    if not callable(schedule):
-        raise TypeError(
-            f"{fn}: schedule must be a float or a callable step -> sparsity, got {schedule!r}"
-        )
+    per_leaf = None
+    if is_sparsity_tree(schedule):  # per-leaf constant sparsities (erk, uniform)
+        per_leaf = schedule
+        for path, v in _tree.leaves_with_paths(schedule):
+            check_sparsity(v, fn=fn, what=f" for {path!r}")
+        schedule = constant_schedule(0.0)
+    elif not callable(schedule):
+        try:
+            schedule = constant_schedule(schedule)
+        except TypeError:
+            raise TypeError(
+                f"{fn}: schedule must be a number in [0, 1] or a callable step -> sparsity, "
+                f"got {schedule!r}"
+            ) from None
+        except ValueError as e:
+            raise ValueError(f"{fn}: {e}") from None
+    if not callable(score):
+        raise TypeError(f"{fn}: score must be a callable params -> scores, got {score!r}")
     if scope not in ("layer", "global"):
         raise ValueError(f"{fn}: scope must be 'layer' or 'global', got {scope!r}")
+    check_structure(fn, structure)
+    check_where(fn, where)
 
     def init_fn(params):
         paths = _tree.selected_paths(params, where, fn_name=fn)
         for path, leaf in _tree.leaves_with_paths(params):
             if path in paths:
-                structure.check(leaf.shape, path, fn)
+                check_leaf_structure(fn, structure, path, leaf.shape)
         masks = _tree.map_selected(
             lambda _, p: jnp.ones(p.shape, jnp.bool_),
             params,
@@ -117,17 +166,34 @@ def pruner(
         )
         return PrunerState(count=jnp.zeros([], jnp.int32), masks=masks)
 
+    def _scheduled(t):
+        s = schedule(t)
+        c = _scalar(fn, "the scheduled sparsity", s)
+        if c is not None and not 0.0 <= c <= 1.0:
+            raise ValueError(
+                f"{fn}: the schedule gave sparsity {c!r} at step {_step(t)}; it must be in [0, 1]"
+            )
+        return jnp.asarray(s, jnp.float32)
+
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError(f"{fn}: params are required (call tx.update(grads, state, params))")
+        if not isinstance(state, PrunerState):
+            raise TypeError(f"{fn}: state must be the PrunerState from init, got {state!r:.80}")
         t = state.count
-        s = schedule(t)
-        recompute = (t == 0) | (s != schedule(jnp.maximum(t - 1, 0)))
+        s = _scheduled(t)
+        s_prev = _scheduled(jnp.maximum(t - 1, 0))
+        ok = jnp.isfinite(s)  # a traced NaN sparsity keeps the current masks
+        s = jnp.clip(jnp.where(ok, s, 0), 0, 1)
+        recompute = ((t == 0) | (s != jnp.clip(s_prev, 0, 1))) & ok
+
+        if per_leaf is not None:
+            recompute = t == 0
 
         def new_masks():
             return topk_mask(
                 score(apply_mask(params, state.masks)),
-                s,
+                s if per_leaf is None else per_leaf,
                 structure=structure,
                 scope=scope,
                 where=where,
@@ -175,14 +241,17 @@ def _unwrap(x: Any) -> Any:
 
 
 def masks_of(opt_state: Any) -> optax.Params:
-    """The mask tree held by the first ``pruner`` or ``keep_mask`` inside ``opt_state``.
+    """The mask tree held by the first ``pruner``, ``keep_mask`` or sparse-training transform
+    (``rigl``, ``set_sparse``, ``static_sparse``, ``ste``, ``sr_ste``) inside ``opt_state``.
 
     Works on any optimizer state (nested ``optax.chain`` tuples, ``optax.inject_hyperparams``,
     ``TrainState.opt_state``, ``nnx.Optimizer.opt_state``). Raises ``ValueError`` if none is found.
     """
-    found = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, PrunerState | MaskState))
+    found = jax.tree.leaves(
+        opt_state, is_leaf=lambda x: isinstance(x, PrunerState | MaskState | SparseState)
+    )
     for node in found:
-        if isinstance(node, PrunerState | MaskState):
+        if isinstance(node, PrunerState | MaskState | SparseState):
             is_var = lambda x: (
                 hasattr(x, "get_value")
                 or (  # noqa: E731

@@ -1,17 +1,21 @@
-"""Quantization: specs, QArray, quantize/dequantize, fake-quant (STE and LSQ), packing, observers,
-tree-wide mixed-precision rules, GPTQ and a quantized ``dot_general``."""
+"""Quantization: specs, the format registry, QArray, quantize/dequantize, fake-quant (STE and LSQ),
+packing, observers, tree-wide mixed-precision rules, GPTQ, AWQ, SmoothQuant, HQQ, ``oneshot`` and a
+quantized ``dot_general``.
 
-from jaxslim.quant.dot import (
-    BLOCK_ROWS,
-    BLOCKED_BACKENDS,
-    INT_MIN_ROWS,
-    blocked_path_applies,
-    int_path_applies,
-    qdot_general,
-)
+The names below are the public surface. Tunables and helpers stay in their modules
+(``quant.spec.layout``, ``quant.numerics.EPS``, ``quant.dot.INT_MIN_ROWS``, ...): importable, but
+not part of the API.
+"""
+
+from jaxslim.quant import formats, storage
+from jaxslim.quant.awq import ScaleGroup, apply_scales, awq_scales, find_absorbers
+from jaxslim.quant.dot import qdot_general
+from jaxslim.quant.formats import Format
 from jaxslim.quant.gptq import gptq, gptq_hessian
+from jaxslim.quant.hqq import hqq
+from jaxslim.quant.interpret import quantized
 from jaxslim.quant.lsq import fake_quant_lsq, lsq_init_scale
-from jaxslim.quant.numerics import EPS, fake_quant_affine, qparams, qparams_from_range
+from jaxslim.quant.numerics import fake_quant_affine, qparams, qparams_from_range
 from jaxslim.quant.observers import (
     Observer,
     RangeState,
@@ -20,16 +24,19 @@ from jaxslim.quant.observers import (
     mse_observer,
     percentile_observer,
 )
+from jaxslim.quant.oneshot import KernelReport, OneshotReport, oneshot
 from jaxslim.quant.packing import pack, packed_shape, unpack
 from jaxslim.quant.params import LeafSize, SizeReport, dequantize_params, quantize_params
 from jaxslim.quant.qarray import QArray, dequantize, fake_quant, is_qarray, quantize
-from jaxslim.quant.spec import Layout, QuantSpec, layout, qrange
+from jaxslim.quant.smoothquant import smooth_scales, w8a8_dot
+from jaxslim.quant.spec import QuantSpec, qrange
 
 __all__ = [
     "QuantSpec",
     "qrange",
-    "Layout",
-    "layout",
+    "formats",
+    "storage",
+    "Format",
     "QArray",
     "is_qarray",
     "quantize",
@@ -40,7 +47,6 @@ __all__ = [
     "lsq_init_scale",
     "qparams",
     "qparams_from_range",
-    "EPS",
     "pack",
     "unpack",
     "packed_shape",
@@ -55,11 +61,17 @@ __all__ = [
     "SizeReport",
     "LeafSize",
     "qdot_general",
-    "int_path_applies",
-    "INT_MIN_ROWS",
-    "blocked_path_applies",
-    "BLOCKED_BACKENDS",
-    "BLOCK_ROWS",
+    "quantized",
     "gptq",
     "gptq_hessian",
+    "hqq",
+    "awq_scales",
+    "find_absorbers",
+    "apply_scales",
+    "ScaleGroup",
+    "smooth_scales",
+    "w8a8_dot",
+    "oneshot",
+    "OneshotReport",
+    "KernelReport",
 ]

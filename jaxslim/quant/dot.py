@@ -39,14 +39,15 @@ All paths compute ``sum_k (a_k - za) sa * (b_k - zb) sb``; they differ only by f
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxslim.quant import packing
-from jaxslim.quant.qarray import QArray, dequantize, quantize
+from jaxslim.quant import formats
+from jaxslim.quant.qarray import QArray, _unpack, check_finite, dequantize, quantize
 from jaxslim.quant.spec import QuantSpec, layout
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "INT_MIN_ROWS",
     "BLOCKED_BACKENDS",
     "BLOCK_ROWS",
+    "BLOCK_ELEMS",
     "int_path_applies",
     "blocked_path_applies",
 ]
@@ -65,12 +67,18 @@ BLOCKED_BACKENDS: tuple[str, ...] = ("cpu",)
 """Backends on which ``impl="auto"`` prefers the blocked weight-only path to dequantizing."""
 
 BLOCK_ROWS = 256
-"""Kernel rows dequantized per step of the blocked path (at least one scale group)."""
+"""Kernel rows dequantized per step of the blocked path for a ``(K, 4096)`` kernel."""
+
+BLOCK_ELEMS = BLOCK_ROWS * 4096
+"""Kernel entries dequantized per step of the blocked path (at least one scale group): 4 MiB of
+float32, which stays in cache next to the block of ``lhs`` it multiplies."""
 
 
 def _scale_ok(q: QArray, contracting: tuple[int, ...]) -> bool:
     s = q.spec
-    if s.fmt != "int" or not s.signed or not s.symmetric or q.zero_point is not None:
+    # Integer codes whose value is the code itself (decode_int, no zero point), signed.
+    linear = s.format.decode is formats.decode_int and s.format.scale_block is None
+    if not linear or not s.signed or not s.symmetric or q.zero_point is not None:
         return False
     lay = layout(s, q.shape)
     if lay.view_shape != lay.shape:  # grouped: scales vary along some axis inside blocks
@@ -89,68 +97,113 @@ def int_path_applies(lhs: Any, rhs: Any, dimension_numbers) -> bool:
     )
 
 
-def _block_rows(q: QArray) -> int | None:
-    """Rows per block for the blocked path, or None when the kernel's layout does not allow it."""
-    if not isinstance(q, QArray) or len(q.shape) != 2:
-        return None
-    k = q.shape[0]
+def _group_axis(q: QArray) -> int | None:
+    """The kernel axis ``q.spec.group_size`` cuts (non-negative), ``None`` when not grouped."""
     lay = layout(q.spec, q.shape)
-    per = k // lay.view_shape[0]  # kernel rows per row of the statistics view (group size)
-    fits = [d for d in range(per, k + 1, per) if k % d == 0 and d <= max(BLOCK_ROWS, per)]
-    rows = max(fits)
-    return rows if rows >= min(k, 64) else None
+    if lay.view_shape == lay.shape:
+        return None
+    ga = q.spec.group_axis if q.spec.group_axis is not None else (-2 if q.ndim >= 2 else -1)
+    return ga % q.ndim
+
+
+def _block_plan(q: QArray, contracting: tuple[int, ...]) -> tuple[int, int] | None:
+    """``(axis, size)``: the contracted kernel axis the blocked path walks and the block size, or
+    ``None`` when no contracted axis splits into blocks of whole scale groups (and whole packed
+    bytes, along a packed last axis) of at least ``min(size, 64)`` entries and at most
+    ``BLOCK_ELEMS`` kernel entries (or one group)."""
+    if not isinstance(q, QArray) or q.ndim == 0:
+        return None
+    ga = _group_axis(q)
+    per = 8 // q.spec.storage_bits
+    for a in contracting:
+        k = q.shape[a]
+        unit = q.spec.group_size if a == ga else 1
+        if a == q.ndim - 1 and per > 1:
+            if k % per:
+                continue
+            unit = math.lcm(unit, per)
+        rest = max(q.size // max(k, 1), 1)
+        limit = max(BLOCK_ELEMS // rest, unit)
+        fits = [d for d in range(unit, k + 1, unit) if k % d == 0 and d <= limit]
+        if fits and max(fits) >= min(k, 64):
+            return a, max(fits)
+    return None
+
+
+def _block_rows(q: QArray) -> int | None:
+    """Rows per block of a 2-D ``(K, N)`` kernel contracted on axis 0 (``None``: not blockable)."""
+    plan = _block_plan(q, (0,)) if isinstance(q, QArray) and q.ndim == 2 else None
+    return None if plan is None else plan[1]
 
 
 def blocked_path_applies(lhs: Any, rhs: Any, dimension_numbers) -> bool:
-    """Whether ``qdot_general`` can use the blocked weight-only path: ``rhs`` a 2-D ``QArray``
-    ``(K, N)`` contracted on axis 0 with ``lhs``'s last axis, no batch dimensions."""
+    """Whether ``qdot_general`` can use the blocked weight-only path: a ``QArray`` ``rhs`` with no
+    batch dimensions (a quantized ``lhs`` is dequantized first), one of whose contracted axes
+    splits into blocks of whole scale groups (a ``(K, N)`` kernel contracted on ``K``, an
+    Equinox-style ``(N, K)`` weight contracted on ``K``, a per-head ``(d, heads, head_dim)``
+    kernel)."""
     (lc, rc), (lb, rb) = dimension_numbers
     return (
         isinstance(rhs, QArray)
-        and tuple(rc) == (0,)
         and not tuple(lb)
         and not tuple(rb)
-        and tuple(lc) == (len(lhs.shape) - 1,)
-        and _block_rows(rhs) is not None
+        and _block_plan(rhs, tuple(d % rhs.ndim for d in rc)) is not None
     )
 
 
-def _blocked(x: jax.Array, q: QArray, compute, precision) -> jax.Array:
-    """``x @ dequantize(q)``, dequantizing ``BLOCK_ROWS`` rows of ``q`` at a time."""
-    k, n = q.shape
-    kb = _block_rows(q)
-    nb = k // kb
+def _slice(a: jax.Array, start, size: int, axis: int) -> jax.Array:
+    return lax.dynamic_slice_in_dim(a, start, size, axis=axis)
+
+
+def _blocked(x: jax.Array, q: QArray, dimension_numbers, compute, precision) -> jax.Array:
+    """``dot_general(x, dequantize(q))``, dequantizing one block of a contracted axis of ``q`` at
+    a time (``lax.scan`` over blocks, float32 accumulation). The scan body is rematerialized
+    (``jax.checkpoint``), so a gradient recomputes each block instead of storing all of them: no
+    full float copy of the kernel is made in either direction."""
+    (lc, rc), _ = dimension_numbers
+    lc = tuple(d % x.ndim for d in lc)
+    rc = tuple(d % q.ndim for d in rc)
+    a, kb = _block_plan(q, rc)
+    xa = lc[rc.index(a)]
+    nb = q.shape[a] // kb
+    ga, g = _group_axis(q), q.spec.group_size
     lay = layout(q.spec, q.shape)
-    bview = (lay.view_shape[0] // nb, *lay.view_shape[1:])
+    va = a if ga is None or a <= ga else a + 1  # axis a in the statistics view
+    per = 8 // q.spec.storage_bits
+    packed_axis = a == q.ndim - 1 and per > 1
+    bshape = tuple(kb if i == a else d for i, d in enumerate(q.shape))
+    bview = list(lay.view_shape)
+    bview[va] = kb // g if a == ga else kb
+    scale = q.float_scale()
+    zero = q.zero_point if q.zero_point is not None else jnp.zeros((1,) * len(bview), jnp.int32)
+    dn = ((lc, rc), ((), ()))
 
-    def per_block(a):  # (a0, ...) -> (nb, a0 // nb, ...) when it varies along the rows
-        if a is None or a.shape[0] == 1:
-            return None
-        return a.reshape(nb, a.shape[0] // nb, *a.shape[1:])
+    def per_block(s, vstart, vsize):
+        return s if s.shape[va] == 1 else _slice(s, vstart, vsize, va)
 
-    values = q.values.reshape(nb, kb, *q.values.shape[1:])
-    scale_b, zp_b = per_block(q.scale), per_block(q.zero_point)
-    xs = jnp.moveaxis(x.reshape(*x.shape[:-1], nb, kb), -2, 0)
-
-    def body(acc, xs_i):
-        xb, vb, sb, zb = xs_i
-        s = q.scale if sb is None else sb
-        z = q.zero_point if zb is None else zb
-        if q.spec.fmt == "int":
-            c = packing.unpack(vb, q.spec.storage_bits, (kb, n), signed=q.spec.signed)
-            c = c.reshape(bview).astype(jnp.float32)
-            if z is not None:
-                c = c - z.astype(jnp.float32)
-        else:
-            c = vb.astype(jnp.float32).reshape(bview)
-        w = (c * s.astype(jnp.float32)).reshape(kb, n).astype(compute)
-        y = jnp.matmul(
-            xb.astype(compute), w, precision=precision, preferred_element_type=jnp.float32
+    @jax.checkpoint
+    def body(acc, i):
+        start = i * kb
+        vb = (
+            _slice(q.values, start // per, kb // per, a)
+            if packed_axis
+            else _slice(q.values, start, kb, a)
         )
+        vstart, vsize = (start // g, kb // g) if a == ga else (start, kb)
+        s, z = per_block(scale, vstart, vsize), per_block(zero, vstart, vsize)
+        c = _unpack(vb, q.spec, bshape).reshape(bview)
+        w = (q.spec.format.decode(c, z) * s).reshape(bshape).astype(compute)
+        xb = _slice(x, start, kb, xa).astype(compute)
+        y = lax.dot_general(xb, w, dn, precision=precision, preferred_element_type=jnp.float32)
         return acc + y, None
 
-    acc0 = jnp.zeros((*x.shape[:-1], n), jnp.float32)
-    acc, _ = lax.scan(body, acc0, (xs, values, scale_b, zp_b))
+    out_shape = jax.eval_shape(
+        lambda: lax.dot_general(
+            jax.ShapeDtypeStruct(x.shape, compute), jax.ShapeDtypeStruct(q.shape, compute), dn
+        )
+    ).shape
+    acc0 = jnp.zeros(out_shape, jnp.float32)
+    acc, _ = lax.scan(body, acc0, jnp.arange(nb, dtype=jnp.int32))
     return acc
 
 
@@ -205,9 +258,77 @@ def qdot_general(
             f"{fn}: impl must be 'auto', 'int', 'blocked' or 'dequantize', got {impl!r}"
         )
     if lhs_spec is not None and not isinstance(lhs, QArray):
-        lhs = quantize(lhs, lhs_spec, path="lhs")
+        if not hasattr(lhs, "shape") or not hasattr(lhs, "dtype"):
+            raise TypeError(f"{fn}: lhs must be an array or a QArray, got {type(lhs).__name__}")
+        if not isinstance(lhs_spec, QuantSpec):
+            raise TypeError(f"{fn}: lhs_spec must be a QuantSpec, got {lhs_spec!r}")
+        lhs = jnp.asarray(lhs)
+        if not jnp.issubdtype(lhs.dtype, jnp.floating):
+            raise ValueError(f"{fn}: lhs_spec quantizes a floating lhs, got {lhs.dtype}")
+        check_finite(lhs, "lhs", "quant.quantize")
+        dn = tuple(tuple(tuple(int(d) for d in ds) for ds in pair) for pair in dimension_numbers)
+        return _dynamic(
+            lhs, rhs, dn, precision, preferred_element_type, out_sharding, lhs_spec, impl
+        )
+    if isinstance(lhs, QArray) and hasattr(rhs, "shape") and not isinstance(rhs, QArray):
+        # A quantized lhs (an Equinox-style (out, in) weight times x): compute rhs . lhs, with the
+        # kernel on the right where the blocked path expects it, and move the axes back.
+        (lc, rc), (lb, rb) = dimension_numbers
+        if impl != "int" and len(lc) == len(rc) and len(lb) == len(rb):
+            lc, rc = [d % lhs.ndim for d in lc], [d % rhs.ndim for d in rc]
+            lb, rb = [d % lhs.ndim for d in lb], [d % rhs.ndim for d in rb]
+            y = qdot_general(
+                rhs,
+                lhs,
+                ((rc, lc), (rb, lb)),
+                precision,
+                preferred_element_type,
+                out_sharding=out_sharding,
+                impl=impl,
+            )
+            nb = len(lb)
+            n_r = rhs.ndim - len(rc) - nb
+            n_l = lhs.ndim - len(lc) - nb
+            perm = (*range(nb), *range(nb + n_r, nb + n_r + n_l), *range(nb, nb + n_r))
+            return y.transpose(perm)
+    return _qdot(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding, impl)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
+def _dynamic(x, rhs, dn, precision, preferred_element_type, out_sharding, lhs_spec, impl):
+    """Dynamic activation quantization: ``x`` quantized under ``lhs_spec`` on the fly, then
+    ``_qdot``. Straight-through: the derivative with respect to ``x`` is that of the
+    weight-only product ``x . dequantize(rhs)`` (quantizing ``x`` counts as the identity)."""
+    lhs = quantize(x, lhs_spec, path="lhs")
+    return _qdot(lhs, rhs, dn, precision, preferred_element_type, out_sharding, impl)
+
+
+@_dynamic.defjvp
+def _dynamic_jvp(dn, precision, preferred_element_type, out_sharding, lhs_spec, impl, p, t):
+    x, rhs = p
+    y = _dynamic(x, rhs, dn, precision, preferred_element_type, out_sharding, lhs_spec, impl)
+    weight_only = "dequantize" if impl == "dequantize" else "auto"
+    dy = _qdot(t[0], rhs, dn, precision, preferred_element_type, out_sharding, weight_only)
+    return y, dy.astype(y.dtype)
+
+
+def _qdot(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding, impl):
+    fn = "quant.qdot_general"
     (lc, rc), (lb, rb) = dimension_numbers
     lc, rc, lb, rb = tuple(lc), tuple(rc), tuple(lb), tuple(rb)
+    for name, x in (("lhs", lhs), ("rhs", rhs)):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{fn}: {name} must be an array or a QArray, got {type(x).__name__}")
+    for dims_l, dims_r, what in ((lc, rc, "contracting"), (lb, rb, "batch")):
+        if len(dims_l) != len(dims_r) or any(
+            not -len(shape) <= d < len(shape)
+            for shape, ds in ((lhs.shape, dims_l), (rhs.shape, dims_r))
+            for d in ds
+        ):
+            raise ValueError(
+                f"{fn}: {what} dimensions {dims_l} / {dims_r} do not fit lhs {tuple(lhs.shape)} "
+                f"and rhs {tuple(rhs.shape)}"
+            )
     dt = [x.dtype for x in (lhs, rhs)]
     out_dtype = preferred_element_type or jnp.promote_types(*dt)
     can_int = int_path_applies(lhs, rhs, dimension_numbers)
@@ -219,9 +340,17 @@ def qdot_general(
     can_block = blocked_path_applies(lhs, rhs, dimension_numbers)
     if impl == "blocked" and not can_block:
         raise ValueError(
-            f"{fn}: impl='blocked' needs rhs as a 2-D QArray (K, N) contracted on axis 0 with the "
-            "last axis of lhs, no batch dimensions, and K split into blocks of whole groups"
+            f"{fn}: impl='blocked' needs rhs as a QArray with no batch dimensions and a contracted "
+            "axis that splits into blocks of whole scale groups"
         )
+    for dims_l, dims_r, what in ((lc, rc, "contracting"), (lb, rb, "batch")):
+        sizes_l = [lhs.shape[d] for d in dims_l]
+        sizes_r = [rhs.shape[d] for d in dims_r]
+        if sizes_l != sizes_r:
+            raise ValueError(
+                f"{fn}: {what} dimensions of lhs {tuple(lhs.shape)} (sizes {sizes_l}) and rhs "
+                f"{tuple(rhs.shape)} (sizes {sizes_r}) differ"
+            )
     backend = jax.default_backend()
     if impl == "auto":
         many = _rows(lhs.shape, dimension_numbers) >= INT_MIN_ROWS.get(backend, math.inf)
@@ -236,7 +365,7 @@ def qdot_general(
         a = dequantize(lhs) if isinstance(lhs, QArray) else lhs
         if preferred_element_type is None and not jnp.issubdtype(compute, jnp.floating):
             compute = jnp.dtype(jnp.float32)
-        return _blocked(a, rhs, compute, precision).astype(out_dtype)
+        return _blocked(a, rhs, ((lc, rc), (lb, rb)), compute, precision).astype(out_dtype)
     if impl == "int":
         acc = lax.dot_general(
             lhs.codes(),

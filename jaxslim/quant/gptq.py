@@ -19,6 +19,15 @@ optional MSE-optimal clip) from its rows as they are when the group starts, afte
 earlier groups have been added, as in the paper; rows are reordered so that each group is
 contiguous (a conv kernel whose groups span its taps). When a group has more rows than
 ``block_size`` (per-tensor and per-channel scales), scales come from the original kernel.
+
+Any format of ``quant.formats`` works: rows are rounded with the format's own rounding (an fp8
+cast, the nearest nf4 codebook entry). A double-quantized format (nf4) stores its scales as int8
+codes at the end; the codes are those of the GPTQ-corrected kernel on the stored scales.
+
+Non-finite input: a concrete kernel or Hessian with NaN or inf, or a Hessian that is not positive
+definite after damping, raises ``ValueError`` naming the kernel. Under ``jit`` nothing can raise:
+when the Hessian or its Cholesky factor is not finite, ``gptq`` returns plain round-to-nearest
+(``quantize(w, spec)``), never a garbage kernel.
 """
 
 from __future__ import annotations
@@ -32,8 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxslim.quant.numerics import qparams_from_range
-from jaxslim.quant.qarray import QArray, quantize
+from jaxslim import _obs
+from jaxslim.quant.numerics import is_concrete, qparams_from_range
+from jaxslim.quant.qarray import QArray, check_finite, fake_values, quantize
 from jaxslim.quant.spec import QuantSpec, layout
 
 __all__ = ["gptq", "gptq_hessian"]
@@ -41,21 +51,29 @@ __all__ = ["gptq", "gptq_hessian"]
 _HI = lax.Precision.HIGHEST
 
 
-def gptq_hessian(x: jax.typing.ArrayLike) -> jax.Array:
+def gptq_hessian(x: jax.typing.ArrayLike, *, path: str = "") -> jax.Array:
     """``X^T X / n`` of layer inputs ``x`` of shape ``(..., K)`` (float32, shape ``(K, K)``).
 
     ``K`` is the layer's contraction size in the kernel's flattened order; average the results
-    of several batches (weighted by their row counts) to calibrate on more data.
+    of several batches (weighted by their row counts) to calibrate on more data. A concrete ``x``
+    with NaN or inf raises ``ValueError`` (naming ``path``, the layer whose inputs these are);
+    a traced one gives a non-finite Hessian, which ``gptq`` under ``jit`` answers with
+    round-to-nearest.
 
     >>> import jax.numpy as jnp
     >>> gptq_hessian(jnp.array([[1.0, 2.0], [3.0, 0.0]])).tolist()
     [[5.0, 1.0], [1.0, 2.0]]
     """
+    fn = "quant.gptq_hessian"
+    if not hasattr(x, "dtype") and not isinstance(x, list | tuple | float):
+        raise ValueError(f"{fn}: expects a floating-point array (..., K), got {type(x).__name__}")
     x = jnp.asarray(x)
     if x.ndim < 1 or not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(
-            f"quant.gptq_hessian: expects a floating-point array (..., K), got {x.dtype} {x.shape}"
+            f"{fn}: expects a floating-point array (..., K), got {x.dtype} {x.shape} for "
+            f"{path or 'the input'!r}"
         )
+    check_finite(x, f"calibration inputs of {path}" if path else "calibration inputs", fn)
     x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     n = max(x2.shape[0], 1)
     return jnp.matmul(x2.T, x2, precision=_HI) / n
@@ -96,7 +114,7 @@ def gptq(
         ``(*spatial, in, out)``).
       hessian: ``(K, K)`` with ``K = prod(w.shape[:-1])``: ``quant.gptq_hessian`` of the layer's
         inputs (for a conv, its input patches ordered like the kernel's flattened rows).
-      spec: an integer ``QuantSpec`` (any granularity: per-tensor, per-channel, grouped,
+      spec: a ``QuantSpec`` of any format and granularity (per-tensor, per-channel, grouped,
         symmetric or affine). The codes lie on the same grid ``quantize`` uses.
       damp: added to the diagonal as a fraction of its mean (the paper's 1 %); inputs that are
         always zero get weight 0.
@@ -120,29 +138,54 @@ def gptq(
     True
     """
     fn = "quant.gptq"
-    if not isinstance(spec, QuantSpec) or spec.fmt != "int":
-        raise ValueError(f"{fn}: needs an integer QuantSpec, got {spec!r} for {path!r}")
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"{fn}: spec must be a QuantSpec, got {spec!r} for {path!r}")
+    if not hasattr(w, "dtype"):
+        raise ValueError(f"{fn}: expects a floating-point kernel, got {type(w).__name__}")
     w = jnp.asarray(w)
     if not jnp.issubdtype(w.dtype, jnp.floating) or w.ndim < 2:
         raise ValueError(
             f"{fn}: expects a floating-point kernel with ndim >= 2, got {w.dtype} {w.shape} "
             f"for {path!r}"
         )
-    h = jnp.asarray(hessian, jnp.float32)
+    h = jnp.asarray(hessian)
+    if not jnp.issubdtype(h.dtype, jnp.floating):
+        raise ValueError(f"{fn}: hessian must be floating point, got {h.dtype} for {path!r}")
+    h = h.astype(jnp.float32)
     k = math.prod(w.shape[:-1])
     if h.shape != (k, k):
         raise ValueError(
             f"{fn}: hessian must have shape ({k}, {k}) for the kernel {w.shape} of {path!r}, "
             f"got {h.shape}"
         )
-    if not isinstance(clip_candidates, int) or clip_candidates < 1:
-        raise ValueError(f"{fn}: clip_candidates must be a positive int, got {clip_candidates!r}")
-    if not damp >= 0:
-        raise ValueError(f"{fn}: damp must be >= 0, got {damp!r}")
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"{fn}: block_size must be a positive int, got {block_size!r}")
+    if (
+        isinstance(clip_candidates, bool)
+        or not isinstance(clip_candidates, int)
+        or clip_candidates < 1
+    ):
+        raise ValueError(
+            f"{fn}: clip_candidates must be a positive int, got {clip_candidates!r} for {path!r}"
+        )
+    if (
+        isinstance(damp, bool)
+        or not isinstance(damp, int | float | np.integer | np.floating)
+        or not 0 <= damp < math.inf
+    ):
+        raise ValueError(f"{fn}: damp must be a finite float >= 0, got {damp!r} for {path!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(
+            f"{fn}: block_size must be a positive int, got {block_size!r} for {path!r}"
+        )
     layout(spec, tuple(w.shape), path=path, fn_name=fn)  # raises on a spec that does not fit
-    return _gptq(w, h, spec, float(damp), block_size, clip_candidates)
+    check_finite(w, path, fn)
+    check_finite(h, f"hessian of {path}" if path else "hessian", fn)
+    q, ok = _gptq(w, h, spec, float(damp), block_size, clip_candidates)
+    if is_concrete(ok) and not bool(ok):
+        raise ValueError(
+            f"{fn}: the hessian of {path or 'the kernel'!r} is not positive definite after "
+            f"damping (damp={damp}); raise damp or calibrate on more (and finite) inputs"
+        )
+    return q
 
 
 @partial(jax.jit, static_argnums=(2, 3, 4, 5))
@@ -156,7 +199,6 @@ def _gptq(w, h, spec, damp, block_size, clip_candidates):
         if per_block
         else _largest_divisor(k, block_size)
     )
-    qmin, qmax = spec.qmin, spec.qmax
     col_key = jnp.asarray(col_key)
 
     def group_qparams(rows):  # rows (R, N) -> scale, zero point per column (N,)
@@ -176,20 +218,15 @@ def _gptq(w, h, spec, damp, block_size, clip_candidates):
         return s[col_key], z[col_key].astype(jnp.float32)
 
     def _round(x, s, z):
-        inv = jnp.float32(1) / s
-        q = jnp.clip(jnp.round(x * inv) + z, qmin, qmax)
-        return (q - z) * s
+        return fake_values(x, s, z, spec)[0]
 
     perm = jnp.asarray(order)
     w2 = w.reshape(k, n).astype(jnp.float32)[perm]
-    h = h[perm][:, perm]
-    dead = jnp.diag(h) == 0
-    h = jnp.where(jnp.diag(dead), 1.0, h)
+    # Damping, dead inputs and the inverse-Hessian factor are _obs's (shared with SparseGPT):
+    # H + damp mean(diag H) I (dead diagonal -> 1), U upper with H^-1 = U^T U; all NaN if H is
+    # not positive definite (traced here, so nothing raises: the RTN fallback below answers).
+    u, dead = _obs.obs_factor(h[perm][:, perm], damp, fn=fn)
     w2 = jnp.where(dead[:, None], 0.0, w2)
-    h = h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(k, dtype=jnp.float32)
-    # Upper U with H^-1 = U^T U: with J the reversal and J H J = M M^T (Cholesky), U = J M^-1 J.
-    m = jnp.linalg.cholesky(h[::-1, ::-1])
-    u = jax.scipy.linalg.solve_triangular(m, jnp.eye(k, dtype=h.dtype), lower=True)[::-1, ::-1]
     if per_block:
         scale0 = zp0 = jnp.zeros((k, n), jnp.float32)
     else:  # one group spans blocks: scales from the original kernel (rows of each group)
@@ -197,11 +234,8 @@ def _gptq(w, h, spec, damp, block_size, clip_candidates):
         scale0 = jnp.repeat(s_rows, r, axis=0)
         zp0 = jnp.repeat(z_rows, r, axis=0)
 
-    def block(i, carry):
-        w2, qs, scale, zp = carry
-        i1 = i * b
-        wb = lax.dynamic_slice_in_dim(w2, i1, b)
-        ub = lax.dynamic_slice(u, (i1, i1), (b, b))
+    def process_block(i1, wb, ub, carry):
+        scale, zp = carry
         sb = lax.dynamic_slice_in_dim(scale, i1, b)
         zb = lax.dynamic_slice_in_dim(zp, i1, b)
 
@@ -214,25 +248,17 @@ def _gptq(w, h, spec, damp, block_size, clip_candidates):
                     lambda: (sb[j - 1], zb[j - 1]),
                 )
                 sb, zb = sb.at[j].set(sz[0]), zb.at[j].set(sz[1])
-            x = wb[j]
-            q = _round(x, sb[j], zb[j])
-            e = (x - q) / ub[j, j]
-            later = (jnp.arange(b) > j).astype(jnp.float32)
-            wb = wb - (ub[j] * later)[:, None] * e[None, :]
+            q = _round(wb[j], sb[j], zb[j])
+            wb, e = _obs.obs_row_update(wb, ub, j, q)
             return wb, qb.at[j].set(q), eb.at[j].set(e), sb, zb
 
         zeros = jnp.zeros_like(wb)
         _, qb, eb, sb, zb = lax.fori_loop(0, b, row, (wb, zeros, zeros, sb, zb))
-        # Carry the block's errors to every later row at once (lazy batch update).
-        ur = lax.dynamic_slice_in_dim(u, i1, b)  # (b, K)
-        after = (jnp.arange(k) >= i1 + b).astype(jnp.float32)
-        w2 = w2 - after[:, None] * jnp.matmul((ur * after[None, :]).T, eb, precision=_HI)
-        qs = lax.dynamic_update_slice_in_dim(qs, qb, i1, 0)
         scale = lax.dynamic_update_slice_in_dim(scale, sb, i1, 0)
         zp = lax.dynamic_update_slice_in_dim(zp, zb, i1, 0)
-        return w2, qs, scale, zp
+        return qb, eb, (scale, zp)
 
-    _, qs, scale, zp = lax.fori_loop(0, k // b, block, (w2, jnp.zeros_like(w2), scale0, zp0))
+    qs, (scale, zp) = _obs.obs_sweep(w2, u, b, process_block, (scale0, zp0))
     inv = jnp.argsort(perm)
     qs, scale, zp = qs[inv], scale[inv], zp[inv]
     # Gather the per-weight scales into the spec's scale layout (all writes to an entry agree).
@@ -243,8 +269,14 @@ def _gptq(w, h, spec, damp, block_size, clip_candidates):
     z_out = jnp.zeros(n_scales, jnp.float32).at[flat].set(zp.reshape(-1))
     s_out = s_out.reshape(lay.scale_shape)
     z_out = jnp.round(z_out).astype(jnp.int32).reshape(lay.scale_shape)
-    keep_zp = not (spec.symmetric and spec.signed)
+    # A Hessian or Cholesky factor that is not finite: round to nearest instead of garbage.
+    ok = jnp.all(jnp.isfinite(u)) & jnp.all(jnp.isfinite(qs))
+    rtn = quantize(w, spec)
+    qs = jnp.where(ok, qs.reshape(w.shape), rtn.dequantize().astype(jnp.float32))
+    rtn_zp = rtn.zero_point if rtn.zero_point is not None else jnp.zeros((), jnp.int32)
+    s_out = jnp.where(ok, s_out, rtn.float_scale())
+    z_out = jnp.where(ok, z_out, rtn_zp.astype(jnp.int32))
     q = quantize(
-        qs.reshape(w.shape), spec, scale=s_out, zero_point=z_out if keep_zp else None, path=path
+        qs, spec, scale=s_out, zero_point=z_out if spec.stores_zero_point else None, path=path
     )
-    return dataclasses.replace(q, dtype=jnp.dtype(w.dtype))
+    return dataclasses.replace(q, dtype=jnp.dtype(w.dtype)), ok

@@ -18,8 +18,9 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxslim.quant.numerics import compute_dtype, round_codes
+from jaxslim.quant.numerics import EPS, check_scale, compute_dtype, round_codes
 
 __all__ = ["fake_quant_lsq", "lsq_init_scale"]
 
@@ -73,6 +74,9 @@ def fake_quant_lsq(
       qmin, qmax: the integer grid, e.g. ``quant.qrange(4)``.
       grad_scale: multiplies the scale's gradient; default ``1 / sqrt(N * qmax)``.
 
+    A concrete ``scale`` must be finite and > 0 (``ValueError``); a learned (traced) one is not
+    checked.
+
     >>> import jax, jax.numpy as jnp
     >>> x, s = jnp.array([0.3, 5.0]), jnp.float32(1.0)
     >>> jax.grad(lambda s: fake_quant_lsq(x, s, -4, 3, grad_scale=1.0).sum())(s).item()
@@ -94,24 +98,40 @@ def fake_quant_lsq(
         )
     if not qmin < qmax:
         raise ValueError(f"quant.fake_quant_lsq: need qmin < qmax, got {qmin}, {qmax}")
+    check_scale(scale, "quant.fake_quant_lsq")
+    if grad_scale is not None and not (
+        isinstance(grad_scale, int | float) and math.isfinite(grad_scale)
+    ):
+        raise ValueError(
+            f"quant.fake_quant_lsq: grad_scale must be a finite float or None, got {grad_scale!r}"
+        )
     if grad_scale is None:
         n = max(x.size // max(scale.size, 1), 1)
         grad_scale = 1.0 / math.sqrt(n * max(qmax, 1))
     return _lsq(x, scale, int(qmin), int(qmax), float(grad_scale))
 
 
-def lsq_init_scale(x: jax.Array, qmax: int, axis=None) -> jax.Array:
-    """The paper's initial step size ``2 * mean(|x|) / sqrt(qmax)`` (over all but ``axis``).
+def lsq_init_scale(x: jax.Array, qmax: int, *, axis=None) -> jax.Array:
+    """The paper's initial step size ``2 * mean(|x|) / sqrt(qmax)`` (over all but ``axis``),
+    floored at float32 eps (an all-zero ``x`` gets ``eps``, not 0).
 
     >>> import jax.numpy as jnp
     >>> float(lsq_init_scale(jnp.array([1.0, -3.0]), 4))
     2.0
     """
+    fn = "quant.lsq_init_scale"
     x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{fn}: x must be a floating-point array, got {x.dtype}")
+    if isinstance(qmax, bool) or not isinstance(qmax, int | np.integer) or qmax < 1:
+        raise ValueError(f"{fn}: qmax must be a positive int, got {qmax!r}")
     if axis is None:
         red = None
     else:
-        keep = {a % x.ndim for a in ((axis,) if isinstance(axis, int) else axis)}
+        axes = (axis,) if isinstance(axis, int | np.integer) else tuple(axis)
+        if not all(-x.ndim <= a < x.ndim for a in axes):
+            raise ValueError(f"{fn}: axis {axis} is out of range for x with ndim {x.ndim}")
+        keep = {a % x.ndim for a in axes}
         red = tuple(i for i in range(x.ndim) if i not in keep)
     m = jnp.mean(jnp.abs(x.astype(compute_dtype(x.dtype))), axis=red, keepdims=axis is not None)
-    return 2.0 * m / math.sqrt(qmax)
+    return jnp.maximum(2.0 * m / math.sqrt(qmax), EPS)

@@ -18,18 +18,30 @@ Scales from a range ``[lo, hi]`` (first widened to contain 0):
 * affine: ``s = (hi - lo) / (qmax - qmin)``, ``z = clip(qmin - round(lo / s), qmin, qmax)``;
 
 and ``s`` is floored at float32 ``eps`` (``1.19e-7``), so an all-zero tensor has ``s = eps``
-and quantizes to exact zeros, never NaN. Ranges ignore non-finite entries.
+and quantizes to exact zeros, never NaN. Ranges ignore non-finite entries. An affine range wider
+than float32 (``hi - lo`` overflows, e.g. ``[-3e38, 3e38]``) takes ``hi / d - lo / d`` instead of
+``(hi - lo) / d``, so its scale stays finite.
 
 Non-finite inputs: ``+inf``/``-inf`` clip to ``qmax``/``qmin``; NaN stays NaN through
 ``fake_quant_affine`` (its gradient is 0) and becomes the zero point (so 0.0) in integer codes.
+A result beyond the input dtype's finite range (the code ``-128`` of a symmetric int8 grid is
+``-128/127.5`` of the range: past the largest float16 when the range is the float16 maximum)
+saturates at that dtype's largest finite value instead of becoming ``+-inf``.
+
+Scales and zero points passed in are checked when concrete: a scale must be finite and > 0, a
+zero point an integer inside ``[qmin, qmax]`` (``ValueError`` naming the function and value).
+Under ``jit`` they cannot be checked; an invalid traced scale makes the result NaN (never a silent
+zero).
 """
 
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxslim.quant.spec import QuantSpec, layout
 
@@ -40,6 +52,9 @@ __all__ = [
     "qparams_from_range",
     "compute_dtype",
     "round_codes",
+    "is_concrete",
+    "check_scale",
+    "saturate",
 ]
 
 EPS = float(jnp.finfo(jnp.float32).eps)
@@ -49,6 +64,50 @@ def compute_dtype(dtype) -> jnp.dtype:
     """float32 for float16/bfloat16/float32 inputs (wider floats keep their dtype)."""
     dtype = jnp.dtype(dtype)
     return dtype if dtype.itemsize > 4 else jnp.dtype(jnp.float32)
+
+
+def is_concrete(*xs: Any) -> bool:
+    """True when none of ``xs`` is a tracer (its values can be read without ``jit`` breaking)."""
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def check_scale(scale: Any, fn_name: str, path: str = "") -> None:
+    """Raises ``ValueError`` when a concrete ``scale`` has an entry that is not finite and > 0."""
+    if scale is None or not is_concrete(scale):
+        return
+    s = np.asarray(jax.device_get(scale)).astype(np.float64)
+    bad = ~(np.isfinite(s) & (s > 0))
+    if bad.any():
+        raise ValueError(
+            f"{fn_name}: scale must be finite and > 0, got {float(s[bad].reshape(-1)[0])!r} "
+            f"({int(bad.sum())} of {s.size} entries) for {path or 'the input'!r}; take scales "
+            "from quant.qparams or an observer"
+        )
+
+
+def check_zero_point(zero_point: Any, qmin: float, qmax: float, fn_name: str, path: str = ""):
+    """Raises ``ValueError`` when a concrete zero point is not an integer in ``[qmin, qmax]``."""
+    if zero_point is None or not is_concrete(zero_point):
+        return
+    z = np.asarray(jax.device_get(zero_point)).astype(np.float64)
+    bad = ~(np.isfinite(z) & (z == np.round(z)) & (z >= qmin) & (z <= qmax))
+    if bad.any():
+        raise ValueError(
+            f"{fn_name}: zero_point must be an integer in [{qmin}, {qmax}], got "
+            f"{float(z[bad].reshape(-1)[0])!r} for {path or 'the input'!r}"
+        )
+
+
+def valid_scale(scale: jax.Array) -> jax.Array:
+    """``scale`` where finite and > 0, NaN elsewhere (traced scales cannot raise)."""
+    ok = jnp.isfinite(scale) & (scale > 0)
+    return jnp.where(ok, scale, jnp.full((), jnp.nan, scale.dtype))
+
+
+def saturate(y: jax.Array, dtype: Any) -> jax.Array:
+    """``y`` clipped to the finite range of the floating ``dtype`` (NaN stays NaN)."""
+    big = float(jnp.finfo(dtype).max)
+    return jnp.clip(y, -big, big)
 
 
 def round_codes(x: jax.Array, scale: jax.Array, zero_point: jax.Array, qmin: int, qmax: int):
@@ -67,7 +126,7 @@ def _fq(x, scale, zero_point, qmin, qmax):
     xc = x.astype(cd)
     q, inside = round_codes(xc, scale, zero_point, qmin, qmax)
     y = (q - zero_point.astype(cd)) * scale.astype(cd)
-    return y.astype(x.dtype), inside
+    return saturate(y, x.dtype).astype(x.dtype), inside
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(3, 4))
@@ -83,6 +142,11 @@ def _fake_quant_jvp(qmin, qmax, primals, tangents):
 
 
 def _check_int(v, name: str, fn_name: str) -> int:
+    if isinstance(v, jax.core.Tracer):
+        raise ValueError(
+            f"{fn_name}: {name} must be a Python int (it fixes the grid, a static value), got a "
+            f"traced value {v}; pass it as a static argument"
+        )
     if isinstance(v, bool) or not isinstance(v, int) and not hasattr(v, "__index__"):
         raise ValueError(f"{fn_name}: {name} must be a Python int, got {v!r}")
     return int(v)
@@ -94,6 +158,7 @@ def fake_quant_affine(
     zero_point: jax.typing.ArrayLike,
     qmin: int,
     qmax: int,
+    *,
     axis: int | None = None,
 ) -> jax.Array:
     """Quantize-dequantize ``x`` on the grid ``[qmin, qmax]`` with PyTorch's exact numerics.
@@ -108,6 +173,9 @@ def fake_quant_affine(
       zero_point: integer-valued, shaped like ``scale``.
       qmin, qmax: the integer grid (static Python ints).
       axis: ``None`` or the per-channel axis.
+
+    A concrete scale must be finite and > 0 and a concrete zero point an integer in
+    ``[qmin, qmax]`` (``ValueError``); a traced invalid scale gives NaN.
 
     Returns:
       ``y`` with ``x``'s shape and dtype. The gradient with respect to ``x`` is the
@@ -129,6 +197,10 @@ def fake_quant_affine(
     zero_point = jnp.asarray(zero_point)
     if not jnp.issubdtype(scale.dtype, jnp.floating):
         raise ValueError(f"{fn}: scale must be floating point, got dtype {scale.dtype}")
+    check_scale(scale, fn)
+    check_zero_point(zero_point, qmin, qmax, fn)
+    if not is_concrete(scale):
+        scale = valid_scale(scale)
     if axis is not None:
         if not -x.ndim <= axis < x.ndim:
             raise ValueError(f"{fn}: axis {axis} is out of range for x with ndim {x.ndim}")
@@ -169,46 +241,62 @@ def qparams_from_range(
 ) -> tuple[jax.Array, jax.Array]:
     """``(scale, zero_point)`` for the range ``[lo, hi]`` (widened to contain 0), torch's rule.
 
+    Concrete ``lo``/``hi`` must be finite (``ValueError``); traced non-finite ends count as 0.
     ``scale`` is float32 and floored at float32 eps; ``zero_point`` is int32 (0 for symmetric
-    signed and fp8 specs).
+    signed specs and formats without a zero point). The symmetric divisor is half the format's
+    code range (127.5 for int8, 448 for e4m3, 1 for nf4: its absmax scale).
 
     >>> import numpy as np
     >>> s, z = qparams_from_range(-1.0, 2.0, QuantSpec(8, signed=False, symmetric=False))
     >>> bool(s.item() == np.float32(3) / np.float32(255)), int(z)
     (True, 85)
     """
-    lo = jnp.minimum(jnp.asarray(lo, jnp.float32), 0.0)
-    hi = jnp.maximum(jnp.asarray(hi, jnp.float32), 0.0)
+    fn = "quant.qparams_from_range"
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"{fn}: spec must be a QuantSpec, got {spec!r}")
+    lo, hi = jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32)
+    for name, v in (("lo", lo), ("hi", hi)):
+        if is_concrete(v) and not bool(jnp.all(jnp.isfinite(v))):
+            raise ValueError(f"{fn}: {name} must be finite, got {np.asarray(v).tolist()}")
+    # Traced non-finite ends (a NaN calibration batch) count as 0: the scale stays finite.
+    lo = jnp.minimum(jnp.where(jnp.isfinite(lo), lo, 0.0), 0.0)
+    hi = jnp.maximum(jnp.where(jnp.isfinite(hi), hi, 0.0), 0.0)
     qmin, qmax = spec.qmin, spec.qmax
-    if spec.fmt != "int":
-        scale = jnp.maximum(_div(jnp.maximum(-lo, hi), spec.fmax), EPS)
-        return scale, jnp.zeros(scale.shape, jnp.int32)
     if spec.symmetric:
         scale = jnp.maximum(_div(jnp.maximum(-lo, hi), (qmax - qmin) / 2), EPS)
-        if spec.signed:
-            z = 0
-        else:
-            z = 128 if (qmin, qmax) == (0, 255) else (qmin + qmax) // 2
-        return scale, jnp.full(scale.shape, z, jnp.int32)
-    scale = jnp.maximum(_div(hi - lo, qmax - qmin), EPS)
+        return scale, jnp.full(scale.shape, spec.symmetric_zero_point, jnp.int32)
+    width = hi - lo
+    d = qmax - qmin
+    # A range wider than float32 (hi - lo = inf): each end divided first stays finite.
+    wide = _div(hi, d) - _div(lo, d)
+    scale = jnp.maximum(jnp.where(jnp.isfinite(width), _div(width, d), wide), EPS)
     zp = jnp.clip(qmin - jnp.round(lo / scale), qmin, qmax).astype(jnp.int32)
     return scale, zp
 
 
-def qparams(
-    x: jax.Array, spec: QuantSpec, *, path: str = "", fn_name: str = "quant.qparams"
-) -> tuple[jax.Array, jax.Array]:
+def qparams(x: jax.Array, spec: QuantSpec, *, path: str = "") -> tuple[jax.Array, jax.Array]:
     """``(scale, zero_point)`` from the min/max of ``x`` under ``spec``'s granularity.
 
-    Both have the layout's ``scale_shape`` (see ``quant.layout``); non-finite entries of ``x`` are
-    ignored.
+    Both have the layout's ``scale_shape`` (see ``quant.spec.layout``); non-finite entries of
+    ``x`` are ignored (a group's scale comes from its finite entries only). ``path`` names the leaf
+    in error messages.
 
     >>> import jax.numpy as jnp
     >>> s, z = qparams(jnp.array([[1.0, -2.0], [0.5, 4.0]]), QuantSpec(8, axis=-1))
     >>> s.shape, (s * 127.5).tolist()
     ((1, 2), [[1.0, 4.0]])
     """
+    return _qparams(x, spec, path=path, fn_name="quant.qparams")
+
+
+def _qparams(x, spec: QuantSpec, *, path: str, fn_name: str) -> tuple[jax.Array, jax.Array]:
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"{fn_name}: spec must be a QuantSpec, got {spec!r} for {path!r}")
     x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(
+            f"{fn_name}: expects a floating-point array, got {x.dtype} for {path or 'the input'!r}"
+        )
     lay = layout(spec, x.shape, path=path, fn_name=fn_name)
     v = x.reshape(lay.view_shape)
     v = jnp.where(jnp.isfinite(v), v, jnp.zeros((), v.dtype)).astype(compute_dtype(v.dtype))

@@ -9,9 +9,11 @@ An observer is three pure functions, Optax style, all usable inside ``jit``::
     scale, zero_point = obs.result(state)
     q = quant.quantize(x, spec, scale=scale, zero_point=zero_point)
 
-Statistics have the spec's ``scale_shape`` (see ``quant.layout``), so per-tensor, per-channel and
-per-group calibration all work the same way. Non-finite entries are ignored. An observer that has
-seen nothing gives ``scale = eps`` (never NaN).
+Statistics have the spec's ``scale_shape`` (see ``quant.spec.layout``), so per-tensor,
+per-channel and per-group calibration all work the same way, for every format of
+``quant.formats``. Non-finite entries are ignored. An observer that has seen nothing gives
+``scale = eps`` (never NaN). Options are keyword-only and checked when the observer is made (a
+range, a count: ``ValueError``).
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxslim.quant.numerics import _fake_quant, qparams_from_range
+from jaxslim.quant.numerics import qparams_from_range
+from jaxslim.quant.qarray import fake_values
 from jaxslim.quant.spec import Layout, QuantSpec, layout
 
 __all__ = [
@@ -51,12 +55,24 @@ class Observer(NamedTuple):
     result: Callable[[Any], tuple[jax.Array, jax.Array]]
 
 
+def _check_spec(spec: Any, fn_name: str) -> None:
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"{fn_name}: spec must be a QuantSpec, got {spec!r}")
+
+
 def _view(x, spec: QuantSpec, fn_name: str) -> tuple[jax.Array, Layout]:
+    if not hasattr(x, "dtype") and not isinstance(x, float):
+        raise ValueError(f"{fn_name}: expects a floating-point array, got {type(x).__name__}")
     if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
         raise ValueError(f"{fn_name}: expects a floating-point array, got {jnp.asarray(x).dtype}")
     lay = layout(spec, x.shape, fn_name=fn_name)
     v = jnp.asarray(x).reshape(lay.view_shape).astype(jnp.float32)
     return v, lay
+
+
+def _is_real(v: Any) -> bool:
+    """A concrete real number (a Python or numpy scalar, not a traced value)."""
+    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
 
 
 def _finite(v, fill):
@@ -101,6 +117,7 @@ def minmax_observer(spec: QuantSpec) -> Observer:
     True
     """
     fn = "quant.minmax_observer"
+    _check_spec(spec, fn)
 
     def update(state, x):
         v, lay = _view(x, spec, fn)
@@ -110,19 +127,20 @@ def minmax_observer(spec: QuantSpec) -> Observer:
     return Observer(_init(spec, fn), update, _result(spec))
 
 
-def moving_average_observer(spec: QuantSpec, averaging_constant: float = 0.01) -> Observer:
+def moving_average_observer(spec: QuantSpec, *, averaging_constant: float = 0.01) -> Observer:
     """Exponential moving average of per-batch min/max (PyTorch's
     ``MovingAverageMinMaxObserver``): the first batch sets the range, then
     ``lo <- lo + c * (batch_lo - lo)`` with ``c = averaging_constant`` (0.01).
 
     >>> import jax.numpy as jnp
-    >>> obs = moving_average_observer(QuantSpec(8), 0.5)
+    >>> obs = moving_average_observer(QuantSpec(8), averaging_constant=0.5)
     >>> s = obs.update(obs.update(obs.init(jnp.zeros(1)), jnp.array([2.0])), jnp.array([4.0]))
     >>> s.hi.item()
     3.0
     """
     fn = "quant.moving_average_observer"
-    if not 0.0 < averaging_constant <= 1.0:
+    _check_spec(spec, fn)
+    if not _is_real(averaging_constant) or not 0.0 < averaging_constant <= 1.0:
         raise ValueError(f"{fn}: averaging_constant must be in (0, 1], got {averaging_constant!r}")
 
     def update(state, x):
@@ -145,17 +163,18 @@ def _running_mean(state, lo, hi):
     return RangeState(new_lo, new_hi, state.count + 1)
 
 
-def percentile_observer(spec: QuantSpec, percentile: float = 99.99) -> Observer:
+def percentile_observer(spec: QuantSpec, *, percentile: float = 99.99) -> Observer:
     """Clips outliers: per batch, ``lo``/``hi`` are the ``100 - p`` and ``p`` percentiles of
     the entries sharing a scale; the result uses their mean over batches.
 
     >>> import jax.numpy as jnp
-    >>> obs = percentile_observer(QuantSpec(8), 50.0)
+    >>> obs = percentile_observer(QuantSpec(8), percentile=50.0)
     >>> obs.update(obs.init(jnp.zeros(3)), jnp.array([-1.0, 2.0, 100.0])).hi.item()
     2.0
     """
     fn = "quant.percentile_observer"
-    if not 50.0 <= percentile <= 100.0:
+    _check_spec(spec, fn)
+    if not _is_real(percentile) or not 50.0 <= percentile <= 100.0:
         raise ValueError(f"{fn}: percentile must be in [50, 100], got {percentile!r}")
 
     def update(state, x):
@@ -169,7 +188,7 @@ def percentile_observer(spec: QuantSpec, percentile: float = 99.99) -> Observer:
     return Observer(_init(spec, fn), update, _result(spec))
 
 
-def mse_observer(spec: QuantSpec, num_candidates: int = 100) -> Observer:
+def mse_observer(spec: QuantSpec, *, num_candidates: int = 100) -> Observer:
     """MSE-optimal clipping: per batch, searches the clip ratio ``r`` in
     ``{1/n, 2/n, ..., 1}`` (``n = num_candidates``) whose range ``r * [lo, hi]`` minimises
     ``sum((fake_quant(x) - x)^2)`` over the entries sharing a scale (each group picks its own
@@ -182,10 +201,13 @@ def mse_observer(spec: QuantSpec, num_candidates: int = 100) -> Observer:
     [3.5]
     """
     fn = "quant.mse_observer"
-    if not isinstance(num_candidates, int) or num_candidates < 1:
+    _check_spec(spec, fn)
+    if (
+        isinstance(num_candidates, bool)
+        or not isinstance(num_candidates, int)
+        or num_candidates < 1
+    ):
         raise ValueError(f"{fn}: num_candidates must be a positive int, got {num_candidates!r}")
-    if spec.fmt != "int":
-        raise ValueError(f"{fn}: supports fmt='int' specs, got fmt={spec.fmt!r}")
 
     def update(state, x):
         v, lay = _view(x, spec, fn)
@@ -195,7 +217,7 @@ def mse_observer(spec: QuantSpec, num_candidates: int = 100) -> Observer:
 
         def err(r):
             s, z = qparams_from_range(r * lo, r * hi, spec)
-            d = _fake_quant(v, s, z, spec.qmin, spec.qmax) - v
+            d = fake_values(v, s, z, spec)[0] - v
             return jnp.sum(d * d, axis=lay.reduce_axes, keepdims=True)
 
         errs = jax.lax.map(err, ratios)  # (n, *scale_shape), one candidate at a time

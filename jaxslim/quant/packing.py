@@ -15,9 +15,9 @@ import jax.numpy as jnp
 __all__ = ["pack", "unpack", "packed_shape"]
 
 
-def _per_byte(bits: int) -> int:
-    if bits not in (2, 4, 8):
-        raise ValueError(f"quant.pack: storage bits must be 2, 4 or 8, got {bits!r}")
+def _per_byte(bits: int, fn: str = "quant.pack") -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in (2, 4, 8):
+        raise ValueError(f"{fn}: storage bits must be 2, 4 or 8, got {bits!r}")
     return 8 // bits
 
 
@@ -27,7 +27,7 @@ def packed_shape(shape: tuple[int, ...], bits: int) -> tuple[int, ...]:
     >>> packed_shape((3, 5), 4), packed_shape((8,), 2), packed_shape((), 4)
     ((3, 3), (2,), (1,))
     """
-    per = _per_byte(bits)
+    per = _per_byte(bits, "quant.packed_shape")
     shape = tuple(shape) or (1,)
     return shape[:-1] + (-(-shape[-1] // per),)
 
@@ -39,8 +39,18 @@ def pack(codes: jax.Array, bits: int) -> jax.Array:
     >>> pack(jnp.array([1, -1, 7], jnp.int8), 4).tolist()  # 0xF1, then 0x07
     [241, 7]
     """
-    per = _per_byte(bits)
+    fn = "quant.pack"
+    per = _per_byte(bits, fn)
     codes = jnp.asarray(codes)
+    if not jnp.issubdtype(codes.dtype, jnp.integer):
+        raise ValueError(f"{fn}: codes must be an integer array, got {codes.dtype}")
+    if not isinstance(codes, jax.core.Tracer) and codes.size:
+        lo, hi = int(jnp.min(codes)), int(jnp.max(codes))
+        if lo < -(2 ** (bits - 1)) or hi > 2**bits - 1:
+            raise ValueError(
+                f"{fn}: codes must fit {bits} bits ([{-(2 ** (bits - 1))}, {2**bits - 1}]), got "
+                f"values in [{lo}, {hi}]"
+            )
     if codes.ndim == 0:
         codes = codes.reshape(1)
     if per == 1:
@@ -62,9 +72,19 @@ def unpack(packed: jax.Array, bits: int, shape: tuple[int, ...], *, signed: bool
     >>> unpack(jnp.array([241, 7], jnp.uint8), 4, (3,), signed=True).tolist()
     [1, -1, 7]
     """
-    per = _per_byte(bits)
+    fn = "quant.unpack"
+    per = _per_byte(bits, fn)
     out_dtype = jnp.int8 if signed else jnp.uint8
     shape = tuple(shape)
+    packed = jnp.asarray(packed)
+    if not jnp.issubdtype(packed.dtype, jnp.integer) or packed.dtype.itemsize != 1:
+        raise ValueError(f"{fn}: packed must be a uint8 (or int8) array, got {packed.dtype}")
+    want = packed_shape(shape, bits) if per > 1 else shape
+    if tuple(packed.shape) != tuple(want):
+        raise ValueError(
+            f"{fn}: packed has shape {tuple(packed.shape)}, but {bits}-bit codes of shape {shape} "
+            f"pack to {tuple(want)}"
+        )
     flat_shape = shape or (1,)
     if per == 1:
         return packed.astype(out_dtype).reshape(shape)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,9 +73,7 @@ class SizeReport:
 def _spec_str(spec: QuantSpec | None) -> str:
     if spec is None:
         return "float"
-    name = f"int{spec.bits}" if spec.fmt == "int" else spec.fmt
-    if not spec.signed:
-        name = "u" + name
+    name = spec.format.name if spec.signed else "u" + spec.format.name
     parts = [name]
     if spec.axis is not None:
         parts.append(f"axis={spec.axis if len(spec.axis) > 1 else spec.axis[0]}")
@@ -91,22 +90,36 @@ def _nbytes(leaf: Any) -> int:
     return math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
 
 
-def _normalize_rules(rules: Any) -> list[tuple[Any, QuantSpec | None]]:
+def _normalize_rules(rules: Any, fn: str = "quant.quantize_params") -> list[tuple[Any, Any]]:
+    """``[(where, spec or None)]``; raises naming the rule on a bad ``where`` or spec."""
     if isinstance(rules, QuantSpec):
         return [(None, rules)]
     if not isinstance(rules, Sequence) or isinstance(rules, str):
         raise TypeError(
-            "quant.quantize_params: rules must be a QuantSpec or a list of (where, QuantSpec or "
-            f"None) pairs, got {rules!r}"
+            f"{fn}: rules must be a QuantSpec or a list of (where, QuantSpec or None) pairs, "
+            f"got {rules!r}"
         )
     out = []
-    for rule in rules:
+    for i, rule in enumerate(rules):
         if not (isinstance(rule, tuple | list) and len(rule) == 2):
-            raise TypeError(f"quant.quantize_params: each rule must be (where, spec), got {rule!r}")
+            raise TypeError(f"{fn}: rule {i} must be a (where, spec) pair, got {rule!r}")
         where, spec = rule
         if spec is not None and not isinstance(spec, QuantSpec):
             raise TypeError(
-                f"quant.quantize_params: a rule's spec must be a QuantSpec or None, got {spec!r}"
+                f"{fn}: rule {i} ({where!r}, ...): spec must be a QuantSpec or None, got {spec!r}"
+            )
+        if isinstance(where, str):
+            try:
+                re.compile(where)
+            except re.error as e:
+                raise ValueError(
+                    f"{fn}: rule {i} has an invalid regex where={where!r} ({e}); escape special "
+                    "characters with re.escape"
+                ) from None
+        elif where is not None and not callable(where):
+            raise TypeError(
+                f"{fn}: rule {i}: where must be None, a regex string or a predicate "
+                f"(path, leaf) -> bool, got {where!r}"
             )
         out.append((where, spec))
     return out
@@ -127,8 +140,10 @@ def quantize_params(
       The tree with ``QArray`` leaves where a spec applied (other leaves untouched, ``QArray``
       leaves already present kept as they are) and a ``SizeReport`` of every floating-point leaf.
 
-    Raises ``ValueError`` naming the leaf when a spec does not fit it, and when nothing is
-    quantized.
+    Raises ``ValueError`` naming the leaf when a spec does not fit it, when a concrete leaf to
+    quantize holds NaN or inf, and when nothing is quantized; naming the rule when its ``where``
+    is not a valid regex. Integer-keyed trees (an ``nnx.List`` state, a list of layers) are named
+    ``"layers/0/kernel"``.
 
     >>> import jax.numpy as jnp
     >>> params = {"w": jnp.ones((64, 32)), "b": jnp.zeros(32), "head": jnp.ones((32, 10))}
@@ -137,7 +152,7 @@ def quantize_params(
     ('QArray', 'ArrayImpl', 3584)
     """
     fn = "quant.quantize_params"
-    rules = _normalize_rules(rules)
+    rules = _normalize_rules(rules, fn)
     if default is not None and not isinstance(default, QuantSpec):
         raise TypeError(f"{fn}: default must be a QuantSpec or None, got {default!r}")
     rows: list[LeafSize] = []
@@ -151,7 +166,10 @@ def quantize_params(
             if _tree.is_selected(where, name, leaf):
                 spec = s
                 break
-        new = leaf if spec is None else quantize(leaf, spec, path=name)
+        try:
+            new = leaf if spec is None else quantize(leaf, spec, path=name)
+        except ValueError as e:
+            raise ValueError(f"{fn}: {e}") from None
         rows.append(LeafSize(name, tuple(leaf.shape), spec, _nbytes(leaf), _nbytes(new)))
         return new
 
@@ -168,11 +186,20 @@ def quantize_params(
 def dequantize_params(tree: Any) -> Any:
     """Replaces every ``QArray`` leaf by its dequantized array; other leaves are untouched.
 
+    A QArray whose arrays were changed after quantizing raises ``ValueError`` naming its path.
+
     >>> import jax.numpy as jnp
     >>> q, _ = quantize_params({"w": jnp.ones((2, 2))}, QuantSpec(8))
     >>> dequantize_params(q)["w"].round(2).tolist()
     [[1.0, 1.0], [1.0, 1.0]]
     """
-    return jax.tree.map(
-        lambda x: dequantize(x) if isinstance(x, QArray) else x, tree, is_leaf=is_qarray
-    )
+
+    def visit(path, x):
+        if not isinstance(x, QArray):
+            return x
+        try:
+            return dequantize(x)
+        except ValueError as e:
+            raise ValueError(f"quant.dequantize_params: {_tree.path_str(path)!r}: {e}") from None
+
+    return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=is_qarray)

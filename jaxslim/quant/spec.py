@@ -19,18 +19,17 @@ against the view (a per-output-channel scale of a ``(in, out)`` kernel has shape
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
+
+from jaxslim.quant import formats
 
 __all__ = ["QuantSpec", "qrange", "Layout", "layout"]
 
-_INT_BITS = (2, 3, 4, 8)
-_FP8 = {"e4m3": jnp.float8_e4m3fn, "e5m2": jnp.float8_e5m2}
 
-
-def qrange(bits: int, signed: bool = True, reduce_range: bool = False) -> tuple[int, int]:
+def qrange(bits: int, *, signed: bool = True, reduce_range: bool = False) -> tuple[int, int]:
     """``(qmin, qmax)`` of a ``bits``-bit integer grid, as in PyTorch.
 
     ``reduce_range`` drops one bit (``int8 -> [-64, 63]``, ``uint8 -> [0, 127]``), PyTorch's
@@ -39,6 +38,8 @@ def qrange(bits: int, signed: bool = True, reduce_range: bool = False) -> tuple[
     >>> qrange(8), qrange(8, signed=False), qrange(4), qrange(8, reduce_range=True)
     ((-128, 127), (0, 255), (-8, 7), (-64, 63))
     """
+    if isinstance(bits, bool) or not isinstance(bits, int | np.integer) or bits < 1:
+        raise ValueError(f"quant.qrange: bits must be a positive int, got {bits!r}")
     b = bits - 1 if reduce_range else bits
     if signed:
         return -(2 ** (b - 1)), 2 ** (b - 1) - 1
@@ -50,23 +51,31 @@ class QuantSpec:
     """What to quantize a tensor to.
 
     Args:
-      bits: 2, 3, 4 or 8 for ``fmt="int"``; 8 for the fp8 formats.
-      signed: codes in ``[-2^(b-1), 2^(b-1) - 1]`` (True) or ``[0, 2^b - 1]`` (False).
+      bits: bits of one code: 2, 3, 4 or 8 for ``fmt="int"`` (default 8), 8 for the fp8
+        formats, 4 for ``"nf4"``; ``None`` (the default) means the format's widest.
+      signed: codes in ``[-2^(b-1), 2^(b-1) - 1]`` (True) or ``[0, 2^b - 1]`` (False; integer
+        formats only).
       symmetric: zero point fixed (0 when signed, mid-range when unsigned) and
-        ``scale = max(|min|, |max|) / ((qmax - qmin) / 2)``; else affine with a zero point.
+        ``scale = max(|min|, |max|) / ((qmax - qmin) / 2)``; else affine with a zero point
+        (integer formats only).
       axis: ``None`` or the axes that keep their own scale (per-channel).
       group_size: cut ``group_axis`` into blocks of this many entries, one scale each.
-      fmt: ``"int"``, ``"e4m3"`` (``float8_e4m3fn``, max 448) or ``"e5m2"`` (max 57344).
+      fmt: a format family of the registry ``quant.formats.FORMATS``: ``"int"``, ``"e4m3"``
+        (``float8_e4m3fn``, max 448), ``"e5m2"`` (max 57344) or ``"nf4"`` (QLoRA's NormalFloat-4
+        codebook with absmax scales, double-quantized; QLoRA's setting is
+        ``QuantSpec(fmt="nf4", axis=-1, group_size=64)``).
       group_axis: the axis ``group_size`` cuts; ``None`` means ``-2`` (``-1`` for a vector).
 
-    Codes of 2, 3 and 4 bits are packed into ``uint8`` (four 2-bit or two 3/4-bit codes a byte).
+    Every option but ``bits`` is keyword-only. Codes of 2, 3 and 4 bits are packed into
+    ``uint8`` (four 2-bit or two 3/4-bit codes a byte).
 
     >>> s = QuantSpec(4, axis=-1, group_size=32)
-    >>> s.qmin, s.qmax, s.storage_bits
-    (-8, 7, 4)
+    >>> s.qmin, s.qmax, s.storage_bits, s.format.name
+    (-8, 7, 4, 'int4')
     """
 
-    bits: int = 8
+    bits: int | None = None
+    _: dataclasses.KW_ONLY
     signed: bool = True
     symmetric: bool = True
     axis: int | tuple[int, ...] | None = None
@@ -75,70 +84,96 @@ class QuantSpec:
     group_axis: int | None = None
 
     def __post_init__(self):
-        if self.fmt not in ("int", *_FP8):
-            raise ValueError(f"QuantSpec: fmt must be 'int', 'e4m3' or 'e5m2', got {self.fmt!r}")
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int | np.integer):
+        if not isinstance(self.fmt, str):
+            raise ValueError(f"QuantSpec: fmt must be a format name (str), got {self.fmt!r}")
+        if self.bits is not None and (
+            isinstance(self.bits, bool) or not isinstance(self.bits, int | np.integer)
+        ):
             raise ValueError(f"QuantSpec: bits must be an int, got {self.bits!r}")
-        if self.fmt == "int" and self.bits not in _INT_BITS:
-            raise ValueError(
-                f"QuantSpec: bits must be one of {_INT_BITS} for fmt='int', got {self.bits!r}"
-            )
-        if self.fmt != "int" and (self.bits != 8 or not self.signed or not self.symmetric):
-            raise ValueError(
-                f"QuantSpec: fmt={self.fmt!r} needs bits=8, signed=True, symmetric=True; got "
-                f"bits={self.bits!r}, signed={self.signed!r}, symmetric={self.symmetric!r}"
-            )
+        f = formats.lookup(self.fmt, None if self.bits is None else int(self.bits))
+        object.__setattr__(self, "bits", f.bits)
+        for name, ok in (("signed", f.unsigned), ("symmetric", f.affine)):
+            v = getattr(self, name)
+            if not isinstance(v, bool | np.bool_):
+                raise ValueError(f"QuantSpec: {name} must be a bool, got {v!r}")
+            if not v and not ok:
+                raise ValueError(
+                    f"QuantSpec: fmt={self.fmt!r} needs {name}=True (format {f.name!r}); got "
+                    f"bits={self.bits!r}, signed={self.signed!r}, symmetric={self.symmetric!r}"
+                )
         axis = self.axis
         if axis is not None:
-            axes = (axis,) if isinstance(axis, int | np.integer) else tuple(axis)
+            if isinstance(axis, int | np.integer):
+                axes = (axis,)
+            elif isinstance(axis, tuple | list):
+                axes = tuple(axis)
+            else:
+                raise ValueError(
+                    f"QuantSpec: axis must be None, an int or a tuple of ints, got {axis!r}"
+                )
             if not all(isinstance(a, int | np.integer) and not isinstance(a, bool) for a in axes):
                 raise ValueError(
                     f"QuantSpec: axis must be None, an int or a tuple of ints, got {axis!r}"
                 )
             object.__setattr__(self, "axis", tuple(int(a) for a in axes))
-        if self.group_size is not None and (
-            isinstance(self.group_size, bool)
-            or not isinstance(self.group_size, int | np.integer)
-            or self.group_size < 1
-        ):
+        for name in ("group_size", "group_axis"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | np.integer)):
+                raise ValueError(f"QuantSpec: {name} must be an int or None, got {v!r}")
+        if self.group_size is not None and self.group_size < 1:
             raise ValueError(
                 f"QuantSpec: group_size must be a positive int or None, got {self.group_size!r}"
             )
 
     @property
-    def qmin(self) -> int:
-        """Smallest integer code (for fp8, minus the largest finite value)."""
-        if self.fmt != "int":
-            return -int(self.fmax)
-        return qrange(self.bits, self.signed)[0]
+    def format(self) -> formats.Format:
+        """The registry record of this spec's format (``quant.formats``)."""
+        return formats.lookup(self.fmt, self.bits)
 
     @property
-    def qmax(self) -> int:
-        """Largest integer code (for fp8, the largest finite value)."""
-        if self.fmt != "int":
-            return int(self.fmax)
-        return qrange(self.bits, self.signed)[1]
+    def qmin(self) -> float:
+        """Smallest code (for fp8 minus the largest finite value, for a codebook its smallest
+        entry): ``(qmin - zero_point) * scale`` is the smallest representable value."""
+        return self.format.code_range(self.signed)[0]
+
+    @property
+    def qmax(self) -> float:
+        """Largest code (for fp8 the largest finite value, for a codebook its largest entry)."""
+        return self.format.code_range(self.signed)[1]
 
     @property
     def fmax(self) -> float:
-        """Largest finite value of the fp8 format (``qmax`` for integers)."""
-        if self.fmt == "int":
-            return float(self.qmax)
-        return float(jnp.finfo(_FP8[self.fmt]).max)
+        """Largest normalized value: ``qmax`` (the largest finite value of an fp8 format)."""
+        return float(self.qmax)
 
     @property
     def storage_bits(self) -> int:
         """Bits one code takes in memory: 2, 4 (3-bit codes use a nibble) or 8."""
-        return {2: 2, 3: 4, 4: 4, 8: 8}[self.bits]
+        return self.format.storage_bits
 
     @property
     def storage_dtype(self) -> Any:
         """dtype of ``QArray.values``: ``int8``/``uint8``, ``uint8`` when packed, or fp8."""
-        if self.fmt != "int":
-            return jnp.dtype(_FP8[self.fmt])
-        if self.storage_bits < 8 or not self.signed:
-            return jnp.dtype(jnp.uint8)
-        return jnp.dtype(jnp.int8)
+        return self.format.storage_dtype(self.signed)
+
+    @property
+    def code_dtype(self) -> Any:
+        """dtype of the unpacked codes (``QArray.codes()``)."""
+        return self.format.codes_dtype(self.signed)
+
+    @property
+    def symmetric_zero_point(self) -> int:
+        """The zero point of a symmetric spec: 0 when signed, the grid's middle when unsigned
+        (128 for uint8, as PyTorch; ``(qmin + qmax) // 2`` otherwise)."""
+        if self.signed:
+            return 0
+        qmin, qmax = self.qmin, self.qmax
+        return 128 if (qmin, qmax) == (0, 255) else int((qmin + qmax) // 2)
+
+    @property
+    def stores_zero_point(self) -> bool:
+        """Whether ``quantize`` stores a zero point (affine or unsigned specs)."""
+        return not (self.symmetric and self.signed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +207,18 @@ def layout(
     (2, 1, 3)
     """
     shape = tuple(int(d) for d in shape)
+    try:
+        return _cached_layout(spec, shape)
+    except ValueError:
+        return _layout(spec, shape, path, fn_name)  # raises, naming the function and the leaf
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_layout(spec: QuantSpec, shape: tuple[int, ...]) -> Layout:
+    return _layout(spec, shape, "", "quant")
+
+
+def _layout(spec: QuantSpec, shape: tuple[int, ...], path: str, fn_name: str) -> Layout:
     ndim = len(shape)
     keep = set()
     if spec.axis is not None:

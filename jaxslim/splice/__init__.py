@@ -9,6 +9,7 @@ from jaxslim.splice.channels import (
 )
 from jaxslim.splice.fold import Fold, Fuse, find_foldable, fold_all, fuse_all
 from jaxslim.splice.graph import Group, Member, count_flops, trace
+from jaxslim.splice.importance import importance
 from jaxslim.splice.influence import Influence, block_influence
 from jaxslim.splice.merge import MergeReport, block_similarity, merge_similar_blocks
 from jaxslim.splice.remove import (
@@ -18,6 +19,7 @@ from jaxslim.splice.remove import (
     make_plan,
     remove_channels,
 )
+from jaxslim.splice.rules import register_rule
 from jaxslim.splice.surgery import deepen, drop_layer, fold_batchnorm, fuse_linear, widen, widen_map
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "Group",
     "Member",
     "count_flops",
+    "register_rule",
     "remove_channels",
     "prune_channels",
     "score_group",
@@ -42,6 +45,7 @@ __all__ = [
     "widen_map",
     "deepen",
     "block_influence",
+    "importance",
     "Influence",
     "find_foldable",
     "fold_all",

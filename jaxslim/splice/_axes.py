@@ -16,7 +16,9 @@ axis) is not mapped: both are tagged.
 
 A class also carries *reasons* (it cannot be removed: it reaches an input, an output, an op
 without a rule) and *hazards* (it can be removed but something changes, e.g. a norm reduces over
-it). Both are plain strings collected on the leaf atoms of a class.
+it). Both are plain strings collected on the leaf atoms of a class. *Roles* record how a class
+meets matmuls of two activations (attention's ``q @ k`` and ``probs @ v``): ``role -> {dot ids}``
+with ``role`` one of ``"contracted"``, ``"free"``, ``"batch"`` (see :meth:`Axes.within_head`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Axes:
         self.hazards: dict[int, dict[str, None]] = {}
         self.hidden: set[int] = set()
         self.segments: dict[int, list[int]] = {}
+        self.roles: dict[int, dict[str, set[int]]] = {}
 
     def new(self, size: int) -> int:
         """A fresh atom of ``size`` channels."""
@@ -127,6 +130,10 @@ class Axes:
         for store in (self.reasons, self.hazards):
             if rb in store:
                 store.setdefault(ra, {}).update(store.pop(rb))
+        if rb in self.roles:
+            mine = self.roles.setdefault(ra, {})
+            for role, ids in self.roles.pop(rb).items():
+                mine.setdefault(role, set()).update(ids)
         if rb in self.hidden:
             self.hidden.add(ra)
 
@@ -134,12 +141,48 @@ class Axes:
         """Refines the atom ``leaf`` into fresh atoms of ``sizes`` (outer to inner)."""
         kids = [self.new(s) for s in sizes]
         for k in kids:
-            for store in (self.reasons, self.hazards):
-                if leaf in store:
-                    store[k] = dict(store[leaf])
+            self._inherit(leaf, k)
             if leaf in self.hidden:
                 self.hidden.add(k)
         self.children[leaf] = kids
+
+    def _inherit(self, src: int, dst: int) -> None:
+        """Copies the reasons, hazards and roles of atom ``src`` to a new atom ``dst``."""
+        for store in (self.reasons, self.hazards):
+            if src in store:
+                store[dst] = dict(store[src])
+        if src in self.roles:
+            self.roles[dst] = {r: set(ids) for r, ids in self.roles[src].items()}
+
+    def mark(self, n: int | None, role: str, dot: int) -> None:
+        """Records that ``n`` is a ``role`` axis of the activation-activation matmul ``dot``."""
+        if n is None or self.size[n] <= 1:
+            return
+        for leaf in self.atoms(n):
+            self.roles.setdefault(leaf, {}).setdefault(role, set()).add(dot)
+
+    def within_head(self, root: int) -> bool:
+        """Whether the class ``root`` is a within-head dimension of attention: contracted by a
+        matmul of two activations (``q @ k``: head_dim), or a free axis of exactly one such
+        matmul (``probs @ v``: the value head_dim), and never one's batch axis (heads). Query
+        heads grouped under a key/value head (``(b, kv, g, t, s)``) are free in both ``q @ k``
+        and ``probs @ v``, so they are not within-head."""
+        roles = self.roles.get(root, {})
+        if roles.get("batch"):
+            return False
+        if roles.get("contracted"):
+            return True
+        return len(roles.get("free", ())) == 1
+
+    def probe_size(self, n: int, grow: dict[int, int]) -> int:
+        """The size of node ``n`` when each class ``root`` in ``grow`` has ``grow[root]`` more
+        channels: products multiply, concatenations add."""
+        r = self.find(n)
+        if r in self.children:
+            return math.prod(self.probe_size(c, grow) for c in self.children[r])
+        if r in self.segments:
+            return sum(self.probe_size(c, grow) for c in self.segments[r])
+        return self.size[r] + grow.get(r, 0)
 
     def _refine(self, n: int, bounds: list[int]) -> None:
         """Splits the atoms of ``n`` at the inner-size boundaries ``bounds`` (ascending)."""
@@ -197,9 +240,7 @@ class Axes:
                 bounds = [0, *inner, self.size[atom]]
                 kids = [self.new(b - a) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
                 for k in kids:
-                    for store in (self.reasons, self.hazards):
-                        if atom in store:
-                            store[k] = dict(store[atom])
+                    self._inherit(atom, k)
                     if atom in self.hidden:
                         self.hidden.add(k)
                 self.segments[atom] = kids

@@ -3,7 +3,8 @@
 ``trace(fn, params, *args)`` runs ``jax.make_jaxpr`` on shapes only (``jax.ShapeDtypeStruct``
 inputs: nothing is computed) and walks the equations with one rule per primitive
 (:mod:`jaxslim.splice.rules`), uniting the axes that carry the same channel. Sub-jaxprs of
-``jit``, ``custom_jvp``/``custom_vjp``, ``remat``, ``cond``, ``scan`` and ``while`` are walked too.
+``jit``, ``custom_jvp``/``custom_vjp``, ``remat``, ``cond``, ``scan`` and ``while`` are walked too,
+by the walker shared with the FLOP count and fold detection (:class:`jaxslim._jaxpr.Walker`).
 The result is a list of :class:`Group`: the ``(path, axis)`` pairs of one channel family, whether
 it can be removed and, if not, why.
 """
@@ -11,16 +12,13 @@ it can be removed and, if not, why.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
-import numpy as np
-from jax.extend import core as jex_core
 
-from jaxslim import _tree
-from jaxslim.splice import rules
+from jaxslim import _jaxpr, _tree
+from jaxslim.splice import _probe, rules
 from jaxslim.splice._axes import Axes
 
 __all__ = ["Member", "Group", "trace", "count_flops"]
@@ -91,134 +89,148 @@ class Group:
         return f"Group({self.size} channels: {pairs}; {state}{hazards})"
 
 
-class _Walker:
+class _Nodes(list):
+    """The axis nodes of one value, and whether the value depends on ``fn``'s non-parameter
+    inputs (``dep``): a matmul of two such values is an attention-like product."""
+
+    def __init__(self, nodes=(), dep: bool = False) -> None:
+        super().__init__(nodes)
+        self.dep = dep
+
+
+def _dep(values) -> bool:
+    return any(getattr(x, "dep", False) for x in values if x is not None)
+
+
+class _Walker(_jaxpr.Walker):
+    """The coupled-axes walker: one union-find node per axis of every value. ``records`` holds
+    the output nodes of every ordinary equation by site (for the re-trace check)."""
+
     def __init__(self) -> None:
+        super().__init__()
         self.axes = Axes()
+        self.records: dict[tuple[int, ...], tuple[str, list, Any]] = {}
 
-    def fresh(self, v) -> list[int]:
-        return [self.axes.new(s) for s in getattr(v.aval, "shape", ())]
+    def fresh(self, v, dep: bool = False) -> _Nodes:
+        return _Nodes([self.axes.new(s) for s in _jaxpr.shape(v)], dep)
 
-    def read(self, env: dict, v) -> list[int] | None:
-        if isinstance(v, jex_core.Literal):
-            return None
-        return env[v]
+    def const(self, var, value) -> list[int]:
+        nodes = self.fresh(var)
+        for n in nodes:
+            self.axes.tag(n, "couples to a constant captured by the function")
+        return nodes
 
-    def walk(self, jaxpr, ins: list, consts_reason: str = "a constant captured by the function"):
-        """Walks an open ``Jaxpr`` whose invars get the node lists ``ins``; returns the outs."""
-        env: dict = {}
-        for v in jaxpr.constvars:
-            env[v] = self.fresh(v)
-            for n in env[v]:
-                self.axes.tag(n, f"couples to {consts_reason}")
-        for v, nodes in zip(jaxpr.invars, ins, strict=True):
-            env[v] = nodes if nodes is not None else self.fresh(v)
-        for eqn in jaxpr.eqns:
-            vals = [self.read(env, v) for v in eqn.invars]
-            outs = self.equation(eqn, vals)
-            for v, nodes in zip(eqn.outvars, outs, strict=True):
-                env[v] = nodes
-        return [self.read(env, v) or self.fresh(v) for v in jaxpr.outvars]
+    def walk(self, jaxpr, ins, consts=None) -> list:
+        open_, _ = _jaxpr.open_jaxpr(jaxpr, consts)
+        ins = [
+            x if x is not None else self.fresh(v) for v, x in zip(open_.invars, ins, strict=True)
+        ]
+        outs = super().walk(jaxpr, ins, consts)
+        return [
+            o if o is not None else self.fresh(v) for v, o in zip(open_.outvars, outs, strict=True)
+        ]
 
     def equation(self, eqn, ins: list) -> list:
-        name = eqn.primitive.name
-        if name in rules.RULES:
-            return rules.RULES[name](self, eqn, ins)
-        if name == "scan":
-            return self.scan(eqn, ins)
-        if name == "while":
-            return self.while_loop(eqn, ins)
-        if name == "cond":
-            return self.cond(eqn, ins)
-        sub = _call_jaxpr(eqn)
-        if sub is not None:
-            return self.walk(sub, ins)
-        return rules.unsupported(self, eqn, ins)
+        r = rules.RULES.get(eqn.primitive.name)
+        if r is not None and r.axes is not None:
+            outs = r.axes(self, eqn, ins)
+        else:
+            outs = rules.unsupported(self, eqn, ins)
+        dep = _dep(ins)
+        outs = [_Nodes(o, dep) for o in outs]
+        self.records[self.site] = (eqn.primitive.name, outs, eqn)
+        return outs
 
     def _unite_all(self, a: list, b: list) -> None:
         for x, y in zip(a, b, strict=True):
             self.axes.unite(x, y)
 
-    def scan(self, eqn, ins):
-        p = eqn.params
-        nc, ncarry = p["num_consts"], p["num_carry"]
-        consts, carry, xs = ins[:nc], ins[nc : nc + ncarry], ins[nc + ncarry :]
-        length = self.axes.new(p["length"])
+    def _carry(self, vars_, vals) -> list:
+        return [c if c is not None else self.fresh(v) for v, c in zip(vars_, vals, strict=True)]
+
+    def scan(self, eqn, ins, s: _jaxpr.Scan):
+        nc, ncarry = s.num_consts, s.num_carry
+        consts = ins[:nc]
+        carry = self._carry(eqn.invars[nc : nc + ncarry], ins[nc : nc + ncarry])
+        length = self.axes.new(s.length)
         self.axes.tag(length, "it is the layer axis of a scan (drop a layer with drop_layer)")
         xs_inner = []
-        for v, nodes in zip(eqn.invars[nc + ncarry :], xs, strict=True):
+        for v, nodes in zip(eqn.invars[nc + ncarry :], ins[nc + ncarry :], strict=True):
             nodes = nodes if nodes is not None else self.fresh(v)
             self.axes.unite(length, nodes[0])
-            xs_inner.append(nodes[1:])
-        carry = [
-            c if c is not None else self.fresh(v)
-            for v, c in zip(eqn.invars[nc : nc + ncarry], carry, strict=True)
-        ]
-        body = p["jaxpr"]
-        outs = self.walk_closed(body, list(consts) + carry + xs_inner)
+            xs_inner.append(_Nodes(nodes[1:], _dep([nodes])))
+        outs = self.walk_sub(0, s.body, list(consts) + carry + xs_inner, s.body_consts)
         for c, o in zip(carry, outs[:ncarry], strict=True):
             self._unite_all(c, o)
-        ys = [[length, *o] for o in outs[ncarry:]]
-        return list(carry) + ys
+        return list(carry) + [_Nodes([length, *o], _dep([o])) for o in outs[ncarry:]]
 
-    def while_loop(self, eqn, ins):
-        p = eqn.params
-        cn, bn = p["cond_nconsts"], p["body_nconsts"]
-        cconsts, bconsts, carry = ins[:cn], ins[cn : cn + bn], ins[cn + bn :]
-        carry = [
-            c if c is not None else self.fresh(v)
-            for v, c in zip(eqn.invars[cn + bn :], carry, strict=True)
-        ]
-        self.walk_closed(p["cond_jaxpr"], list(cconsts) + carry)
-        outs = self.walk_closed(p["body_jaxpr"], list(bconsts) + carry)
+    def while_loop(self, eqn, ins, w: _jaxpr.While):
+        cn, bn = w.cond_nconsts, w.body_nconsts
+        carry = self._carry(eqn.invars[cn + bn :], ins[cn + bn :])
+        self.walk_sub(0, w.cond, list(ins[:cn]) + carry, w.cond_consts)
+        outs = self.walk_sub(1, w.body, list(ins[cn : cn + bn]) + carry, w.body_consts)
         for c, o in zip(carry, outs, strict=True):
             self._unite_all(c, o)
         return carry
 
-    def cond(self, eqn, ins):
-        outs = [self.fresh(v) for v in eqn.outvars]
-        for branch in eqn.params["branches"]:
-            bouts = self.walk_closed(branch, list(ins[1:]))
+    def cond(self, eqn, ins, c: _jaxpr.Cond):
+        outs = [self.fresh(v, _dep(ins)) for v in eqn.outvars]
+        for k, (branch, consts) in enumerate(zip(c.branches, c.branch_consts, strict=True)):
+            bouts = self.walk_sub(k, branch, list(ins[1:]), consts)
             for o, b in zip(outs, bouts, strict=True):
                 self._unite_all(o, b)
         return outs
 
-    def walk_closed(self, closed, ins):
-        return self.walk(closed.jaxpr, ins)
 
+class _Flops(_jaxpr.Walker):
+    """Sums ``rules.flops`` over the equations; a scan body counts ``length`` times, a cond its
+    most expensive branch, a while body once."""
 
-def _call_jaxpr(eqn):
-    """The sub-jaxpr of a call-like primitive (``jit``, ``custom_jvp_call``, ``remat``, ...) whose
-    inputs and outputs are the equation's own, else None."""
-    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-        sub = eqn.params.get(key)
-        if sub is None:
-            continue
-        sub = getattr(sub, "jaxpr", sub)
-        if not hasattr(sub, "eqns"):
-            continue
-        if len(sub.invars) != len(eqn.invars) or len(sub.outvars) != len(eqn.outvars):
-            continue
-        same = all(
-            getattr(a.aval, "shape", None) == getattr(b.aval, "shape", None)
-            for a, b in zip(sub.invars, eqn.invars, strict=True)
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def equation(self, eqn, ins):
+        self.total += rules.flops(eqn)
+        return [None] * len(eqn.outvars)
+
+    def scan(self, eqn, ins, s):
+        before = self.total
+        out = super().scan(eqn, ins, s)
+        self.total = before + s.length * (self.total - before)
+        return out
+
+    def cond(self, eqn, ins, c):
+        before, most = self.total, 0
+        for k, (branch, consts) in enumerate(zip(c.branches, c.branch_consts, strict=True)):
+            self.total = before
+            self.walk_sub(k, branch, list(ins[1:]), consts)
+            most = max(most, self.total - before)
+        self.total = before + most
+        return [None] * len(eqn.outvars)
+
+    def while_loop(self, eqn, ins, w):
+        cn, bn = w.cond_nconsts, w.body_nconsts
+        self.walk_sub(
+            1, w.body, list(ins[cn : cn + bn]) + [None] * (len(ins) - cn - bn), w.body_consts
         )
-        if same:
-            return sub
-    return None
+        return [None] * len(eqn.outvars)
 
 
-def _abstract(x: Any) -> Any:
-    if hasattr(x, "shape") and hasattr(x, "dtype"):
-        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
-    return x
+WITHIN_HEAD = (
+    "it is a within-head dimension (contracted by q @ k, or the value dimension carried by "
+    "probs @ v: head_dim, RoPE pairs); model configs fix it, so it is offered only with "
+    "within_heads=True"
+)
 
 
-def _make_jaxpr(fn: Callable, params: Any, args: tuple) -> Any:
-    abstract = jax.tree.map(_abstract, (params, args))
-    return jax.make_jaxpr(lambda p, a: fn(p, *a))(*abstract)
-
-
-def trace(fn: Callable[..., Any], params: Any, *example_args: Any) -> list[Group]:
+def trace(
+    fn: Callable[..., Any],
+    params: Any,
+    *example_args: Any,
+    within_heads: bool = False,
+    check: bool = True,
+) -> list[Group]:
     """Groups of coupled ``(path, axis)`` pairs: the axes that must shrink together.
 
     ``fn(params, *example_args)`` is traced with ``jax.make_jaxpr`` on shapes only (arrays are
@@ -236,6 +248,32 @@ def trace(fn: Callable[..., Any], params: Any, *example_args: Any) -> list[Group
     reach an input or output of ``fn``, a captured
     constant, or an op without a rule make their group ``removable=False`` with the reason.
 
+    **Attention heads are units.** A head group's channel is a whole head: its members index the
+    head factor of fused ``(d, heads * head_dim)`` kernels, or the heads axis of explicit
+    ``(d, heads, head_dim)`` ones. Grouped-query attention: the key/value head group also holds
+    the query heads that share that key/value head (the ``jnp.repeat`` of key/value heads, or a
+    ``(d, kv, groups, head_dim)`` query kernel), so removing one removes its query group; the
+    query heads within a group form their own group, whose channel ``j`` is query head ``j`` of
+    *every* key/value head (the model stays grouped-query with a uniform group size). A
+    ``jnp.where(mask, logits, -inf)`` against a broadcast scalar or mask, a mask from ``iota``,
+    and a ``w[0]`` / ``w[1]`` slice of a fused ``(2, ...)`` kernel axis do not pin or split the
+    groups they touch (the fused axis itself is reported as not a channel axis). Hugging Face
+    ``FlaxLlama`` / ``FlaxGPT2`` derive ``head_dim = hidden_size / num_attention_heads``, so their
+    configs cannot express fewer heads: their head groups are found, but only a model whose
+    head count and head_dim are separate (the NNX workbench, ``nnx.MultiHeadAttention`` with
+    ``qkv_features``) can be rebuilt without them.
+
+    **Within-head dimensions** (the contracted ``head_dim`` of ``q @ k``, the value head_dim
+    carried through ``probs @ v``, RoPE pairs) are not removable unless ``within_heads=True``;
+    then a RoPE pair ``(i, i + head_dim / 2)`` is one channel (the rotation couples the halves).
+
+    **Sizes the code pins.** With ``check`` (default), ``fn`` is traced once more with every
+    removable group twice as wide; a group whose sizes do not follow the parameters (a reshape
+    by a literal ``head_dim``, ``jnp.zeros((64,))``, a config field baked into the module) is
+    made not removable, the reason naming the primitive and the constant. A Linen/HF module that
+    checks its parameter shapes against its config (``ScopeParamShapeError``) cannot be probed:
+    rebuild it with the report's sizes.
+
     Paths are the ``/``-joined strings of :func:`jaxslim._tree.path_str` (``"block/w2"``,
     ``"params/Dense_0/kernel"``). Size-1 axes and convolution kernels' spatial axes are not
     channels and are left out. For Linen pass ``lambda v, x: model.apply(v, x)`` and
@@ -245,6 +283,8 @@ def trace(fn: Callable[..., Any], params: Any, *example_args: Any) -> list[Group
       fn: ``fn(params, *example_args)``; its outputs are the model outputs.
       params: pytree of arrays (or ``ShapeDtypeStruct``).
       *example_args: inputs (arrays or ``ShapeDtypeStruct``), used for their shapes only.
+      within_heads: also offer within-head dimensions (head_dim, RoPE pairs) for removal.
+      check: re-trace ``fn`` on wider shapes to find sizes the code pins.
 
     Returns:
       A list of :class:`Group`, in the order of the first parameter leaf they touch.
@@ -255,28 +295,43 @@ def trace(fn: Callable[..., Any], params: Any, *example_args: Any) -> list[Group
     >>> [list(g) for g in trace(fn, params, jnp.ones(4)) if g.removable]
     [[('b1', 0), ('w1', 1), ('w2', 0)]]
     """
-    closed = _make_jaxpr(fn, params, example_args)
-    jaxpr = closed.jaxpr
+    fn_name = "splice.trace"
+    t = _jaxpr.make_jaxpr(fn, params, *example_args, fn_name=fn_name)
     param_leaves = _tree.leaves_with_paths(params)
-    arg_leaves = _tree.leaves_with_paths(list(example_args))
-    if len(param_leaves) + len(arg_leaves) != len(jaxpr.invars):
-        raise ValueError(
-            f"splice.trace: fn's jaxpr has {len(jaxpr.invars)} inputs but params and args have "
-            f"{len(param_leaves) + len(arg_leaves)} leaves"
-        )
+    n_params = len(param_leaves)
     w = _Walker()
-    ins = [w.fresh(v) for v in jaxpr.invars]
-    for (path, _), nodes in zip(arg_leaves, ins[len(param_leaves) :], strict=True):
-        for a, n in enumerate(nodes):
-            w.axes.tag(n, f"couples to axis {a} of input args[{path}]")
-    outs = w.walk(jaxpr, ins)
+    ins = [w.fresh(v, dep=i >= n_params) for i, v in enumerate(t.jaxpr.invars)]
+    for path, nodes in zip(t.arg_paths, ins[n_params:], strict=True):
+        for a, node in enumerate(nodes):
+            w.axes.tag(node, f"couples to axis {a} of input args[{path}]")
+    outs = w.walk(t.jaxpr, ins, t.consts)
     for i, nodes in enumerate(outs):
         for a, n in enumerate(nodes):
             w.axes.tag(n, f"reaches axis {a} of output {i} of fn")
-    return _groups(w.axes, param_leaves, ins[: len(param_leaves)])
+    found = _groups(w.axes, param_leaves, ins[:n_params], within_heads)
+    if check:
+        # A grouped convolution's feature_group_count is a size the code must change anyway
+        # (its hazard says so; NNX's sync_features does it): not probed.
+        roots = [
+            r
+            for r, g in found
+            if g.removable and not any(h.startswith(rules.GROUPED) for h in g.hazards)
+        ]
+        args = tuple(_jaxpr._abstract(a) for a in jax.tree.leaves(example_args))
+        args = jax.tree.unflatten(jax.tree.structure(example_args), list(args))
+        pinned = _probe.probe(fn, params, args, w, ins[:n_params], roots, fn_name)
+        found = [
+            (r, dataclasses.replace(g, removable=False, reasons=(*g.reasons, pinned[r])))
+            if r in pinned
+            else (r, g)
+            for r, g in found
+        ]
+    return [g for _, g in found]
 
 
-def _groups(axes: Axes, leaves: list, nodes: list) -> list[Group]:
+def _groups(
+    axes: Axes, leaves: list, nodes: list, within_heads: bool = True
+) -> list[tuple[int, Group]]:
     found: dict[int, list[Member]] = {}
     mixed: dict[int, list[str]] = {}
     for (path, leaf), leaf_nodes in zip(leaves, nodes, strict=True):
@@ -311,13 +366,20 @@ def _groups(axes: Axes, leaves: list, nodes: list) -> list[Group]:
         seen = {(m.path, m.axis) for m in members if not m.segments}
         if len(seen) != len([m for m in members if not m.segments]):
             reasons.append("two factors of one parameter axis are coupled to each other")
+        if not within_heads and axes.within_head(root):
+            reasons.append(WITHIN_HEAD)
         groups.append(
-            Group(
-                members=tuple(sorted(members, key=lambda m: (m.path, m.axis, m.factor, m.segment))),
-                size=axes.size[root],
-                removable=not reasons,
-                reasons=tuple(reasons),
-                hazards=tuple(axes.hazards.get(root, {})),
+            (
+                root,
+                Group(
+                    members=tuple(
+                        sorted(members, key=lambda m: (m.path, m.axis, m.factor, m.segment))
+                    ),
+                    size=axes.size[root],
+                    removable=not reasons,
+                    reasons=tuple(reasons),
+                    hazards=tuple(axes.hazards.get(root, {})),
+                ),
             )
         )
     return groups
@@ -333,30 +395,7 @@ def count_flops(fn: Callable[..., Any], params: Any, *example_args: Any) -> int:
     >>> count_flops(lambda p, x: x @ p, jnp.ones((4, 8)), jnp.ones((2, 4)))
     128
     """
-    return _flops(_make_jaxpr(fn, params, example_args).jaxpr)
-
-
-def _flops(jaxpr) -> int:
-    total = 0
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
-            (lc, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval.shape
-            total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in lc)
-        elif name == "conv_general_dilated":
-            rhs = eqn.invars[1].aval.shape
-            dn = eqn.params["dimension_numbers"]
-            per_out = math.prod(rhs) // rhs[dn.rhs_spec[0]]
-            total += 2 * math.prod(eqn.outvars[0].aval.shape) * per_out
-        elif name == "scan":
-            total += eqn.params["length"] * _flops(eqn.params["jaxpr"].jaxpr)
-        elif name == "cond":
-            total += max(_flops(b.jaxpr) for b in eqn.params["branches"])
-        elif name == "while":
-            total += _flops(eqn.params["body_jaxpr"].jaxpr)
-        else:
-            sub = _call_jaxpr(eqn)
-            if sub is not None:
-                total += _flops(sub)
-    return total
+    t = _jaxpr.make_jaxpr(fn, params, *example_args, fn_name="splice.count_flops")
+    f = _Flops()
+    f.walk(t.jaxpr, [None] * len(t.jaxpr.invars), t.consts)
+    return f.total

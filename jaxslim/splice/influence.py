@@ -19,9 +19,60 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxslim.splice.surgery import drop_layer
+from jaxslim import _tree
+from jaxslim.splice.surgery import _split_block, drop_layer
 
 __all__ = ["Influence", "block_influence"]
+
+
+def _check_blocks(params: Any, blocks: Sequence[Any], fn_name: str) -> tuple[Any, ...]:
+    """Validates :func:`drop_layer` specs up front: each path must be in ``params``."""
+    if isinstance(blocks, str) or not isinstance(blocks, Sequence):
+        raise TypeError(
+            f"{fn_name}: blocks must be a list of paths ('blocks/0', ...) or (path, index) "
+            f"pairs, got {type(blocks).__name__} {blocks!r}"
+        )
+    for blk in blocks:
+        path, index = _split_block(blk, fn_name)
+        sub = _tree.get_path(params, path, fn_name=fn_name)
+        if index is not None:
+            for name, x in _tree.leaves_with_paths(sub):
+                n = getattr(x, "shape", (0,))[:1]
+                if not n or not 0 <= index < n[0]:
+                    raise ValueError(
+                        f"{fn_name}: layer {index} of the scanned stack {path!r} is out of "
+                        f"range for {path}/{name} with shape {getattr(x, 'shape', None)}"
+                    )
+    return tuple(blocks)
+
+
+def _loss_and_hiddens(out: Any, i: int, fn_name: str) -> tuple[float, list[jax.Array]]:
+    """Checks ``fn(params, batch_i) -> (loss, hiddens)``; hiddens in float32."""
+    if not (isinstance(out, tuple | list) and len(out) == 2):
+        raise TypeError(
+            f"{fn_name}: fn(params, batch) must return (loss, hiddens), got {type(out).__name__}"
+        )
+    value, hiddens = out
+    if not isinstance(hiddens, Sequence):
+        raise TypeError(
+            f"{fn_name}: the hiddens fn returns must be a list of arrays, got "
+            f"{type(hiddens).__name__}"
+        )
+    if jnp.size(value) != 1:
+        raise TypeError(f"{fn_name}: the loss must be a scalar, got shape {jnp.shape(value)}")
+    loss = float(jnp.reshape(value, ()))
+    if not np.isfinite(loss):
+        raise ValueError(f"{fn_name}: fn's loss on batch {i} is {loss}; scores need finite losses")
+    hs = [jnp.asarray(h, jnp.float32) for h in hiddens]
+    for j, h in enumerate(hs):
+        if h.shape != hs[0].shape:
+            raise ValueError(
+                f"{fn_name}: hiddens[{j}] has shape {h.shape} but hiddens[0] has {hs[0].shape}; "
+                "the residual stream keeps one shape"
+            )
+        if not bool(jnp.all(jnp.isfinite(h))):
+            raise ValueError(f"{fn_name}: hiddens[{j}] on batch {i} holds NaN or inf")
+    return loss, hs
 
 
 class Influence(NamedTuple):
@@ -44,7 +95,12 @@ def block_influence(
     shape ``(..., d)``: ``hiddens[i]`` enters block ``i`` and ``hiddens[i + 1]`` leaves it. ``fn``
     must also run on ``drop_layer(params, block)`` (iterate over the blocks present, or over a
     scanned stack's layer axis); only the loss is used there. ``blocks`` are
-    :func:`drop_layer` specs: a path (``"blocks/2"``) or ``(path, index)`` for a scanned stack.
+    :func:`drop_layer` specs: a path (``"blocks/2"``; integer-keyed NNX states and their
+    ``nnx.to_pure_dict`` form included) or ``(path, index)`` for a scanned stack.
+
+    Raises ``ValueError`` for a block path not in ``params``, no batches, a non-finite loss or
+    hidden state (the scores would be NaN), or a count of hidden states other than
+    ``len(blocks) + 1``; ``TypeError`` when ``fn`` does not return ``(loss, hiddens)``.
 
     Returns:
       :class:`Influence` with ``cosine`` ``= 1 - mean cos(h_i, h_{i+1})`` and ``ablation``
@@ -62,28 +118,30 @@ def block_influence(
     >>> inf.cosine.round(6).tolist(), inf.ablation.round(6).tolist()
     ([0.0, 0.0], [0.0, -3.0])
     """
-    blocks = tuple(blocks)
+    fn_name = "splice.block_influence"
+    blocks = _check_blocks(params, blocks, fn_name)
     batches = list(batches)
     if not batches:
         raise ValueError("splice.block_influence: batches is empty")
     jfn = jax.jit(fn)
     cos = np.zeros(len(blocks))
     base = 0.0
-    for batch in batches:
-        loss, hiddens = jfn(params, batch)
+    for n, batch in enumerate(batches):
+        loss, hiddens = _loss_and_hiddens(jfn(params, batch), n, fn_name)
         if len(hiddens) != len(blocks) + 1:
             raise ValueError(
                 f"splice.block_influence: fn returned {len(hiddens)} hidden states for "
                 f"{len(blocks)} blocks; expected {len(blocks) + 1} (input of each block + output)"
             )
         for i in range(len(blocks)):
-            a, b = jnp.asarray(hiddens[i], jnp.float32), jnp.asarray(hiddens[i + 1], jnp.float32)
+            a, b = hiddens[i], hiddens[i + 1]
             cos[i] += float(jnp.mean(optax.losses.cosine_similarity(a, b, epsilon=1e-12)))
-        base += float(loss)
+        base += loss
     cos /= len(batches)
     base /= len(batches)
     ablation = np.zeros(len(blocks))
     for i, blk in enumerate(blocks):
         smaller = drop_layer(params, blk)
-        ablation[i] = np.mean([float(jfn(smaller, b)[0]) for b in batches]) - base
+        losses = [_loss_and_hiddens(jfn(smaller, b), n, fn_name)[0] for n, b in enumerate(batches)]
+        ablation[i] = np.mean(losses) - base
     return Influence(blocks, 1.0 - cos, ablation)

@@ -20,7 +20,8 @@ import numpy as np
 import optax
 
 from jaxslim import _tree
-from jaxslim.splice.surgery import drop_layer
+from jaxslim.splice.influence import _check_blocks, _loss_and_hiddens
+from jaxslim.splice.surgery import _split_block, drop_layer
 
 __all__ = ["MergeReport", "block_similarity", "merge_similar_blocks"]
 
@@ -56,19 +57,22 @@ def block_similarity(
     >>> block_similarity(fn, None, [jnp.ones((2, 3))])[0].round(6).tolist()
     [1.0, -1.0]
     """
+    return _block_similarity(fn, params, batches, "splice.block_similarity")
+
+
+def _block_similarity(fn, params, batches, fn_name: str) -> tuple[np.ndarray, float]:
     batches = list(batches)
     if not batches:
-        raise ValueError("splice.block_similarity: batches is empty")
+        raise ValueError(f"{fn_name}: batches is empty")
     jfn = jax.jit(fn)
     total, loss = None, 0.0
-    for batch in batches:
-        value, hiddens = jfn(params, batch)
-        if len(hiddens) < 3:
+    for n, batch in enumerate(batches):
+        value, hs = _loss_and_hiddens(jfn(params, batch), n, fn_name)
+        if len(hs) < 3:
             raise ValueError(
-                f"splice.block_similarity: fn returned {len(hiddens)} hidden states; two blocks "
+                f"{fn_name}: fn returned {len(hs)} hidden states; two blocks "
                 "need at least 3 (the input of each block and the output)"
             )
-        hs = [jnp.asarray(h, jnp.float32) for h in hiddens]
         deltas = [b - a for a, b in zip(hs[:-1], hs[1:], strict=True)]
         sims = np.array(
             [
@@ -77,41 +81,33 @@ def block_similarity(
             ]
         )
         total = sims if total is None else total + sims
-        loss += float(value)
+        loss += value
     return total / len(batches), loss / len(batches)
 
 
+_FN = "splice.merge_similar_blocks"
+
+
 def _get_block(params: Any, block: str | tuple[str, int]) -> Any:
-    if isinstance(block, tuple):
-        path, index = block
-        sub = _tree.subtree(params, path, fn_name="splice.merge_similar_blocks")
-        return jax.tree.map(lambda x: x[index], sub)
-    return _tree.subtree(params, block, fn_name="splice.merge_similar_blocks")
+    path, index = _split_block(block, _FN)
+    sub = _tree.get_path(params, path, fn_name=_FN)
+    if index is None:
+        return sub
+    return jax.tree.map(lambda x: x[index], sub)
 
 
 def _set_block(params: Any, block: str | tuple[str, int], value: Any) -> Any:
-    path, index = block if isinstance(block, tuple) else (block, None)
+    path, index = _split_block(block, _FN)
+    if index is not None:
+        old = _tree.get_path(params, path, fn_name=_FN)
+        value = jax.tree.map(lambda s, v: s.at[index].set(v), old, value)
+    return _tree.set_path(params, path, value, fn_name=_FN)
 
-    def put(node):
-        if index is None:
-            return value
-        return jax.tree.map(lambda s, v: s.at[index].set(v), node, value)
 
-    keys = path.split("/")
-
-    def rebuild(node, ks):
-        if not ks:
-            return put(node)
-        k = ks[0]
-        if isinstance(node, list | tuple):
-            new = list(node)
-            new[int(k)] = rebuild(node[int(k)], ks[1:])
-            return new if isinstance(node, list) else type(node)(new)
-        new = dict(node)
-        new[k] = rebuild(node[k], ks[1:])
-        return new if type(node) is dict else type(node)(new)
-
-    return rebuild(params, keys)
+def _mean(xs: tuple[Any, ...], k: int) -> Any:
+    if not _tree.is_float_array(xs[0]):
+        return xs[0]  # ints, keys, ... : the first block's
+    return (sum(xs[1:], xs[0]) / jnp.asarray(k, xs[0].dtype)).astype(xs[0].dtype)
 
 
 def _runs(sim: np.ndarray, threshold: float) -> list[list[int]]:
@@ -131,8 +127,8 @@ def merge_similar_blocks(
     params: Any,
     batches: Iterable[Any],
     blocks: Sequence[str | tuple[str, int]],
-    threshold: float = 0.99,
     *,
+    threshold: float = 0.99,
     out: _tree.Where,
     how: str = "average",
 ) -> tuple[Any, MergeReport]:
@@ -169,9 +165,17 @@ def merge_similar_blocks(
     >>> len(new["blocks"]), rep.merged, new["blocks"][0]["w2"][0, 0].item()
     (1, (('blocks/0', 'blocks/1'),), 0.5)
     """
-    blocks = list(blocks)
+    blocks = list(_check_blocks(params, blocks, _FN))
     if len(blocks) < 2:
         raise ValueError(f"splice.merge_similar_blocks: need two blocks or more, got {blocks!r}")
+    _tree.check_where(out, fn_name=_FN)
+    if out is None:
+        raise ValueError(
+            f"{_FN}: out=None; pass the block's output leaves (a regex such as 'w2|b2' or a "
+            "predicate): the merged update is scaled through them"
+        )
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float | np.floating):
+        raise TypeError(f"{_FN}: threshold must be a float, got {type(threshold).__name__}")
     if not -1.0 <= threshold <= 1.0:
         raise ValueError(
             f"splice.merge_similar_blocks: threshold must be a cosine in [-1, 1], got {threshold!r}"
@@ -181,7 +185,7 @@ def merge_similar_blocks(
             f"splice.merge_similar_blocks: how must be 'average' or 'first', got {how!r}"
         )
     batches = list(batches)
-    sim, before = block_similarity(fn, params, batches)
+    sim, before = _block_similarity(fn, params, batches, _FN)
     if sim.shape != (len(blocks) - 1,):
         raise ValueError(
             f"splice.merge_similar_blocks: fn returned {sim.size + 2} hidden states for "
@@ -193,7 +197,7 @@ def merge_similar_blocks(
         subs = [_get_block(params, blocks[i]) for i in run]
         k = len(run)
         if how == "average":
-            merged = jax.tree.map(lambda *xs, k=k: sum(xs[1:], xs[0]) / k, *subs)
+            merged = jax.tree.map(lambda *xs, k=k: _mean(xs, k), *subs)
         else:
             merged = subs[0]
         scaled = _tree.map_selected(
@@ -210,5 +214,7 @@ def merge_similar_blocks(
     if runs:
         jfn = jax.jit(lambda p, b: fn(p, b)[0])
         after = float(np.mean([float(jfn(new, b)) for b in batches]))
+        if not np.isfinite(after):
+            raise ValueError(f"{_FN}: the loss of the merged model is {after}")
     merged = tuple(tuple(blocks[i] for i in run) for run in runs)
     return new, MergeReport(sim, merged, before, after)

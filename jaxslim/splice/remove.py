@@ -10,6 +10,7 @@ continue after surgery, and a plan can be replayed on a restored checkpoint.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -151,9 +152,7 @@ def _apply_leaf(path: str, leaf: Any, where: dict, fn_name: str) -> Any:
     return leaf
 
 
-def apply_plan(
-    tree: Any, plan: Plan, *, suffix: bool = False, fn_name: str = "splice.apply_plan"
-) -> Any:
+def apply_plan(tree: Any, plan: Plan, *, suffix: bool = False) -> Any:
     """Shrinks every leaf of ``tree`` named in ``plan`` to the kept channels.
 
     ``tree`` has the parameters' paths: the params, gradients, a mask tree (``None`` leaves pass
@@ -169,6 +168,14 @@ def apply_plan(
     >>> jax.tree.map(jnp.shape, apply_plan(p, make_plan([g], [[0, 3]])))
     {'w1': (2, 2), 'w2': (2, 1)}
     """
+    if isinstance(tree, Plan) and not isinstance(plan, Plan):
+        raise TypeError(
+            "splice.apply_plan: the arguments are (tree, plan): the tree first, the plan second"
+        )
+    return _apply_plan(tree, plan, suffix=suffix, fn_name="splice.apply_plan")
+
+
+def _apply_plan(tree: Any, plan: Plan, *, suffix: bool, fn_name: str) -> Any:
     if not isinstance(plan, Plan):
         raise TypeError(f"{fn_name}: plan must be a splice.Plan, got {type(plan).__name__}")
     todo = _per_leaf(plan)
@@ -194,28 +201,50 @@ def apply_plan(
 
 
 def apply_plan_to_opt_state(
-    plan: Plan, tx: optax.GradientTransformation, opt_state: Any, params: Any
+    opt_state: Any, plan: Plan, tx: optax.GradientTransformation, params: Any
 ) -> Any:
     """Applies ``plan`` to every parameter-shaped subtree of an Optax state (``mu``, ``nu``, ...).
 
-    ``params`` is the tree the state was built for (before removal): it gives the paths. Uses
-    ``optax.tree_map_params``, so scalars such as the step count pass through.
+    The tree first and the plan second, like :func:`apply_plan`. ``tx`` is the transformation
+    that built ``opt_state`` and ``params`` the tree it was built for (before removal): it gives
+    the paths. Uses ``optax.tree_map_params``, so scalars such as the step count pass through.
+    The order ``(plan, tx, opt_state, params)`` of earlier versions still works, with a
+    ``DeprecationWarning``.
 
     >>> import jax.numpy as jnp, optax
     >>> from jaxslim.splice import trace
     >>> p = {"w1": jnp.ones((2, 4)), "w2": jnp.ones((4, 1))}
     >>> (g,) = [g for g in trace(lambda p, x: x @ p["w1"] @ p["w2"], p, jnp.ones(2)) if g.removable]
     >>> tx = optax.adam(1e-3)
-    >>> s = apply_plan_to_opt_state(make_plan([g], [[1]]), tx, tx.init(p), p)
+    >>> s = apply_plan_to_opt_state(tx.init(p), make_plan([g], [[1]]), tx, p)
     >>> s[0].mu["w1"].shape
     (2, 1)
     """
+    fn_name = "splice.apply_plan_to_opt_state"
+    if isinstance(opt_state, Plan) and not isinstance(plan, Plan):
+        warnings.warn(
+            f"{fn_name}(plan, tx, opt_state, params) is deprecated: call "
+            f"{fn_name}(opt_state, plan, tx, params), the tree first like apply_plan",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        opt_state, plan, tx = tx, opt_state, plan
+    if not isinstance(plan, Plan):
+        raise TypeError(f"{fn_name}: plan must be a splice.Plan, got {type(plan).__name__}")
+    if not isinstance(tx, optax.GradientTransformation):
+        raise TypeError(
+            f"{fn_name}: tx must be the optax.GradientTransformation that built opt_state, got "
+            f"{type(tx).__name__}"
+        )
     todo = _per_leaf(plan)
     names = jax.tree_util.tree_map_with_path(lambda path, _: _tree.path_str(path), params)
+    missing = sorted(set(todo) - set(jax.tree.leaves(names)))
+    if missing:
+        raise ValueError(f"{fn_name}: the plan names {missing} which params do not have")
 
     def shrink(leaf, name):
         if name in todo and leaf is not None and hasattr(leaf, "shape"):
-            return _apply_leaf(name, leaf, todo[name], "splice.apply_plan_to_opt_state")
+            return _apply_leaf(name, leaf, todo[name], fn_name)
         return leaf
 
     return optax.tree_map_params(tx, shrink, opt_state, names, is_leaf=lambda x: x is None)
@@ -239,7 +268,9 @@ def remove_channels(params: Any, group: Group, keep: Sequence[int]) -> Any:
     {'b1': (2,), 'w1': (3, 2), 'w2': (2, 2)}
     """
     keep = _check_keep(group, keep, "splice.remove_channels")
-    return apply_plan(params, Plan((group,), (keep,)), fn_name="splice.remove_channels")
+    return _apply_plan(
+        params, Plan((group,), (keep,)), suffix=False, fn_name="splice.remove_channels"
+    )
 
 
 def member_view(x: Any, m: Member) -> Any:

@@ -1,15 +1,31 @@
-"""One small rule per primitive: how the axes of its inputs map to the axes of its outputs.
+"""One table of primitive rules, read by ``trace``, ``count_flops`` and ``find_foldable``.
 
-A rule gets the walker ``w`` (with the union-find ``w.axes``), the equation and the node lists of
-its inputs (one node per axis, ``None`` for a literal) and returns the node lists of its outputs.
-``w.fresh(var)`` makes new, unconnected nodes for an output. A primitive without a rule is handled
-by ``unsupported``: every axis it touches is tagged with the reason, so a channel group that flows
-through it is reported as not removable rather than guessed.
+Each primitive has one :class:`Rule` record in ``RULES``:
+
+* ``axes(w, eqn, ins) -> outs``: how the axes of its inputs map to the axes of its outputs
+  (:func:`jaxslim.splice.trace`). It gets the walker ``w`` (with the union-find ``w.axes``), the
+  equation and the node lists of its inputs (one node per axis, ``None`` for a literal) and
+  returns one node list per output. ``w.fresh(var)`` makes new, unconnected nodes for an output.
+  A primitive without an ``axes`` rule is handled by :func:`unsupported`: every axis it touches is
+  tagged with the reason, so a channel group that flows through it is reported as not removable
+  rather than guessed.
+* ``flops(eqn) -> int``: its FLOPs (:func:`jaxslim.splice.count_flops`); ``None`` counts 0.
+* ``fold``: its role in fold detection (:func:`jaxslim.splice.find_foldable`): ``"linear"`` (a
+  layer: ``dot_general``, convolution), ``"layout"`` (reshape-like), ``"cast"`` (value
+  preserving), ``"affine"`` (``add sub mul div neg``: extends an affine chain), ``"vector"`` (an
+  element-wise op allowed on per-channel parameter vectors, e.g. ``rsqrt(var + eps)``: evaluated
+  by binding the primitive), or ``None`` (ends a chain).
+
+Control flow (``scan``, ``while``, ``cond``, ``jit`` and other calls) is not in the table: the
+shared walker (:mod:`jaxslim._jaxpr`) handles it. Add a rule with :func:`register_rule`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
+from typing import Any
 
 ELEMENTWISE = frozenset(
     """abs acos acosh add add_any and asin asinh atan atan2 atanh cbrt ceil clamp complex conj
@@ -22,19 +38,126 @@ REDUCTIONS = frozenset("reduce_sum reduce_max reduce_min reduce_prod reduce_and 
 CUMULATIVE = frozenset("cumsum cumprod cummax cummin cumlogsumexp".split())
 
 FIXED = "it is an axis of fixed size created inside fn (a broadcast or iota)"
+GROUPED = "grouped convolution"
+INDEXED = (
+    "its entries are taken one by one ({prim} of length 1: a fused axis such as the (2, ...) of "
+    "a gate/up or key/value kernel), so it is not a channel axis"
+)
+IOTA = (
+    "an iota runs along it: values computed from channel positions (RoPE frequencies, position "
+    "masks) change for the kept channels unless the last ones are removed"
+)
 SPATIAL = "it is a spatial axis whose size follows the input's (a convolution or pooling output)"
 
-Rule = Callable[..., list]
+AxesRule = Callable[..., list]
+FlopsRule = Callable[[Any], int]
+FOLD_ROLES = ("linear", "layout", "cast", "affine", "vector")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """What the splice walkers know about one primitive (see the module docstring)."""
+
+    axes: AxesRule | None = None
+    flops: FlopsRule | None = None
+    fold: str | None = None
+
+
 RULES: dict[str, Rule] = {}
 
 
-def rule(*names: str) -> Callable[[Rule], Rule]:
-    def register(fn: Rule) -> Rule:
+def _set(name: str, **changes: Any) -> None:
+    RULES[name] = dataclasses.replace(RULES.get(name, Rule()), **changes)
+
+
+def rule(*names: str) -> Callable[[AxesRule], AxesRule]:
+    """Registers an ``axes`` rule for built-in primitives (no checks; see :func:`register_rule`)."""
+
+    def register(fn: AxesRule) -> AxesRule:
         for name in names:
-            RULES[name] = fn
+            _set(name, axes=fn)
         return fn
 
     return register
+
+
+def register_rule(
+    primitive: Any,
+    *,
+    flops: FlopsRule | None = None,
+    fold: str | None = None,
+    override: bool = False,
+) -> Callable[[AxesRule], AxesRule]:
+    """Decorator: teaches :func:`~jaxslim.splice.trace` (and ``count_flops``, ``find_foldable``)
+    a primitive, by name or as a ``jax.extend.core.Primitive``.
+
+    The decorated function is the axes rule ``rule(w, eqn, ins) -> outs``:
+
+    * ``eqn`` is the jaxpr equation (``eqn.params``, ``eqn.invars``, ``eqn.outvars``);
+    * ``ins[i]`` is the list of axis nodes of input ``i`` (one ``int`` per axis), or ``None`` for
+      a literal;
+    * it returns one list of axis nodes per output. Reuse an input's nodes for an output axis that
+      carries the same channels, make new ones with ``w.fresh(eqn.outvars[j])`` and connect them
+      with ``w.axes.unite(a, b)``; ``w.axes.tag(n, reason)`` makes an axis not removable, with
+      ``hazard=True`` removable with a warning.
+
+    ``flops(eqn) -> int`` counts its FLOPs for ``count_flops`` (default 0). ``fold`` is ``None``
+    (a folded chain stops here), ``"cast"`` (value preserving) or ``"vector"`` (allowed inside
+    the scale and shift of a folded chain when all its inputs are per-channel parameters; it is
+    re-evaluated by binding the primitive). Raises ``ValueError`` if the primitive already has a
+    rule, unless ``override``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jax.extend.core import Primitive
+    >>> from jaxslim import splice
+    >>> double = Primitive("doc_double")
+    >>> _ = double.def_impl(lambda x: 2 * x)
+    >>> _ = double.def_abstract_eval(lambda x: x)  # same shape and dtype out
+    >>> @splice.register_rule(double, fold="vector")
+    ... def _double(w, eqn, ins):
+    ...     return [list(ins[0])]  # element-wise: every axis goes through unchanged
+    >>> p = {"w1": jnp.ones((4, 8)), "w2": jnp.ones((8, 3))}
+    >>> fn = lambda p, x: double.bind(x @ p["w1"]) @ p["w2"]
+    >>> [list(g) for g in splice.trace(fn, p, jnp.ones(4)) if g.removable]
+    [[('w1', 1), ('w2', 0)]]
+    """
+    name = getattr(primitive, "name", primitive)
+    if not isinstance(name, str) or not name:
+        raise TypeError(
+            f"splice.register_rule: primitive must be a name or a jax Primitive, got {primitive!r}"
+        )
+    if fold not in (None, "cast", "vector"):
+        raise ValueError(
+            f"splice.register_rule: fold must be None, 'cast' or 'vector' for {name!r}, got "
+            f"{fold!r} (the 'linear', 'layout' and 'affine' roles need built-in support)"
+        )
+    if flops is not None and not callable(flops):
+        raise TypeError(f"splice.register_rule: flops must be a callable eqn -> int, got {flops!r}")
+    if name in RULES and RULES[name].axes is not None and not override:
+        raise ValueError(
+            f"splice.register_rule: primitive {name!r} already has a rule; pass override=True "
+            "to replace it"
+        )
+
+    def register(fn: AxesRule) -> AxesRule:
+        if not callable(fn):
+            raise TypeError(f"splice.register_rule: the rule for {name!r} must be callable")
+        RULES[name] = Rule(axes=fn, flops=flops, fold=fold)
+        return fn
+
+    return register
+
+
+def flops(eqn: Any) -> int:
+    """FLOPs of one equation by the table (0 for a primitive without a ``flops`` rule)."""
+    r = RULES.get(eqn.primitive.name)
+    return 0 if r is None or r.flops is None else int(r.flops(eqn))
+
+
+def fold_role(name: str) -> str | None:
+    """The ``fold`` role of a primitive (``None`` if it has none)."""
+    r = RULES.get(name)
+    return None if r is None else r.fold
 
 
 def _shape(v) -> tuple[int, ...]:
@@ -69,7 +192,7 @@ def elementwise(w, eqn, ins) -> list:
 
 
 for _name in ELEMENTWISE:
-    RULES[_name] = elementwise
+    _set(_name, axes=elementwise)
 
 
 @rule("optimization_barrier", "device_put")
@@ -82,14 +205,16 @@ def _pairwise(w, eqn, ins):
 
 @rule("broadcast_in_dim")
 def _broadcast_in_dim(w, eqn, ins):
+    """Kept axes go through; a new (or size-1 expanded) axis is a fresh node. Its size is a
+    constant of the jaxpr, but code almost always computes it from another array's shape
+    (``jnp.where(mask, logits, -inf)``, ``jnp.repeat`` of key/value heads), so it is not pinned
+    here: ``trace`` re-traces ``fn`` with every removable group one channel wider and pins the
+    groups whose sizes do not follow (a literal ``jnp.zeros((64,))``)."""
     (out,) = [w.fresh(v) for v in eqn.outvars]
     src, dims = _shape(eqn.invars[0]), eqn.params["broadcast_dimensions"]
     for i, d in enumerate(dims):
         if src[i] == eqn.params["shape"][d]:
             w.axes.unite(out[d], ins[0][i])
-    for d, n in enumerate(out):
-        if d not in dims:
-            w.axes.tag(n, FIXED)
     return [out]
 
 
@@ -176,6 +301,9 @@ def _cumulative(w, eqn, ins):
 
 @rule("dot_general")
 def _dot_general(w, eqn, ins):
+    """Contracted and batch axes unite. A matmul of two activations (neither operand computed
+    from the parameters alone: attention's ``q @ k`` and ``probs @ v``) also records the roles
+    of its axes, from which ``trace`` tells head axes from within-head axes."""
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     lhs, rhs = ins
     for i, j in zip(lc, rc, strict=True):
@@ -184,6 +312,14 @@ def _dot_general(w, eqn, ins):
         w.axes.unite(lhs[i], rhs[j])
     lfree = [n for i, n in enumerate(lhs) if i not in lc and i not in lb]
     rfree = [n for i, n in enumerate(rhs) if i not in rc and i not in rb]
+    if all(getattr(x, "dep", False) for x in ins):
+        dot = w.axes.new(0)  # a unique id for this matmul
+        for i in lc:
+            w.axes.mark(lhs[i], "contracted", dot)
+        for i in lb:
+            w.axes.mark(lhs[i], "batch", dot)
+        for n in lfree + rfree:
+            w.axes.mark(n, "free", dot)
     return [[lhs[i] for i in lb] + lfree + rfree]
 
 
@@ -220,7 +356,7 @@ def _conv(w, eqn, ins):
     group = ax.new(g)
     ax.tag(
         group,
-        f"grouped convolution: removing a channel group changes feature_group_count={g}",
+        f"{GROUPED}: removing a channel group changes feature_group_count={g}",
         hazard=True,
     )
     ax.unite(lf, ax.product([group, ri]))
@@ -283,6 +419,8 @@ def _slice(w, eqn, ins):
         start, limit, stride = p["start_indices"][d], p["limit_indices"][d], strides[d]
         if (start, limit, stride) == (0, shape[d], 1):
             w.axes.unite(out[d], n)
+        elif limit - start == 1:  # w[0], w[1] of a fused (2, ...) gate/up or k/v axis
+            w.axes.tag(n, INDEXED.format(prim="slice"))
         elif stride != 1:
             w.axes.tag(n, f"sliced with stride {stride} by slice")
             w.axes.tag(out[d], f"sliced with stride {stride} by slice")
@@ -294,8 +432,17 @@ def _slice(w, eqn, ins):
 
 @rule("dynamic_slice")
 def _dynamic_slice(w, eqn, ins):
-    shape = _shape(eqn.invars[0])
-    return _partial(w, eqn, ins, lambda d: eqn.params["slice_sizes"][d] != shape[d], "sliced")
+    shape, sizes = _shape(eqn.invars[0]), eqn.params["slice_sizes"]
+    (out,) = [w.fresh(v) for v in eqn.outvars]
+    for d, n in enumerate(ins[0]):
+        if sizes[d] == shape[d]:
+            w.axes.unite(out[d], n)
+        elif sizes[d] == 1:
+            w.axes.tag(n, INDEXED.format(prim="dynamic_slice"))
+        else:
+            w.axes.tag(n, "sliced by dynamic_slice")
+            w.axes.tag(out[d], "sliced by dynamic_slice")
+    return [out]
 
 
 @rule("dynamic_update_slice")
@@ -383,15 +530,24 @@ def _top_k(w, eqn, ins):
     return outs
 
 
-@rule("iota", "rng_bit_generator", "random_seed", "random_bits", "random_wrap", "random_unwrap")
+@rule("iota")
+def _iota(w, eqn, ins):
+    """A fresh node per axis, not pinned (its size is checked by ``trace``'s re-trace, like a
+    broadcast's); the iota's own axis is a hazard: values computed from channel positions (RoPE
+    frequencies, a position mask) differ for the kept channels after removal."""
+    (out,) = [w.fresh(v) for v in eqn.outvars]
+    w.axes.tag(out[eqn.params["dimension"]], IOTA, hazard=True)
+    return [out]
+
+
+@rule("rng_bit_generator", "random_seed", "random_bits", "random_wrap", "random_unwrap")
 def _source(w, eqn, ins):
-    if eqn.primitive.name == "iota" or not any(ins):
-        outs = [w.fresh(v) for v in eqn.outvars]
-        for o in outs:
-            for n in o:
-                w.axes.tag(n, FIXED)
-        return outs
-    return unsupported(w, eqn, ins)
+    """Random values (dropout masks): fresh output nodes, sized from the code like a broadcast;
+    the key's axes are not channels."""
+    for nodes in ins:
+        for n in nodes or ():
+            w.axes.tag(n, f"it is an axis of a random key ({eqn.primitive.name})")
+    return [w.fresh(v) for v in eqn.outvars]
 
 
 @rule("gather")
@@ -422,3 +578,45 @@ def _gather(w, eqn, ins):
         for d in batch:
             w.axes.tag(out[d], "gather output axis")
     return [out]
+
+
+@rule("unstack")
+def _unstack(w, eqn, ins):
+    """``a, b = x`` (jax >= 0.12): each output is one index of ``axis``; the other axes go through.
+    The unstacked axis is tagged: its size is the number of outputs."""
+    ax = eqn.params["axis"] % len(ins[0])
+    outs = [w.fresh(v) for v in eqn.outvars]
+    w.axes.tag(ins[0][ax], "unstacked along it (its size is the number of values it gives)")
+    rest = [n for d, n in enumerate(ins[0]) if d != ax]
+    for o in outs:
+        for a, b in zip(o, rest, strict=True):
+            w.axes.unite(a, b)
+    return outs
+
+
+# FLOPs: 2 x the multiply-adds of matmuls and convolutions; element-wise ops are not counted.
+
+
+def _dot_flops(eqn) -> int:
+    (lc, _), _ = eqn.params["dimension_numbers"]
+    lhs = _shape(eqn.invars[0])
+    return 2 * math.prod(_shape(eqn.outvars[0])) * math.prod(lhs[i] for i in lc)
+
+
+def _conv_flops(eqn) -> int:
+    rhs = _shape(eqn.invars[1])
+    dn = eqn.params["dimension_numbers"]
+    per_out = math.prod(rhs) // rhs[dn.rhs_spec[0]]
+    return 2 * math.prod(_shape(eqn.outvars[0])) * per_out
+
+
+_set("dot_general", flops=_dot_flops, fold="linear")
+_set("conv_general_dilated", flops=_conv_flops, fold="linear")
+for _name in ("reshape", "broadcast_in_dim", "squeeze"):
+    _set(_name, fold="layout")
+for _name in ("convert_element_type", "copy"):
+    _set(_name, fold="cast")
+for _name in "add sub mul div neg".split():
+    _set(_name, fold="affine")
+for _name in "rsqrt sqrt exp log abs max min integer_pow square pow".split():
+    _set(_name, fold="vector")

@@ -8,6 +8,7 @@ rounding); ``drop_layer`` replaces a residual block by the identity.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +23,81 @@ __all__ = ["fold_batchnorm", "fuse_linear", "drop_layer", "widen", "widen_map", 
 _HI = jax.lax.Precision.HIGHEST
 
 
+def _concrete(x: Any) -> np.ndarray | None:
+    """``x`` as a numpy array, or ``None`` when it is traced (under ``jit``/``vmap``/``grad``)."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _check_array(fn: str, name: str, x: Any, optional: bool) -> None:
+    if x is None and optional:
+        return
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        raise TypeError(f"{fn}: {name} must be a jax or numpy array, got {type(x).__name__}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{fn}: {name} must be a floating-point array, got dtype {x.dtype}")
+
+
+def _static_int(fn: str, name: str, x: Any, low: int) -> int:
+    if isinstance(x, bool) or not isinstance(x, int | np.integer):
+        raise TypeError(
+            f"{fn}: {name} must be a Python int (it sets a shape, so it cannot be traced), "
+            f"got {type(x).__name__} {x!r}"
+        )
+    if x < low:
+        raise ValueError(f"{fn}: {name} must be >= {low}, got {x}")
+    return int(x)
+
+
+def _check_bn_arg(name: str, x: Any, n: int | None, optional: bool) -> None:
+    fn = "splice.fold_batchnorm"
+    if x is None:
+        if optional:
+            return
+        raise TypeError(f"{fn}: {name} must be an array, got None")
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        raise TypeError(f"{fn}: {name} must be a jax or numpy array, got {type(x).__name__} {x!r}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{fn}: {name} must be a floating-point array, got dtype {x.dtype}")
+    if n is not None and tuple(x.shape) != (n,):
+        raise ValueError(
+            f"{fn}: {name} must have shape ({n},) to match the kernel's output axis (the last: "
+            f"Flax layout), got {tuple(x.shape)}"
+        )
+
+
+def _first_bad(ok: np.ndarray) -> tuple[int, int]:
+    bad = np.flatnonzero(~ok)
+    return int(bad[0]), int(bad.size)
+
+
+def _raise_bad_bn(stats: dict[str, np.ndarray | None], v: np.ndarray, eps: float) -> None:
+    """Explains the first invalid channel of concrete statistics (see fold_batchnorm)."""
+    fn = "splice.fold_batchnorm"
+    for name, c in stats.items():
+        if c is not None and not np.all(np.isfinite(c)):
+            i, k = _first_bad(np.isfinite(c))
+            raise ValueError(
+                f"{fn}: {name}[{i}] = {c[i]} is not finite ({k} such channel(s)); the "
+                "statistics are corrupted: recompute them before folding"
+            )
+    var = stats["var"]
+    if np.any(var < 0):
+        i, k = _first_bad(var >= 0)
+        raise ValueError(
+            f"{fn}: var[{i}] = {var[i]} is negative ({k} such channel(s)); a variance is >= 0: "
+            "recompute the running statistics before folding"
+        )
+    i, k = _first_bad(v > 0)
+    raise ValueError(
+        f"{fn}: var[{i}] + eps = {var[i]} + {eps} is 0 in {v.dtype} ({k} such channel(s)), so "
+        "the scale 1/sqrt(var + eps) is infinite; pass the eps the batch norm ran with (Flax: "
+        "1e-5), or remove the dead channel first"
+    )
+
+
 def fold_batchnorm(
     w: jax.Array,
     b: jax.Array | None,
@@ -29,6 +105,7 @@ def fold_batchnorm(
     beta: jax.Array | None,
     mean: jax.Array,
     var: jax.Array,
+    *,
     eps: float = 1e-5,
 ) -> tuple[jax.Array, jax.Array]:
     """Folds an inference-mode batch norm that follows a Dense or Conv layer into the layer.
@@ -37,11 +114,22 @@ def fold_batchnorm(
     output-channel axis, the last) and ``b' = (b - mean) * s + beta``. ``b``, ``gamma``, ``beta``
     may be ``None`` (0, 1, 0). ``eps`` defaults to Flax's ``BatchNorm`` value. Folding a batch
     norm into a *following* zero-padded convolution would be inexact at the borders, which is why
-    only the preceding layer is a target here.
+    only the preceding layer is a target here. ``s`` and ``b'`` are computed in float32 (float64
+    if a statistic is float64) and cast to ``w``'s dtype.
+
+    Invalid statistics (concrete arrays): ``ValueError`` naming the channel and value for
+    ``var < 0``, ``var + eps == 0`` (``var = 0`` with ``eps = 0``), a NaN or inf in ``b``,
+    ``gamma``, ``beta``, ``mean`` or ``var``, and for ``eps`` < 0 or not finite; ``TypeError``
+    for an argument that is not a floating-point array (``var=None``); ``ValueError`` for a
+    shape other than ``(out,)``. Under ``jit`` (traced statistics) nothing can raise: each
+    invalid channel's column of ``W'`` and entry of ``b'`` are NaN — never a finite wrong value
+    — and ``jax.experimental.checkify.checkify(f, errors=checkify.float_checks)`` reports
+    ``nan generated by primitive: ...``.
 
     Args:
       w: kernel ``(in, out)`` or ``(*spatial, in, out)``; b: ``(out,)`` or None.
       gamma, beta, mean, var: batch-norm scale, bias, running mean and variance, ``(out,)``.
+      eps: the batch norm's epsilon, a float ``>= 0``.
 
     Returns:
       ``(w', b')`` with the shapes of ``w`` and ``(out,)``.
@@ -52,21 +140,61 @@ def fold_batchnorm(
     >>> w.tolist(), b.tolist()
     ([[1.0], [1.0]], [0.5])
     """
+    fn = "splice.fold_batchnorm"
+    _check_bn_arg("w", w, None, optional=False)
+    if w.ndim < 2:
+        raise ValueError(
+            f"{fn}: w must be a Dense (in, out) or Conv (*spatial, in, out) kernel, got shape "
+            f"{tuple(w.shape)}"
+        )
     n = w.shape[-1]
-    for name, x in (("b", b), ("gamma", gamma), ("beta", beta), ("mean", mean), ("var", var)):
-        if x is not None and tuple(x.shape) != (n,):
-            raise ValueError(
-                f"splice.fold_batchnorm: {name} must have shape ({n},) to match the "
-                f"kernel's output axis, got {tuple(x.shape)}"
-            )
-    s = jax.lax.rsqrt(var + jnp.asarray(eps, var.dtype))
-    if gamma is not None:
-        s = gamma * s
-    b0 = jnp.zeros((n,), w.dtype) if b is None else b
-    b_new = (b0 - mean) * s
-    if beta is not None:
-        b_new = b_new + beta
-    return w * s.astype(w.dtype).reshape((1,) * (w.ndim - 1) + (n,)), b_new.astype(w.dtype)
+    stats = {"b": b, "gamma": gamma, "beta": beta, "mean": mean, "var": var}
+    for name, x in stats.items():
+        _check_bn_arg(name, x, n, optional=name in ("b", "gamma", "beta"))
+    if isinstance(eps, bool) or not (isinstance(eps, int | float) or hasattr(eps, "dtype")):
+        raise TypeError(f"{fn}: eps must be a float, got {type(eps).__name__} {eps!r}")
+    eps_c = _concrete(eps)
+    if eps_c is not None and (eps_c.ndim != 0 or not np.isfinite(eps_c) or eps_c < 0):
+        raise ValueError(f"{fn}: eps must be a finite float >= 0, got {eps!r}")
+    wide = any(x is not None and x.dtype == np.float64 for x in stats.values())
+    ct = jax.dtypes.canonicalize_dtype(jnp.float64) if wide else jnp.dtype(jnp.float32)
+    f = {k: None if x is None else jnp.asarray(x).astype(ct) for k, x in stats.items()}
+    v = f["var"] + jnp.asarray(eps, ct)
+    ok = v > 0
+    for x in f.values():
+        if x is not None:
+            ok = ok & jnp.isfinite(x)
+    ok_c = _concrete(ok)  # concrete only when every statistic and eps are
+    if ok_c is not None and not ok_c.all():
+        concrete = {k: None if x is None else np.asarray(x) for k, x in f.items()}
+        _raise_bad_bn(concrete, np.asarray(v), float(eps_c))
+    # Traced input: an invalid channel takes rsqrt(-1) = NaN (never a finite wrong value), which
+    # checkify's float_checks report as "nan generated by primitive: ...".
+    s = jax.lax.rsqrt(jnp.where(ok, v, jnp.asarray(-1.0, ct)))
+    if f["gamma"] is not None:
+        s = f["gamma"] * s
+    b0 = jnp.zeros((n,), ct) if f["b"] is None else f["b"]
+    b_new = (b0 - f["mean"]) * s
+    if f["beta"] is not None:
+        b_new = b_new + f["beta"]
+    w_new = w * s.astype(w.dtype).reshape((1,) * (w.ndim - 1) + (n,))
+    b_new = b_new.astype(w.dtype)
+    b_c = _concrete(b_new)
+    if b_c is not None and not np.all(np.isfinite(b_c)):
+        i, k = _first_bad(np.isfinite(b_c))
+        raise ValueError(
+            f"{fn}: the folded bias overflows {w.dtype} at channel {i} ({b_c[i]}; {k} such "
+            f"channel(s)): var[{i}] + eps is too small for gamma and mean there"
+        )
+    w_c = _concrete(w_new)
+    if w_c is not None and not np.all(np.isfinite(w_c) | ~np.isfinite(np.asarray(w))):
+        bad = ~np.isfinite(w_c) & np.isfinite(np.asarray(w))
+        i, k = _first_bad(~bad.reshape(-1, n).any(0))
+        raise ValueError(
+            f"{fn}: the folded kernel overflows {w.dtype} at channel {i} ({k} such channel(s)): "
+            f"the scale gamma / sqrt(var + eps) there is {np.asarray(s)[i]}"
+        )
+    return w_new, b_new
 
 
 def fuse_linear(
@@ -83,6 +211,19 @@ def fuse_linear(
     >>> w.tolist(), b.tolist()
     ([[2.0, 0.0], [0.0, 2.0]], [2.0, 2.0])
     """
+    fn = "splice.fuse_linear"
+    for name, x, optional in (("w1", w1, False), ("b1", b1, True), ("w2", w2, False)):
+        _check_array(fn, name, x, optional)
+    _check_array(fn, "b2", b2, True)
+    if w1.ndim < 2 or w2.ndim < 2:
+        raise ValueError(
+            f"{fn}: w1 and w2 must be kernels of ndim >= 2, got shapes {tuple(w1.shape)} and "
+            f"{tuple(w2.shape)}"
+        )
+    if b1 is not None and tuple(b1.shape) != (w1.shape[-1],):
+        raise ValueError(f"{fn}: b1 must have shape ({w1.shape[-1]},), got {tuple(b1.shape)}")
+    if b2 is not None and tuple(b2.shape) != (w2.shape[-1],):
+        raise ValueError(f"{fn}: b2 must have shape ({w2.shape[-1]},), got {tuple(b2.shape)}")
     if w2.ndim > 2:
         if any(s != 1 for s in w2.shape[:-2]):
             raise ValueError(
@@ -102,7 +243,7 @@ def fuse_linear(
     return w, b
 
 
-def widen_map(width: int, new_width: int, key: jax.Array | None = None) -> jax.Array:
+def widen_map(width: int, new_width: int, *, key: jax.Array | None = None) -> jax.Array:
     """Net2WiderNet unit map ``g``: ``g[j] = j`` for ``j < width``, then copies of old units.
 
     With ``key`` the extra units copy uniformly random old units (Chen et al., 2016), otherwise
@@ -111,6 +252,8 @@ def widen_map(width: int, new_width: int, key: jax.Array | None = None) -> jax.A
     >>> widen_map(3, 5).tolist()
     [0, 1, 2, 0, 1]
     """
+    width = _static_int("splice.widen", "width", width, 1)
+    new_width = _static_int("splice.widen", "new_width", new_width, 1)
     if new_width < width:
         raise ValueError(f"splice.widen: new_width={new_width} is smaller than the width {width}")
     extra = new_width - width
@@ -126,15 +269,15 @@ def widen(
     b1: jax.Array | None,
     w2: jax.Array,
     new_width: int,
-    key: jax.Array | None = None,
     *,
+    key: jax.Array | None = None,
     noise: float = 0.0,
     extra: tuple[jax.Array | None, ...] = (),
 ) -> tuple[Any, ...]:
     """Net2WiderNet: widens the hidden layer between ``w1`` and ``w2`` to ``new_width`` units.
 
-    Units are replicated by ``g = widen_map(width, new_width, key)``; the outgoing weights of each
-    copy are divided by the number of copies ``c``: ``W1' = W1[..., g]``, ``b1' = b1[g]``,
+    Units are replicated by ``g = widen_map(width, new_width, key=key)``; the outgoing weights of
+    each copy are divided by the number of copies ``c``: ``W1' = W1[..., g]``, ``b1' = b1[g]``,
     ``W2'[..., j, :] = W2[..., g[j], :] / c[g[j]]`` — the function is unchanged (Chen et al., 2016,
     "Net2Net"). ``noise > 0`` adds ``noise * N(0, 1) * std(W2)`` to the copies' outgoing weights
     to break symmetry (then the function changes by about that much; needs ``key``). ``extra``
@@ -148,26 +291,35 @@ def widen(
       ``(w1', b1', w2', *extra')``.
 
     >>> import jax.numpy as jnp
-    >>> w1, b1, w2 = widen(jnp.ones((2, 1)), jnp.zeros(1), jnp.full((1, 1), 3.0), 3)
+    >>> w1, b1, w2 = widen(jnp.ones((2, 1)), jnp.zeros(1), jnp.full((1, 1), 3.0), new_width=3)
     >>> w2.ravel().tolist()
     [1.0, 1.0, 1.0]
     """
+    fn = "splice.widen"
+    for name, x, optional in (("w1", w1, False), ("b1", b1, True), ("w2", w2, False)):
+        _check_array(fn, name, x, optional)
+    if isinstance(noise, bool) or not isinstance(noise, int | float) or not noise >= 0:
+        raise ValueError(f"{fn}: noise must be a finite float >= 0, got {noise!r}")
+    if not np.isfinite(noise):
+        raise ValueError(f"{fn}: noise must be a finite float >= 0, got {noise!r}")
+    if noise and key is None:
+        raise ValueError(f"{fn}: noise > 0 needs a key")
     width = w1.shape[-1]
+    if b1 is not None and tuple(b1.shape) != (width,):
+        raise ValueError(f"{fn}: b1 must have shape ({width},), got {tuple(b1.shape)}")
     if w2.ndim < 2 or w2.shape[-2] != width:
         raise ValueError(
             f"splice.widen: w2 input axis (-2) must be {width} like w1's output axis, "
             f"got shapes {tuple(w1.shape)} and {tuple(w2.shape)}"
         )
     g = widen_map(
-        width, new_width, key if noise == 0.0 or key is None else jax.random.fold_in(key, 1)
+        width, new_width, key=key if noise == 0.0 or key is None else jax.random.fold_in(key, 1)
     )
     lead = (1,) * (w2.ndim - 2)
     counts = jnp.bincount(g, length=width)[g].astype(w2.dtype).reshape(lead + (new_width, 1))
     w1n = jnp.take(w1, g, axis=-1)
     w2n = jnp.take(w2, g, axis=-2) / counts
     if noise:
-        if key is None:
-            raise ValueError("splice.widen: noise > 0 needs a key")
         copies = jnp.asarray(np.arange(new_width) >= width).reshape(lead + (new_width, 1))
         eps = noise * jnp.std(w2) * jax.random.normal(key, w2n.shape, w2n.dtype)
         w2n = jnp.where(copies, w2n + eps, w2n)
@@ -207,13 +359,17 @@ def deepen(
     >>> w.tolist(), b.tolist()
     ([[1.0, 0.0], [0.0, 1.0]], [0.0, 0.0])
     """
+    if activation is not None and not isinstance(activation, str):
+        raise TypeError(
+            f"splice.deepen: activation must be a name such as 'relu' or None, got "
+            f"{type(activation).__name__}"
+        )
     if activation not in _IDEMPOTENT:
         raise ValueError(
             f"splice.deepen: activation={activation!r} is not idempotent, so an identity layer "
             f"would change the function; use one of {[k for k in _IDEMPOTENT if k]} or None"
         )
-    if not isinstance(width, int) or width < 1:
-        raise ValueError(f"splice.deepen: width must be a positive int, got {width!r}")
+    width = _static_int("splice.deepen", "width", width, 1)
     eye = jnp.eye(width, dtype=dtype)
     if kernel_size is None:
         return eye, jnp.zeros((width,), dtype)
@@ -224,21 +380,72 @@ def deepen(
     return w, jnp.zeros((width,), dtype)
 
 
-def _split_block(block: str | tuple[str, int]) -> tuple[str, int | None]:
+def _split_block(block: Any, fn_name: str = "splice.drop_layer") -> tuple[str, int | None]:
     if isinstance(block, tuple):
+        ok = len(block) == 2 and isinstance(block[0], str)
+        ok = ok and isinstance(block[1], int | np.integer) and not isinstance(block[1], bool)
+        if not ok:
+            raise TypeError(f"{fn_name}: a scanned-stack block is (path, int index), got {block!r}")
         return block[0], int(block[1])
     if isinstance(block, str):
         return block, None
-    raise TypeError(f"splice.drop_layer: block must be a path or (path, index), got {block!r}")
+    raise TypeError(
+        f"{fn_name}: block must be a path such as 'blocks/1' or (path, index) for a "
+        f"scanned stack, got {type(block).__name__} {block!r}"
+    )
 
 
-def drop_layer(params: Any, block: str | tuple[str, int], *, axis: int = 0) -> Any:
+def _renumbered(params: Any, path: str, fn_name: str) -> Any:
+    """``params`` with the string-keyed siblings after the dropped ``path`` shifted down:
+    ``"2"`` -> ``"1"``, ``"layer_3"`` -> ``"layer_2"`` (keys of the same prefix only)."""
+    parent, _, name = path.rpartition("/")
+    m = re.fullmatch(r"(.*?)(\d+)", name)
+    if m is None:
+        raise ValueError(
+            f"{fn_name}: renumber=True needs a block key ending in its number ('3', "
+            f"'layer_3', 'h_3'), got {name!r}"
+        )
+    prefix, dropped = m.group(1), int(m.group(2))
+    node = _tree.get_path(params, parent, fn_name=fn_name) if parent else params
+    if not isinstance(node, Mapping) or any(not isinstance(k, str) for k in node):
+        return params  # a list or an integer-keyed state already shifted down
+
+    def key(k: str) -> str:
+        km = re.fullmatch(re.escape(prefix) + r"(\d+)", k)
+        if km is None or int(km.group(1)) <= dropped:
+            return k
+        return f"{prefix}{int(km.group(1)) - 1}"
+
+    items = {key(k): v for k, v in node.items()}
+    new = items if type(node) is dict else type(node)(items)
+    return _tree.set_path(params, parent, new, fn_name=fn_name) if parent else new
+
+
+def drop_layer(
+    params: Any, block: str | tuple[str, int], *, axis: int = 0, renumber: bool = False
+) -> Any:
     """Removes a residual block (the model then treats it as the identity); returns a new tree.
 
     * ``block="blocks/1"``: the subtree at that path is removed — popped from a list (later blocks
-      shift down) or deleted from a dict. ``fn`` must iterate over what is there.
+      shift down) or deleted from a dict. A dict keyed exactly ``0 .. n-1`` — the NNX ``State``
+      of an ``nnx.List``, ``nnx.Sequential`` or list attribute, or its ``nnx.to_pure_dict`` form
+      — behaves like a list: later blocks shift down, so the result is the state of the same
+      model with ``n - 1`` blocks (``nnx.merge`` it with that model's graphdef). ``fn`` must
+      iterate over what is there.
     * ``block=("blocks", 1)``: a scanned stack, every leaf under ``blocks`` having a layer axis
-      ``axis``: index 1 is sliced out of each.
+      ``axis``: index 1 is sliced out of each (an ``nnx.scan``-stacked state: every leaf under
+      the stacked module has the layer axis 0).
+    * ``renumber=True``: string keys numbered like the dropped one (Hugging Face Flax
+      ``".../layers/0"``, ``".../h/0"``; Linen ``"layer_0"``, ``"blocks_0"``) shift down, so the
+      tree is the parameters of the same model with one layer fewer: rebuild the model from its
+      config with ``num_hidden_layers - 1`` (``n_layer - 1`` for GPT-2; a Linen module with
+      ``num_layers - 1``) and pass the tree. Without it the keys keep their gap, and a Linen or
+      HF model built for ``n - 1`` layers looks for the missing key.
+
+      >>> from transformers import FlaxLlamaForCausalLM  # doctest: +SKIP
+      >>> small = drop_layer(model.params, "model/layers/2", renumber=True)  # doctest: +SKIP
+      >>> config.num_hidden_layers -= 1  # doctest: +SKIP
+      >>> FlaxLlamaForCausalLM(config, _do_init=False)(tokens, params=small)  # doctest: +SKIP
 
     >>> import jax.numpy as jnp
     >>> p = {"blocks": [{"w": jnp.ones(2)}, {"w": jnp.zeros(2)}], "head": jnp.ones(2)}
@@ -246,9 +453,13 @@ def drop_layer(params: Any, block: str | tuple[str, int], *, axis: int = 0) -> A
     1
     >>> drop_layer({"stack": {"w": jnp.ones((3, 2))}}, ("stack", 1))["stack"]["w"].shape
     (2, 2)
+    >>> sorted(drop_layer({"layer_0": 0, "layer_1": 1, "layer_2": 2}, "layer_0", renumber=True))
+    ['layer_0', 'layer_1']
     """
     path, index = _split_block(block)
     if index is not None:
+        if isinstance(axis, bool) or not isinstance(axis, int) or axis < 0:
+            raise TypeError(f"splice.drop_layer: axis must be an int >= 0, got {axis!r}")
         names = [p for p, _ in _tree.leaves_with_paths(params)]
         inside = [p for p in names if p == path or p.startswith(path + "/")]
         if not inside:
@@ -258,6 +469,11 @@ def drop_layer(params: Any, block: str | tuple[str, int], *, axis: int = 0) -> A
             name = _tree.path_str(p)
             if name not in inside:
                 return x
+            if not hasattr(x, "shape"):
+                raise ValueError(
+                    f"splice.drop_layer: {name!r} under the scanned stack {path!r} is a "
+                    f"{type(x).__name__}, not an array with a layer axis {axis}"
+                )
             if x.ndim <= axis or not 0 <= index < x.shape[axis]:
                 raise ValueError(
                     f"splice.drop_layer: layer {index} is out of range for "
@@ -269,29 +485,7 @@ def drop_layer(params: Any, block: str | tuple[str, int], *, axis: int = 0) -> A
             return jnp.take(x, keep, axis=axis)
 
         return jax.tree_util.tree_map_with_path(cut, params)
-    return _drop(params, path.split("/"), path)
-
-
-def _drop(node: Any, keys: list[str], path: str) -> Any:
-    k, rest = keys[0], keys[1:]
-    if isinstance(node, Mapping):
-        if k not in node:
-            raise ValueError(f"splice.drop_layer: {path!r} is not in the tree (no key {k!r})")
-        out = {kk: v for kk, v in node.items() if not (kk == k and not rest)}
-        if rest:
-            out[k] = _drop(node[k], rest, path)
-        return out if type(node) is dict else type(node)(out)
-    if isinstance(node, list | tuple):
-        if not (k.isdigit() and int(k) < len(node)):
-            raise ValueError(f"splice.drop_layer: {path!r} is not in the tree (no index {k!r})")
-        i = int(k)
-        new = list(node)
-        if rest:
-            new[i] = _drop(node[i], rest, path)
-        else:
-            del new[i]
-        return new if isinstance(node, list) else type(node)(new)
-    raise ValueError(
-        f"splice.drop_layer: {path!r} is not in the tree (cannot index "
-        f"{type(node).__name__} with {k!r})"
-    )
+    if not isinstance(renumber, bool):
+        raise TypeError(f"splice.drop_layer: renumber must be a bool, got {renumber!r}")
+    out = _tree.delete_path(params, path, fn_name="splice.drop_layer")
+    return _renumbered(out, path, "splice.drop_layer") if renumber else out

@@ -1,0 +1,587 @@
+"""Input statistics of every kernel of any JAX function, and sequential calibration.
+
+One-shot compression (GPTQ, SparseGPT, Wanda, AWQ, SmoothQuant) needs, for each kernel, the
+statistics of the input it multiplies. :func:`statistics` finds them for any ``fn(params, batch)``
+(a plain function, Linen ``apply``, an NNX ``merge``, a Hugging Face Flax model, Equinox): it
+traces ``fn`` to a jaxpr, follows each selected parameter leaf to the ``dot_general`` /
+``conv_general_dilated`` it feeds (through ``jit``, ``scan``, ``cond``, ``while``, casts,
+transposes and reshapes, with :mod:`jaxslim._jaxpr`), and evaluates the jaxpr once per batch,
+adding up at every such site the statistics of the *other* operand.
+
+**Layout.** A kernel ``W`` of shape ``shape`` contracts some of its axes, ``contracted_axes``,
+with its input. The input is flattened to rows ``X`` of shape ``(n, k)``, ``k =
+prod(shape[a] for a in contracted_axes)``, its features in the kernel's own axis order
+(row-major over ``contracted_axes``), so that ``X @ W.reshape(k, -1)`` is the layer's output when
+the contracted axes lead:
+
+* Flax ``Dense`` ``(in, out)``: ``k = in``; Equinox ``(out, in)``: ``k = in``;
+* an attention output kernel ``(heads, head_dim, d)`` contracted over ``(0, 1)``: ``k = heads *
+  head_dim``, heads-major (the flattened ``(n, heads, head_dim)`` input);
+* a convolution ``(*spatial, in, out)`` (Flax): its im2col patches, rows = batch x output
+  positions, ``k = prod(spatial) * in`` in the kernel's axis order (window position major, input
+  channel minor), ``contracted_axes = (0, ..., ndim - 2)``; ``conv(x, W) == X @ W.reshape(k,
+  out)``. Zero padding contributes zeros. Grouped convolutions are not supported.
+
+Then, with sums over every row of every batch::
+
+    xtx     = X^T X            (k, k)   GPTQ / SparseGPT Hessian (divide by count for the mean)
+    sq_norm = sum_rows X**2    (k,)     Wanda: ||X_j||_2 = sqrt(sq_norm_j)
+    absmax  = max_rows |X|     (k,)     AWQ / SmoothQuant
+    count   = n                ()       rows seen
+
+**Several uses.** A kernel used at several sites (tied or shared weights, a layer called twice)
+gets the *sum* over its sites (and ``absmax`` the max), as if the inputs of all sites were
+stacked; its sites must contract the same kernel axes. A stacked kernel ``(L, ...)`` that a
+``scan`` slices one layer per step gets statistics *per layer*: every field has leading
+``lead_axes`` (here ``(L,)``); so does a kernel with ``dot_general`` batch axes (a per-head
+``einsum("bhd,hdf->bhf")`` gets ``(heads, ...)``), since each slice sees its own input.
+
+**Cost.** One forward pass per batch, compiled once per batch shape; the forward after the last
+selected kernel is dead code that XLA removes. Memory: the accumulators (``k^2`` floats per
+kernel, per layer of a stack) plus one forward's activations; ``kernels=[path]`` keeps one
+kernel's at a time. Sharded params stay where they are (nothing is gathered); the statistics come
+out with whatever sharding XLA gives them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxslim import _jaxpr, _tree
+
+__all__ = ["Stats", "statistics", "sequential"]
+
+_HI = lax.Precision.HIGHEST
+
+
+class Stats(NamedTuple):
+    """Input statistics of one kernel (module docstring for the layout).
+
+    ``xtx`` ``(*lead, k, k)``, ``sq_norm`` and ``absmax`` ``(*lead, k)`` in the accumulation
+    dtype; ``count`` ``(*lead,)`` int32, the rows seen; ``contracted_axes`` the kernel axes whose
+    product is ``k`` (row-major, kernel axis order); ``lead_axes`` the kernel axes with their own
+    statistics (a scanned layer axis, ``dot_general`` batch axes), ``lead = [shape[a] for a in
+    lead_axes]``; ``shape`` the kernel's shape. :meth:`at` gives one slice (one layer).
+
+    A ``NamedTuple``: under ``jit`` its tuple fields become traced leaves; pass the arrays, or
+    keep the tuples outside.
+    """
+
+    xtx: jax.Array
+    sq_norm: jax.Array
+    absmax: jax.Array
+    count: jax.Array
+    contracted_axes: tuple[int, ...]
+    lead_axes: tuple[int, ...]
+    shape: tuple[int, ...]
+
+    def at(self, i: int) -> Stats:
+        """The statistics of slice ``i`` of the first lead axis (layer ``i`` of a scanned stack:
+        those of the kernel ``w[i]`` when that axis is 0), axes renumbered for that slice.
+
+        >>> import jax.numpy as jnp
+        >>> s = Stats(jnp.ones((3, 2, 2)), jnp.ones((3, 2)), jnp.ones((3, 2)), jnp.ones(3),
+        ...           (1,), (0,), (3, 2, 5))
+        >>> t = s.at(1)
+        >>> t.xtx.shape, t.contracted_axes, t.lead_axes, t.shape
+        ((2, 2), (0,), (), (2, 5))
+        """
+        if not self.lead_axes:
+            raise ValueError(
+                f"calibrate.Stats.at: these statistics have no lead axis (kernel shape "
+                f"{self.shape}); index them only when lead_axes is not empty"
+            )
+        a = self.lead_axes[0]
+
+        def renumber(axes: tuple[int, ...]) -> tuple[int, ...]:
+            return tuple(b - (b > a) for b in axes if b != a)
+
+        return Stats(
+            self.xtx[i],
+            self.sq_norm[i],
+            self.absmax[i],
+            self.count[i],
+            renumber(self.contracted_axes),
+            renumber(self.lead_axes),
+            self.shape[:a] + self.shape[a + 1 :],
+        )
+
+
+class _Plan(NamedTuple):
+    contracted: tuple[int, ...]
+    lead: tuple[int, ...]
+    scanned: dict  # leaf axis -> scan depth
+    k: int
+    lead_shape: tuple[int, ...]
+
+
+def _fail(fn_name: str, path: str, site: int, why: str) -> ValueError:
+    return ValueError(
+        f"{fn_name}: kernel {path!r} at matmul #{site}: {why}; exclude it with where= (a regex "
+        "or predicate on the path)"
+    )
+
+
+def _plan_use(u: _jaxpr.KernelUse, shape: tuple[int, ...], fn_name: str) -> _Plan:
+    if u.primitive == "conv_general_dilated":
+        if u.operand != 1:
+            raise _fail(fn_name, u.path, u.index, "it is the convolution's input, not its kernel")
+        contracted, batch = _union(u.contracted, u.spatial), ()
+    else:
+        contracted, batch = u.contracted, u.batch
+    if not contracted:
+        raise _fail(fn_name, u.path, u.index, "no kernel axis is contracted (an outer product)")
+    scanned: dict[int, int] = {}
+    for group, depth, length in u.scanned:
+        if len(group) != 1 or shape[group[0]] != length:
+            raise _fail(
+                fn_name,
+                u.path,
+                u.index,
+                f"a scan of length {length} slices its axes {group} (shape {shape}); only a scan "
+                "over one whole kernel axis gets per-layer statistics",
+            )
+        scanned[group[0]] = depth
+    other = [a for a in u.indexed if a not in scanned and shape[a] > 1]
+    if other:
+        raise _fail(
+            fn_name,
+            u.path,
+            u.index,
+            f"its axes {tuple(other)} are indexed outside a scan (w[i]), so statistics cannot be "
+            "assigned to a slice; scan over the stacked axis or split the stack into leaves",
+        )
+    lead = _union(batch, tuple(scanned))
+    if set(lead) & set(contracted):
+        raise _fail(fn_name, u.path, u.index, f"axes {contracted} are both contracted and batch")
+    k = math.prod(shape[a] for a in contracted)
+    return _Plan(contracted, lead, scanned, k, tuple(shape[a] for a in lead))
+
+
+def _union(*groups: Sequence[int]) -> tuple[int, ...]:
+    return tuple(sorted({a for g in groups for a in g}))
+
+
+def _feature_order(u, kdims, sizes, contracted, fn_name) -> list[int]:
+    """Positions ``i`` of ``kdims`` (kernel-operand dims) sorted so that flattening them row-major
+    gives the kernel's contracted axes row-major; raises where no order does."""
+    keyed = []
+    for i, d in enumerate(kdims):
+        group = u.axes[d] if u.axes else ()
+        if not group:
+            if sizes[d] != 1:
+                raise _fail(fn_name, u.path, u.index, "a contracted axis is broadcast")
+            continue
+        keyed.append((group[0], i, group))
+    keyed.sort(key=lambda t: (t[0], t[1]))
+    flat: list[int] = []
+    for _, _, group in keyed:
+        if flat[-len(group) :] != list(group):
+            flat.extend(group)
+    if flat != sorted(set(flat)) or tuple(flat) != tuple(contracted):
+        raise _fail(
+            fn_name,
+            u.path,
+            u.index,
+            f"its contracted axes {contracted} reach the matmul permuted and merged by a reshape "
+            f"(operand axes {[u.axes[d] for d in kdims]}); keep the kernel's own axis order",
+        )
+    return [i for _, i, _ in keyed]
+
+
+def _rows(call: _jaxpr.Hooked, u: _jaxpr.KernelUse, plan: _Plan, fn_name: str) -> jax.Array:
+    """The input of kernel use ``u`` at this site as ``(*batch_lead, n, k)``."""
+    eqn, w = call.eqn, call.operands[u.operand]
+    x = call.operands[1 - u.operand]
+    if u.primitive == "conv_general_dilated":
+        p = eqn.params
+        if p.get("feature_group_count", 1) != 1 or p.get("batch_group_count", 1) != 1:
+            raise _fail(fn_name, u.path, u.index, "grouped convolutions are not supported")
+        dn = p["dimension_numbers"]
+        spatial = sorted(dn.rhs_spec[2:])
+        patches = lax.conv_general_dilated_patches(
+            x,
+            [w.shape[d] for d in spatial],
+            p["window_strides"],
+            p["padding"],
+            p.get("lhs_dilation"),
+            p.get("rhs_dilation"),
+            dn,
+            precision=_HI,
+        )
+        patches = jnp.moveaxis(patches, dn.out_spec[1], -1)
+        lead_shape = patches.shape[:-1]
+        x = patches.reshape(*lead_shape, w.shape[dn.rhs_spec[1]], *[w.shape[d] for d in spatial])
+        nb = len(lead_shape)
+        kdims = [dn.rhs_spec[1], *spatial]
+        xf = [nb + i for i in range(len(kdims))]
+        kb, xb = [], []
+    else:
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        kdims, xf = (list(lc), list(rc)) if u.operand == 0 else (list(rc), list(lc))
+        kb, xb = (list(lb), list(rb)) if u.operand == 0 else (list(rb), list(lb))
+    order = _feature_order(u, kdims, w.shape, plan.contracted, fn_name)
+    feats = [xf[i] for i in order]
+    batch = sorted(range(len(kb)), key=lambda i: u.axes[kb[i]] if u.axes else i)
+    bdims = [xb[i] for i in batch]
+    rest = [d for d in range(x.ndim) if d not in feats and d not in bdims]
+    x = jnp.transpose(x, [*bdims, *rest, *feats])
+    k = math.prod(x.shape[x.ndim - len(feats) :]) if feats else 1
+    if k != plan.k:
+        raise _fail(fn_name, u.path, u.index, f"the matmul contracts {k} of its {plan.k} inputs")
+    return x.reshape(*x.shape[: len(bdims)], -1, k)
+
+
+def _replicated(x: jax.Array) -> Any:
+    """Under a mesh with ``Explicit`` axes (where the sharding of a result is part of its type),
+    the replicated sharding the statistics are accumulated in (all-reduced over the rows'
+    shards); ``None`` otherwise (XLA chooses)."""
+    try:
+        mesh = jax.typeof(x).sharding.mesh
+    except AttributeError:
+        return None
+    if not any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+        return None
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def _make_hook(plans: dict[str, _Plan], dtype: Any, fn_name: str):
+    def hook(state, call: _jaxpr.Hooked):
+        acc, ok = state
+        for u in call.kernels:
+            plan = plans.get(u.path)
+            if plan is None:
+                continue
+            x = _rows(call, u, plan, fn_name).astype(dtype)
+            whole = _replicated(x)
+            xtx = jnp.einsum("...nk,...nl->...kl", x, x, precision=_HI, out_sharding=whole)
+            sq = jnp.sum(x * x, axis=-2)
+            am = jnp.max(jnp.abs(x), axis=-2, initial=jnp.zeros((), dtype))
+            if whole is not None:
+                sq, am = jax.sharding.reshard(sq, whole), jax.sharding.reshard(am, whole)
+            n = jnp.int32(x.shape[-2])
+            idx = tuple(
+                call.scan_index[plan.scanned[a]] if a in plan.scanned else slice(None)
+                for a in plan.lead
+            )
+            a_xtx, a_sq, a_am, a_n = acc[u.path]
+            acc = {
+                **acc,
+                u.path: (
+                    a_xtx.at[idx].add(xtx),
+                    a_sq.at[idx].add(sq),
+                    a_am.at[idx].max(am),
+                    a_n.at[idx].add(n),
+                ),
+            }
+            ok = {**ok, u.path: ok[u.path] & jnp.all(jnp.isfinite(x))}
+        return acc, ok
+
+    return hook
+
+
+def _signature(batch: Any) -> Any:
+    leaves, tree = jax.tree.flatten(batch)
+    return tree, tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves)
+
+
+def _select(params, where, kernels, fn_name) -> list[str]:
+    paths = _tree.selected_paths(params, where, fn_name=fn_name)
+    if isinstance(kernels, str):
+        if kernels != "all":
+            raise ValueError(
+                f"{fn_name}: kernels must be 'all' or a sequence of kernel paths, got the string "
+                f"{kernels!r}; write kernels=[{kernels!r}]"
+            )
+        return paths
+    wanted = list(kernels)
+    missing = [p for p in wanted if p not in paths]
+    if missing:
+        raise ValueError(
+            f"{fn_name}: kernels {missing} are not floating-point leaves selected by "
+            f"where={where!r}; selected leaves are {paths[:8]}{' ...' if len(paths) > 8 else ''}"
+        )
+    return wanted
+
+
+class _Compiled(NamedTuple):
+    traced: _jaxpr.Traced
+    uses: dict
+
+
+def _trace(fn, params, batch, b, fn_name) -> _Compiled:
+    try:
+        t = _jaxpr.make_jaxpr(fn, params, batch, fn_name=fn_name)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{e} (batch {b})") from e
+    kw = _jaxpr._walk_kernels(t.jaxpr, t.consts, t.labels)
+    return _Compiled(t, _jaxpr._group_uses(kw.uses))
+
+
+def _statistics(
+    fn: Callable[..., Any],
+    params: Any,
+    batches: Iterable[Any],
+    where: _tree.Where,
+    kernels: str | Sequence[str],
+    dtype: Any,
+    fn_name: str,
+) -> dict[str, Stats]:
+    strict = where is not None or not isinstance(kernels, str)
+    selected = _select(params, where, kernels, fn_name)
+    leaves = dict(_tree.leaves_with_paths(params))
+    param_leaves = [x for _, x in _tree.leaves_with_paths(params)]
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{fn_name}: dtype must be a floating-point dtype, got {dtype}")
+    compiled: dict[Any, tuple[_Compiled, Any]] = {}
+    plans: dict[str, _Plan] | None = None
+    acc = None
+    b = -1
+    for b, batch in enumerate(batches):
+        sig = _signature(batch)
+        if sig not in compiled:
+            c = _trace(fn, params, batch, b, fn_name)
+            if plans is None:
+                plans = _make_plans(c.uses, selected, leaves, strict, fn_name)
+            _check_uses(c.uses, plans, leaves, fn_name)
+            step = jax.jit(_make_step(c.traced, _make_hook(plans, dtype, fn_name)))
+            compiled[sig] = (c, step)
+        c, step = compiled[sig]
+        if acc is None:
+            acc = {
+                p: (
+                    jnp.zeros((*pl.lead_shape, pl.k, pl.k), dtype),
+                    jnp.zeros((*pl.lead_shape, pl.k), dtype),
+                    jnp.zeros((*pl.lead_shape, pl.k), dtype),
+                    jnp.zeros(pl.lead_shape, jnp.int32),
+                )
+                for p, pl in plans.items()
+            }
+        acc, ok = step(param_leaves, list(c.traced.consts), acc, jax.tree.leaves(batch))
+        bad = [p for p, flag in jax.device_get(ok).items() if not bool(flag)]
+        if bad:
+            raise ValueError(
+                f"{fn_name}: the input of kernel {bad[0]!r} is not finite (NaN or inf) in batch "
+                f"{b}; check that batch and the parameters used before this kernel"
+            )
+    if acc is None or plans is None:
+        raise ValueError(f"{fn_name}: batches is empty; pass at least one calibration batch")
+    out = {}
+    for p, pl in plans.items():
+        xtx, sq, am, n = acc[p]
+        if not bool(jnp.all(n > 0)):
+            raise ValueError(
+                f"{fn_name}: kernel {p!r} was reached by none of the {b + 1} batches (counts "
+                f"{np.asarray(n).tolist()}, per {pl.lead or 'kernel'}): it sits in a branch or "
+                "loop the calibration data never ran; exclude it with where="
+            )
+        out[p] = Stats(xtx, sq, am, n, pl.contracted, pl.lead, tuple(np.shape(leaves[p])))
+    return out
+
+
+def _make_plans(uses, selected, leaves, strict, fn_name) -> dict[str, _Plan]:
+    if strict:
+        unused = [p for p in selected if p not in uses]
+        if unused:
+            raise ValueError(
+                f"{fn_name}: kernel {unused[0]!r} feeds no dot_general or convolution of fn "
+                "(used elementwise, as a gather table, or not at all), so no batch reaches it as "
+                f"a kernel; kernels found: {list(uses)[:8]}. Exclude it with where="
+            )
+    chosen = set(selected)
+    return {p: _plan_path(u, leaves[p], fn_name) for p, u in uses.items() if p in chosen}
+
+
+def _plan_path(uses, leaf, fn_name) -> _Plan:
+    shape = tuple(np.shape(leaf))
+    plans = [(u, _plan_use(u, shape, fn_name)) for u in uses]
+    u0, p0 = plans[0]
+    for u, p in plans[1:]:
+        if (p.contracted, p.lead) != (p0.contracted, p0.lead):
+            raise _fail(
+                fn_name,
+                u.path,
+                u.index,
+                f"it contracts axes {p.contracted} (per-slice axes {p.lead}) here but "
+                f"{p0.contracted} ({p0.lead}) at matmul #{u0.index}; statistics of different "
+                "layouts cannot be summed",
+            )
+    return p0
+
+
+def _check_uses(uses, plans, leaves, fn_name) -> None:
+    for p, pl in plans.items():
+        if p in uses:
+            q = _plan_path(uses[p], leaves[p], fn_name)
+            if (q.contracted, q.lead) != (pl.contracted, pl.lead):
+                raise ValueError(
+                    f"{fn_name}: kernel {p!r} is used differently for this batch shape "
+                    f"(contracted {q.contracted} vs {pl.contracted}); use one batch shape"
+                )
+
+
+def _make_step(t: _jaxpr.Traced, hook):
+    def step(param_leaves, consts, acc, batch_leaves):
+        ok = {p: jnp.bool_(True) for p in acc}
+        _, (acc, ok) = _jaxpr.eval_jaxpr(
+            t.jaxpr,
+            consts,
+            *param_leaves,
+            *batch_leaves,
+            hook=hook,
+            state=(acc, ok),
+            labels=t.labels,
+        )
+        return acc, ok
+
+    return step
+
+
+def statistics(
+    fn: Callable[..., Any],
+    params: Any,
+    batches: Iterable[Any],
+    *,
+    where: _tree.Where = None,
+    kernels: Literal["all"] | Sequence[str] = "all",
+    dtype: Any = jnp.float32,
+) -> dict[str, Stats]:
+    """Input statistics of every kernel of ``fn(params, batch)``, summed over ``batches``.
+
+    A *kernel* is a parameter leaf selected by ``where`` that is an operand of a ``dot_general``
+    or ``conv_general_dilated`` of ``fn`` (found in its jaxpr, through ``jit``/``scan``/``cond``/
+    ``while`` and module code). For each, the other operand at each of its sites is flattened to
+    rows ``X`` ``(n, k)``, features in the kernel's contracted-axis order (module docstring), and
+    ``X^T X``, ``sum X**2``, ``max |X|`` (over rows) and ``n`` are accumulated in ``dtype``.
+
+    Args:
+      fn: ``fn(params, batch)``, traceable by jax; its output is not used.
+      params: the parameter pytree ``fn`` reads (dicts, Linen params, NNX state, ...); arrays may
+        be sharded.
+      batches: an iterable of calibration batches, each passed as ``fn``'s second argument; one
+        compilation per distinct batch shape.
+      where: which leaves are kernels: ``None`` (floating leaves of ndim >= 2 that feed a matmul;
+        others, e.g. an embedding table used only by a gather, are skipped), a regex, or a
+        predicate ``(path, leaf) -> bool``. With an explicit ``where``, every selected leaf must
+        feed a matmul.
+      kernels: ``"all"`` or a list of paths (among those selected) to accumulate; only their
+        accumulators are allocated, so ``kernels=[path]`` in a loop holds one at a time.
+      dtype: accumulation dtype (float32; float64 needs ``jax_enable_x64``).
+
+    Returns:
+      ``{path: Stats}`` in execution order of first use.
+
+    Raises ``ValueError`` (naming the kernel and the batch) on a non-finite input of a kernel, on
+    empty ``batches``, on a selected leaf that feeds no matmul or a kernel that no batch reached,
+    on a layout it cannot flatten (a grouped convolution, a kernel indexed as ``w[i]`` in a Python
+    loop); ``fn`` failing on a batch is re-raised naming ``fn`` and the batch index.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
+    >>> fn = lambda p, x: x @ p["w"] + p["b"][None]  # "b" (ndim 1) is not a kernel
+    >>> s = statistics(fn, params, [jnp.array([[1.0, 2.0]]), jnp.array([[3.0, -1.0]])])
+    >>> s["w"].xtx.tolist(), s["w"].sq_norm.tolist(), s["w"].absmax.tolist(), int(s["w"].count)
+    ([[10.0, -1.0], [-1.0, 5.0]], [10.0, 5.0], [3.0, 2.0], 2)
+    """
+    return _statistics(fn, params, batches, where, kernels, dtype, "calibrate.statistics")
+
+
+def _replace(params: Any, path: str, value: Any) -> Any:
+    flat, tree = jax.tree_util.tree_flatten_with_path(params)
+    leaves = [value if _tree.path_str(p) == path else x for p, x in flat]
+    return jax.tree.unflatten(tree, leaves)
+
+
+def sequential(
+    fn: Callable[..., Any],
+    params: Any,
+    batches: Iterable[Any],
+    compress: Callable[[str, jax.Array, Stats], jax.Array],
+    *,
+    where: _tree.Where = None,
+    order: Literal["execution"] | Sequence[str] = "execution",
+    dtype: Any = jnp.float32,
+) -> Any:
+    """Compresses kernels one at a time, each calibrated on the already-compressed earlier ones.
+
+    For each kernel path in ``order``: its :class:`Stats` are computed by :func:`statistics` with
+    the *current* params (earlier kernels already replaced), then ``w_new = compress(path, w,
+    stats)`` replaces it. This is how GPTQ and SparseGPT calibrate: a layer is fitted to the
+    inputs it will actually see after the layers before it were compressed.
+
+    ``compress`` must return a floating-point array of ``w``'s shape and dtype (dequantize a
+    ``QArray`` first, e.g. with ``quant.dequantize``); the result gets ``w``'s sharding back.
+
+    A stacked kernel that a ``scan`` slices is compressed at once (all layers, per-layer
+    ``Stats``): layers inside one stack are not calibrated on each other.
+
+    Cost: one forward pass per kernel and batch (from the inputs each time; the forward after
+    the kernel is removed by XLA) and one compilation per kernel and batch shape. ``batches`` is
+    read into a list once.
+
+    Args:
+      fn, params, batches, where, dtype: as for :func:`statistics`.
+      compress: ``compress(path, w, stats) -> w_new``.
+      order: ``"execution"`` (first use in ``fn``, the order of :func:`jaxslim._jaxpr.sites`) or
+        an explicit sequence of kernel paths.
+
+    Returns:
+      ``params`` with every kernel replaced, same tree structure.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"a": jnp.full((2, 2), 0.6), "b": jnp.eye(2)}
+    >>> fn = lambda p, x: (x @ p["a"]) @ p["b"]
+    >>> seen = []
+    >>> def compress(path, w, stats):
+    ...     seen.append((path, stats.xtx.tolist()))
+    ...     return jnp.round(w)
+    >>> new = sequential(fn, params, [jnp.ones((1, 2))], compress)
+    >>> seen  # "b" sees x @ round(a) = [2, 2], not x @ a = [1.2, 1.2]
+    [('a', [[1.0, 1.0], [1.0, 1.0]]), ('b', [[4.0, 4.0], [4.0, 4.0]])]
+    """
+    name = "calibrate.sequential"
+    if not callable(compress):
+        raise TypeError(f"{name}: compress must be a callable compress(path, w, stats)")
+    batches = list(batches)
+    if not batches:
+        raise ValueError(f"{name}: batches is empty; pass at least one calibration batch")
+    selected = _tree.selected_paths(params, where, fn_name=name)
+    if isinstance(order, str):
+        if order != "execution":
+            raise ValueError(
+                f"{name}: order must be 'execution' or a sequence of kernel paths, got {order!r}"
+            )
+        uses = _trace(fn, params, batches[0], 0, name).uses
+        chosen = set(selected)
+        paths = [p for p in uses if p in chosen]
+        if where is not None:
+            _make_plans(uses, selected, dict(_tree.leaves_with_paths(params)), True, name)
+    else:
+        paths = list(order)
+    for path in paths:
+        stats = _statistics(fn, params, batches, where, [path], dtype, name)[path]
+        w = dict(_tree.leaves_with_paths(params))[path]
+        w_new = compress(path, w, stats)
+        if not isinstance(w_new, jax.Array | np.ndarray):
+            raise TypeError(
+                f"{name}: compress returned a {type(w_new).__name__} for {path!r}; return a "
+                "floating-point array (dequantize a QArray first)"
+            )
+        if w_new.shape != w.shape or w_new.dtype != w.dtype:
+            raise ValueError(
+                f"{name}: compress returned {w_new.dtype}{list(w_new.shape)} for {path!r}, "
+                f"expected {w.dtype}{list(w.shape)}"
+            )
+        if not bool(jnp.all(jnp.isfinite(w_new))):
+            raise ValueError(f"{name}: compress returned non-finite values for {path!r}")
+        if isinstance(w, jax.Array) and w_new.sharding != w.sharding:
+            w_new = jax.device_put(w_new, w.sharding)
+        params = _replace(params, path, w_new)
+    return params

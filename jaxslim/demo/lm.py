@@ -1,0 +1,371 @@
+"""The LM workbench: a byte-level Llama-style decoder on an offline corpus, measured in bits/byte.
+
+The corpus is CPython's ``pydoc_data.topics`` (the text of ``help()``; it ships with every
+Python, about 465 K characters of English documentation), read as UTF-8 bytes: the vocabulary is
+the 256 byte values and the metric is validation **bits per byte** (cross-entropy in bits, averaged
+over every predicted byte). Nothing is downloaded; the report records the corpus hash and the
+Python version, since the text changes between Python releases.
+
+The model is a small Llama (Touvron et al. 2023): pre-norm RMSNorm, rotary position embeddings,
+grouped-query attention, a SwiGLU MLP and tied input/output embeddings, written in Flax NNX. Every
+size lives in a parameter shape, not in a config field, so a model whose arrays were cut by
+``jaxslim.splice`` runs as it is:
+
+* ``attn/q``: ``(dim, kv_heads, groups, head_dim)``, ``attn/k``, ``attn/v``: ``(dim, kv_heads,
+  head_dim)``, ``attn/o``: ``(kv_heads, groups, head_dim, dim)`` — a query head is
+  ``(kv, group)``; ``heads = kv_heads * groups`` query heads share ``kv_heads`` key/value heads;
+* ``mlp/gate``, ``mlp/up``: ``(dim, hidden)``, ``mlp/down``: ``(hidden, dim)``;
+* ``embed``: ``(256, dim)``, norms ``(dim,)``.
+
+>>> cfg = LMConfig(dim=32, layers=2, kv_heads=2, groups=2, head_dim=8, hidden=64)
+>>> model = LM(cfg, rngs=nnx.Rngs(0))
+>>> model(jnp.zeros((3, 16), jnp.int32)).shape
+(3, 16, 256)
+>>> config_of(nnx.state(model, nnx.Param)) == cfg
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+__all__ = [
+    "LMConfig",
+    "LM",
+    "Block",
+    "load_corpus",
+    "config_of",
+    "batches",
+    "train",
+    "bits_per_byte",
+    "apply_fn",
+    "next_byte_loss",
+    "rebuild",
+    "eval_windows",
+    "count_params",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+    """Sizes of the workbench decoder. ``heads = kv_heads * groups`` query heads."""
+
+    dim: int = 128
+    layers: int = 4
+    kv_heads: int = 2
+    groups: int = 2
+    head_dim: int = 32
+    hidden: int = 384
+    vocab: int = 256
+    rope_base: float = 10_000.0
+    eps: float = 1e-6
+
+    @property
+    def heads(self) -> int:
+        return self.kv_heads * self.groups
+
+
+# --------------------------------------------------------------------------------------- data
+
+
+def load_corpus(valid_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """``(train_bytes, valid_bytes, info)`` from ``pydoc_data.topics`` (uint8 arrays).
+
+    Topics are joined in sorted key order; the last ``valid_fraction`` of the bytes is the
+    validation split. ``info`` has ``sha256`` of the whole corpus, ``bytes`` and ``python``.
+    """
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    data = np.frombuffer(text.encode("utf-8"), np.uint8)
+    cut = int(len(data) * (1 - valid_fraction))
+    info = {
+        "sha256": hashlib.sha256(data.tobytes()).hexdigest(),
+        "bytes": int(len(data)),
+        "python": sys.version.split()[0],
+    }
+    return data[:cut].copy(), data[cut:].copy(), info
+
+
+def batches(data: np.ndarray, batch: int, seq: int, *, seed: int = 0) -> Iterator[jax.Array]:
+    """Endless random windows of ``seq + 1`` bytes: ``(batch, seq + 1)`` int32 arrays."""
+    rng = np.random.default_rng(seed)
+    while True:
+        start = rng.integers(0, len(data) - seq - 1, batch)
+        yield jnp.asarray(np.stack([data[s : s + seq + 1] for s in start]).astype(np.int32))
+
+
+def eval_windows(data: np.ndarray, seq: int, count: int) -> jax.Array:
+    """``count`` evenly spaced, fixed windows of ``seq + 1`` bytes (the validation set)."""
+    starts = np.linspace(0, len(data) - seq - 1, count).astype(int)
+    return jnp.asarray(np.stack([data[s : s + seq + 1] for s in starts]).astype(np.int32))
+
+
+# -------------------------------------------------------------------------------------- model
+
+
+def _rope(x: jax.Array, base: float) -> jax.Array:
+    """Rotary embedding on the last axis of ``x: (batch, seq, ..., head_dim)`` (halves paired)."""
+    seq, half = x.shape[1], x.shape[-1] // 2
+    freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = jnp.arange(seq, dtype=jnp.float32)[:, None] * freq[None, :]
+    shape = (1, seq) + (1,) * (x.ndim - 3) + (half,)
+    cos, sin = jnp.cos(angle).reshape(shape), jnp.sin(angle).reshape(shape)
+    x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """``x / sqrt(mean(x^2) + eps) * scale`` over the last axis; ``scale: (dim,)``."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x):
+        ms = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+        scale = self.scale[...]
+        return x * jax.lax.rsqrt(ms + self.eps) * scale.reshape((1,) * (x.ndim - 1) + scale.shape)
+
+
+def _init(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int) -> nnx.Param:
+    return nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32) / math.sqrt(fan_in))
+
+
+class Attention(nnx.Module):
+    """Causal grouped-query attention with RoPE on queries and keys."""
+
+    def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
+        d, kv, g, hd = cfg.dim, cfg.kv_heads, cfg.groups, cfg.head_dim
+        self.q = _init(rngs, (d, kv, g, hd), d)
+        self.k = _init(rngs, (d, kv, hd), d)
+        self.v = _init(rngs, (d, kv, hd), d)
+        self.o = _init(rngs, (kv, g, hd, d), kv * g * hd)
+        self.rope_base = cfg.rope_base
+
+    def __call__(self, x):
+        q = jnp.einsum("btd,dkgh->btkgh", x, self.q[...])
+        k = jnp.einsum("btd,dkh->btkh", x, self.k[...])
+        v = jnp.einsum("btd,dkh->btkh", x, self.v[...])
+        q, k = _rope(q, self.rope_base), _rope(k, self.rope_base)
+        logits = jnp.einsum("btkgh,bskh->bkgts", q, k) / math.sqrt(q.shape[-1])
+        seq = x.shape[1]
+        causal = jnp.tril(jnp.ones((1, 1, 1, seq, seq), jnp.bool_))
+        logits = jnp.where(causal, logits, jnp.finfo(logits.dtype).min)
+        probs = jax.nn.softmax(logits, axis=-1)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+        return jnp.einsum("btkgh,kghd->btd", out, self.o[...])
+
+
+class MLP(nnx.Module):
+    """SwiGLU: ``down(silu(x @ gate) * (x @ up))``."""
+
+    def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
+        self.gate = _init(rngs, (cfg.dim, cfg.hidden), cfg.dim)
+        self.up = _init(rngs, (cfg.dim, cfg.hidden), cfg.dim)
+        self.down = _init(rngs, (cfg.hidden, cfg.dim), cfg.hidden)
+
+    def __call__(self, x):
+        return (jax.nn.silu(x @ self.gate[...]) * (x @ self.up[...])) @ self.down[...]
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.dim, cfg.eps)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.eps)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x):
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LM(nnx.Module):
+    """Byte-level decoder: ``tokens (batch, seq) int -> logits (batch, seq, 256)``.
+
+    ``hiddens=True`` also returns the residual stream before every block and after the last one
+    (``layers + 1`` arrays of ``(batch, seq, dim)``), what ``splice.block_influence`` reads.
+    """
+
+    def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
+        self.embed = nnx.Param(jax.random.normal(rngs.params(), (cfg.vocab, cfg.dim)) * 0.02)
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.layers)])
+        self.norm = RMSNorm(cfg.dim, cfg.eps)
+
+    def __call__(self, tokens, *, hiddens: bool = False):
+        embed = self.embed[...]
+        x = embed[tokens]
+        hs = [x]
+        for block in self.blocks:
+            x = block(x)
+            hs.append(x)
+        logits = self.norm(x) @ embed.T
+        return (logits, hs) if hiddens else logits
+
+
+def config_of(params: Any) -> LMConfig:
+    """The :class:`LMConfig` that the shapes of an LM parameter state (or its pure dict) imply.
+
+    This is how a model is rebuilt after surgery: ``LM(config_of(state), rngs=...)`` then
+    ``nnx.update(model, state)``.
+    """
+    get = params.get if hasattr(params, "get") else params.__getitem__
+    blocks = get("blocks")
+    keys = sorted(blocks.keys())
+    first = blocks[keys[0]]
+
+    def arr(x):
+        return x.get_value() if hasattr(x, "get_value") else x
+
+    q = arr(first["attn"]["q"])
+    dim, kv, groups, head_dim = q.shape
+    vocab = arr(get("embed")).shape[0]
+    hidden = arr(first["mlp"]["gate"]).shape[1]
+    return LMConfig(dim, len(keys), kv, groups, head_dim, hidden, vocab)
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of parameters of ``model`` (the tied embedding counted once)."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def apply_fn(model: LM) -> tuple[Callable[..., Any], Any]:
+    """``(fn, params)``: the functional form of ``model`` for ``jaxslim.splice`` and
+    ``jaxslim.calibrate``. ``params`` is the ``nnx.Param`` state and
+    ``fn(params, tokens, hiddens=False)`` runs whatever blocks ``params`` holds (in key order),
+    at whatever widths their arrays have: it runs unchanged on a tree cut by
+    ``splice.drop_layer`` or ``splice.apply_plan``.
+    """
+    block_def, _, block_rest = nnx.split(model.blocks[0], nnx.Param, ...)
+    norm_def, _, norm_rest = nnx.split(model.norm, nnx.Param, ...)
+    params = nnx.state(model, nnx.Param)
+
+    def fn(p, tokens, hiddens: bool = False):
+        embed = p["embed"][...] if hasattr(p["embed"], "get_value") else p["embed"]
+        x = embed[tokens]
+        hs = [x]
+        for key in sorted(p["blocks"].keys()):
+            x = nnx.merge(block_def, p["blocks"][key], block_rest)(x)
+            hs.append(x)
+        logits = nnx.merge(norm_def, p["norm"], norm_rest)(x) @ embed.T
+        return (logits, hs) if hiddens else logits
+
+    return fn, params
+
+
+def rebuild(params: Any, *, seed: int = 0) -> LM:
+    """A fresh :class:`LM` with the shapes of ``params`` (e.g. after ``splice.drop_layer`` or a
+    width cut), holding ``params``."""
+    model = LM(config_of(params), rngs=nnx.Rngs(seed))
+    blocks = params["blocks"]
+    keys = sorted(blocks.keys())
+    if keys != list(range(len(keys))):  # a dropped block leaves a gap in the list's keys
+        params = dict(params.items())
+        params["blocks"] = {i: blocks[k] for i, k in enumerate(keys)}
+    if not isinstance(params, nnx.State):
+        params = nnx.State(
+            jax.tree.map(lambda x: x, dict(params.items()), is_leaf=lambda x: x is None)
+        )
+    nnx.update(model, params)
+    return model
+
+
+# ---------------------------------------------------------------------------------- training
+
+
+def next_byte_loss(logits: jax.Array, window: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, window[:, 1:]).mean()
+
+
+@nnx.jit
+def _lm_step(model, optimizer, window):
+    def loss_fn(m):
+        return next_byte_loss(m(window[:, :-1]), window)
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+
+@nnx.jit(static_argnames=("temperature", "alpha"))
+def _kd_step(model, optimizer, teacher, window, temperature, alpha):
+    from jaxslim import distill
+
+    t_logits = teacher(window[:, :-1])
+
+    def loss_fn(m):
+        s_logits = m(window[:, :-1])
+        v = s_logits.shape[-1]
+        return distill.kd_loss(
+            s_logits.reshape(-1, v),
+            t_logits.reshape(-1, v),
+            window[:, 1:].reshape(-1),
+            temperature=temperature,
+            soft_weight=alpha,
+            hard_weight=1.0 - alpha,
+        )
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+
+def train(
+    model: LM,
+    data: np.ndarray,
+    *,
+    steps: int,
+    lr: float = 3e-3,
+    batch: int = 16,
+    seq: int = 128,
+    seed: int = 0,
+    teacher: LM | None = None,
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    tx: optax.GradientTransformation | None = None,
+) -> LM:
+    """Trains ``model`` in place with AdamW (warmup, cosine decay) for ``steps`` steps.
+
+    With ``teacher``, the loss is ``distill.kd_loss`` against the teacher's logits
+    (``alpha`` soft + ``1 - alpha`` hard, temperature ``temperature``): Minitron's recovery is
+    logit distillation alone (``alpha=1``, ``T=1``).
+    """
+    if tx is None:
+        sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), max(steps, 2))
+        tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    it = batches(data, batch, seq, seed=seed)
+    with jax.numpy_dtype_promotion("standard"):
+        for _ in range(steps):
+            window = next(it)
+            if teacher is None:
+                _lm_step(model, optimizer, window)
+            else:
+                _kd_step(model, optimizer, teacher, window, temperature, alpha)
+    return model
+
+
+def bits_per_byte(model: LM | Callable[[jax.Array], jax.Array], windows: jax.Array) -> float:
+    """Mean next-byte cross-entropy of ``model`` over ``windows (n, seq + 1)``, in bits."""
+    fwd = nnx.jit(lambda m, w: next_byte_loss(m(w[:, :-1]), w))
+    if isinstance(model, nnx.Module):
+        nats = [fwd(model, windows[i : i + 16]) for i in range(0, windows.shape[0], 16)]
+    else:
+        f = jax.jit(lambda w: next_byte_loss(model(w[:, :-1]), w))
+        nats = [f(windows[i : i + 16]) for i in range(0, windows.shape[0], 16)]
+    sizes = [min(16, windows.shape[0] - i) for i in range(0, windows.shape[0], 16)]
+    return float(np.average(np.asarray(nats), weights=sizes) / math.log(2))

@@ -1,0 +1,133 @@
+"""Lottery tickets: iterative magnitude pruning with weight rewinding around your training loop.
+
+Frankle & Carbin (2019), "The Lottery Ticket Hypothesis"; rewinding to step ``k > 0``: Frankle
+et al. (2020), "Linear Mode Connectivity and the Lottery Ticket Hypothesis".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxslim import _tree
+from jaxslim.prune.masks import apply_mask, check_structure, check_where, topk_mask
+from jaxslim.prune.schedules import _check_fraction, _check_int
+from jaxslim.prune.scores import magnitude
+from jaxslim.structures import Structure, Unstructured
+
+__all__ = ["LotteryRound", "lottery"]
+
+_FN = "prune.lottery"
+
+
+class LotteryRound(NamedTuple):
+    """One round of ``lottery``: its overall ``sparsity``, the ``masks`` it trained with, the
+    rewound ``init`` params it started from and the trained ``params``."""
+
+    sparsity: float
+    masks: optax.Params
+    init: optax.Params
+    params: optax.Params
+
+
+def lottery(
+    train_fn: Callable[[optax.Params, optax.Params], tuple[optax.Params, Mapping[int, Any] | None]],
+    params: optax.Params,
+    *,
+    rounds: int,
+    sparsity_per_round: float,
+    rewind_step: int = 0,
+    structure: Structure = Unstructured(),
+    scope: str = "layer",
+    where: _tree.Where = None,
+) -> list[LotteryRound]:
+    """Iterative magnitude pruning with rewinding (IMP) around ``train_fn``.
+
+    Round 0 trains the dense network from ``params``. Round ``r = 1..rounds`` prunes a further
+    ``sparsity_per_round`` of the weights still alive (overall ``1 - (1 - p)^r``) by magnitude
+    of the previous round's trained weights, rewinds the survivors to their values at
+    ``rewind_step`` of round 0 (``0``: the original initialization, the lottery ticket) and trains
+    again with the mask held fixed.
+
+    The protocol: ``train_fn(params, masks) -> (trained_params, checkpoints)``. ``masks`` is a
+    mask tree (``None`` on unmasked leaves; all ``True`` in round 0) that ``train_fn`` must keep
+    applied, e.g. with ``optax.chain(opt, prune.keep_mask(masks))``. ``checkpoints`` maps a step
+    to the params at that step; only round 0's ``checkpoints[rewind_step]`` is read, and it may be
+    ``None`` when ``rewind_step == 0``.
+
+    Args:
+      train_fn: your training function (see above).
+      params: the initial parameters.
+      rounds: number of pruning rounds after the dense one (``>= 1``).
+      sparsity_per_round: fraction of the surviving weights pruned each round, in ``[0, 1]``.
+      rewind_step: step of round 0 to rewind to.
+      structure, scope, where: as in ``topk_mask``.
+
+    Returns:
+      ``[LotteryRound, ...]`` of length ``rounds + 1``; entry 0 is the dense run.
+
+    >>> import jax.numpy as jnp
+    >>> def train_fn(p, masks):  # a stand-in: "training" doubles the weights
+    ...     return apply_mask({"w": p["w"] * 2}, masks), None
+    >>> out = lottery(train_fn, {"w": jnp.arange(1.0, 9.0).reshape(2, 4)}, rounds=2,
+    ...               sparsity_per_round=0.5)
+    >>> [(r.sparsity, int(r.masks["w"].sum())) for r in out]
+    [(0.0, 8), (0.5, 4), (0.75, 2)]
+    >>> out[2].init["w"]  # survivors rewound to their initial values
+    Array([[0., 0., 0., 0.],
+           [0., 0., 7., 8.]], dtype=float32)
+    """
+    if not callable(train_fn):
+        raise TypeError(f"{_FN}: train_fn must be a callable (params, masks) -> (params, ckpts)")
+    rounds = _check_int("lottery", "rounds", rounds, low=1)
+    p = _check_fraction("lottery", sparsity_per_round, "sparsity_per_round")
+    rewind_step = _check_int("lottery", "rewind_step", rewind_step, low=0)
+    check_structure(_FN, structure)
+    check_where(_FN, where)
+    masks = _tree.map_selected(
+        lambda _, x: jnp.ones(x.shape, jnp.bool_),
+        params,
+        where=where,
+        fn_name=_FN,
+        unselected=lambda *_: None,
+    )
+    trained, ckpts = _call(train_fn, params, masks)
+    if rewind_step == 0:
+        rewind = params
+    else:
+        if not isinstance(ckpts, Mapping) or rewind_step not in ckpts:
+            have = sorted(ckpts) if isinstance(ckpts, Mapping) else ckpts
+            raise ValueError(
+                f"{_FN}: rewind_step={rewind_step} needs train_fn's checkpoints to hold the params "
+                f"at that step (a dict step -> params) in round 0; got keys {have!r:.80}"
+            )
+        rewind = ckpts[rewind_step]
+    out = [LotteryRound(0.0, masks, params, trained)]
+    for r in range(1, rounds + 1):
+        s = 1.0 - (1.0 - p) ** r
+        masks = topk_mask(
+            magnitude(apply_mask(trained, masks)), s, structure=structure, scope=scope, where=where
+        )
+        init = apply_mask(rewind, masks)
+        trained, _ = _call(train_fn, init, masks)
+        out.append(LotteryRound(s, masks, init, trained))
+    return out
+
+
+def _call(train_fn, params, masks):
+    res = train_fn(params, masks)
+    if not (isinstance(res, tuple) and len(res) == 2):
+        raise TypeError(
+            f"{_FN}: train_fn must return (trained_params, checkpoints), got {type(res).__name__}"
+        )
+    trained = res[0]
+    if jax.tree.structure(trained) != jax.tree.structure(params):
+        raise ValueError(
+            f"{_FN}: train_fn returned params whose tree differs from the input's "
+            f"({jax.tree.structure(trained)} vs {jax.tree.structure(params)})"
+        )
+    return res

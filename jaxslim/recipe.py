@@ -1,0 +1,412 @@
+"""Data-free compression recipes: a TOML file that mirrors the prune / quant API one to one.
+
+A recipe is what ``jaxslim compress CKPT --recipe R.toml -o OUT`` applies to a saved parameter
+tree. It needs no data and no model code: magnitude or N:M pruning, then round-to-nearest (RTN)
+quantization (integer, fp8 or NF4 codes) by rules. Each table is one call of the Python API::
+
+    [[prune]]  where, sparsity, structure, scope
+        -> params = prune.apply_mask(params, prune.topk_mask(prune.magnitude(params), sparsity,
+                                     structure=structure, scope=scope, where=where))
+    [quant]    default + [[quant.rules]] where, spec
+        -> params, _ = quant.quantize_params(params, [(where, spec), ...], default=default)
+
+``[[prune]]`` tables run in order, then ``[quant]``. "Global / local / mixed" are the same knobs as
+in Python: a prune ``scope = "global"`` ranks all selected leaves together (``"layer"``: each leaf
+alone); a quant ``spec`` without ``axis`` has one scale per tensor (global), ``axis = -1`` one per
+output channel and ``group_size`` one per block (local); a rule list with ``spec = "float"`` rules
+(``None`` in Python) and different bits per rule is mixed precision. ``where`` is a regex searched
+in the leaf path (``"Dense_0/kernel"``; a trailing ``/value``, how Orbax stores an NNX Variable,
+is not part of the name); without ``where`` a table selects every float leaf with ``ndim >= 2``.
+
+Every mistake raises ``RecipeError`` (a ``ValueError``) whose ``key`` names the offending key
+(``"quant.rules[1].spec.bits"``): unknown keys, wrong types, values the API rejects, and rules
+that select nothing (every ``where`` must select a leaf, and every quant rule must be the first
+match of at least one leaf).
+
+>>> import jax.numpy as jnp
+>>> r = parse('''
+... [[prune]]
+... sparsity = 0.5
+... [quant]
+... default = "float"
+... [[quant.rules]]
+... spec = {bits = 8, axis = -1}
+... ''')
+>>> out, rows = apply(r, {"w": jnp.arange(1.0, 9.0).reshape(4, 2), "b": jnp.ones(2)})
+>>> type(out["w"]).__name__, int((out["w"].dequantize() == 0).sum()), type(out["b"]).__name__
+('QArray', 4, 'ArrayImpl')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from jaxslim import _tree, prune, quant, report
+from jaxslim.quant import QuantSpec
+from jaxslim.structures import NM, Blocks, Channels, Structure, Unstructured
+
+__all__ = ["Recipe", "PruneStep", "QuantRule", "RecipeError", "parse", "load", "apply", "EXAMPLE"]
+
+EXAMPLE = """\
+# jaxslim compress recipe: data-free pruning, then quantization. Each table is one call of the
+# Python API (jaxslim.prune / jaxslim.quant), with the same names and defaults.
+#
+# `where` is a regex searched in the leaf path ("Conv_0/kernel", "layers/3/mlp/kernel"); leave it
+# out to select every float leaf with ndim >= 2. Each `where` must select at least one leaf.
+
+# Pruning, in order. One table = one call:
+#   params = prune.apply_mask(params, prune.topk_mask(prune.magnitude(params), sparsity,
+#                             structure=..., scope=..., where=...))
+[[prune]]
+where = "Conv_\\\\d+/kernel"         # all conv kernels
+sparsity = 0.5                     # fraction removed: round_half_even(sparsity * n) of n groups
+scope = "global"                   # "global": rank all selected leaves together;
+                                   # "layer" (the default): each leaf alone
+structure = "unstructured"         # or a table: {kind = "channels", axis = -1, ord = 2}
+                                   #             {kind = "blocks", shape = [4, 4], ord = 2}
+
+[[prune]]
+where = "Dense_0/kernel"
+structure = {kind = "nm", n = 2, m = 4, axis = -2}   # 2:4 along the input axis (Flax (in, out))
+# sparsity defaults to 1 - n/m for N:M (only > 0 matters: the pattern is fixed)
+
+# Quantization (round to nearest). One call:
+#   params, _ = quant.quantize_params(params, [(where, spec), ...], default=...)
+# The first rule whose `where` selects a float leaf decides; `spec = "float"` keeps it float
+# (mixed precision). `default` is for float leaves no rule selects ("float" unless given).
+[quant]
+default = "float"
+
+[[quant.rules]]
+where = "Dense_1"                  # the classifier stays float
+spec = "float"
+
+[[quant.rules]]
+where = "Dense_0/kernel"           # int4, one scale per output channel and block of 32 inputs
+spec = {bits = 4, axis = -1, group_size = 32}
+
+[[quant.rules]]                    # every other kernel: int8, one scale per output channel
+spec = {bits = 8, axis = -1}       # QuantSpec fields: bits, signed, symmetric, axis (int or list;
+                                   # leave out for one scale per tensor), group_size, group_axis,
+                                   # fmt ("int", "e4m3", "e5m2", "nf4")
+"""
+
+
+class RecipeError(ValueError):
+    """A bad recipe: ``key`` names the offending key (``"prune[0].sparsity"``)."""
+
+    def __init__(self, key: str, message: str):
+        self.key, self.message = key, message
+        super().__init__(f"{key}: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneStep:
+    """One ``[[prune]]`` table: magnitude scores, ``topk_mask``, ``apply_mask``."""
+
+    sparsity: float
+    where: str | None = None
+    structure: Structure = Unstructured()
+    scope: str = "layer"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantRule:
+    """One ``[[quant.rules]]`` table: ``(where, spec)``; ``spec=None`` keeps the leaf float."""
+
+    spec: QuantSpec | None
+    where: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A parsed recipe: prune steps in order, then quant rules (``quant=None``: no quantization)."""
+
+    prune: tuple[PruneStep, ...] = ()
+    quant: tuple[QuantRule, ...] | None = None
+    default: QuantSpec | None = None
+
+
+_STRUCTURES: dict[str, type[Structure]] = {
+    "unstructured": Unstructured,
+    "channels": Channels,
+    "nm": NM,
+    "blocks": Blocks,
+}
+
+
+def _keys(key: str, table: Any, allowed: Iterable[str], required: Iterable[str] = ()) -> None:
+    if not isinstance(table, Mapping):
+        raise RecipeError(key, f"must be a table, got {type(table).__name__} {table!r}")
+    allowed = list(allowed)
+    for k in table:
+        if k not in allowed:
+            raise RecipeError(f"{key}.{k}" if key else k, f"unknown key; known keys: {allowed}")
+    for k in required:
+        if k not in table:
+            raise RecipeError(f"{key}.{k}" if key else k, "is required")
+
+
+def _where(key: str, v: Any) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise RecipeError(key, f"must be a regex string, got {type(v).__name__} {v!r}")
+    try:
+        re.compile(v)
+    except re.error as e:
+        raise RecipeError(key, f"{v!r} is not a valid regular expression ({e})") from None
+    return v
+
+
+def _number(key: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise RecipeError(key, f"must be a number, got {type(v).__name__} {v!r}")
+    return float(v)
+
+
+def _named(key: str, kwargs: Mapping[str, Any], msg: str) -> str:
+    """``key.field`` when the error message names exactly one of the given fields, else ``key``."""
+    named = [k for k in kwargs if msg.startswith(f"{k} ") or f"{k}=" in msg]
+    return f"{key}.{named[0]}" if len(named) == 1 else key
+
+
+def _structure(key: str, v: Any) -> Structure:
+    if isinstance(v, str):
+        v = {"kind": v}
+    if not isinstance(v, Mapping):
+        raise RecipeError(key, f"must be a name or a table with 'kind', got {v!r}")
+    kind = v.get("kind")
+    if kind not in _STRUCTURES:
+        raise RecipeError(f"{key}.kind", f"must be one of {list(_STRUCTURES)}, got {kind!r}")
+    cls = _STRUCTURES[kind]
+    fields = [f.name for f in dataclasses.fields(cls)]
+    _keys(key, v, ["kind", *fields])
+    kwargs = {k: tuple(x) if isinstance(x, list) else x for k, x in v.items() if k != "kind"}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        msg = str(e).removeprefix(f"{cls.__name__}: ")
+        raise RecipeError(_named(key, kwargs, msg), str(e)) from None
+
+
+def _spec(key: str, v: Any) -> QuantSpec | None:
+    if v == "float":
+        return None
+    if not isinstance(v, Mapping):
+        raise RecipeError(key, f'must be "float" or a table of QuantSpec fields, got {v!r}')
+    fields = [f.name for f in dataclasses.fields(QuantSpec) if f.name != "_"]
+    _keys(key, v, fields)
+    kwargs = {k: tuple(x) if isinstance(x, list) else x for k, x in v.items()}
+    try:
+        return QuantSpec(**kwargs)
+    except (TypeError, ValueError) as e:
+        msg = str(e).removeprefix("QuantSpec: ")
+        raise RecipeError(_named(key, kwargs, msg), msg) from None
+
+
+def _prune_step(key: str, t: Any) -> PruneStep:
+    _keys(key, t, ["where", "sparsity", "structure", "scope"])
+    structure = _structure(f"{key}.structure", t.get("structure", "unstructured"))
+    if "sparsity" in t:
+        s = _number(f"{key}.sparsity", t["sparsity"])
+    elif isinstance(structure, NM):
+        s = 1.0 - structure.n / structure.m
+    else:
+        raise RecipeError(f"{key}.sparsity", "is required (a fraction in [0, 1])")
+    if not 0.0 <= s <= 1.0:
+        raise RecipeError(f"{key}.sparsity", f"must be in [0, 1], got {t['sparsity']!r}")
+    scope = t.get("scope", "layer")
+    if scope not in ("layer", "global"):
+        raise RecipeError(f"{key}.scope", f"must be 'layer' or 'global', got {scope!r}")
+    return PruneStep(s, _where(f"{key}.where", t.get("where")), structure, scope)
+
+
+def parse(source: str | Mapping[str, Any]) -> Recipe:
+    """Parses a recipe from TOML text (or the dict ``tomllib`` makes of it).
+
+    Raises ``RecipeError`` naming the key for anything the Python API would reject, and for
+    unknown keys (a typo never passes silently).
+    """
+    if isinstance(source, str):
+        try:
+            source = tomllib.loads(source)
+        except tomllib.TOMLDecodeError as e:
+            raise RecipeError("recipe", f"not valid TOML ({e})") from None
+    _keys("", source, ["prune", "quant"])
+    if not source:
+        raise RecipeError("recipe", "is empty; give [[prune]] tables and/or a [quant] table")
+    steps = source.get("prune", [])
+    if not isinstance(steps, list):
+        raise RecipeError("prune", "must be an array of tables: write [[prune]], not [prune]")
+    out = [_prune_step(f"prune[{i}]", t) for i, t in enumerate(steps)]
+    if "quant" not in source:
+        return Recipe(tuple(out))
+    q = source["quant"]
+    _keys("quant", q, ["default", "rules"])
+    default = _spec("quant.default", q.get("default", "float"))
+    rules = q.get("rules", [])
+    if not isinstance(rules, list):
+        raise RecipeError("quant.rules", "must be an array of tables: write [[quant.rules]]")
+    parsed = []
+    for i, t in enumerate(rules):
+        key = f"quant.rules[{i}]"
+        _keys(key, t, ["where", "spec"], required=["spec"])
+        spec = _spec(f"{key}.spec", t["spec"])
+        parsed.append(QuantRule(spec, _where(f"{key}.where", t.get("where"))))
+    if default is None and all(r.spec is None for r in parsed):
+        raise RecipeError("quant", "quantizes nothing: give a rule with a spec or a default")
+    return Recipe(tuple(out), tuple(parsed), default)
+
+
+def load(path: str) -> Recipe:
+    """Reads and parses the TOML recipe file at ``path`` (``OSError`` if it cannot be read)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as e:
+        raise RecipeError("recipe", f"not UTF-8 text ({e})") from None
+    return parse(text)
+
+
+def _name(path: Any) -> str:
+    name = _tree.path_str(path)
+    return name[: -len("/value")] if name.endswith("/value") else name
+
+
+def _pred(where: str | None) -> Callable[[str, Any], bool] | None:
+    """``where`` as a predicate on the name without a trailing ``/value`` (Orbax's NNX form)."""
+    if where is None:
+        return None
+    rx = re.compile(where)
+    return lambda path, leaf: rx.search(path.removesuffix("/value")) is not None
+
+
+def _leaves(params: Any) -> list[tuple[str, Any]]:
+    import jax
+
+    flat = jax.tree_util.tree_leaves_with_path(params, is_leaf=quant.is_qarray)
+    return [(_name(p), x) for p, x in flat]
+
+
+def _selects(where: str | None, name: str, leaf: Any) -> bool:
+    return _tree.is_selected(_pred(where), name, leaf)
+
+
+def check(recipe: Recipe, params: Any) -> None:
+    """Raises ``RecipeError`` when a ``where`` selects no leaf of ``params`` or a quant rule is
+    never the first match (every leaf it selects is taken by an earlier rule)."""
+    leaves = [(n, x) for n, x in _leaves(params) if _tree.is_float_array(x)]
+    names = [n for n, _ in leaves][:8]
+    shown = f"{names}{' ...' if len(leaves) > 8 else ''}"
+    for i, step in enumerate(recipe.prune):
+        if not any(_selects(step.where, n, x) for n, x in leaves):
+            what = "every float leaf with ndim >= 2" if step.where is None else repr(step.where)
+            raise RecipeError(f"prune[{i}].where", f"{what} selects no leaf; float leaves: {shown}")
+    for i, rule in enumerate(recipe.quant or ()):
+        hits = [n for n, x in leaves if _selects(rule.where, n, x)]
+        key = f"quant.rules[{i}].where"
+        what = "every float leaf with ndim >= 2" if rule.where is None else repr(rule.where)
+        if not hits:
+            raise RecipeError(key, f"{what} selects no leaf; float leaves: {shown}")
+        firsts = [
+            n
+            for n, x in leaves
+            if _selects(rule.where, n, x)
+            and not any(_selects(r.where, n, x) for r in recipe.quant[:i])
+        ]
+        if not firsts:
+            raise RecipeError(
+                key, f"{what} selects only leaves earlier rules already take: {hits[:8]}"
+            )
+
+
+def apply(
+    recipe: Recipe,
+    params: Any,
+    *,
+    progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+) -> tuple[Any, list[dict[str, Any]]]:
+    """Applies ``recipe`` to ``params``: ``(compressed tree, per-leaf rows)``.
+
+    The result equals the Python API calls in the module docstring bit for bit. ``rows`` has one
+    dict per array leaf: ``path, shape, before, after`` (dtype or format), ``nonzeros_before``,
+    ``nonzeros_after``, ``bytes_before``, ``bytes_after``. ``progress`` wraps the iteration over
+    leaves during quantization (e.g. ``tqdm.tqdm``).
+
+    Raises ``RecipeError`` naming the key for a rule that selects nothing (``check``) or a spec
+    that does not fit a leaf it selects.
+    """
+    check(recipe, params)
+    before = params
+    for i, step in enumerate(recipe.prune):
+        try:
+            mask = prune.topk_mask(
+                prune.magnitude(params),
+                step.sparsity,
+                structure=step.structure,
+                scope=step.scope,
+                where=_pred(step.where),
+            )
+        except (TypeError, ValueError) as e:
+            raise RecipeError(f"prune[{i}]", str(e)) from None
+        params = prune.apply_mask(params, mask)
+    if recipe.quant is not None:
+        params = _quantize(recipe, params, progress)
+    return params, _rows(before, params)
+
+
+def _quantize(recipe: Recipe, params: Any, progress: Any) -> Any:
+    """``quant.quantize_params(params, rules, default=...)`` one leaf at a time (for progress)."""
+    import jax
+
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=quant.is_qarray)
+    items = progress(flat) if progress is not None else flat
+    out, any_quantized = [], False
+    for path, leaf in items:
+        name = _name(path)
+        if quant.is_qarray(leaf) or not _tree.is_float_array(leaf):
+            out.append(leaf)
+            continue
+        spec, key = recipe.default, "quant.default"
+        for i, rule in enumerate(recipe.quant):
+            if _selects(rule.where, name, leaf):
+                spec, key = rule.spec, f"quant.rules[{i}].spec"
+                break
+        if spec is None:
+            out.append(leaf)
+            continue
+        try:
+            out.append(quant.quantize(leaf, spec, path=name))
+        except (TypeError, ValueError) as e:
+            raise RecipeError(key, str(e)) from None
+        any_quantized = True
+    if not any_quantized:
+        raise RecipeError("quant", "the rules quantize no leaf")
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _rows(before: Any, after: Any) -> list[dict[str, Any]]:
+    a = {r["path"].removesuffix("/value"): r for r in report.summary(before)}
+    b = {r["path"].removesuffix("/value"): r for r in report.summary(after)}
+    rows = []
+    for path, r in a.items():
+        s = b.get(path, r)
+        rows.append(
+            {
+                "path": path,
+                "shape": r["shape"],
+                "before": r["dtype"],
+                "after": s["dtype"],
+                "nonzeros_before": r["nonzeros"],
+                "nonzeros_after": s["nonzeros"],
+                "bytes_before": r["bytes"],
+                "bytes_after": s["bytes"],
+            }
+        )
+    return rows

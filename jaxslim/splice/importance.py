@@ -1,0 +1,202 @@
+"""``importance``: activation-based importance of every removable unit (Minitron).
+
+Muralidharan et al. (2024), "Compact Language Models via Pruning and Knowledge Distillation"
+(Minitron), score width units by the activations that carry them: an MLP neuron by its
+activation entering the down projection, an attention head by its output entering the output
+projection, an embedding (residual) channel by the normalized inputs of the next layers. Here
+that is one rule for every group of :func:`jaxslim.splice.trace`: a group's *consumers* are its
+members contracted by a ``dot_general`` or convolution (the jaxpr says which), and the
+activation on the other side of that matmul, restricted to the channel, is what is measured.
+
+For channel ``c`` of a group, consumer ``k`` and activation ``A_k`` (batch ``b``, sequence
+positions ``t``, and the channel's own extent ``r``: a head's ``head_dim``, ``1`` for a neuron):
+
+``I_c = sum_k agg_b agg_t ||A_k[b, t, c, :]||_2``
+
+with ``agg_t`` the sequence aggregation (``"mean"`` by default) and ``agg_b`` the batch
+aggregation (``"l2"`` by default, over every example of every batch): the paper's best
+``(batch=L2, sequence=mean)``. The first axis of the activation is the batch, the others (but
+the channel's) are the sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxslim import _jaxpr
+from jaxslim.splice.graph import Group, Member, trace
+
+__all__ = ["importance"]
+
+_AGG = ("l2", "mean", "max")
+
+
+def _check_aggregate(aggregate: Any, fn_name: str) -> tuple[str, str]:
+    ok = isinstance(aggregate, tuple | list) and len(aggregate) == 2
+    if not ok or any(a not in _AGG for a in aggregate):
+        raise ValueError(
+            f"{fn_name}: aggregate must be a pair (batch, sequence) of 'l2', 'mean' or 'max', "
+            f"got {aggregate!r}"
+        )
+    return aggregate[0], aggregate[1]
+
+
+def _channel_view(a: jax.Array, dims: list[int], others: list[int], m: Member):
+    """``(a as (rows..., channels, r), number of row axes)``: the activation dims ``dims`` hold
+    the member's leaf axis (in order; split pieces of it), ``others`` are the other contracted
+    dims (the rest of a head: its head_dim), the remaining dims are rows (batch, sequence).
+    ``None`` when the widths do not match the member's layout."""
+    rest = [i for i in range(a.ndim) if i not in dims and i not in others]
+    x = jnp.transpose(a, rest + dims + others)
+    rows = x.shape[: len(rest)]
+    width = math.prod(x.shape[len(rest) : len(rest) + len(dims)])
+    x = x.reshape(*rows, width, -1)
+    if m.segments:
+        if width != sum(m.segments):
+            return None
+        x = x[..., m.offset : m.offset + m.segments[m.segment], :]
+        return x, len(rest)
+    if width != math.prod(m.factors):
+        return None
+    x = x.reshape(*rows, *m.factors, x.shape[-1])
+    x = jnp.moveaxis(x, len(rows) + m.factor, len(rows))
+    return x.reshape(*rows, m.factors[m.factor], -1), len(rest)
+
+
+def _reduce(x: jax.Array, how: str, axes: tuple[int, ...]) -> jax.Array:
+    if not axes:
+        return x
+    if how == "l2":
+        return jnp.sqrt(jnp.sum(jnp.square(x), axis=axes))
+    if how == "max":
+        return jnp.max(x, axis=axes)
+    return jnp.mean(x, axis=axes)
+
+
+def importance(
+    fn: Callable[..., Any],
+    params: Any,
+    batches: Iterable[Any],
+    groups: Sequence[Group] | None = None,
+    *,
+    aggregate: tuple[str, str] = ("l2", "mean"),
+) -> dict[Group, np.ndarray]:
+    """Activation-based importance of each channel of each group (Minitron; module docstring).
+
+    ``fn(params, batch)`` runs on every batch of ``batches`` (each passed as ``fn``'s second
+    argument), evaluated by :func:`jaxslim._jaxpr.run` with a hook at every matmul: a head group
+    is scored by the attention output of each head entering the output projection, an MLP group
+    by the input of the down projection, the residual stream by the normalized inputs of every
+    kernel that reads it. ``groups`` defaults to the removable groups of
+    ``trace(fn, params, first_batch)``.
+
+    Returns ``{group: scores}`` (``scores`` a float64 ``(group.size,)`` array, higher = more
+    important), usable directly as ``prune_channels(fn, params, x, sparsity=s, score=result)``.
+    Raises ``ValueError`` for empty ``batches``, a bad ``aggregate``, or a group none of whose
+    members is contracted by a matmul (nothing consumes its channels).
+
+    >>> import jax.numpy as jnp
+    >>> p = {"w1": jnp.eye(2), "w2": jnp.ones((2, 1))}
+    >>> fn = lambda p, x: (x @ p["w1"]) @ p["w2"]
+    >>> x = jnp.array([[3.0, 0.0], [4.0, 1.0]])
+    >>> [s.tolist() for s in importance(fn, p, [x]).values()]
+    [[5.0, 1.0]]
+    """
+    fn_name = "splice.importance"
+    agg_b, agg_t = _check_aggregate(aggregate, fn_name)
+    it = iter(batches)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise ValueError(f"{fn_name}: batches is empty; pass at least one batch") from None
+    if groups is None:
+        groups = [g for g in trace(fn, params, first) if g.removable]
+    groups = list(groups)
+    for g in groups:
+        if not isinstance(g, Group):
+            raise TypeError(
+                f"{fn_name}: groups must hold splice.Group from trace(), got {type(g).__name__}"
+            )
+    by_path: dict[str, list[tuple[int, Member]]] = {}
+    for i, g in enumerate(groups):
+        for m in g.members:
+            by_path.setdefault(m.path, []).append((i, m))
+
+    def hook(state, call):
+        p = call.eqn.params
+        for k in call.kernels:
+            if k.operand not in (0, 1) or not any(
+                m.axis in k.contracted for _, m in by_path.get(k.path, ())
+            ):
+                continue
+            if any(o.path and o.operand == 1 - k.operand for o in call.kernels):
+                continue  # both operands are parameters: no activation
+            act = jnp.asarray(call.operands[1 - k.operand], jnp.float32)
+            if call.primitive == "dot_general":
+                (lc, rc), _ = p["dimension_numbers"]
+                kc, ac = (rc, lc) if k.operand == 1 else (lc, rc)
+            else:  # convolution: the lhs feature axis meets the kernel's input-feature axis
+                dn = p["dimension_numbers"]
+                kc, ac = (dn.rhs_spec[1],), (dn.lhs_spec[1],)
+            for i, m in by_path.get(k.path, ()):
+                if m.axis not in k.contracted:
+                    continue
+                d_op = [d for d in kc if k.axes[d] == (m.axis,)]
+                dims = [ac[list(kc).index(d)] for d in d_op]
+                others = [a for a in ac if a not in dims]
+                view = _channel_view(act, dims, others, m) if d_op else None
+                if view is None:
+                    raise ValueError(
+                        f"{fn_name}: cannot map the activation entering {k.path!r} (axis "
+                        f"{m.axis}) onto the channels of the group over {list(groups[i].paths)}"
+                    )
+                x, n_rows = view  # (rows..., channels, r)
+                norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1))  # (rows..., channels)
+                if n_rows == 0:
+                    norm = norm[None]
+                    n_rows = 1
+                per_ex = _reduce(norm, agg_t, tuple(range(1, n_rows)))  # (batch, channels)
+                acc = state.setdefault(i, {})
+                key = (k.index, m.path, m.axis, m.factor, m.segment)
+                s, n = acc.get(key, (None, 0))
+                if agg_b == "l2":
+                    part = np.asarray(jnp.sum(jnp.square(per_ex), axis=0), np.float64)
+                elif agg_b == "mean":
+                    part = np.asarray(jnp.sum(per_ex, axis=0), np.float64)
+                else:
+                    part = np.asarray(jnp.max(per_ex, axis=0), np.float64)
+                if s is None:
+                    s = part
+                elif agg_b == "max":
+                    s = np.maximum(s, part)
+                else:
+                    s = s + part
+                acc[key] = (s, n + per_ex.shape[0])
+        return state
+
+    state: dict = {}
+    for batch in [first, *it]:
+        _, state = _jaxpr.run(fn, params, batch, hook=hook, state=state, loops="python")
+    out = {}
+    for i, g in enumerate(groups):
+        if i not in state:
+            raise ValueError(
+                f"{fn_name}: no matmul contracts the channels of the group over {list(g.paths)}: "
+                "nothing consumes them, so there is no activation to score"
+            )
+        total = np.zeros(g.size, np.float64)
+        for s, n in state[i].values():
+            if agg_b == "l2":
+                total += np.sqrt(s)
+            elif agg_b == "mean":
+                total += s / n
+            else:
+                total += s
+        out[g] = total
+    return out

@@ -1,0 +1,124 @@
+"""The LM workbench decoder: shapes, the functional form, rebuilds after surgery, bits per byte."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxslim.demo import lm
+
+CFG = lm.LMConfig(dim=32, layers=3, kv_heads=2, groups=2, head_dim=8, hidden=48)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return lm.LM(CFG, rngs=nnx.Rngs(0))
+
+
+def tokens(n=2, t=12, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, 256, (n, t)), jnp.int32)
+
+
+def test_corpus_is_offline_and_hashed():
+    train, valid, info = lm.load_corpus()
+    assert train.dtype == np.uint8 and valid.dtype == np.uint8
+    assert len(train) + len(valid) == info["bytes"] > 400_000
+    assert len(info["sha256"]) == 64 and info["python"].count(".") == 2
+    assert 0.09 < len(valid) / info["bytes"] < 0.11
+
+
+def test_shapes_and_config_round_trip(model):
+    logits, hs = model(tokens(), hiddens=True)
+    assert logits.shape == (2, 12, 256)
+    assert len(hs) == CFG.layers + 1 and all(h.shape == (2, 12, CFG.dim) for h in hs)
+    assert lm.config_of(nnx.state(model, nnx.Param)) == CFG
+    assert lm.config_of(nnx.to_pure_dict(nnx.state(model, nnx.Param))) == CFG
+
+
+def test_functional_form_equals_the_module(model):
+    fn, params = lm.apply_fn(model)
+    x = tokens()
+    np.testing.assert_allclose(fn(params, x), model(x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(fn)(params, x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_causal(model):
+    x = tokens()
+    y = x.at[:, 7:].set(0)
+    np.testing.assert_allclose(model(x)[:, :7], model(y)[:, :7], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(model(x)[:, 7:], model(y)[:, 7:])
+
+
+def test_rope_rotates_pairs_by_position():
+    x = jnp.ones((1, 3, 1, 4))
+    out = lm._rope(x, 10_000.0)
+    # position 0 is unrotated; each (i, i + half) pair keeps its norm
+    np.testing.assert_allclose(out[0, 0], x[0, 0], atol=1e-6)
+    norms = jnp.sqrt(out[..., :2] ** 2 + out[..., 2:] ** 2)
+    np.testing.assert_allclose(norms, jnp.sqrt(2.0) * jnp.ones_like(norms), rtol=1e-6)
+    np.testing.assert_allclose(out[0, 1, 0, 0], math.cos(1.0) - math.sin(1.0), rtol=1e-6)
+
+
+def test_functional_form_runs_on_a_cut_tree(model):
+    """Dropping a block or shrinking the MLP leaves a tree the functional form still runs."""
+    fn, params = lm.apply_fn(model)
+    pure = nnx.to_pure_dict(params)
+    del pure["blocks"][1]
+    for b in pure["blocks"].values():
+        b["mlp"]["gate"] = b["mlp"]["gate"][:, :16]
+        b["mlp"]["up"] = b["mlp"]["up"][:, :16]
+        b["mlp"]["down"] = b["mlp"]["down"][:16]
+    assert fn(pure, tokens()).shape == (2, 12, 256)
+    small = lm.rebuild(pure)
+    assert lm.config_of(nnx.state(small, nnx.Param)) == lm.LMConfig(
+        dim=32, layers=2, kv_heads=2, groups=2, head_dim=8, hidden=16
+    )
+
+
+def test_bits_per_byte_is_cross_entropy_in_bits(model):
+    w = tokens(5, 9, seed=3)
+    logits = model(w[:, :-1])
+    nats = optax.softmax_cross_entropy_with_integer_labels(logits, w[:, 1:]).mean()
+    assert lm.bits_per_byte(model, w) == pytest.approx(float(nats) / math.log(2), rel=1e-5)
+    fn, params = lm.apply_fn(model)
+    assert lm.bits_per_byte(lambda x: fn(params, x), w) == pytest.approx(
+        float(nats) / math.log(2), rel=1e-5
+    )
+
+
+@pytest.mark.standard_promotion
+def test_training_lowers_bits_per_byte():
+    train, valid, _ = lm.load_corpus()
+    m = lm.LM(
+        lm.LMConfig(dim=32, layers=1, kv_heads=1, groups=2, head_dim=8, hidden=32), rngs=nnx.Rngs(1)
+    )
+    windows = lm.eval_windows(valid, 32, 8)
+    before = lm.bits_per_byte(m, windows)
+    lm.train(m, train, steps=30, batch=8, seq=32, lr=1e-2)
+    assert before > 7.5  # about log2(256) at init
+    assert lm.bits_per_byte(m, windows) < before - 1.5
+
+
+@pytest.mark.standard_promotion
+def test_workbench_report_rows():
+    """`jaxslim demo --lm` rows on a tiny decoder: every method present, sizes shrink."""
+    from jaxslim.demo import lm_report
+
+    cfg = lm.LMConfig(dim=32, layers=2, kv_heads=2, groups=2, head_dim=8, hidden=32)
+    rows, info = lm_report.run(cfg=cfg, steps=3, recover=1, drop=1)
+    by = {r["method"]: r for r in rows}
+    dense = by["dense"]["params"]
+    assert len(info["sha256"]) == 64
+    assert all(np.isfinite(r["bits/byte"]) for r in rows)
+    width = [r for m, r in by.items() if m.startswith("width")]
+    depth = [r for m, r in by.items() if m.startswith("depth")]
+    assert len(width) == 4 and len(depth) == 3  # cut, fine-tune, distill (+ scratch for width)
+    assert all(r["params"] < dense // 2 for r in width)
+    assert all(r["params"] < dense for r in depth)
+    assert {"int8 per-channel (RTN)", "int4 group-32 (RTN)"} <= set(by)

@@ -1,0 +1,176 @@
+"""The core on Equinox modules: pruning in an optax chain, quantize_params, trace / prune_channels.
+
+Equinox layouts are ``(out, in)`` for ``eqx.nn.Linear`` and ``(out, in, *kernel)`` for convs, with
+conv biases ``(out, 1, ...)``: the tests pass the axes explicitly (``Channels(axis=0)``,
+``QuantSpec(axis=0)``) and select kernels with ``structures.kernel_like``.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxslim import prune, quant, splice
+from jaxslim.structures import kernel_like
+
+
+def _mlp(key=0):
+    return eqx.nn.MLP(4, 3, width_size=8, depth=2, key=jax.random.key(key))
+
+
+def _loss(model, x, y):
+    return jnp.mean((jax.vmap(model)(x) - y) ** 2)
+
+
+def _data():
+    kx, ky = jax.random.split(jax.random.key(1))
+    return jax.random.normal(kx, (16, 4)), jax.random.normal(ky, (16, 3))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize(
+    "structure, zeros_of",
+    [
+        (prune.Unstructured(), lambda w: int((w == 0).sum())),
+        (prune.Channels(axis=0), lambda w: int((w == 0).all(axis=1).sum())),  # whole rows
+    ],
+)
+def test_pruner_in_optax_chain_over_filtered_module(jit, structure, zeros_of):
+    model = _mlp()
+    x, y = _data()
+    tx = optax.chain(
+        optax.sgd(0.05),  # adam's bias correction breaks strict promotion on optax 0.2.8
+        prune.pruner(prune.constant_schedule(0.5), structure=structure, where=kernel_like),
+    )
+    opt_state = tx.init(eqx.filter(model, eqx.is_array))
+
+    def step(model, opt_state):
+        grads = eqx.filter_grad(_loss)(model, x, y)
+        updates, opt_state = tx.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+        return eqx.apply_updates(model, updates), opt_state
+
+    step = eqx.filter_jit(step) if jit else step
+    biases = [layer.bias for layer in model.layers]
+    for _ in range(3):
+        model, opt_state = step(model, opt_state)
+    masks = prune.masks_of(opt_state)
+    for i, layer in enumerate(model.layers):
+        w = np.asarray(layer.weight)
+        n = w.size if isinstance(structure, prune.Unstructured) else w.shape[0]
+        assert zeros_of(w) == round(0.5 * n)  # exact count: round_half_even(0.5 * n)
+        np.testing.assert_array_equal(np.asarray(masks.layers[i].weight), w != 0)
+        assert masks.layers[i].bias is None  # 1-D leaves are not selected
+        assert not np.array_equal(np.asarray(layer.bias), np.asarray(biases[i]))  # still trained
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_quantize_params_per_output_row(jit):
+    model = _mlp()
+    params, static = eqx.partition(model, eqx.is_array)
+    rules = [(kernel_like, quant.QuantSpec(8, axis=0))]  # one scale per row (output) of (out, in)
+    fn = lambda p: quant.quantize_params(p, rules)[0]
+    q = jax.jit(fn)(params) if jit else fn(params)
+    for layer, ql in zip(model.layers, q.layers, strict=True):
+        assert isinstance(ql.weight, quant.QArray) and not isinstance(ql.bias, quant.QArray)
+        out, inp = layer.weight.shape
+        assert ql.weight.scale.shape == (out, 1)
+        ref = quant.quantize(layer.weight, quant.QuantSpec(8, axis=0))
+        np.testing.assert_array_equal(np.asarray(ql.weight.values), np.asarray(ref.values))
+        scale = jnp.max(jnp.abs(layer.weight), axis=1, keepdims=True) / 127.5
+        np.testing.assert_allclose(np.asarray(ql.weight.scale), np.asarray(scale), rtol=1e-6)
+    deq = eqx.combine(quant.dequantize_params(q), static)
+    x, _ = _data()
+    err = jnp.max(jnp.abs(jax.vmap(deq)(x) - jax.vmap(model)(x)))
+    assert 0 < float(err) < 0.05
+
+
+def _shrink(model, units):
+    """Scales hidden ``units`` of the named layers' outputs by 1e-3 (they score lowest)."""
+    scale = jnp.ones(model.layers[0].weight.shape[0]).at[jnp.array(units)].set(1e-3)
+    return eqx.tree_at(
+        lambda m: (m.layers[0].weight, m.layers[0].bias),
+        model,
+        (model.layers[0].weight * scale[:, None], model.layers[0].bias * scale),
+    )
+
+
+def test_trace_and_prune_channels_on_mlp():
+    model = _shrink(_mlp(), [1, 3, 4, 6])
+    params, static = eqx.partition(model, eqx.is_array)
+    fn = lambda p, x: jax.vmap(eqx.combine(p, static))(x)
+    x, _ = _data()
+    groups = [g for g in splice.trace(fn, params, x) if g.removable]
+    assert sorted(sorted(g) for g in groups) == [
+        [("layers/0/bias", 0), ("layers/0/weight", 0), ("layers/1/weight", 1)],
+        [("layers/1/bias", 0), ("layers/1/weight", 0), ("layers/2/weight", 1)],
+    ]
+    first = next(g for g in groups if ("layers/0/weight", 0) in list(g))
+    new, rep = splice.prune_channels(fn, params, x, sparsity=0.5, groups=[first])
+    (g,) = rep.groups
+    assert g.removed == (1, 3, 4, 6) and (g.size_before, g.size_after) == (8, 4)
+    keep = np.array([0, 2, 5, 7])
+    np.testing.assert_array_equal(new.layers[0].weight, params.layers[0].weight[keep])  # rows
+    np.testing.assert_array_equal(new.layers[0].bias, params.layers[0].bias[keep])
+    np.testing.assert_array_equal(new.layers[1].weight, params.layers[1].weight[:, keep])
+    # The smaller model runs through eqx.combine and equals the model with those units zeroed.
+    gone = np.array([1, 3, 4, 6])
+    zeroed = eqx.tree_at(
+        lambda p: (p.layers[0].weight, p.layers[0].bias),
+        params,
+        (
+            params.layers[0].weight.at[gone].set(0),
+            params.layers[0].bias.at[gone].set(0),
+        ),
+    )
+    np.testing.assert_allclose(fn(new, x), fn(zeroed, x), rtol=1e-6, atol=1e-6)
+
+
+class _ConvNet(eqx.Module):
+    conv1: eqx.nn.Conv1d
+    conv2: eqx.nn.Conv1d
+    head: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.conv1 = eqx.nn.Conv1d(2, 8, 3, padding=1, key=k1)
+        self.conv2 = eqx.nn.Conv1d(8, 4, 3, padding=1, key=k2)
+        self.head = eqx.nn.Linear(4, 3, key=k3)
+
+    def __call__(self, x):  # x: (channels, length)
+        h = jax.nn.relu(self.conv1(x))
+        h = jax.nn.relu(self.conv2(h))
+        return self.head(jnp.mean(h, axis=-1))
+
+
+def test_trace_and_prune_channels_on_conv_net():
+    model = _ConvNet(jax.random.key(0))
+    weak = jnp.ones(8).at[jnp.array([2, 5])].set(1e-3)  # filters 2 and 5 of conv1 score lowest
+    model = eqx.tree_at(
+        lambda m: (m.conv1.weight, m.conv1.bias),
+        model,
+        (model.conv1.weight * weak[:, None, None], model.conv1.bias * weak[:, None]),
+    )
+    params, static = eqx.partition(model, eqx.is_array)
+    fn = lambda p, x: jax.vmap(eqx.combine(p, static))(x)
+    x = jax.random.normal(jax.random.key(2), (5, 2, 12))
+    groups = [g for g in splice.trace(fn, params, x) if g.removable]
+    assert sorted(sorted(g) for g in groups) == [
+        [("conv1/bias", 0), ("conv1/weight", 0), ("conv2/weight", 1)],
+        [("conv2/bias", 0), ("conv2/weight", 0), ("head/weight", 1)],
+    ]
+    first = next(g for g in groups if ("conv1/weight", 0) in list(g))
+    new, rep = splice.prune_channels(fn, params, x, sparsity=0.25, groups=[first])
+    assert rep.groups[0].removed == (2, 5)
+    keep = np.array([0, 1, 3, 4, 6, 7])
+    assert new.conv1.weight.shape == (6, 2, 3) and new.conv1.bias.shape == (6, 1)
+    np.testing.assert_array_equal(new.conv1.weight, params.conv1.weight[keep])  # filters
+    np.testing.assert_array_equal(new.conv2.weight, params.conv2.weight[:, keep])
+    gone = np.array([2, 5])
+    zeroed = eqx.tree_at(
+        lambda p: (p.conv1.weight, p.conv1.bias),
+        params,
+        (params.conv1.weight.at[gone].set(0), params.conv1.bias.at[gone].set(0)),
+    )
+    np.testing.assert_allclose(fn(new, x), fn(zeroed, x), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,196 @@
+"""Recipes: TOML parses to the Python API's objects, and applying one equals those calls exactly."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxslim import prune, quant, recipe
+from jaxslim.quant import QuantSpec
+
+
+def _params():
+    k = jax.random.split(jax.random.key(0), 3)
+    return {
+        "Conv_0": {"kernel": jax.random.normal(k[0], (5, 8, 16)), "bias": jnp.zeros(16)},
+        "Dense_0": {"kernel": jax.random.normal(k[1], (128, 32)), "bias": jnp.ones(32)},
+        "Dense_1": {"kernel": jax.random.normal(k[2], (32, 10)), "bias": jnp.ones(10)},
+        "step": jnp.array(3, jnp.int32),
+    }
+
+
+def _python_api(params):
+    """The EXAMPLE recipe written with the Python API."""
+    for where, s, structure, scope in [
+        (r"Conv_\d+/kernel", 0.5, prune.Unstructured(), "global"),
+        ("Dense_0/kernel", 0.5, prune.NM(2, 4, axis=-2), "layer"),
+    ]:
+        mask = prune.topk_mask(
+            prune.magnitude(params), s, structure=structure, scope=scope, where=where
+        )
+        params = prune.apply_mask(params, mask)
+    rules = [
+        ("Dense_1", None),
+        ("Dense_0/kernel", QuantSpec(4, axis=-1, group_size=32)),
+        (None, QuantSpec(8, axis=-1)),
+    ]
+    return quant.quantize_params(params, rules)[0]
+
+
+def test_example_parses_to_the_python_objects():
+    r = recipe.parse(recipe.EXAMPLE)
+    assert r.prune == (
+        recipe.PruneStep(0.5, r"Conv_\d+/kernel", prune.Unstructured(), "global"),
+        recipe.PruneStep(0.5, "Dense_0/kernel", prune.NM(2, 4, axis=-2), "layer"),
+    )
+    assert r.quant == (
+        recipe.QuantRule(None, "Dense_1"),
+        recipe.QuantRule(QuantSpec(4, axis=-1, group_size=32), "Dense_0/kernel"),
+        recipe.QuantRule(QuantSpec(8, axis=-1), None),
+    )
+    assert r.default is None
+
+
+def _leaves_equal(a, b):
+    la = jax.tree_util.tree_leaves_with_path(a)
+    lb = jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in la] == [p for p, _ in lb]
+    for (p, x), (_, y) in zip(la, lb, strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape, p
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(p))
+
+
+def test_apply_equals_the_python_api_bit_for_bit():
+    params = _params()
+    out, rows = recipe.apply(recipe.parse(recipe.EXAMPLE), params)
+    ref = _python_api(params)
+    _leaves_equal(out, ref)
+    assert type(out["Dense_1"]["kernel"]) is not quant.QArray  # the "float" rule
+    assert out["Dense_0"]["kernel"].spec == QuantSpec(4, axis=-1, group_size=32)
+    by = {r["path"]: r for r in rows}
+    assert by["Conv_0/kernel"]["nonzeros_after"] == 5 * 8 * 16 // 2  # global over one leaf: half
+    zeros = np.asarray(out["Dense_0"]["kernel"].dequantize() == 0).reshape(32, 4, 32)
+    assert (zeros.sum(axis=1) >= 2).all()  # 2:4 along the input axis (int4 may round more to 0)
+    assert by["Dense_0/kernel"]["bytes_after"] == 128 * 32 // 2 + 4 * 4 * 32  # codes + scales
+    assert by["Dense_1/kernel"]["bytes_after"] == by["Dense_1/kernel"]["bytes_before"]
+    assert by["step"]["before"] == by["step"]["after"] == "int32"
+
+
+def test_global_scope_ranks_all_selected_leaves_together():
+    params = {"a": {"kernel": jnp.full((4, 4), 1.0)}, "b": {"kernel": jnp.full((4, 4), 2.0)}}
+    text = '[[prune]]\nsparsity = 0.5\nscope = "global"\n'
+    out, _ = recipe.apply(recipe.parse(text), params)
+    assert int((out["a"]["kernel"] == 0).sum()) == 16 and int((out["b"]["kernel"] == 0).sum()) == 0
+    out, _ = recipe.apply(recipe.parse(text.replace("global", "layer")), params)
+    assert int((out["a"]["kernel"] == 0).sum()) == 8 and int((out["b"]["kernel"] == 0).sum()) == 8
+
+
+def test_channels_structure_and_per_tensor_default():
+    w = jnp.arange(1.0, 13.0).reshape(3, 4)  # column norms grow with the column index
+    text = (
+        '[[prune]]\nsparsity = 0.5\nstructure = {kind = "channels", axis = -1}\n'
+        "[quant]\ndefault = {bits = 8}\n"
+    )
+    out, _ = recipe.apply(recipe.parse(text), {"w": w, "b": jnp.ones(4)})
+    deq = out["w"].dequantize()
+    np.testing.assert_array_equal(np.asarray(deq[:, :2]), 0.0)  # the two weakest columns go
+    assert out["w"].scale.size == 1 and out["b"].spec == QuantSpec(8)  # one scale, default on b
+    ref = quant.quantize(w.at[:, :2].set(0.0), QuantSpec(8))
+    np.testing.assert_array_equal(np.asarray(out["w"].values), np.asarray(ref.values))
+
+
+def test_nm_sparsity_defaults_to_one_minus_n_over_m():
+    (step,) = recipe.parse('[[prune]]\nstructure = {kind = "nm", n = 1, m = 4}\n').prune
+    assert step.sparsity == 0.75 and step.structure == prune.NM(1, 4)
+
+
+def test_trailing_value_of_nnx_orbax_state_is_not_part_of_the_name():
+    params = {"Dense_0": {"kernel": {"value": jnp.ones((4, 4))}}}
+    out, rows = recipe.apply(
+        recipe.parse('[[quant.rules]]\nwhere = "kernel$"\nspec = {}\n'), params
+    )
+    assert isinstance(out["Dense_0"]["kernel"]["value"], quant.QArray)
+    assert [r["path"] for r in rows] == ["Dense_0/kernel"]
+
+
+def test_progress_sees_every_leaf():
+    seen = []
+
+    def progress(it):
+        for x in it:
+            seen.append(x)
+            yield x
+
+    recipe.apply(recipe.parse("[quant]\ndefault = {bits = 8}\n"), _params(), progress=progress)
+    assert len(seen) == len(jax.tree_util.tree_leaves(_params()))
+
+
+def _bad(text, params=None):
+    return lambda: recipe.apply(recipe.parse(text), params or _params())
+
+
+BAD = [
+    pytest.param(_bad("x = 1"), "x", "unknown key", id="top-key"),
+    pytest.param(_bad("[[prune]]\nsparsty = 0.5"), r"prune\[0\]\.sparsty", "unknown", id="typo"),
+    pytest.param(_bad("[[prune]]\nsparsity = 1.5"), r"prune\[0\]\.sparsity", r"\[0, 1\], got 1.5"),
+    pytest.param(_bad("[[prune]]\nsparsity = 'a'"), r"prune\[0\]\.sparsity", "must be a number"),
+    pytest.param(_bad("[[prune]]\nwhere = 'x'"), r"prune\[0\]\.sparsity", "is required"),
+    pytest.param(_bad("[prune]\nsparsity = 0.5"), "prune", r"write \[\[prune\]\]"),
+    pytest.param(
+        _bad("[[prune]]\nsparsity = 0.5\nstructure = 'rows'"),
+        r"prune\[0\]\.structure\.kind",
+        "must be one of",
+    ),
+    pytest.param(
+        _bad("[[prune]]\nstructure = {kind = 'nm', n = 5, m = 4}"),
+        r"prune\[0\]\.structure",
+        "0 <= n <= m",
+    ),
+    pytest.param(
+        _bad("[[prune]]\nsparsity = 0.5\nscope = 'all'"), r"prune\[0\]\.scope", "'layer' or"
+    ),
+    pytest.param(
+        _bad("[[prune]]\nsparsity = 0.5\nwhere = 'Nope'"),
+        r"prune\[0\]\.where",
+        "'Nope' selects no leaf",
+    ),
+    pytest.param(
+        _bad("[[prune]]\nsparsity = 0.5\nwhere = '['"), r"prune\[0\]\.where", "not a valid regular"
+    ),
+    pytest.param(_bad("[[quant.rules]]\nwhere = 'x'"), r"quant\.rules\[0\]\.spec", "is required"),
+    pytest.param(
+        _bad("[[quant.rules]]\nspec = {bits = 5}"), r"quant\.rules\[0\]\.spec\.bits", "got 5"
+    ),
+    pytest.param(
+        _bad("[[quant.rules]]\nspec = {bitz = 8}"), r"quant\.rules\[0\]\.spec\.bitz", "unknown"
+    ),
+    pytest.param(
+        _bad("[[quant.rules]]\nspec = {fmt = 'int9'}"), r"quant\.rules\[0\]\.spec\.fmt", "'int9'"
+    ),
+    pytest.param(_bad("[[quant.rules]]\nspec = 'int8'"), r"quant\.rules\[0\]\.spec", '"float" or'),
+    pytest.param(
+        _bad("[[quant.rules]]\nspec = {}\n[[quant.rules]]\nwhere = 'kernel'\nspec = {}"),
+        r"quant\.rules\[1\]\.where",
+        "only leaves earlier rules already take",
+    ),
+    pytest.param(
+        _bad("[[quant.rules]]\nwhere = 'kernel'\nspec = {bits = 4, axis = -1, group_size = 7}"),
+        r"quant\.rules\[0\]\.spec",
+        "Conv_0/kernel",
+    ),
+    pytest.param(_bad("[[quant.rules]]\nspec = 'float'"), "quant", "quantizes nothing"),
+    pytest.param(_bad(""), "recipe", "is empty"),
+    pytest.param(_bad("[[prune"), "recipe", "not valid TOML"),
+]
+
+
+@pytest.mark.parametrize("call, key, match", BAD)
+def test_bad_recipe_names_the_key(call, key, match):
+    with pytest.raises(recipe.RecipeError) as e:
+        call()
+    assert isinstance(e.value, ValueError)
+    assert str(e.value).splitlines() == [str(e.value)]  # one line
+    assert re.fullmatch(key, str(e.value).split(": ")[0]), str(e.value)
+    assert re.search(match, str(e.value)), str(e.value)
