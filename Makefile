@@ -22,7 +22,7 @@ VENV_NEW := .venv-new
 BIN_NEW := $(VENV_NEW)/bin
 STAMP_NEW := $(VENV_NEW)/.installed
 FLOOR := .ci/floor.txt
-PYTEST_ARGS ?= -n 2 -q
+PYTEST_ARGS ?= -n 2 -q --durations=10
 
 .PHONY: demo test test-floor test-new bench lint install clean
 

@@ -88,6 +88,8 @@ spec = "float"
 [[quant.rules]]
 where = "Dense_0/kernel"           # int4, one scale per output channel and block of 32 inputs
 spec = {bits = 4, axis = -1, group_size = 32}
+# method = "hqq"                   # "rtn" (round to nearest, the default) or "hqq" (quant.hqq:
+                                   # half-quadratic zero points/scales, no data; affine specs)
 
 [[quant.rules]]                    # every other kernel: int8, one scale per output channel
 spec = {bits = 8, axis = -1}       # QuantSpec fields: bits, signed, symmetric, axis (int or list;
@@ -116,10 +118,13 @@ class PruneStep:
 
 @dataclasses.dataclass(frozen=True)
 class QuantRule:
-    """One ``[[quant.rules]]`` table: ``(where, spec)``; ``spec=None`` keeps the leaf float."""
+    """One ``[[quant.rules]]`` table: ``(where, spec, method)``; ``spec=None`` keeps the leaf
+    float. ``method`` is ``"rtn"`` (``quant.quantize``, round to nearest) or ``"hqq"``
+    (``quant.hqq``: half-quadratic zero points and scales, still data-free)."""
 
     spec: QuantSpec | None
     where: str | None = None
+    method: str = "rtn"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,9 +260,12 @@ def parse(source: str | Mapping[str, Any]) -> Recipe:
     parsed = []
     for i, t in enumerate(rules):
         key = f"quant.rules[{i}]"
-        _keys(key, t, ["where", "spec"], required=["spec"])
+        _keys(key, t, ["where", "spec", "method"], required=["spec"])
         spec = _spec(f"{key}.spec", t["spec"])
-        parsed.append(QuantRule(spec, _where(f"{key}.where", t.get("where"))))
+        method = t.get("method", "rtn")
+        if method not in ("rtn", "hqq"):
+            raise RecipeError(f"{key}.method", f"must be 'rtn' or 'hqq', got {method!r}")
+        parsed.append(QuantRule(spec, _where(f"{key}.where", t.get("where")), method))
     if default is None and all(r.spec is None for r in parsed):
         raise RecipeError("quant", "quantizes nothing: give a rule with a spec or a default")
     return Recipe(tuple(out), tuple(parsed), default)
@@ -373,16 +381,19 @@ def _quantize(recipe: Recipe, params: Any, progress: Any) -> Any:
         if quant.is_qarray(leaf) or not _tree.is_float_array(leaf):
             out.append(leaf)
             continue
-        spec, key = recipe.default, "quant.default"
+        spec, key, method = recipe.default, "quant.default", "rtn"
         for i, rule in enumerate(recipe.quant):
             if _selects(rule.where, name, leaf):
-                spec, key = rule.spec, f"quant.rules[{i}].spec"
+                spec, key, method = rule.spec, f"quant.rules[{i}].spec", rule.method
                 break
         if spec is None:
             out.append(leaf)
             continue
         try:
-            out.append(quant.quantize(leaf, spec, path=name))
+            if method == "hqq":
+                out.append(quant.hqq(leaf, spec, path=name))
+            else:
+                out.append(quant.quantize(leaf, spec, path=name))
         except (TypeError, ValueError) as e:
             raise RecipeError(key, str(e)) from None
         any_quantized = True
