@@ -33,7 +33,6 @@ biases); other leaves' updates pass through untouched.
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -160,18 +159,7 @@ def _regularizer(
 
 def _check_where(fn: str, where: Any) -> None:
     """Raises ``TypeError``/``ValueError`` naming ``fn`` for a ``where=`` of the wrong kind."""
-    if where is None or callable(where):
-        return
-    if isinstance(where, str):
-        try:
-            re.compile(where)
-        except re.error as e:
-            raise ValueError(f"{fn}: where={where!r} is not a valid regex ({e})") from None
-        return
-    raise TypeError(
-        f"{fn}: where must be None, a regex string or a predicate (path, leaf) -> bool; "
-        f"got {where!r}"
-    )
+    _tree.check_where(where, fn_name=fn)
 
 
 def _cast(value: Any, dtype) -> jax.Array:

@@ -134,13 +134,13 @@ ROWS = [
     pytest.param(
         lambda: prune.topk_mask(P(), 0.5, where=3),
         TypeError,
-        r"prune\.topk_mask: where must be None, a regex string or a predicate.*got 3",
+        r"prune\.topk_mask: where must be None, a regex string or a predicate.*got int 3",
         id="topk_mask-where-int",
     ),
     pytest.param(
         lambda: prune.topk_mask(P(), 0.5, where="kernel["),
         ValueError,
-        r"prune\.topk_mask: where='kernel\[' is not a valid regex",
+        r"prune\.topk_mask: where='kernel\[' is not a valid regular expression",
         id="topk_mask-where-bad-regex",
     ),
     pytest.param(
@@ -250,7 +250,7 @@ ROWS = [
     pytest.param(
         lambda: prune.pruner(0.5, where=1.0),
         TypeError,
-        r"prune\.pruner: where must be None, a regex string or a predicate.*got 1\.0",
+        r"prune\.pruner: where must be None, a regex string or a predicate.*got float 1\.0",
         id="pruner-where-float",
     ),
     pytest.param(
@@ -494,7 +494,7 @@ ROWS = [
     pytest.param(
         lambda: regularize.l1_penalty(P(), where="("),
         ValueError,
-        r"regularize\.l1_penalty: where='\(' is not a valid regex",
+        r"regularize\.l1_penalty: where='\(' is not a valid regular expression",
         id="l1_penalty-bad-regex",
     ),
     pytest.param(

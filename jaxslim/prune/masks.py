@@ -17,7 +17,6 @@ and is pruned first. This holds for every structure and both scopes.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import jax
@@ -64,18 +63,7 @@ def num_to_prune(sparsity: Any, n: int, *, what: str = "") -> jax.Array | int:
 
 def check_where(fn: str, where: Any) -> None:
     """Raises ``TypeError``/``ValueError`` naming ``fn`` for a ``where=`` of the wrong kind."""
-    if where is None or callable(where):
-        return
-    if isinstance(where, str):
-        try:
-            re.compile(where)
-        except re.error as e:
-            raise ValueError(f"{fn}: where={where!r} is not a valid regex ({e})") from None
-        return
-    raise TypeError(
-        f"{fn}: where must be None, a regex string or a predicate (path, leaf) -> bool; "
-        f"got {where!r}"
-    )
+    _tree.check_where(where, fn_name=fn)
 
 
 def check_structure(fn: str, structure: Any) -> None:
