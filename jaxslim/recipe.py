@@ -16,7 +16,7 @@ alone); a quant ``spec`` without ``axis`` has one scale per tensor (global), ``a
 output channel and ``group_size`` one per block (local); a rule list with ``spec = "float"`` rules
 (``None`` in Python) and different bits per rule is mixed precision. ``where`` is a regex searched
 in the leaf path (``"Dense_0/kernel"``; a trailing ``/value``, how Orbax stores an NNX Variable,
-is not part of the name); without ``where`` a table selects every float leaf with ``ndim >= 2``.
+is not part of the name); without ``where`` a table selects every default kernel.
 
 Every mistake raises ``RecipeError`` (a ``ValueError``) whose ``key`` names the offending key
 (``"quant.rules[1].spec.bits"``): unknown keys, wrong types, values the API rejects, and rules
@@ -56,7 +56,7 @@ EXAMPLE = """\
 # Python API (jaxslim.prune / jaxslim.quant), with the same names and defaults.
 #
 # `where` is a regex searched in the leaf path ("Conv_0/kernel", "layers/3/mlp/kernel"); leave it
-# out to select every float leaf with ndim >= 2. Each `where` must select at least one leaf.
+# out to select every float kernel (the default `where`). Each `where` must select a leaf.
 
 # Pruning, in order. One table = one call:
 #   params = prune.apply_mask(params, prune.topk_mask(prune.magnitude(params), sparsity,
@@ -314,12 +314,12 @@ def check(recipe: Recipe, params: Any) -> None:
     shown = f"{names}{' ...' if len(leaves) > 8 else ''}"
     for i, step in enumerate(recipe.prune):
         if not any(_selects(step.where, n, x) for n, x in leaves):
-            what = "every float leaf with ndim >= 2" if step.where is None else repr(step.where)
+            what = "every default kernel" if step.where is None else repr(step.where)
             raise RecipeError(f"prune[{i}].where", f"{what} selects no leaf; float leaves: {shown}")
     for i, rule in enumerate(recipe.quant or ()):
         hits = [n for n, x in leaves if _selects(rule.where, n, x)]
         key = f"quant.rules[{i}].where"
-        what = "every float leaf with ndim >= 2" if rule.where is None else repr(rule.where)
+        what = "every default kernel" if rule.where is None else repr(rule.where)
         if not hits:
             raise RecipeError(key, f"{what} selects no leaf; float leaves: {shown}")
         firsts = [

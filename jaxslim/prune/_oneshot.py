@@ -143,7 +143,8 @@ def wanda(
       sparsity: fraction of each output's inputs to prune, in ``[0, 1)``; a float or a traced
         scalar.
       structure: ``Unstructured()`` or ``NM(n, m)``.
-      where: which leaves to prune (default: floating leaves with ``ndim >= 2``).
+      where: which leaves to prune (default: float kernels: matrices, and
+        higher-rank leaves with two axes of size > 1).
 
     Returns:
       A mask tree of ``params``' structure: ``bool`` (``True`` keeps) on selected leaves, ``None``

@@ -165,7 +165,8 @@ def erk(params, sparsity: float, *, where=None):
     Args:
       params: a tree of arrays (only shapes are used).
       sparsity: overall fraction in ``[0, 1]`` of the selected weights to prune.
-      where: which leaves (default: float leaves with ``ndim >= 2``).
+      where: which leaves (default: float kernels: matrices, and
+        higher-rank leaves with two axes of size > 1).
 
     Returns:
       A tree of ``params``' structure with a Python float on selected leaves, ``None`` elsewhere.

@@ -205,7 +205,8 @@ def rigl(
       update_every, end_step: drop/grow every ``update_every`` steps before ``end_step``.
       drop_fraction: initial fraction of active weights replaced per update.
       distribution: ``"uniform"`` or ``"erk"`` when ``sparsity`` is a number.
-      where: which leaves (default: float leaves with ``ndim >= 2``).
+      where: which leaves (default: float kernels: matrices, and
+        higher-rank leaves with two axes of size > 1).
       key: PRNG key of the initial random mask (default ``jax.random.key(0)``).
       optimizer: optional inner optimizer to wrap (gives growth the dense gradient).
 
