@@ -17,6 +17,14 @@ with ``agg_t`` the sequence aggregation (``"mean"`` by default) and ``agg_b`` th
 aggregation (``"l2"`` by default, over every example of every batch): the paper's best
 ``(batch=L2, sequence=mean)``. The first axis of the activation is the batch, the others (but
 the channel's) are the sequence.
+
+A kernel's contracted dimension may merge several leaf axes: an output projection stored
+``(heads, head_dim, d)`` and used as ``x.reshape(b, t, heads * head_dim) @ wo.reshape(-1, d)``
+(or in any memory order, or an out-first ``(d, heads, head_dim)`` weight used transposed). The
+jaxpr says which leaf axes make up that dimension, outer to inner; the activation's dimension is
+split into them, so a head unit is all of its ``head_dim`` channels (``r = head_dim``) whatever
+the layout. A kernel sliced before the merge (its axes no longer tile the activation) raises
+rather than guessing.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxslim import _jaxpr
+from jaxslim import _jaxpr, _tree
 from jaxslim.splice.graph import Group, Member, trace
 
 __all__ = ["importance"]
@@ -47,26 +55,66 @@ def _check_aggregate(aggregate: Any, fn_name: str) -> tuple[str, str]:
     return aggregate[0], aggregate[1]
 
 
-def _channel_view(a: jax.Array, dims: list[int], others: list[int], m: Member):
-    """``(a as (rows..., channels, r), number of row axes)``: the activation dims ``dims`` hold
-    the member's leaf axis (in order; split pieces of it), ``others`` are the other contracted
-    dims (the rest of a head: its head_dim), the remaining dims are rows (batch, sequence).
-    ``None`` when the widths do not match the member's layout."""
-    rest = [i for i in range(a.ndim) if i not in dims and i not in others]
-    x = jnp.transpose(a, rest + dims + others)
-    rows = x.shape[: len(rest)]
-    width = math.prod(x.shape[len(rest) : len(rest) + len(dims)])
-    x = x.reshape(*rows, width, -1)
+def _channel_view(
+    a: jax.Array,
+    pieces: list[tuple[int, int, tuple[int, ...]]],
+    leaf_shape: tuple[int, ...],
+    m: Member,
+):
+    """``(a as (rows..., channels, r), number of row axes)``, or ``None`` when the widths do not
+    match the member's layout.
+
+    ``pieces`` are the contracted dims as ``(kernel operand dim, activation dim, leaf axes)``:
+    the leaf axes that make up that operand dim (several when a reshape merged them, outer to
+    inner, like an ``(heads, head_dim, d)`` kernel used as ``(heads * head_dim, d)``; one leaf axis
+    may also be split over several dims). A merged activation dim is first split into the leaf
+    axes' sizes (``leaf_shape``). The pieces of ``m.axis`` (outer to inner) become the channel
+    axis; the other contracted pieces are the rest of the unit (``r``: a head's ``head_dim``),
+    summed over by the caller's norm; the dims that are not contracted are rows (batch, sequence).
+    """
+    by_dim = {ad: (kd, axes) for kd, ad, axes in pieces}
+    shape: list[int] = []
+    rows: list[int] = []
+    own: list[tuple[tuple[int, int], int]] = []  # ((kernel dim, position in it), new dim)
+    others: list[int] = []
+    for i, n in enumerate(a.shape):
+        if i not in by_dim:
+            rows.append(len(shape))
+            shape.append(n)
+            continue
+        kd, axes = by_dim[i]
+        if len(axes) <= 1:  # one leaf axis (or a piece of one), or a broadcast new axis
+            axes, sizes = axes or (-1,), [n]
+        else:
+            if any(ax >= len(leaf_shape) for ax in axes):
+                return None
+            sizes = [leaf_shape[ax] for ax in axes]
+            if math.prod(sizes) != n:
+                return None  # a sliced or padded leaf: its axes no longer tile this dim
+        for pos, (ax, size) in enumerate(zip(axes, sizes, strict=True)):
+            if ax == m.axis:
+                own.append(((kd, pos), len(shape)))
+            else:
+                others.append(len(shape))
+            shape.append(size)
+    if not own:
+        return None
+    dims = [d for _, d in sorted(own)]
+    x = jnp.reshape(a, shape)
+    x = jnp.transpose(x, rows + dims + others)
+    row_shape = x.shape[: len(rows)]
+    width = math.prod(x.shape[len(rows) : len(rows) + len(dims)])
+    x = x.reshape(*row_shape, width, -1)
     if m.segments:
         if width != sum(m.segments):
             return None
         x = x[..., m.offset : m.offset + m.segments[m.segment], :]
-        return x, len(rest)
+        return x, len(rows)
     if width != math.prod(m.factors):
         return None
-    x = x.reshape(*rows, *m.factors, x.shape[-1])
-    x = jnp.moveaxis(x, len(rows) + m.factor, len(rows))
-    return x.reshape(*rows, m.factors[m.factor], -1), len(rest)
+    x = x.reshape(*row_shape, *m.factors, x.shape[-1])
+    x = jnp.moveaxis(x, len(row_shape) + m.factor, len(row_shape))
+    return x.reshape(*row_shape, m.factors[m.factor], -1), len(rows)
 
 
 def _reduce(x: jax.Array, how: str, axes: tuple[int, ...]) -> jax.Array:
@@ -99,7 +147,8 @@ def importance(
     Returns ``{group: scores}`` (``scores`` a float64 ``(group.size,)`` array, higher = more
     important), usable directly as ``prune_channels(fn, params, x, sparsity=s, score=result)``.
     Raises ``ValueError`` for empty ``batches``, a bad ``aggregate``, or a group none of whose
-    members is contracted by a matmul (nothing consumes its channels).
+    members is contracted by a matmul (nothing consumes its channels), or a consumer whose
+    activation cannot be mapped onto the group's channels (a kernel sliced, then merged).
 
     >>> import jax.numpy as jnp
     >>> p = {"w1": jnp.eye(2), "w2": jnp.ones((2, 1))}
@@ -128,6 +177,8 @@ def importance(
         for m in g.members:
             by_path.setdefault(m.path, []).append((i, m))
 
+    shapes = {path: tuple(np.shape(leaf)) for path, leaf in _tree.leaves_with_paths(params)}
+
     def hook(state, call):
         p = call.eqn.params
         for k in call.kernels:
@@ -147,14 +198,15 @@ def importance(
             for i, m in by_path.get(k.path, ()):
                 if m.axis not in k.contracted:
                     continue
-                d_op = [d for d in kc if k.axes[d] == (m.axis,)]
-                dims = [ac[list(kc).index(d)] for d in d_op]
-                others = [a for a in ac if a not in dims]
-                view = _channel_view(act, dims, others, m) if d_op else None
+                pieces = [(d, a, k.axes[d]) for d, a in zip(kc, ac, strict=True)]
+                view = _channel_view(act, pieces, shapes.get(k.path, ()), m)
                 if view is None:
                     raise ValueError(
-                        f"{fn_name}: cannot map the activation entering {k.path!r} (axis "
-                        f"{m.axis}) onto the channels of the group over {list(groups[i].paths)}"
+                        f"{fn_name}: cannot map the activation {tuple(act.shape)} entering "
+                        f"{k.path!r} (shape {shapes.get(k.path)}, axis {m.axis}, seen by the "
+                        f"matmul as {[k.axes[d] for d in kc]} leaf axes per contracted dim) "
+                        f"onto the {groups[i].size} channels of the group over "
+                        f"{list(groups[i].paths)}; pass groups= without it to score the others"
                     )
                 x, n_rows = view  # (rows..., channels, r)
                 norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1))  # (rows..., channels)

@@ -2,8 +2,9 @@
 
 ``FlaxLlamaForCausalLM`` (grouped-query attention, RoPE, RMSNorm) and ``FlaxGPT2LMHeadModel``
 (fused ``c_attn``, LayerNorm, ``(out, in)`` Conv1D kernels): ``splice.trace`` finds their groups,
-MLP channels that were zeroed are removed and the model rebuilt from a config derived from the
-removal gives the same logits.
+MLP channels and whole layers that were zeroed are removed and the model rebuilt from a config
+derived from the removal (``intermediate_size`` / ``n_inner``, ``num_hidden_layers`` / ``n_layer``)
+gives the same logits.
 """
 
 from __future__ import annotations
@@ -196,6 +197,30 @@ def test_llama_layer_zeroed_dropped_renumbered_and_rebuilt():
         atol=1e-5,
         rtol=1e-5,
     )
+
+
+def test_gpt2_layer_zeroed_dropped_renumbered_and_rebuilt():
+    """GPT-2 holds its blocks under ``transformer/h`` with string-int keys; its ``c_proj``
+    projections carry a bias, so a block is the identity once both projections (kernel and
+    bias) are zero. Dropping it with ``renumber=True`` gives the params of ``n_layer - 1``."""
+    model = FlaxGPT2LMHeadModel(gpt2_config(n_layer=3), seed=1)
+    zeroed = model.params
+    for name in ("attn/c_proj/kernel", "attn/c_proj/bias", "mlp/c_proj/kernel", "mlp/c_proj/bias"):
+        path = f"transformer/h/1/{name}"
+        zeroed = _set(zeroed, path, jnp.zeros_like(_tree.subtree(zeroed, path, fn_name="test")))
+    small = splice.drop_layer(zeroed, "transformer/h/1", renumber=True)
+    assert sorted(small["transformer"]["h"]) == ["0", "1"]
+    h = model.params["transformer"]["h"]
+    np.testing.assert_array_equal(  # the old block 2 is the new block 1, bit for bit
+        small["transformer"]["h"]["1"]["attn"]["c_attn"]["kernel"],
+        h["2"]["attn"]["c_attn"]["kernel"],
+    )
+    rebuilt = FlaxGPT2LMHeadModel(gpt2_config(n_layer=2), _do_init=False)
+    dense = model(TOKENS, params=zeroed).logits
+    for fn in (logits_fn(rebuilt), jax.jit(logits_fn(rebuilt))):
+        np.testing.assert_allclose(fn(small, TOKENS), dense, atol=1e-5, rtol=1e-5)
+    # not vacuous: block 1 was live before it was zeroed
+    assert float(jnp.max(jnp.abs(model(TOKENS).logits - dense))) > 1e-2
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
