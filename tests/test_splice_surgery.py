@@ -176,6 +176,81 @@ def test_block_influence_matches_numpy():
         splice.block_influence(res_fn, p, batches, ["blocks/0", "blocks/1"])
 
 
+def scan_res_fn(p, x):
+    """``res_fn`` with the blocks stacked on a leading axis and run by ``lax.scan``; the hidden
+    states come back as one ``(layers + 1, ..., d)`` array."""
+
+    def body(h, b):
+        h = h + jax.nn.relu(h @ b["w1"]) @ b["w2"]
+        return h, h
+
+    y, ys = jax.lax.scan(body, x, p["blocks"])
+    return jnp.mean((y @ p["head"]) ** 2), jnp.concatenate([x[None], ys])
+
+
+def stacked(p):
+    return {"blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *p["blocks"]), "head": p["head"]}
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_drop_layer_index_form_on_a_stack_equals_the_list_without_the_block(transform):
+    p = {
+        "blocks": [{"w1": rnd(i, 4, 8), "w2": rnd(10 + i, 8, 4)} for i in range(3)],
+        "head": rnd(20, 4, 2),
+    }
+    s, x = stacked(p), rnd(21, 5, 4)
+    for i in range(3):
+        small = transform(lambda q, i=i: splice.drop_layer(q, "blocks", index=i))(s)
+        assert small["blocks"]["w1"].shape == (2, 4, 8) and small["head"].shape == (4, 2)
+        ref = splice.drop_layer(p, f"blocks/{i}")
+        np.testing.assert_array_equal(small["blocks"]["w2"], stacked(ref)["blocks"]["w2"])
+        np.testing.assert_allclose(scan_res_fn(small, x)[0], res_fn(ref, x)[0], rtol=1e-6)
+        tup = splice.drop_layer(s, ("blocks", i))
+        np.testing.assert_array_equal(tup["blocks"]["w1"], small["blocks"]["w1"])
+    # a stack on another axis: axis=1
+    t = {"w": jnp.stack([b["w1"] for b in p["blocks"]], axis=1)}
+    out = transform(lambda q: splice.drop_layer(q, "w", index=1, axis=1))(t)
+    np.testing.assert_array_equal(out["w"], np.asarray(t["w"])[:, [0, 2]])
+    # a list of blocks, or a block whose leaves differ on axis 0, is not a stack
+    with pytest.raises(ValueError, match="'blocks' holds a list of 3 blocks, not a scanned"):
+        splice.drop_layer(p, "blocks", index=1)
+    with pytest.raises(ValueError, match=r"'blocks/0' is not a scanned stack: .* \('blocks/0/w1'"):
+        splice.drop_layer(p, "blocks/0", index=1)
+
+
+def test_block_influence_on_a_scanned_stack_equals_the_list():
+    p = {
+        "blocks": [
+            {"w1": rnd(i, 4, 8) * s, "w2": rnd(10 + i, 8, 4)} for i, s in enumerate([1.0, 0.0, 0.3])
+        ],
+        "head": rnd(20, 4, 2),
+    }
+    batches = [rnd(30, 6, 4), rnd(31, 6, 4)]
+    ref = splice.block_influence(res_fn, p, batches, ["blocks/0", "blocks/1", "blocks/2"])
+    specs = [("blocks", 0), ("blocks", 1), ("blocks", 2)]
+    inf = splice.block_influence(scan_res_fn, stacked(p), batches, specs)
+    assert inf.blocks == tuple(specs)
+    np.testing.assert_allclose(inf.cosine, ref.cosine, atol=1e-6)
+    np.testing.assert_allclose(inf.ablation, ref.ablation, rtol=1e-5, atol=1e-6)
+    assert abs(inf.ablation[1]) < 1e-6  # the zero block is the identity
+    # the layer axis may be another one: axis=1
+    moved = {"blocks": jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), stacked(p)["blocks"])}
+    moved["head"] = p["head"]
+
+    def moved_fn(q, x):
+        return scan_res_fn(
+            {
+                "blocks": jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), q["blocks"]),
+                "head": q["head"],
+            },
+            x,
+        )
+
+    by_axis = splice.block_influence(moved_fn, moved, batches, specs, axis=1)
+    np.testing.assert_allclose(by_axis.ablation, inf.ablation, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(by_axis.cosine, inf.cosine, rtol=1e-6, atol=1e-7)
+
+
 BAD_BN = [
     ("var", -0.5, 0.001, r"var\[2\] = -0\.5 is negative"),
     ("var", 0.0, 0.0, r"var\[2\] \+ eps = 0\.0 \+ 0\.0 is 0"),

@@ -17,11 +17,25 @@ size lives in a parameter shape, not in a config field, so a model whose arrays 
 * ``mlp/gate``, ``mlp/up``: ``(dim, hidden)``, ``mlp/down``: ``(hidden, dim)``;
 * ``embed``: ``(256, dim)``, norms ``(dim,)``.
 
+The blocks are an ``nnx.List`` (state paths ``blocks/0/attn/q`` ...), or, with
+``LMConfig(scan_layers=True)``, one :class:`Block` whose every array has a leading layer axis
+(``blocks/attn/q``: ``(layers, dim, kv_heads, groups, head_dim)``), created under ``nnx.vmap``
+and run under ``nnx.scan`` as in Flax's "scan over layers" guide: one compiled block, whatever
+the depth. Both forms compute the same function of the same weights
+(:func:`stack_layers` / :func:`unstack_layers` convert between them). Depth pruning takes
+:func:`block_specs`: ``splice.drop_layer(params, "blocks/2")`` for the list,
+``splice.drop_layer(params, "blocks", index=2)`` for the stack.
+
 >>> cfg = LMConfig(dim=32, layers=2, kv_heads=2, groups=2, head_dim=8, hidden=64)
 >>> model = LM(cfg, rngs=nnx.Rngs(0))
 >>> model(jnp.zeros((3, 16), jnp.int32)).shape
 (3, 16, 256)
 >>> config_of(nnx.state(model, nnx.Param)) == cfg
+True
+>>> scanned = LM(dataclasses.replace(cfg, scan_layers=True), rngs=nnx.Rngs(0))
+>>> nnx.state(scanned, nnx.Param)["blocks"]["attn"]["q"].shape
+(2, 32, 2, 2, 8)
+>>> config_of(nnx.state(scanned, nnx.Param)).scan_layers
 True
 """
 
@@ -54,12 +68,19 @@ __all__ = [
     "rebuild",
     "eval_windows",
     "count_params",
+    "stack_layers",
+    "unstack_layers",
+    "block_specs",
 ]
 
 
 @dataclasses.dataclass(frozen=True)
 class LMConfig:
-    """Sizes of the workbench decoder. ``heads = kv_heads * groups`` query heads."""
+    """Sizes of the workbench decoder. ``heads = kv_heads * groups`` query heads.
+
+    ``scan_layers=True`` stacks the blocks' arrays on a leading layer axis and runs them under
+    ``nnx.scan`` (see the module docstring); ``False`` keeps an ``nnx.List`` of blocks.
+    """
 
     dim: int = 128
     layers: int = 4
@@ -70,6 +91,7 @@ class LMConfig:
     vocab: int = 256
     rope_base: float = 10_000.0
     eps: float = 1e-6
+    scan_layers: bool = False
 
     @property
     def heads(self) -> int:
@@ -194,47 +216,165 @@ class Block(nnx.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+@nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+def _scan(x: jax.Array, block: Block) -> jax.Array:
+    return block(x)
+
+
+@nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+def _scan_hiddens(x: jax.Array, block: Block) -> tuple[jax.Array, jax.Array]:
+    y = block(x)
+    return y, y
+
+
+def _stacked_blocks(cfg: LMConfig, rngs: nnx.Rngs) -> Block:
+    """``cfg.layers`` blocks as one :class:`Block` with a leading layer axis on every array."""
+
+    @nnx.split_rngs(splits=cfg.layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs: nnx.Rngs) -> Block:
+        return Block(cfg, rngs=rngs)
+
+    return make(rngs)
+
+
 class LM(nnx.Module):
     """Byte-level decoder: ``tokens (batch, seq) int -> logits (batch, seq, 256)``.
 
     ``hiddens=True`` also returns the residual stream before every block and after the last one
     (``layers + 1`` arrays of ``(batch, seq, dim)``), what ``splice.block_influence`` reads.
+    With ``cfg.scan_layers`` the blocks are one stacked :class:`Block` run under ``nnx.scan``
+    (the hidden states are the scan's per-layer outputs); the depth is the leading axis of the
+    arrays, so a state cut by ``splice.drop_layer(..., index=i)`` runs after ``nnx.update``.
     """
 
     def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
         self.embed = nnx.Param(jax.random.normal(rngs.params(), (cfg.vocab, cfg.dim)) * 0.02)
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.layers)])
+        if cfg.scan_layers:
+            self.blocks = _stacked_blocks(cfg, rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.layers)])
         self.norm = RMSNorm(cfg.dim, cfg.eps)
+        self.scan_layers = cfg.scan_layers
 
     def __call__(self, tokens, *, hiddens: bool = False):
         embed = self.embed[...]
         x = embed[tokens]
         hs = [x]
-        for block in self.blocks:
-            x = block(x)
-            hs.append(x)
+        if self.scan_layers and hiddens:
+            x, ys = _scan_hiddens(x, self.blocks)
+            hs.extend(ys[i] for i in range(ys.shape[0]))
+        elif self.scan_layers:
+            x = _scan(x, self.blocks)
+        else:
+            for block in self.blocks:
+                x = block(x)
+                hs.append(x)
         logits = self.norm(x) @ embed.T
         return (logits, hs) if hiddens else logits
+
+
+def _value(x: Any) -> Any:
+    return x.get_value() if hasattr(x, "get_value") else x
+
+
+def _is_stack(blocks: Any) -> bool:
+    """Whether an LM state's ``blocks`` node is the scanned form (named keys, not ``0 .. n-1``)."""
+    return hasattr(blocks, "keys") and "attn" in blocks.keys()
+
+
+def _pure(params: Any, fn_name: str) -> dict:
+    """``params`` as a pure dict (``nnx.to_pure_dict`` of a State); checks ``blocks`` is there."""
+    pure = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else dict(params.items())
+    if "blocks" not in pure:
+        raise ValueError(
+            f"{fn_name}: params has no 'blocks' (keys {sorted(map(str, pure))}); pass the "
+            "nnx.Param state of an LM, nnx.state(model, nnx.Param), or its pure dict"
+        )
+    return pure
+
+
+def stack_layers(params: Any) -> dict:
+    """The list-form LM state (``blocks/0/...``, ``blocks/1/...``) as the scanned form
+    (``blocks/...`` with block ``i`` at index ``i`` of a new leading axis), a pure dict.
+
+    ``LM(dataclasses.replace(cfg, scan_layers=True), ...)`` updated with it computes the same
+    function as the list model (see :func:`unstack_layers` for the way back).
+
+    >>> m = LM(LMConfig(dim=8, layers=3, kv_heads=1, groups=2, head_dim=4, hidden=8),
+    ...        rngs=nnx.Rngs(0))
+    >>> stack_layers(nnx.state(m, nnx.Param))["blocks"]["mlp"]["gate"].shape
+    (3, 8, 8)
+    """
+    pure = _pure(params, "lm.stack_layers")
+    blocks = pure["blocks"]
+    if _is_stack(blocks):
+        raise ValueError(
+            "lm.stack_layers: params['blocks'] is already a scanned stack (keys "
+            f"{sorted(blocks)}); unstack_layers is the way back"
+        )
+    keys = sorted(blocks)
+    pure["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *(blocks[k] for k in keys))
+    return pure
+
+
+def unstack_layers(params: Any) -> dict:
+    """The scanned-form LM state as the list form (``blocks/0/...``), a pure dict: index ``i``
+    of every stacked array becomes block ``i``."""
+    pure = _pure(params, "lm.unstack_layers")
+    stack = pure["blocks"]
+    if not _is_stack(stack):
+        raise ValueError(
+            "lm.unstack_layers: params['blocks'] is not a scanned stack (keys "
+            f"{sorted(stack)}); it is already the list form"
+        )
+    n = jax.tree.leaves(stack)[0].shape[0]
+    pure["blocks"] = {i: jax.tree.map(lambda a, i=i: a[i], stack) for i in range(n)}
+    return pure
+
+
+def block_specs(params: Any) -> list[str | tuple[str, int]]:
+    """The ``splice.drop_layer`` / ``splice.block_influence`` spec of every block, in order:
+    ``"blocks/<key>"`` for the list form, ``("blocks", i)`` for the scanned form.
+
+    >>> cfg = LMConfig(dim=8, layers=2, kv_heads=1, groups=2, head_dim=4, hidden=8)
+    >>> block_specs(nnx.state(LM(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+    ['blocks/0', 'blocks/1']
+    >>> cfg = dataclasses.replace(cfg, scan_layers=True)
+    >>> block_specs(nnx.state(LM(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+    [('blocks', 0), ('blocks', 1)]
+    """
+    blocks = params["blocks"]
+    if _is_stack(blocks):
+        return [("blocks", i) for i in range(_value(blocks["attn"]["q"]).shape[0])]
+    return [f"blocks/{k}" for k in sorted(blocks.keys())]
 
 
 def config_of(params: Any) -> LMConfig:
     """The :class:`LMConfig` that the shapes of an LM parameter state (or its pure dict) imply.
 
     This is how a model is rebuilt after surgery: ``LM(config_of(state), rngs=...)`` then
-    ``nnx.update(model, state)``.
+    ``nnx.update(model, state)`` (:func:`rebuild` does both). The list form has one entry per
+    block; the scanned form (``scan_layers=True``) takes ``layers`` from the leading axis.
     """
     get = params.get if hasattr(params, "get") else params.__getitem__
     blocks = get("blocks")
+    vocab = _value(get("embed")).shape[0]
+    if _is_stack(blocks):
+        q = _value(blocks["attn"]["q"])
+        if q.ndim != 5:
+            raise ValueError(
+                "lm.config_of: a scanned stack's 'blocks/attn/q' is (layers, dim, kv_heads, "
+                f"groups, head_dim), got shape {tuple(q.shape)}"
+            )
+        layers, dim, kv, groups, head_dim = q.shape
+        hidden = _value(blocks["mlp"]["gate"]).shape[-1]
+        return LMConfig(dim, layers, kv, groups, head_dim, hidden, vocab, scan_layers=True)
     keys = sorted(blocks.keys())
     first = blocks[keys[0]]
-
-    def arr(x):
-        return x.get_value() if hasattr(x, "get_value") else x
-
-    q = arr(first["attn"]["q"])
+    q = _value(first["attn"]["q"])
     dim, kv, groups, head_dim = q.shape
-    vocab = arr(get("embed")).shape[0]
-    hidden = arr(first["mlp"]["gate"]).shape[1]
+    hidden = _value(first["mlp"]["gate"]).shape[1]
     return LMConfig(dim, len(keys), kv, groups, head_dim, hidden, vocab)
 
 
@@ -248,19 +388,37 @@ def apply_fn(model: LM) -> tuple[Callable[..., Any], Any]:
     ``jaxslim.calibrate``. ``params`` is the ``nnx.Param`` state and
     ``fn(params, tokens, hiddens=False)`` runs whatever blocks ``params`` holds (in key order),
     at whatever widths their arrays have: it runs unchanged on a tree cut by
-    ``splice.drop_layer`` or ``splice.apply_plan``.
+    ``splice.drop_layer`` or ``splice.apply_plan``. For a scanned model (``scan_layers=True``)
+    ``fn`` runs ``jax.lax.scan`` over the leading layer axis of ``params["blocks"]``, so it runs
+    on a stack cut by ``splice.drop_layer(params, "blocks", index=i)`` too; with
+    ``hiddens=True`` it returns the scan's per-layer outputs as the ``layers + 1`` hidden states.
     """
-    block_def, _, block_rest = nnx.split(model.blocks[0], nnx.Param, ...)
+    if model.scan_layers:
+        block_def, _, block_rest = nnx.split(model.blocks, nnx.Param, ...)
+    else:
+        block_def, _, block_rest = nnx.split(model.blocks[0], nnx.Param, ...)
     norm_def, _, norm_rest = nnx.split(model.norm, nnx.Param, ...)
     params = nnx.state(model, nnx.Param)
 
+    def run_stack(stack, x, hiddens):
+        def body(h, layer):
+            h = nnx.merge(block_def, layer[0], layer[1])(h)
+            return h, (h if hiddens else None)
+
+        x, ys = jax.lax.scan(body, x, (stack, block_rest))
+        return x, ([] if ys is None else [ys[i] for i in range(ys.shape[0])])
+
     def fn(p, tokens, hiddens: bool = False):
-        embed = p["embed"][...] if hasattr(p["embed"], "get_value") else p["embed"]
+        embed = _value(p["embed"])
         x = embed[tokens]
         hs = [x]
-        for key in sorted(p["blocks"].keys()):
-            x = nnx.merge(block_def, p["blocks"][key], block_rest)(x)
-            hs.append(x)
+        if model.scan_layers:
+            x, ys = run_stack(p["blocks"], x, hiddens)
+            hs.extend(ys)
+        else:
+            for key in sorted(p["blocks"].keys()):
+                x = nnx.merge(block_def, p["blocks"][key], block_rest)(x)
+                hs.append(x)
         logits = nnx.merge(norm_def, p["norm"], norm_rest)(x) @ embed.T
         return (logits, hs) if hiddens else logits
 
@@ -269,12 +427,13 @@ def apply_fn(model: LM) -> tuple[Callable[..., Any], Any]:
 
 def rebuild(params: Any, *, seed: int = 0) -> LM:
     """A fresh :class:`LM` with the shapes of ``params`` (e.g. after ``splice.drop_layer`` or a
-    width cut), holding ``params``."""
+    width cut), holding ``params``. A scanned stack (``blocks/attn/q`` with a leading layer
+    axis) rebuilds a ``scan_layers=True`` model with as many layers as that axis holds."""
     model = LM(config_of(params), rngs=nnx.Rngs(seed))
     blocks = params["blocks"]
     keys = sorted(blocks.keys())
-    if keys != list(range(len(keys))):  # a dropped block leaves a gap in the list's keys
-        params = dict(params.items())
+    if not _is_stack(blocks) and keys != list(range(len(keys))):
+        params = dict(params.items())  # a dropped block leaves a gap in the list's keys
         params["blocks"] = {i: blocks[k] for i, k in enumerate(keys)}
     if not isinstance(params, nnx.State):
         params = nnx.State(

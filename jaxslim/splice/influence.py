@@ -20,13 +20,17 @@ import numpy as np
 import optax
 
 from jaxslim import _tree
-from jaxslim.splice.surgery import _split_block, drop_layer
+from jaxslim.splice.surgery import _check_index, _split_block, _stack_size, drop_layer
 
 __all__ = ["Influence", "block_influence"]
 
 
-def _check_blocks(params: Any, blocks: Sequence[Any], fn_name: str) -> tuple[Any, ...]:
-    """Validates :func:`drop_layer` specs up front: each path must be in ``params``."""
+def _check_blocks(
+    params: Any, blocks: Sequence[Any], fn_name: str, axis: int = 0
+) -> tuple[Any, ...]:
+    """Validates :func:`drop_layer` specs up front: each path must be in ``params``, and a
+    ``(path, index)`` spec must name a scanned stack (one layer count on ``axis``) and a layer
+    in it."""
     if isinstance(blocks, str) or not isinstance(blocks, Sequence):
         raise TypeError(
             f"{fn_name}: blocks must be a list of paths ('blocks/0', ...) or (path, index) "
@@ -34,15 +38,11 @@ def _check_blocks(params: Any, blocks: Sequence[Any], fn_name: str) -> tuple[Any
         )
     for blk in blocks:
         path, index = _split_block(blk, fn_name)
-        sub = _tree.get_path(params, path, fn_name=fn_name)
+        _tree.get_path(params, path, fn_name=fn_name)
         if index is not None:
-            for name, x in _tree.leaves_with_paths(sub):
-                n = getattr(x, "shape", (0,))[:1]
-                if not n or not 0 <= index < n[0]:
-                    raise ValueError(
-                        f"{fn_name}: layer {index} of the scanned stack {path!r} is out of "
-                        f"range for {path}/{name} with shape {getattr(x, 'shape', None)}"
-                    )
+            n, inside = _stack_size(params, path, axis, fn_name)
+            shape = _tree.get_path(params, inside[0], fn_name=fn_name).shape
+            _check_index(path, index, n, inside[0], shape, axis, fn_name)
     return tuple(blocks)
 
 
@@ -53,6 +53,8 @@ def _loss_and_hiddens(out: Any, i: int, fn_name: str) -> tuple[float, list[jax.A
             f"{fn_name}: fn(params, batch) must return (loss, hiddens), got {type(out).__name__}"
         )
     value, hiddens = out
+    if hasattr(hiddens, "ndim") and hasattr(hiddens, "shape") and hiddens.ndim >= 2:
+        hiddens = [hiddens[j] for j in range(hiddens.shape[0])]  # a stacked (n + 1, ..., d)
     if not isinstance(hiddens, Sequence):
         raise TypeError(
             f"{fn_name}: the hiddens fn returns must be a list of arrays, got "
@@ -88,6 +90,8 @@ def block_influence(
     params: Any,
     batches: Iterable[Any],
     blocks: Sequence[str | tuple[str, int]],
+    *,
+    axis: int = 0,
 ) -> Influence:
     """Scores residual blocks for removal: ShortGPT Block Influence and the ablation loss gap.
 
@@ -98,7 +102,18 @@ def block_influence(
     :func:`drop_layer` specs: a path (``"blocks/2"``; integer-keyed NNX states and their
     ``nnx.to_pure_dict`` form included) or ``(path, index)`` for a scanned stack.
 
-    Raises ``ValueError`` for a block path not in ``params``, no batches, a non-finite loss or
+    Scanned stacks (``nnx.scan`` over a module made under ``nnx.vmap``: every leaf under
+    ``"blocks"`` has a leading layer axis of size ``n``): score every layer with
+    ``blocks = [("blocks", i) for i in range(n)]`` (``axis=`` names another layer axis); each
+    ablation slices one layer out, ``drop_layer(params, "blocks", index=i, axis=axis)``. ``fn``
+    scans over whatever length the stack has and returns the scan's per-layer outputs as the
+    hidden states: ``hiddens`` may be a list or one array ``(len(blocks) + 1, ..., d)``, e.g.
+    ``jnp.concatenate([x[None], ys])`` for the scan's stacked outputs ``ys``
+    (``jaxslim.demo.lm.apply_fn`` and ``lm.block_specs`` do this for the LM workbench).
+
+    Raises ``ValueError`` for a block path not in ``params``, a ``(path, index)`` whose path
+    is not a scanned stack (a list of blocks, leaves with different sizes on ``axis``) or
+    an index outside it, no batches, a non-finite loss or
     hidden state (the scores would be NaN), or a count of hidden states other than
     ``len(blocks) + 1``; ``TypeError`` when ``fn`` does not return ``(loss, hiddens)``.
 
@@ -117,9 +132,22 @@ def block_influence(
     >>> inf = block_influence(fn, p, [jnp.ones((3, 2))], ["blocks/0", "blocks/1"])
     >>> inf.cosine.round(6).tolist(), inf.ablation.round(6).tolist()
     ([0.0, 0.0], [0.0, -3.0])
+
+    The same blocks as one scanned stack (a ``(2, 2, 2)`` array, the layer axis first):
+
+    >>> def scan_fn(p, x):
+    ...     def body(h, w):
+    ...         h = h + h @ w
+    ...         return h, h
+    ...     y, ys = jax.lax.scan(body, x, p["blocks"])
+    ...     return jnp.mean(y**2), jnp.concatenate([x[None], ys])
+    >>> q = {"blocks": jnp.stack(p["blocks"])}
+    >>> inf = block_influence(scan_fn, q, [jnp.ones((3, 2))], [("blocks", 0), ("blocks", 1)])
+    >>> inf.blocks, inf.ablation.round(6).tolist()
+    ((('blocks', 0), ('blocks', 1)), [0.0, -3.0])
     """
     fn_name = "splice.block_influence"
-    blocks = _check_blocks(params, blocks, fn_name)
+    blocks = _check_blocks(params, blocks, fn_name, axis)
     batches = list(batches)
     if not batches:
         raise ValueError("splice.block_influence: batches is empty")
@@ -141,7 +169,7 @@ def block_influence(
     base /= len(batches)
     ablation = np.zeros(len(blocks))
     for i, blk in enumerate(blocks):
-        smaller = drop_layer(params, blk)
+        smaller = drop_layer(params, blk, axis=axis)
         losses = [_loss_and_hiddens(jfn(smaller, b), n, fn_name)[0] for n, b in enumerate(batches)]
         ablation[i] = np.mean(losses) - base
     return Influence(blocks, 1.0 - cos, ablation)

@@ -380,19 +380,93 @@ def deepen(
     return w, jnp.zeros((width,), dtype)
 
 
-def _split_block(block: Any, fn_name: str = "splice.drop_layer") -> tuple[str, int | None]:
+def _split_block(
+    block: Any, fn_name: str = "splice.drop_layer", index: Any = None
+) -> tuple[str, int | None]:
+    """``(path, index)`` of a block spec: a path, ``(path, index)``, or a path and ``index=``."""
     if isinstance(block, tuple):
+        if index is not None:
+            raise TypeError(
+                f"{fn_name}: give the layer index once, as (path, index) or as index=, got "
+                f"block={block!r} and index={index!r}"
+            )
         ok = len(block) == 2 and isinstance(block[0], str)
         ok = ok and isinstance(block[1], int | np.integer) and not isinstance(block[1], bool)
         if not ok:
             raise TypeError(f"{fn_name}: a scanned-stack block is (path, int index), got {block!r}")
         return block[0], int(block[1])
     if isinstance(block, str):
-        return block, None
+        if index is not None and (
+            isinstance(index, bool) or not isinstance(index, int | np.integer)
+        ):
+            raise TypeError(
+                f"{fn_name}: index must be a Python int (it sets the stack's new length, so it "
+                f"cannot be traced), got {type(index).__name__} {index!r} for {block!r}"
+            )
+        return block, None if index is None else int(index)
     raise TypeError(
         f"{fn_name}: block must be a path such as 'blocks/1' or (path, index) for a "
         f"scanned stack, got {type(block).__name__} {block!r}"
     )
+
+
+def _is_block_list(node: Any) -> bool:
+    """A list/tuple of blocks or a mapping keyed ``0 .. n-1`` (the state of an ``nnx.List``)."""
+    if isinstance(node, list | tuple) and not hasattr(node, "_fields"):
+        return True
+    if isinstance(node, Mapping) and len(node) > 0:
+        keys = list(node)
+        return all(type(k) is int for k in keys) and sorted(keys) == list(range(len(keys)))
+    return False
+
+
+def _stack_size(params: Any, path: str, axis: int, fn_name: str) -> tuple[int, list[str]]:
+    """``(layers, leaf paths)`` of the scanned stack at ``path``: every array leaf under it has
+    the same size ``layers`` on ``axis``. Raises ``ValueError`` naming the path otherwise."""
+    if isinstance(axis, bool) or not isinstance(axis, int) or axis < 0:
+        raise TypeError(f"{fn_name}: axis must be an int >= 0, got {axis!r}")
+    names = [p for p, _ in _tree.leaves_with_paths(params)]
+    leaves = [
+        (p, x) for p, x in _tree.leaves_with_paths(params) if p == path or p.startswith(path + "/")
+    ]
+    if not leaves:
+        raise ValueError(f"{fn_name}: no leaf under {path!r}; leaves are {names[:8]}")
+    node = _tree.get_path(params, path, fn_name=fn_name)
+    if _is_block_list(node):
+        raise ValueError(
+            f"{fn_name}: {path!r} holds a list of {len(node)} blocks, not a scanned stack (one "
+            f"array per leaf with a layer axis {axis}); drop a listed block by its path, e.g. "
+            f"'{path}/0'"
+        )
+    sizes: dict[int, str] = {}
+    for name, x in leaves:
+        if not hasattr(x, "shape"):
+            raise ValueError(
+                f"{fn_name}: {name!r} under the scanned stack {path!r} is a "
+                f"{type(x).__name__}, not an array with a layer axis {axis}"
+            )
+        if x.ndim <= axis:
+            raise ValueError(
+                f"{fn_name}: {name!r} with shape {tuple(x.shape)} has no layer axis {axis}, so "
+                f"{path!r} is not a scanned stack on that axis"
+            )
+        sizes.setdefault(int(x.shape[axis]), name)
+    if len(sizes) > 1:
+        seen = ", ".join(f"{n!r}: {k}" for k, n in sizes.items())
+        raise ValueError(
+            f"{fn_name}: {path!r} is not a scanned stack: its leaves have different sizes on "
+            f"axis {axis} ({seen}), but a stacked layer axis holds one layer count; pass the "
+            "path of the stacked module (every leaf under it with the layer axis) or the axis"
+        )
+    return next(iter(sizes)), [n for n, _ in leaves]
+
+
+def _check_index(path: str, index: int, n: int, name: str, shape: Any, axis: int, fn_name: str):
+    if not 0 <= index < n:
+        raise ValueError(
+            f"{fn_name}: layer {index} is out of range for {name!r} with shape {tuple(shape)} "
+            f"on axis {axis}: the scanned stack {path!r} has {n} layers (index 0 .. {n - 1})"
+        )
 
 
 def _renumbered(params: Any, path: str, fn_name: str) -> Any:
@@ -422,7 +496,12 @@ def _renumbered(params: Any, path: str, fn_name: str) -> Any:
 
 
 def drop_layer(
-    params: Any, block: str | tuple[str, int], *, axis: int = 0, renumber: bool = False
+    params: Any,
+    block: str | tuple[str, int],
+    *,
+    index: int | None = None,
+    axis: int = 0,
+    renumber: bool = False,
 ) -> Any:
     """Removes a residual block (the model then treats it as the identity); returns a new tree.
 
@@ -432,9 +511,15 @@ def drop_layer(
       — behaves like a list: later blocks shift down, so the result is the state of the same
       model with ``n - 1`` blocks (``nnx.merge`` it with that model's graphdef). ``fn`` must
       iterate over what is there.
-    * ``block=("blocks", 1)``: a scanned stack, every leaf under ``blocks`` having a layer axis
-      ``axis``: index 1 is sliced out of each (an ``nnx.scan``-stacked state: every leaf under
-      the stacked module has the layer axis 0).
+    * ``block=("blocks", 1)``, or ``block="blocks", index=1``: a scanned stack, every leaf
+      under ``blocks`` having a layer axis ``axis`` of the same size ``n``: index 1 is sliced
+      out of each, leaving ``n - 1`` layers (an ``nnx.scan``-stacked state — a module created
+      under ``nnx.vmap`` — has the layer axis 0 on every leaf under the stacked module). The
+      model that scans over that axis then runs one layer fewer (rebuild an NNX model from a
+      config with ``layers - 1``, or ``nnx.update`` it: a scan takes its length from the arrays).
+      ``ValueError`` when the path holds a list of blocks (drop ``"blocks/1"`` instead), when
+      its leaves disagree on the size of ``axis`` (not a stack), for an index outside
+      ``0 .. n-1`` and for the last layer; ``TypeError`` for a traced index.
     * ``renumber=True``: string keys numbered like the dropped one (Hugging Face Flax
       ``".../layers/0"``, ``".../h/0"``; Linen ``"layer_0"``, ``"blocks_0"``) shift down, so the
       tree is the parameters of the same model with one layer fewer: rebuild the model from its
@@ -453,36 +538,27 @@ def drop_layer(
     1
     >>> drop_layer({"stack": {"w": jnp.ones((3, 2))}}, ("stack", 1))["stack"]["w"].shape
     (2, 2)
+    >>> drop_layer({"stack": {"w": jnp.ones((3, 2))}}, "stack", index=2)["stack"]["w"].shape
+    (2, 2)
     >>> sorted(drop_layer({"layer_0": 0, "layer_1": 1, "layer_2": 2}, "layer_0", renumber=True))
     ['layer_0', 'layer_1']
     """
-    path, index = _split_block(block)
+    fn_name = "splice.drop_layer"
+    path, index = _split_block(block, fn_name, index)
     if index is not None:
-        if isinstance(axis, bool) or not isinstance(axis, int) or axis < 0:
-            raise TypeError(f"splice.drop_layer: axis must be an int >= 0, got {axis!r}")
-        names = [p for p, _ in _tree.leaves_with_paths(params)]
-        inside = [p for p in names if p == path or p.startswith(path + "/")]
-        if not inside:
-            raise ValueError(f"splice.drop_layer: no leaf under {path!r}; leaves are {names[:8]}")
+        n, inside = _stack_size(params, path, axis, fn_name)
+        shape = _tree.get_path(params, inside[0], fn_name=fn_name).shape
+        _check_index(path, index, n, inside[0], shape, axis, fn_name)
+        if n == 1:
+            raise ValueError(
+                f"{fn_name}: the scanned stack {path!r} has a single layer left ({inside[0]!r} "
+                f"with shape {tuple(shape)}); a stack cannot be empty"
+            )
+        keep = np.delete(np.arange(n), index)
+        chosen = set(inside)
 
         def cut(p, x):
-            name = _tree.path_str(p)
-            if name not in inside:
-                return x
-            if not hasattr(x, "shape"):
-                raise ValueError(
-                    f"splice.drop_layer: {name!r} under the scanned stack {path!r} is a "
-                    f"{type(x).__name__}, not an array with a layer axis {axis}"
-                )
-            if x.ndim <= axis or not 0 <= index < x.shape[axis]:
-                raise ValueError(
-                    f"splice.drop_layer: layer {index} is out of range for "
-                    f"{name!r} with shape {tuple(x.shape)} on axis {axis}"
-                )
-            if x.shape[axis] == 1:
-                raise ValueError(f"splice.drop_layer: {name!r} has a single layer left")
-            keep = np.delete(np.arange(x.shape[axis]), index)
-            return jnp.take(x, keep, axis=axis)
+            return jnp.take(x, keep, axis=axis) if _tree.path_str(p) in chosen else x
 
         return jax.tree_util.tree_map_with_path(cut, params)
     if not isinstance(renumber, bool):
