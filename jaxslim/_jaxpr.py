@@ -24,6 +24,19 @@ the same way, so a calibration hook can look its kernels up by ``Call.index``.
 Also here: :func:`make_jaxpr` (trace ``fn(params, *args)`` on shapes only and name every input by
 its parameter path) and :func:`kernel_uses` (which parameter leaf feeds which matmul or
 convolution, and which of its axes are contracted and which are output).
+
+**The internal API.** The names in ``__all__`` are what splice/, calibrate and quant/ use; other
+modules never reach for an underscored name here. By job:
+
+* tracing: :func:`make_jaxpr` -> :class:`Traced`; :func:`abstract` (an array's
+  ``ShapeDtypeStruct``, sharding kept);
+* reading: :func:`control` and its records, :func:`open_jaxpr`, :func:`shape`,
+  :func:`use_counts`;
+* walking: subclass :class:`Walker`; :func:`bind` evaluates one ordinary equation;
+* kernels: :func:`kernel_uses` (traces) / :func:`kernel_uses_of` (an existing :class:`Traced`)
+  -> ``{path: [KernelUse]}``; :func:`sites` numbers the matmuls;
+* evaluating with a hook per matmul: :func:`eval_jaxpr` / :func:`run`, the hook getting a
+  :class:`Hooked`.
 """
 
 from __future__ import annotations
@@ -51,11 +64,14 @@ __all__ = [
     "Walker",
     "use_counts",
     "Traced",
+    "abstract",
     "make_jaxpr",
     "KernelUse",
     "kernel_uses",
+    "kernel_uses_of",
     "sites",
     "Hooked",
+    "bind",
     "eval_jaxpr",
     "run",
 ]
@@ -355,7 +371,16 @@ class Traced:
         return self.param_paths + (None,) * len(self.arg_paths)
 
 
-def _abstract(x: Any) -> Any:
+def abstract(x: Any) -> Any:
+    """The ``jax.ShapeDtypeStruct`` (shape, dtype and sharding) of an array or of a
+    ``ShapeDtypeStruct``; any other value (a Python scalar, ``None``) is returned unchanged.
+
+    Tracing on these instead of the arrays costs no compute and keeps shardings.
+
+    >>> import jax.numpy as jnp
+    >>> abstract(jnp.ones((2, 3))).shape, abstract(1.5)
+    ((2, 3), 1.5)
+    """
     if hasattr(x, "shape") and hasattr(x, "dtype"):
         return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
     return x
@@ -418,9 +443,9 @@ def make_jaxpr(
             "parameter tree fn reads as its first argument ({'params': ...} for Linen, "
             "nnx.state(model) or nnx.split(model)[1] for NNX)"
         )
-    abstract = jax.tree.map(_abstract, (params, args))
+    shapes = jax.tree.map(abstract, (params, args))
     try:
-        closed, out = jax.make_jaxpr(lambda p, a: fn(p, *a), return_shape=True)(*abstract)
+        closed, out = jax.make_jaxpr(lambda p, a: fn(p, *a), return_shape=True)(*shapes)
     except Exception as e:  # noqa: BLE001 - re-raised with the function named and a hint
         kind = TypeError if isinstance(e, TypeError) else ValueError
         msg = str(e).strip().splitlines()[0][:300].rstrip(".") if str(e).strip() else ""
@@ -705,8 +730,22 @@ def kernel_uses(
     >>> [(k, u[0].contracted, u[0].output, u[0].index) for k, u in uses.items()]
     [('dense', (0,), (1,), 0), ('eqx', (1,), (0,), 1), ('heads', (1,), (0, 2), 2)]
     """
-    t = make_jaxpr(fn, params, *args, fn_name=fn_name)
-    return _group_uses(_walk_kernels(t.jaxpr, t.consts, t.labels).uses)
+    return kernel_uses_of(make_jaxpr(fn, params, *args, fn_name=fn_name))
+
+
+def kernel_uses_of(traced: Traced) -> dict[str, list[KernelUse]]:
+    """:func:`kernel_uses` of a function already traced by :func:`make_jaxpr` (no second trace).
+
+    Returns ``{path: [KernelUse, ...]}``: every parameter leaf (named by ``traced.param_paths``)
+    that is an operand of a ``dot_general`` or convolution, ordered by its first use in execution
+    order, each list ordered by ``KernelUse.index`` (then operand).
+
+    >>> import jax.numpy as jnp
+    >>> t = make_jaxpr(lambda p, x: x @ p["w"], {"w": jnp.ones((3, 2))}, jnp.ones(3))
+    >>> [(k, u[0].contracted, u[0].output) for k, u in kernel_uses_of(t).items()]
+    [('w', (0,), (1,))]
+    """
+    return _group_uses(_walk_kernels(traced.jaxpr, traced.consts, traced.labels).uses)
 
 
 def _group_uses(uses: list[KernelUse]) -> dict[str, list[KernelUse]]:
@@ -759,17 +798,30 @@ class Hooked:
 Hook = Callable[[Any, Hooked], Any]
 
 
-def _bind(eqn: Any, ins: Sequence[Any]) -> list:
-    bind = eqn.primitive.get_bind_params(eqn.params)
-    if isinstance(bind, tuple):  # older jax: (subfuns, params)
-        subfuns, bind = bind
+def bind(eqn: Any, ins: Sequence[Any]) -> list:
+    """Applies the primitive of the jaxpr equation ``eqn`` to the values ``ins`` (one per
+    ``eqn.invars``: arrays, tracers or Python scalars), with the equation's parameters and its
+    context (e.g. a mesh); returns the list of output values, one per ``eqn.outvars`` (a list of
+    one for a single-result primitive).
+
+    What :func:`eval_jaxpr` does at every ordinary equation; a :class:`Walker` that evaluates
+    (``quant.quantized``) calls it for the equations it does not rewrite.
+
+    >>> import jax.numpy as jnp
+    >>> eqn = jax.make_jaxpr(jnp.sin)(1.0).jaxpr.eqns[0]
+    >>> [round(float(y), 4) for y in bind(eqn, [jnp.float32(0.5)])]
+    [0.4794]
+    """
+    params = eqn.primitive.get_bind_params(eqn.params)
+    if isinstance(params, tuple):  # older jax: (subfuns, params)
+        subfuns, params = params
         ins = [*subfuns, *ins]
     ctx = getattr(getattr(eqn, "ctx", None), "manager", None)
     if ctx is None:
-        out = eqn.primitive.bind(*ins, **bind)
+        out = eqn.primitive.bind(*ins, **params)
     else:
         with ctx:
-            out = eqn.primitive.bind(*ins, **bind)
+            out = eqn.primitive.bind(*ins, **params)
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
@@ -796,7 +848,7 @@ class _Interpreter(Walker):
         return lit.val
 
     def equation(self, eqn, ins):
-        outs = _bind(eqn, ins)
+        outs = bind(eqn, ins)
         if self.hook is not None and eqn.primitive.name in MATMULS:
             index = self.site_index[self.site]
             kernels = self.kernels.get(index, ())

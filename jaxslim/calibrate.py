@@ -38,9 +38,10 @@ stacked; its sites must contract the same kernel axes. A stacked kernel ``(L, ..
 
 **Cost.** One forward pass per batch, compiled once per batch shape; the forward after the last
 selected kernel is dead code that XLA removes. Memory: the accumulators (``k^2`` floats per
-kernel, per layer of a stack) plus one forward's activations; ``kernels=[path]`` keeps one
-kernel's at a time. Sharded params stay where they are (nothing is gathered); the statistics come
-out with whatever sharding XLA gives them.
+kernel, per layer of a stack; donated to each step, so updated in place, one copy) plus one
+forward's activations; ``kernels=[path]`` keeps one kernel's at a time. Sharded params stay
+where they are (nothing is gathered); the statistics come out with whatever sharding XLA gives
+them.
 """
 
 from __future__ import annotations
@@ -321,8 +322,7 @@ def _trace(fn, params, batch, b, fn_name) -> _Compiled:
         t = _jaxpr.make_jaxpr(fn, params, batch, fn_name=fn_name)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{e} (batch {b})") from e
-    kw = _jaxpr._walk_kernels(t.jaxpr, t.consts, t.labels)
-    return _Compiled(t, _jaxpr._group_uses(kw.uses))
+    return _Compiled(t, _jaxpr.kernel_uses_of(t))
 
 
 def _statistics(
@@ -351,19 +351,11 @@ def _statistics(
             if plans is None:
                 plans = _make_plans(c.uses, selected, leaves, strict, fn_name)
             _check_uses(c.uses, plans, leaves, fn_name)
-            step = jax.jit(_make_step(c.traced, _make_hook(plans, dtype, fn_name)))
+            step = _jit_step(c.traced, _make_hook(plans, dtype, fn_name))
             compiled[sig] = (c, step)
         c, step = compiled[sig]
         if acc is None:
-            acc = {
-                p: (
-                    jnp.zeros((*pl.lead_shape, pl.k, pl.k), dtype),
-                    jnp.zeros((*pl.lead_shape, pl.k), dtype),
-                    jnp.zeros((*pl.lead_shape, pl.k), dtype),
-                    jnp.zeros(pl.lead_shape, jnp.int32),
-                )
-                for p, pl in plans.items()
-            }
+            acc = _zeros(plans, dtype)
         acc, ok = step(param_leaves, list(c.traced.consts), acc, jax.tree.leaves(batch))
         bad = [p for p, flag in jax.device_get(ok).items() if not bool(flag)]
         if bad:
@@ -442,6 +434,30 @@ def _make_step(t: _jaxpr.Traced, hook):
         return acc, ok
 
     return step
+
+
+def _jit_step(t: _jaxpr.Traced, hook):
+    """The jitted accumulation step ``(param_leaves, consts, acc, batch_leaves) -> (acc, ok)``.
+
+    ``acc`` (argument 2) is donated: XLA writes the new sums into the old buffers, so one copy
+    of every kernel's accumulators is alive during a step, not the old and the new one (with all
+    kernels at once that second copy was the whole ``sum k^2`` again). The caller must not read
+    an ``acc`` after passing it.
+    """
+    return jax.jit(_make_step(t, hook), donate_argnums=(2,))
+
+
+def _zeros(plans: dict[str, _Plan], dtype: Any) -> dict:
+    """Fresh accumulators ``(xtx, sq_norm, absmax, count)`` per kernel, one buffer each."""
+    return {
+        p: (
+            jnp.zeros((*pl.lead_shape, pl.k, pl.k), dtype),
+            jnp.zeros((*pl.lead_shape, pl.k), dtype),
+            jnp.zeros((*pl.lead_shape, pl.k), dtype),
+            jnp.zeros(pl.lead_shape, jnp.int32),
+        )
+        for p, pl in plans.items()
+    }
 
 
 def statistics(

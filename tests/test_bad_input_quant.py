@@ -689,6 +689,12 @@ ROWS = [
         id="model-nan-calibration",
     ),
     pytest.param(
+        lambda: quantize_model(_model(), S8, calibration=jnp.ones((2, 5))),
+        TypeError,
+        r"flax.quantize_model: .*\(fn=Stack.__call__\).* got \(5,\) and \(8,\)",
+        id="model-calibration-wrong-width",
+    ),
+    pytest.param(
         lambda: quantize_model(_model(), S8, act_bits=5),
         ValueError,
         r"flax.quantize_model: act_bits .* got 5",

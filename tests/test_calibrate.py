@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 from jax import lax
 
-from jaxslim import calibrate
+from jaxslim import _tree, calibrate
 from jaxslim.demo import lm
 
 RNG = np.random.default_rng(0)
@@ -72,6 +72,30 @@ def test_kernels_restricts_to_the_listed_paths_and_gives_the_same_values():
     one = calibrate.statistics(mlp, MLP, BATCHES, kernels=["l2/kernel"])
     assert list(one) == ["l2/kernel"]
     np.testing.assert_array_equal(one["l2/kernel"].xtx, full["l2/kernel"].xtx)
+
+
+def test_accumulation_step_donates_its_accumulators():
+    """The jitted step updates the accumulators in place: XLA aliases every accumulator byte to
+    an output, the buffers passed in are deleted (no second copy kept), and two steps sum."""
+    c = calibrate._trace(mlp, MLP, BATCHES[0], 0, "test")
+    leaves = dict(_tree.leaves_with_paths(MLP))
+    plans = calibrate._make_plans(c.uses, list(c.uses), leaves, False, "test")
+    step = calibrate._jit_step(c.traced, calibrate._make_hook(plans, jnp.float32, "test"))
+    args = ([x for x in leaves.values()], list(c.traced.consts))
+    acc0 = calibrate._zeros(plans, jnp.float32)
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(acc0))
+    assert nbytes == 4 * sum(k * k + 2 * k + 1 for k in (4, 6, 5))
+    memory = step.lower(*args, acc0, [BATCHES[0]]).compile().memory_analysis()
+    assert memory.alias_size_in_bytes == nbytes
+    acc1, ok = step(*args, acc0, [BATCHES[0]])
+    assert all(x.is_deleted() for x in jax.tree.leaves(acc0))
+    acc2, ok = step(*args, acc1, [BATCHES[1]])
+    assert all(x.is_deleted() for x in jax.tree.leaves(acc1)) and all(jax.device_get(ok).values())
+    xtx, sq, am, n = ref(jnp.concatenate(BATCHES))
+    np.testing.assert_allclose(acc2["l1/kernel"][0], xtx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(acc2["l1/kernel"][1], sq, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(acc2["l1/kernel"][2], am, rtol=1e-5, atol=1e-5)
+    assert int(acc2["l1/kernel"][3]) == n
 
 
 def test_where_regex_selects_kernels():

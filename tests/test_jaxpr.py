@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax import lax
+from jax.extend.core import Literal
 
 from jaxslim import _jaxpr
 
@@ -228,9 +229,9 @@ def test_make_jaxpr_keeps_shardings_and_names_inputs():
     mesh = jax.make_mesh((8,), ("x",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "x"))
     w = jax.device_put(rnd(0, 4, 16), sharding)
-    assert _jaxpr._abstract(w).sharding == sharding
+    assert _jaxpr.abstract(w).sharding == sharding
     sds = jax.ShapeDtypeStruct((4, 16), F32, sharding=sharding)
-    assert _jaxpr._abstract(sds).sharding == sharding
+    assert _jaxpr.abstract(sds).sharding == sharding
     t = _jaxpr.make_jaxpr(lambda p, x: x @ p["w"], {"w": w}, jnp.ones((2, 4)))
     assert t.param_paths == ("w",) and t.arg_paths == ("0",) and t.labels == ("w", None)
     assert jax.tree.structure(jnp.ones(1)) == t.out_tree
@@ -332,3 +333,72 @@ def test_eval_jaxpr_without_hook_equals_jax_eval_and_rejects_bad_loops():
     assert state is None
     with pytest.raises(ValueError, match=r"jaxslim\.eval_jaxpr: loops must be 'lax' or 'python'"):
         _jaxpr.eval_jaxpr(closed, None, *leaves, loops="unroll")
+
+
+# ---------------------------------------------------------------- the internal API
+
+
+@pytest.mark.parametrize("fn, wshape, xshape, expected", LAYOUTS)
+def test_kernel_uses_of_a_traced_fn_equals_kernel_uses(fn, wshape, xshape, expected):
+    p = {"w": rnd(0, *wshape), "b": rnd(1, 2)}
+    x = rnd(2, *xshape)
+    t = _jaxpr.make_jaxpr(fn, p, x)
+    assert _jaxpr.kernel_uses_of(t) == _jaxpr.kernel_uses(fn, p, x)
+
+
+def test_bind_evaluates_every_ordinary_equation_like_jax():
+    """Binding the equations one by one, eagerly and under jit, gives ``fn``'s output."""
+
+    def fn(w, x):
+        y = jnp.einsum("bi,io->bo", x, w, precision=lax.Precision.HIGHEST)
+        y = jnp.split(jnp.cumsum(jax.nn.softmax(y, axis=-1), axis=0), 2, axis=1)  # multi-result
+        return jnp.concatenate([y[1], y[0]], axis=1).astype(jnp.bfloat16)
+
+    w, x = rnd(0, 3, 4), rnd(1, 2, 3)
+    closed = jax.make_jaxpr(fn)(w, x)
+
+    def run(w, x):
+        env = dict(zip(closed.jaxpr.invars, (w, x), strict=True))
+        env.update(zip(closed.jaxpr.constvars, closed.consts, strict=True))
+        for eqn in closed.jaxpr.eqns:
+            ins = [v.val if isinstance(v, Literal) else env[v] for v in eqn.invars]
+            outs = _jaxpr.bind(eqn, ins)
+            assert isinstance(outs, list) and len(outs) == len(eqn.outvars)
+            env.update(zip(eqn.outvars, outs, strict=True))
+        return env[closed.jaxpr.outvars[0]]
+
+    for wrap in (lambda f: f, jax.jit):
+        got = wrap(run)(w, x)
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(fn(w, x), np.float32))
+
+
+def test_abstract_keeps_shape_dtype_and_passes_non_arrays_through():
+    a = _jaxpr.abstract(jnp.ones((2, 3), jnp.bfloat16))
+    assert isinstance(a, jax.ShapeDtypeStruct) and (a.shape, a.dtype) == ((2, 3), jnp.bfloat16)
+    assert _jaxpr.abstract(np.zeros((4,), np.int8)).dtype == np.int8
+    assert _jaxpr.abstract(1.5) == 1.5 and _jaxpr.abstract(None) is None
+
+
+def test_no_module_uses_an_underscored_name_of_jaxpr():
+    """The internal API is ``_jaxpr.__all__``: every name another jaxslim module (or benchmark)
+    takes from ``_jaxpr`` is in it, and none starts with an underscore."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(_jaxpr.__file__).parent
+    used = {}
+    for f in sorted(root.rglob("*.py")) + sorted((root.parent / "benchmarks").glob("*.py")):
+        if f.name == "_jaxpr.py":
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Attribute) and getattr(node.value, "id", None) == "_jaxpr":
+                used.setdefault(node.attr, f.name)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("_jaxpr"):
+                for alias in node.names:
+                    used.setdefault(alias.name, f.name)
+    assert used, "no module uses _jaxpr?"
+    outside = {name: f for name, f in used.items() if name not in _jaxpr.__all__}
+    assert outside == {}
+    assert all(not name.startswith("_") for name in _jaxpr.__all__)
+    assert all(getattr(_jaxpr, name).__doc__ for name in _jaxpr.__all__)

@@ -188,6 +188,84 @@ def test_quantize_model_with_calibration_beats_round_to_nearest():
         quantize_model(nnx.clone(net), rules, gptq_options={"damp": 0.1})
 
 
+class _Stack(nnx.Module):
+    def __init__(self, rngs):
+        self.layers = nnx.List([nnx.Linear(8, 8, rngs=rngs) for _ in range(3)])
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = jnp.tanh(layer(x))
+        return x
+
+
+def _hessian(rows):
+    rows = rows.reshape(-1, rows.shape[-1]).astype(jnp.float32)
+    return jnp.matmul(rows.T, rows, precision=lax.Precision.HIGHEST) / rows.shape[0]
+
+
+def _assert_same_qarray(got, want):
+    assert isinstance(got, QArray) and got.spec == want.spec
+    np.testing.assert_array_equal(np.asarray(got.values), np.asarray(want.values))
+    np.testing.assert_allclose(np.asarray(got.scale), np.asarray(want.scale), rtol=1e-6)
+
+
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_calibrated_quantize_model_is_gptq_on_the_inputs_of_the_quantized_model(act_bits):
+    """Layer after layer: kernel i is ``quant.gptq(w_i, X_i^T X_i / n)``, ``X_i`` the rows layer i
+    sees in the *final* model (earlier layers quantized, with their ``act_bits``), over both
+    batches; the report lists every kernel with its bytes."""
+    net = _Stack(nnx.Rngs(0))
+    w = [layer.kernel[...] for layer in net.layers]
+    rng = np.random.default_rng(1)
+    xs = [jnp.asarray(rng.normal(size=(n, 8)), jnp.float32) for n in (24, 40)]
+    rules = [("layers/1/", QuantSpec(8, axis=-1)), (None, QuantSpec(4, axis=-1))]
+    report = quantize_model(net, rules, calibration=xs, act_bits=act_bits)
+    h = list(xs)
+    for i, layer in enumerate(net.layers):
+        spec = rules[0][1] if i == 1 else rules[1][1]
+        want = quant.gptq(w[i], _hessian(jnp.concatenate(h)), spec)
+        _assert_same_qarray(layer.kernel[...], want)
+        h = [jnp.tanh(layer(x)) for x in h]
+    assert [(r.path, r.bytes_after) for r in report.rows] == [
+        (f"layers/{i}/kernel", layer.kernel[...].nbytes) for i, layer in enumerate(net.layers)
+    ]
+
+
+def test_calibrated_conv_kernel_is_gptq_on_its_im2col_patches():
+    """A Conv kernel's Hessian is that of its patches (``conv_patches``), the head's that of the
+    quantized conv's output; ``gptq_options`` reach ``quant.gptq``."""
+    net = _Net(nnx.Rngs(0))
+    wc, wh = net.conv.kernel[...], net.head.kernel[...]
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(48, 8, 2)), jnp.float32)
+    rules = [("conv", QuantSpec(3, axis=(0, -1))), (None, QuantSpec(3, axis=-1, group_size=32))]
+    opts = {"damp": 0.05, "block_size": 16}
+    quantize_model(net, rules, calibration=x, gptq_options=opts)
+    dn = lax.conv_dimension_numbers(x.shape, wc.shape, ("NWC", "WIO", "NWC"))
+    patches = conv_patches(x, wc.shape, (1,), "SAME", dimension_numbers=dn)
+    want = quant.gptq(wc, _hessian(patches), rules[0][1], **opts)
+    _assert_same_qarray(net.conv.kernel[...], want)
+    hidden = jax.nn.relu(net.conv(x)).reshape(x.shape[0], -1)
+    want = quant.gptq(wh, _hessian(hidden), rules[1][1], **opts)
+    _assert_same_qarray(net.head.kernel[...], want)
+
+
+def test_a_kernel_that_feeds_no_matmul_rounds_to_nearest_under_calibration():
+    class Skip(nnx.Module):
+        def __init__(self, rngs):
+            self.used = nnx.Linear(4, 4, rngs=rngs)
+            self.unused = nnx.Linear(4, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.used(x)
+
+    net = Skip(nnx.Rngs(0))
+    w = net.unused.kernel[...]
+    spec = QuantSpec(4, axis=-1)
+    quantize_model(net, spec, calibration=jnp.ones((3, 4)))
+    _assert_same_qarray(net.unused.kernel[...], quant.quantize(w, spec))
+
+
 DN = (((1,), (0,)), ((), ()))
 BLOCK_SPECS = [
     QuantSpec(8, axis=-1),

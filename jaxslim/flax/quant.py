@@ -19,7 +19,9 @@ NNX, quantization-aware training (QAT)::
 
 NNX, GPTQ (Frantar et al., 2023): pass model inputs as ``calibration`` and each Linear/Conv kernel
 is quantized with ``quant.gptq`` from the statistics of its own inputs, layer after layer (a layer
-sees the outputs of the layers already quantized before it)::
+sees the outputs of the layers already quantized before it). The statistics come from the core,
+``jaxslim.calibrate.statistics`` on ``nnx.merge(graphdef, state)(x)``; ``quant.oneshot`` does the
+same for any function (Linen, Hugging Face Flax, Equinox) and returns a quantized tree instead::
 
     quantize_model(model, QuantSpec(4, axis=-1, group_size=32), calibration=x_train[:1024])
 
@@ -41,7 +43,7 @@ from flax import nnx
 from flax.nnx.nn import dtypes
 from jax import lax
 
-from jaxslim import _tree
+from jaxslim import _jaxpr, _tree, calibrate
 from jaxslim.quant.dot import qdot_general
 from jaxslim.quant.gptq import gptq
 from jaxslim.quant.observers import Observer
@@ -210,49 +212,38 @@ def conv_patches(
     return jnp.swapaxes(p.reshape(*p.shape[:-1], cin, s), -1, -2).reshape(p.shape)
 
 
-def _capture_hessian(model, m, batches) -> jax.Array | None:
-    """``X^T X / n`` of the inputs ``m`` sees when ``model`` runs on ``batches`` (None: no call).
+def _as_fn(model: nnx.Module) -> tuple[Callable[[Any, Any], Any], Any]:
+    """``(fn, state)`` with ``fn(state, x) == model(x)``: the model's current graph (quantized
+    layers included) as the pure function ``jaxslim.calibrate`` traces."""
+    graphdef, state = nnx.split(model)
 
-    The forward pass runs under ``nnx.jit`` (one compilation per layer and batch shape); a hook on
-    the layer's ``dot_general`` / ``conv_general_dilated`` adds up the statistics in the trace.
+    def call(state, x):
+        return nnx.merge(graphdef, state)(x)
+
+    call.__qualname__ = f"{type(model).__name__}.__call__"  # what errors name
+    return call, state
+
+
+def _calibrated_hessian(model: nnx.Module, name: str, batches: list) -> jax.Array:
+    """``X^T X / n`` of the input rows of kernel ``name`` when ``model`` runs on ``batches``.
+
+    ``calibrate.statistics`` on the model's *current* state, so the layers quantized before this
+    one (with their ``act_bits``) shape its inputs. A Linear kernel's rows are its input vectors;
+    a Conv kernel ``(*spatial, in, out)``'s are its im2col patches ordered like
+    ``kernel.reshape(-1, out)``'s rows (``conv_patches``): ``(K, K)`` with ``K =
+    prod(kernel.shape[:-1])``, what ``quant.gptq`` takes.
     """
-    stats: list[tuple[jax.Array, int]] = []
+    fn, state = _as_fn(model)
+    stats = calibrate.statistics(
+        fn, state, batches, where=lambda path, _: path == name, kernels=[name]
+    )[name]
+    return stats.xtx / stats.count.astype(stats.xtx.dtype)
 
-    def add(x):
-        x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-        stats.append((jnp.matmul(x2.T, x2, precision=lax.Precision.HIGHEST), x2.shape[0]))
 
-    if isinstance(m, nnx.Linear):
-        attr, orig = "dot_general", m.dot_general
-
-        def hook(lhs, rhs, *args, **kw):
-            add(lhs)
-            return orig(lhs, rhs, *args, **kw)
-    else:
-        attr, orig = "conv_general_dilated", m.conv_general_dilated
-
-        def hook(lhs, rhs, *args, **kw):
-            add(conv_patches(lhs, rhs.shape, *args, **kw))
-            return orig(lhs, rhs, *args, **kw)
-
-    @nnx.jit
-    def forward(model, x):
-        stats.clear()
-        model(x)
-        if not stats:
-            return jnp.zeros((0, 0), jnp.float32), 0
-        return sum(h for h, _ in stats), sum(c for _, c in stats)
-
-    setattr(m, attr, hook)
-    try:
-        h, n = None, 0
-        for xb in batches:
-            hb, nb = forward(model, jnp.asarray(xb))
-            if hb.size:
-                h, n = (hb if h is None else h + hb), n + int(nb)
-    finally:
-        setattr(m, attr, orig)
-    return None if h is None else h / n
+def _reached(model: nnx.Module, batch: Any) -> set[str]:
+    """The kernel paths that feed a ``dot_general`` / convolution of ``model(batch)``."""
+    fn, state = _as_fn(model)
+    return set(_jaxpr.kernel_uses(fn, state, batch, fn_name="flax.quantize_model"))
 
 
 @partial(jax.jit, static_argnums=(1, 2))
@@ -291,9 +282,12 @@ def quantize_model(
       observer: how kernel scales are chosen, e.g. ``quant.mse_observer`` (MSE-optimal clipping,
         better for 4 bits); ``None``: min/max of the kernel.
       calibration: model inputs (an array, or an iterable of arrays) for GPTQ: each Linear and
-        Conv kernel is quantized by ``quant.gptq`` from its own inputs, in model order, after the
-        layers before it are quantized (other layers round to nearest). Not with ``observer``.
-        A batch with NaN or inf raises ``ValueError`` (so does a kernel with NaN or inf).
+        Conv kernel is quantized by ``quant.gptq`` from the Hessian ``X^T X / n`` of its own
+        inputs (``jaxslim.calibrate.statistics``; a Conv's rows are its im2col patches), in
+        model order, after the layers before it are quantized (other layers, and kernels that
+        feed no matmul of ``model(x)``, round to nearest). Not with ``observer``. A batch with
+        NaN or inf raises ``ValueError`` (so does a kernel with NaN or inf, and a kernel in a
+        branch no batch runs).
       gptq_options: keyword arguments for ``quant.gptq`` (``damp``, ``block_size``,
         ``clip_candidates``).
 
@@ -322,23 +316,26 @@ def quantize_model(
         raise ValueError(
             f"{fn}: gptq_options takes damp, block_size and clip_candidates, got {sorted(unknown)}"
         )
+    reached: set[str] = set()
     if calibration is not None:
         batches = [calibration] if hasattr(calibration, "shape") else list(calibration)
         if not batches:
             raise ValueError(f"{fn}: calibration holds no batch")
+        batches = [jnp.asarray(xb) for xb in batches]
         for i, xb in enumerate(batches):
-            if hasattr(xb, "dtype") and jnp.issubdtype(xb.dtype, jnp.floating):
-                check_finite(jnp.asarray(xb), f"calibration batch {i}", fn)
+            if jnp.issubdtype(xb.dtype, jnp.floating):
+                check_finite(xb, f"calibration batch {i}", fn)
+    plan = _plan(model, rules, default, fn)
+    if calibration is not None and any(s is not None and _gptq_applies(m) for _, m, _, s in plan):
+        reached = _reached(model, batches[0])
     rows = []
-    for name, m, kernel, spec in _plan(model, rules, default, fn):
+    for name, m, kernel, spec in plan:
         if spec is None:
             rows.append(LeafSize(name, tuple(kernel.shape), None, kernel.nbytes, kernel.nbytes))
             continue
         check_finite(kernel, name, fn)
-        h = None
-        if calibration is not None and _gptq_applies(m):
-            h = _capture_hessian(model, m, batches)
-        if h is not None:
+        if name in reached and _gptq_applies(m):
+            h = _calibrated_hessian(model, name, batches)
             q = gptq(kernel, h, spec, path=name, **(gptq_options or {}))
         else:
             jax.eval_shape(partial(quantize, spec=spec, path=name), kernel)  # names the leaf

@@ -122,7 +122,7 @@ class _Runner(_jaxpr.Walker):
     # -- ordinary equations ---------------------------------------------------------------------
     def equation(self, eqn, ins):
         if not any(isinstance(x, _QView) for x in ins):
-            return _jaxpr._bind(eqn, ins)
+            return _jaxpr.bind(eqn, ins)
         name, p = eqn.primitive.name, eqn.params
         v = ins[0]
         if isinstance(v, _QView) and len(ins) == 1:
@@ -131,7 +131,7 @@ class _Runner(_jaxpr.Walker):
                 return [out]
         if name == "dot_general":
             return [self._dot(eqn, ins)]
-        return _jaxpr._bind(eqn, [_mat(x) for x in ins])
+        return _jaxpr.bind(eqn, [_mat(x) for x in ins])
 
     def _layout(self, eqn, name, p, v: _QView) -> _QView | None:
         out = eqn.outvars[0].aval
@@ -179,7 +179,7 @@ class _Runner(_jaxpr.Walker):
         qc = [v.dims[d] for d in vc]
         qb = [v.dims[d] for d in vb]
         if any(d is None for d in (*qc, *qb)):
-            return _jaxpr._bind(eqn, [_mat(a) for a in ins])[0]
+            return _jaxpr.bind(eqn, [_mat(a) for a in ins])[0]
         lhs_spec = None
         if self.activations is not None and k == 1 and jnp.issubdtype(x.dtype, jnp.floating):
             keep = tuple(i for i in range(x.ndim) if i not in xc)  # one scale per token

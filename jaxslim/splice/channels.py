@@ -277,7 +277,7 @@ def _select_groups(
 def _check_runs(fn: Callable[..., Any], new: Any, args: tuple, fn_name: str) -> bool:
     """Re-traces ``fn`` on the pruned shapes: True if it runs, False if it is a module that
     must be rebuilt from the report (Linen's ``ScopeParamShapeError``); raises otherwise."""
-    abstract = jax.tree.map(_jaxpr._abstract, (new, args))
+    abstract = jax.tree.map(_jaxpr.abstract, (new, args))
     try:
         jax.eval_shape(lambda p, a: fn(p, *a), *abstract)
     except Exception as e:  # noqa: BLE001 - fn's own error, explained

@@ -317,7 +317,7 @@ def trace(
             for r, g in found
             if g.removable and not any(h.startswith(rules.GROUPED) for h in g.hazards)
         ]
-        args = tuple(_jaxpr._abstract(a) for a in jax.tree.leaves(example_args))
+        args = tuple(_jaxpr.abstract(a) for a in jax.tree.leaves(example_args))
         args = jax.tree.unflatten(jax.tree.structure(example_args), list(args))
         pinned = _probe.probe(fn, params, args, w, ins[:n_params], roots, fn_name)
         found = [
