@@ -175,6 +175,20 @@ def map_selected(
     return jax.tree_util.tree_map_with_path(visit, tree, *rest)
 
 
+def reject_traced(tree: Any, *, fn_name: str, why: str) -> None:
+    """Raises ``TypeError`` naming the first traced leaf of ``tree``.
+
+    For eager-only entry points (one-shot calibration reads values and loops in Python): the
+    message names the function, the leaf path and ``why`` it must run outside ``jax.jit``.
+    """
+    traced = [p for p, x in leaves_with_paths(tree) if isinstance(x, jax.core.Tracer)]
+    if traced:
+        raise TypeError(
+            f"{fn_name}: params leaf {traced[0]!r} is traced: {why}, so call it outside "
+            "jax.jit/vmap/grad (its per-kernel work is jitted inside)"
+        )
+
+
 def check_same_structure(tree: Any, other: Any, *, fn_name: str) -> None:
     """Raises ``ValueError`` unless ``other`` is ``tree`` with some leaves replaced by ``None``."""
     try:

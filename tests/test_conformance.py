@@ -87,6 +87,14 @@ TRANSFORMS = {
     "prune.pruner(Channels, global)": lambda p: prune.pruner(
         prune.polynomial_schedule(0.5, 0, 4), structure=prune.Channels(), scope="global"
     ),
+    # Sparse training. update_every=1: the second step of test_transform is a drop/grow step.
+    "prune.rigl": lambda p: prune.rigl(0.5, update_every=1, end_step=4),
+    "prune.rigl(erk)": lambda p: prune.rigl(0.5, update_every=1, end_step=4, distribution="erk"),
+    "prune.set_sparse": lambda p: prune.set_sparse(0.5, update_every=1, end_step=4),
+    "prune.static_sparse": lambda p: prune.static_sparse(0.5),
+    # ste/sr_ste go first in a chain in use; the contract checked here holds in any position.
+    "prune.ste": lambda p: prune.ste(0.5),
+    "prune.sr_ste(NM)": lambda p: prune.sr_ste(0.5, structure=prune.NM(2, 4)),
 }
 
 # Scalar loss terms: name -> f(params) -> scalar.

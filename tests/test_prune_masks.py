@@ -404,3 +404,117 @@ def test_nm_on_einsum_kernel_follows_the_axis_given():
     along_h = prune.topk_mask({"w": w}, 0.5, structure=NM(2, 4))["w"]  # default: axis -2 (H)
     assert (np.asarray(along_h).sum(1) == 2).all()
     assert not np.array_equal(np.asarray(along_f), np.asarray(along_h))
+
+
+# --- global selection by a sample bracket (issue 12 §5) -------------------------------------------
+
+from jaxslim.prune import masks as _masks  # noqa: E402
+
+SHAPE_SETS = [[(8, 16)], [(8, 16), (5, 7)], [(3, 4, 5), (33,), (2, 9)]]
+
+
+def np_keys(w: np.ndarray) -> np.ndarray:
+    """``float_keys`` in numpy: NaN < -inf < ... < -0 < +0 < ... < +inf as uint32 order."""
+    bits = w.astype(np.float32).view(np.uint32)
+    keys = np.where(bits >= 0x80000000, ~bits, bits | 0x80000000)
+    return np.where(np.isnan(w), np.uint32(0), keys).astype(np.uint32)
+
+
+def ref_lowest_k(ws: list[np.ndarray], k: int) -> list[np.ndarray]:
+    """The k lowest keys over all leaves; ties by leaf order, then flat index (stable sort)."""
+    flat = np.concatenate([np_keys(w).ravel() for w in ws])
+    pruned = np.zeros(flat.size, bool)
+    pruned[np.argsort(flat, kind="stable")[:k]] = True
+    out, i = [], 0
+    for w in ws:
+        out.append(pruned[i : i + w.size].reshape(w.shape))
+        i += w.size
+    return out
+
+
+def draw_tree(shapes, seed, kind, specials):
+    rng = np.random.default_rng(seed)
+    ws = []
+    for shape in shapes:
+        if kind == "levels":  # heavy ties
+            w = rng.integers(-2, 3, size=shape).astype(np.float32)
+        elif kind == "zeros":  # mostly exact zeros of both signs
+            w = rng.standard_normal(shape).astype(np.float32) * (rng.random(shape) < 0.3)
+            w = np.where(rng.random(shape) < 0.5, -w, w).astype(np.float32)
+        else:
+            w = rng.standard_normal(shape).astype(np.float32)
+        flat = w.ravel()
+        for value, frac in zip([np.nan, np.inf, -np.inf, -0.0], specials, strict=True):
+            flat[rng.random(flat.size) < frac] = value
+        ws.append(flat.reshape(shape))
+    return ws
+
+
+@settings(max_examples=25)
+@given(
+    st.sampled_from(range(len(SHAPE_SETS))),
+    st.integers(0, 2**31 - 1),
+    st.sampled_from(["normal", "levels", "zeros"]),
+    st.tuples(*[st.sampled_from([0.0, 0.05, 0.3])] * 4),
+    st.floats(0.0, 1.0),
+    st.sampled_from([(4, 4.0), (32, 4.0), (32, 0.0)]),
+)
+def test_sampled_select_equals_exact(shape_set, seed, kind, specials, frac, sampling):
+    ws = draw_tree(SHAPE_SETS[shape_set], seed, kind, specials)
+    n = sum(w.size for w in ws)
+    k = round(frac * n)
+    keys = [jnp.asarray(np_keys(w)) for w in ws]
+    sample, margin = sampling  # margin 0: a bracket of a few sample ranks, often missed
+    got = _masks._lowest_k(keys, jnp.int32(k), sample=sample, margin=margin)
+    exact = _masks._lowest_k(keys, jnp.int32(k), exact=True)
+    for g, e, r in zip(got, exact, ref_lowest_k(ws, k), strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(e))
+        np.testing.assert_array_equal(np.asarray(g), r)
+    assert sum(int(np.asarray(g).sum()) for g in got) == k
+
+
+def test_sampled_select_reports_a_missed_bracket_and_falls_back():
+    # 64 x 64 keys sampled every 8th row and column (sample 64): make exactly the sampled grid
+    # large, so the sample puts the median among large keys while 63/64 of the keys are small.
+    w = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    w[::8, ::8] += 100.0
+    keys = [jnp.asarray(np_keys(w))]
+    k = jnp.int32(2048)
+    *_, hit = _masks._select_sampled(keys, k, sample=64)
+    assert not bool(hit)
+    got = _masks._lowest_k(keys, k, sample=64)
+    np.testing.assert_array_equal(np.asarray(got[0]), ref_lowest_k([w], 2048)[0])
+    # a bracket that holds the k-th key is a hit, with the exact threshold and counts
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((64, 64)).astype(np.float32)
+    w[rng.random(w.shape) < 0.2] = 0.5  # a tie at the threshold, shared by both shapes below
+    keys = [jnp.asarray(np_keys(w))]
+    for k in (1, 700, 2048, 4096):
+        t, n_lt, n_eq, hit = _masks._select_sampled(keys, jnp.int32(k), sample=256)
+        flat = np.sort(np_keys(w).ravel())
+        assert bool(hit) and int(t) == flat[k - 1]
+        assert int(n_lt) == (flat < flat[k - 1]).sum() and int(n_eq) == (flat == flat[k - 1]).sum()
+
+
+def test_sampled_bins_wider_than_one_key_refine_exactly():
+    # keys spread over the whole uint32 range with a sample of 4: the bracket is wider than
+    # _BINS keys, so the chosen bin is histogrammed again one key per bin.
+    w = np.random.default_rng(2).standard_normal((16, 16)).astype(np.float32) * 1e30
+    keys = [jnp.asarray(np_keys(w))]
+    flat = np.sort(np_keys(w).ravel())
+    for k in (1, 77, 256):
+        t, n_lt, n_eq, hit = _masks._select_sampled(keys, jnp.int32(k), sample=4)
+        assert bool(hit) and int(t) == flat[k - 1] and int(n_lt) == k - 1 and int(n_eq) == 1
+
+
+def test_global_topk_on_a_large_tree_uses_the_sample_and_matches_torch(variant):
+    # 2**17 scores: topk_mask takes the sampled path by default
+    rng = np.random.default_rng(5)
+    ws = [rng.standard_normal((256, 256)).astype(np.float32), rng.standard_normal((256, 256))]
+    ws[1] = np.round(ws[1].astype(np.float32), 1)  # ties across the threshold in the 2nd leaf
+    assert sum(w.size for w in ws) >= _masks._SAMPLE_FROM
+    params = {"a": jnp.asarray(ws[0]), "b": jnp.asarray(ws[1])}
+    for s in (0.1, 0.5, 0.9):
+        got = variant(lambda p, s=s: prune.topk_mask(prune.magnitude(p), s, scope="global"))(params)
+        for name, ref in zip("ab", ref_global(ws, s), strict=True):
+            np.testing.assert_array_equal(np.asarray(got[name]), ref)

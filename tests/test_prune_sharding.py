@@ -1,5 +1,7 @@
 """prune on params sharded over 8 simulated CPU devices: same masks, shardings kept."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,3 +79,33 @@ def test_sharded_pruner_step_keeps_shardings(mesh):
         assert new[name]["kernel"].sharding.is_equivalent_to(params[name]["kernel"].sharding, 2)
     zeros = sum(int((np.asarray(new[n]["kernel"]) == 0).sum()) for n in ("a", "b"))
     assert zeros == round(0.5 * (64 * 32 + 32 * 16))
+
+
+def _collective_sizes(compiled_text: str, op: str) -> list[int]:
+    """Element counts of the results of every ``op`` (e.g. all-gather) in compiled HLO text."""
+    sizes = []
+    for m in re.finditer(rf"= \(?([^=]*?)\)? {op}\(", compiled_text):
+        for dims in re.findall(r"\w+\[([\d,]*)\]", m.group(1)):
+            sizes.append(int(np.prod([int(d) for d in dims.split(",") if d])))
+    return sizes
+
+
+def test_sampled_global_selection_on_shards_is_exact_and_gathers_only_the_sample(mesh):
+    from jaxslim.prune import masks
+    from jaxslim.structures import float_keys
+
+    sharded = _shard(_params(), mesh)
+    leaves = [sharded["a"]["kernel"], sharded["b"]["kernel"]]
+    f = jax.jit(lambda ws, k: masks._lowest_k([float_keys(jnp.abs(w)) for w in ws], k, sample=64))
+    exact = jax.jit(
+        lambda ws, k: masks._lowest_k([float_keys(jnp.abs(w)) for w in ws], k, exact=True)
+    )
+    for k in (0, 1, 1000, 1792, 2559, 2560):
+        got, ref = f(leaves, k), exact(leaves, k)
+        for g, r in zip(got, ref, strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(r))
+        assert sum(int(np.asarray(g).sum()) for g in got) == k
+    text = f.lower(leaves, 5).compile().as_text()
+    smallest = min(leaf.size for leaf in leaves)  # 512
+    for op in ("all-gather", "all-to-all"):
+        assert all(s < smallest // 4 for s in _collective_sizes(text, op)), op  # the sample only

@@ -151,6 +151,11 @@ BAD = [
         lambda: quant.oneshot(_FN, _P, [], SPEC), ValueError, r"quant\.oneshot: batches is empty",
         id="no-batches",
     ),
+    pytest.param(
+        lambda: jax.jit(lambda p: quant.oneshot(_FN, p, [_x()], SPEC)[0])(_P),
+        TypeError, r"quant\.oneshot: params leaf '\w+' is traced: .* outside jax\.jit",
+        id="traced-params",
+    ),
 ]  # fmt: skip
 
 

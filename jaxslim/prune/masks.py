@@ -4,11 +4,15 @@ Counting rule (the same as ``torch.nn.utils.prune``): ``sparsity=s`` over ``n`` 
 ``k = round_half_even(s * n)`` of them, lowest scores first; equal scores are pruned in order of
 their flat (row-major) index, lowest first, and across leaves in ``jax.tree`` order.
 
-The k-th smallest score is found without sorting: scores are mapped to ``uint32`` keys whose
-integer order is the float order, and a radix select builds two 65536-bin histograms (high, then
-low 16 bits). Histograms and counts are reductions, so XLA runs them shard by shard on sharded
-parameters, and the global threshold over all layers never concatenates or gathers them. Under
-a mesh with ``Explicit`` axes a 32-step bisection on counts is used instead.
+The k-th smallest score is found without a global sort: scores are mapped to ``uint32`` keys
+whose integer order is the float order. From ``_SAMPLE_FROM`` keys on, the quantiles of a small
+strided sample bracket the k-th key; one scatter pass counts the keys below the bracket and
+histograms those inside it (a second pass only when the bracket spans more distinct keys than
+the histogram has bins). Only when the bracket missed does the exact radix select (two
+65536-bin histograms, high then low 16 bits) run, inside a ``lax.cond``. Histograms and counts
+are reductions, so XLA runs them shard by shard on sharded parameters, and the global threshold
+over all layers never concatenates or gathers them (only the sample is gathered). Under a mesh
+with ``Explicit`` axes a 32-step bisection on counts is used instead.
 
 Non-finite scores have a fixed rank (``structures.float_keys``): a NaN score ranks lowest and is
 pruned first, ``+inf`` ranks highest; a ``Channels``/``Blocks`` group holding a NaN has a NaN norm
@@ -17,6 +21,7 @@ and is pruned first. This holds for every structure and both scopes.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -143,22 +148,149 @@ def _explicitly_sharded(x: jax.Array) -> bool:
         return False
 
 
-@jax.jit
-def _lowest_k(keys: list[jax.Array], k) -> list[jax.Array]:
+# Sample-bracket selection (``_select_sampled``) is used from this many keys on; below it the
+# radix select's two fixed passes over a few thousand keys cost less than sampling and sorting.
+_SAMPLE_FROM = 1 << 17
+_SAMPLE = 1 << 16  # keys in the strided sample
+_BINS = 1 << 19  # histogram bins of the exact work inside the bracket
+
+
+def _sample(key: jax.Array, rate: int) -> jax.Array:
+    """About ``key.size / rate`` entries of ``key`` on a strided grid (one stride per axis)."""
+    strides, left = [], float(rate)
+    for ax, d in enumerate(key.shape):
+        s = max(1, min(d, round(left ** (1 / (key.ndim - ax)))))
+        strides.append(s)
+        left = max(1.0, left / s)
+    return lax.slice(key, (0,) * key.ndim, key.shape, tuple(strides)).ravel()
+
+
+def _hist_in(keys: list[jax.Array], base, top, shift, bins: int, *, below: bool) -> jax.Array:
+    """Histogram of ``(key - base) >> shift`` over the keys in ``[base, top]``, others dropped.
+
+    With ``below=True`` bin 0 counts the keys under ``base`` and the range starts at bin 1: the
+    count below comes with the histogram, in the same pass. A scatter-add into a small replicated
+    array, which XLA partitions into per-shard histograms and one all-reduce.
+    """
+    h = jnp.zeros(bins, jnp.int32)
+    first = int(below)
+    for key in keys:
+        i = jnp.where(key <= top, ((key - base) >> shift).astype(jnp.int32) + first, bins)
+        i = jnp.where(key < base, 0 if below else bins, i)
+        h = h.at[i].add(jnp.int32(1), mode="drop")
+    return h
+
+
+def _pick(h: jax.Array, r):
+    """The bin holding the ``r``-th (1-based) counted key, and the count below that bin."""
+    c = jnp.cumsum(h)
+    b = jnp.minimum(jnp.sum(c < r, dtype=jnp.int32), h.size - 1)
+    return b, c[b] - h[b]
+
+
+def _select_sampled(keys: list[jax.Array], k, *, sample: int, margin: float = 4.0):
+    """``(t, #{key < t}, #{key == t}, hit)``: the k-th smallest key by a sample bracket.
+
+    1. A strided sample of about ``sample`` keys is sorted; its ranks ``k m / n -+ margin *
+       sqrt(m p (1 - p))`` give a bracket ``[lo, hi]`` that holds the k-th key with high
+       probability.
+    2. One pass (a scatter-add) counts the keys below ``lo`` and histograms the keys inside
+       ``[lo, hi]`` into ``_BINS`` bins of ``2**shift`` keys each (``shift`` just large enough
+       to cover ``hi - lo``; 0 for typical weights, whose bracket spans fewer distinct keys).
+    3. Only if the bins are wider than one key, a second pass histograms the chosen bin's keys.
+
+    ``hit`` is ``False`` when the bracket missed the k-th key (the result is then meaningless and
+    the caller falls back to the exact radix select). Needs ``k >= 1``. Only reductions and
+    scatter-adds into a replicated histogram: nothing is gathered but the small sample.
+    """
+    n = sum(key.size for key in keys)
+    rate = max(1, n // sample)
+    s = jnp.sort(jnp.concatenate([_sample(key, rate) for key in keys]))
+    m = s.shape[0]
+    p = k.astype(jnp.float32) / jnp.float32(n)
+    pos = p * m
+    half = margin * jnp.sqrt(m * p * (1 - p)) + 2
+    ilo = jnp.floor(pos - half).astype(jnp.int32) - 1
+    ihi = jnp.ceil(pos + half).astype(jnp.int32)
+    lo = jnp.where(ilo >= 0, s[jnp.clip(ilo, 0, m - 1)], jnp.uint32(0))
+    hi = jnp.where(ihi < m, s[jnp.clip(ihi, 0, m - 1)], jnp.uint32(0xFFFFFFFF))
+    width = hi - lo
+    shifts = jnp.arange(32, dtype=jnp.uint32)
+    shift = jnp.sum((width >> shifts) >= _BINS, dtype=jnp.int32).astype(jnp.uint32)
+
+    h = _hist_in(keys, lo, hi, shift, _BINS + 1, below=True)
+    c_lo, h = h[0], h[1:]
+    r = k - c_lo
+    hit = (r >= 1) & (r <= jnp.sum(h))
+    b, below = _pick(h, r)
+    base = lo + (b.astype(jnp.uint32) << shift)
+
+    def refine():  # the chosen bin holds 2**shift keys: histogram them one key per bin
+        top = base + jnp.minimum((jnp.uint32(1) << shift) - 1, hi - base)
+        h2 = _hist_in(keys, base, top, jnp.uint32(0), _BINS, below=False)
+        b2, below2 = _pick(h2, r - below)
+        return base + b2.astype(jnp.uint32), below + below2, h2[b2]
+
+    t, below, n_eq = lax.cond(shift > 0, refine, lambda: (base, below, h[b]))
+    return t, c_lo + below, n_eq, hit
+
+
+def _select_exact(keys: list[jax.Array], k):
+    """``(t, #{key < t}, #{key == t})`` by radix select, or bisection under ``Explicit`` axes."""
+    select = _select_bisect if any(map(_explicitly_sharded, keys)) else _select_radix
+    t, n_lt, n_eqs = select(keys, k)
+    return t, n_lt, sum(n_eqs)
+
+
+@functools.partial(jax.jit, static_argnames=("sample", "margin", "exact"))
+def _lowest_k(
+    keys: list[jax.Array], k, *, sample: int | None = None, margin: float = 4.0, exact=False
+) -> list[jax.Array]:
     """Marks the ``k`` lowest keys overall (ties by leaf order, then flat index).
 
-    The threshold comes from a radix select; under a mesh with ``Explicit`` axes (where a scatter
-    from a sharded array needs the mesh in context) from a 32-pass bisection, which only sums.
-    The mask itself is one elementwise pass per leaf.
+    The threshold ``t`` (the k-th smallest key) comes from a sample bracket (``_select_sampled``)
+    when there are at least ``_SAMPLE_FROM`` keys, with the exact radix select inside a
+    ``lax.cond`` if the bracket missed; from the radix select alone for fewer keys; and under a
+    mesh with ``Explicit`` axes (where a scatter from a sharded array needs the mesh in context)
+    from a 32-pass bisection, which only sums. ``sample`` forces the sampled path with that sample
+    size and ``exact=True`` the exact one (the reference in tests and benchmarks). The mask itself
+    is one elementwise pass per leaf.
     """
     k = jnp.asarray(k, jnp.int32)
-    select = _select_bisect if any(map(_explicitly_sharded, keys)) else _select_radix
-    t, n_lt, n_eqs = select(keys, jnp.maximum(k, 1))
+    k1 = jnp.maximum(k, 1)
+    n = sum(key.size for key in keys)
+    explicit = any(map(_explicitly_sharded, keys))
+    if sample is None and n >= _SAMPLE_FROM:
+        sample = _SAMPLE
+    if explicit or exact or sample is None:
+        t, n_lt, n_eq = _select_exact(keys, k1)
+    else:
+        t, n_lt, n_eq, hit = _select_sampled(keys, k1, sample=sample, margin=margin)
+        t, n_lt, n_eq = lax.cond(hit, lambda: (t, n_lt, n_eq), lambda: _select_exact(keys, k1))
+    return _mark(keys, k, t, n_lt, n_eq)
+
+
+def _mark(keys: list[jax.Array], k, t, n_lt, n_eq) -> list[jax.Array]:
+    """Pruned masks: every key below ``t``, and the first ``k - n_lt`` keys equal to ``t``."""
     need = k - n_lt  # entries equal to t still to prune, taken in leaf order
+
+    def leaf_by_leaf():  # some but not all of the entries equal to t: count them per leaf
+        left, cases, takes = need, [], []
+        for key in keys:
+            n_eq_i = jnp.sum(key == t, dtype=jnp.int32)
+            take = jnp.clip(left, 0, n_eq_i)
+            left = left - take
+            cases.append(jnp.where(take >= n_eq_i, 0, jnp.where(take == 0, 1, 2)))
+            takes.append(take)
+        return cases, takes
+
+    def all_or_none():  # the common cases need no per-leaf count and no index
+        case = jnp.where(need > 0, 0, 1)
+        return [case] * len(keys), [jnp.int32(0)] * len(keys)
+
+    cases, takes = lax.cond((need > 0) & (need < n_eq), leaf_by_leaf, all_or_none)
     out = []
-    for key, n_eq in zip(keys, n_eqs, strict=True):
-        take = jnp.clip(need, 0, n_eq)
-        need = need - take
+    for key, case, take in zip(keys, cases, takes, strict=True):
 
         def some_ties(key=key, take=take):
             # the `take` equal entries with the lowest flat index: bisection on the index for the
@@ -175,8 +307,6 @@ def _lowest_k(keys: list[jax.Array], k) -> list[jax.Array]:
             cut = lax.fori_loop(0, bits, step, (jnp.int32(0), jnp.int32(key.size)))[1]
             return (key < t) | ((key == t) & (flat < cut))
 
-        # The common cases need no index: all or none of the entries equal to t are pruned.
-        case = jnp.where(take >= n_eq, 0, jnp.where(take == 0, 1, 2))
         pruned = lax.switch(case, [lambda key=key: key <= t, lambda key=key: key < t, some_ties])
         out.append(pruned & (k > 0))
     return out

@@ -240,12 +240,7 @@ def oneshot(
     (True, [0.5, 0.5])
     """
     _check_args(sparsity, method, structure, sequential, block_size, damp, quant)
-    traced = [p for p, x in _tree.leaves_with_paths(params) if isinstance(x, jax.core.Tracer)]
-    if traced:
-        raise TypeError(
-            f"{_FN}: params leaf {traced[0]!r} is traced: oneshot calibrates and checks values, "
-            "so call it outside jax.jit/vmap/grad (its per-kernel work is jitted inside)"
-        )
+    _tree.reject_traced(params, fn_name=_FN, why="oneshot calibrates and checks values")
     t0 = time.perf_counter()
     batches = list(batches)
     done: dict[str, jax.Array] = {}

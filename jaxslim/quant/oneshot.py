@@ -183,6 +183,7 @@ def oneshot(
     if method == "smoothquant":
         check_alpha(alpha, name)
     rules = _normalize_rules(rules, name)
+    _tree.reject_traced(params, fn_name=name, why="oneshot calibrates and checks values")
     batches = list(batches)
     if not batches:
         raise ValueError(f"{name}: batches is empty; pass at least one calibration batch")
