@@ -2,14 +2,20 @@
 
 ``jaxslim demo`` trains the MNIST-1D CNN, compresses it with each part of jaxslim and prints one
 report: test accuracy, size and time per method (needs the ``demo`` extra:
-``pip install 'jaxslim[demo]'``). ``jaxslim inspect PATH`` prints the per-leaf table (shape, dtype,
-bits, nonzeros, sparsity, bytes) of a parameter tree saved as an Orbax checkpoint directory or a
-``.npz`` file; quantized leaves stored with ``jaxslim.quant.storage`` show their real bits and
-bytes (a packed int4 kernel: 4 bits a value). ``jaxslim compress CKPT --recipe R.toml -o OUT``
-applies a data-free recipe (``jaxslim.recipe``: magnitude / N:M pruning, RTN quantization by rules)
-to the tree in ``CKPT`` and writes ``OUT`` (an Orbax checkpoint directory, or ``.npz`` when ``OUT``
-ends in ``.npz``) that restores without a target: ``quant.storage.from_checkpoint(restore(OUT))``.
-``jaxslim compress --print-recipe`` prints an annotated example recipe.
+``pip install 'jaxslim[demo]'``); ``--oneshot`` adds the one-shot pruning grid (magnitude, Wanda,
+SparseGPT, SparseGPT + int4 at 50/60/70 % and 2:4, 4:8) of the dense CNN. ``jaxslim demo --lm``
+is the LM workbench (bits per byte; ``--lm --oneshot`` adds the same grid on the decoder) and
+``jaxslim demo --sweep`` the architecture sweep (activation x depth x seeds of an MLP trained at
+once with ``jax.vmap``, against a Python loop).
+
+``jaxslim inspect PATH`` prints the per-leaf table (shape, dtype, bits, nonzeros, sparsity, bytes)
+of a parameter tree saved as an Orbax checkpoint directory or a ``.npz`` file; quantized leaves
+stored with ``jaxslim.quant.storage`` show their real bits and bytes (a packed int4 kernel: 4 bits
+a value). ``jaxslim compress CKPT --recipe R.toml -o OUT`` applies a data-free recipe
+(``jaxslim.recipe``: magnitude / N:M pruning, RTN quantization by rules) to the tree in ``CKPT``
+and writes ``OUT`` (an Orbax checkpoint directory, or ``.npz`` when ``OUT`` ends in ``.npz``) that
+restores without a target: ``quant.storage.from_checkpoint(restore(OUT))``. ``jaxslim compress
+--print-recipe`` prints an annotated example recipe.
 
 Every error is one line on stderr, ``jaxslim: error: FILE: CAUSE``, and exit code 2 for bad input
 (a missing, unreadable or corrupted file, a pickled ``.npz``, a wrong argument); 1 for an internal
@@ -27,7 +33,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["main", "demo", "lm_demo", "inspect", "compress", "InputError"]
+__all__ = ["main", "demo", "lm_demo", "sweep_demo", "inspect", "compress", "InputError"]
 
 DEMO_EXTRA = "pip install 'jaxslim[demo]'"
 ORBAX_EXTRA = "pip install 'jaxslim[orbax]'"
@@ -66,8 +72,13 @@ def _demo_needs() -> None:
             )
 
 
-def demo(steps: int = 3000, seed: int = 0) -> str:
-    """Runs the demo and returns the report (Markdown). Needs the ``demo`` extra."""
+def demo(steps: int = 3000, seed: int = 0, *, oneshot: bool = False) -> str:
+    """Runs the demo and returns the report (Markdown). Needs the ``demo`` extra.
+
+    With ``oneshot``, a last section prunes the dense CNN once with ``prune.oneshot``: magnitude,
+    Wanda, SparseGPT and SparseGPT + int4 at 50 / 60 / 70 % and 2:4, 4:8, test accuracy
+    (``jaxslim.demo.lm_oneshot.run_cnn``).
+    """
     _demo_needs()
     import jax
 
@@ -114,22 +125,98 @@ def demo(steps: int = 3000, seed: int = 0) -> str:
         "",
         report.format_table(layers),
     ]
+    if oneshot:
+        from jaxslim.demo import lm_oneshot
+
+        t0 = time.perf_counter()
+        grid = lm_oneshot.run_cnn(dense, data)
+        lines += [
+            "",
+            "## One-shot pruning of the dense CNN (prune.oneshot, no fine-tuning)",
+            "",
+            lm_oneshot.table(grid, "accuracy"),
+            "",
+            f"{len(grid) - 1} one-shot prunings in {time.perf_counter() - t0:.0f} s; 512 "
+            "calibration inputs; `conv1` (5 inputs) stays dense under N:M.",
+        ]
     return "\n".join(lines)
 
 
-def lm_demo(steps: int = 600, recover: int = 200, seed: int = 0) -> str:
+def sweep_demo(
+    steps: int = 200,
+    seed: int = 0,
+    *,
+    depths: tuple[int, ...] = (1, 2, 3, 4),
+    seeds: int = 2,
+    width: int = 32,
+    loop_variants: int = 3,
+) -> str:
+    """The architecture sweep (``jaxslim demo --sweep``) as Markdown. Needs the ``demo`` extra.
+
+    Every activation of ``jaxslim.demo.sweep.ACTIVATIONS`` x ``depths`` x ``seeds`` seeds of a
+    ``width``-unit MLP on MNIST-1D, vmapped over (activation, seed) with one compiled step per
+    depth; the accuracy-vs-parameters table, the wall-clock saving over a Python loop (timed on
+    ``loop_variants`` variants) and ``splice.deepen`` / ``drop_layer`` moves between depths.
+    """
+    _demo_needs()
+    import jax
+
+    from jaxslim.demo import data as D
+    from jaxslim.demo import sweep
+
+    t0 = time.perf_counter()
+    data = D.load_mnist1d(seed=seed)
+    t_data = time.perf_counter() - t0
+    result = sweep.run(
+        data,
+        depths=depths,
+        seeds=tuple(range(seed, seed + seeds)),
+        steps=steps,
+        width=width,
+        loop_variants=loop_variants,
+    )
+    return "\n".join(
+        [
+            "# jaxslim demo --sweep: activation x depth x seeds on MNIST-1D, trained at once",
+            "",
+            f"jax {jax.__version__} on {jax.default_backend()} ({platform.machine()}), "
+            f"data generated in {t_data:.1f} s",
+            "",
+            sweep.report(result),
+        ]
+    )
+
+
+def lm_demo(
+    steps: int = 600,
+    recover: int = 200,
+    seed: int = 0,
+    *,
+    oneshot: bool = False,
+    cfg: Any = None,
+    oneshot_kw: dict[str, Any] | None = None,
+) -> str:
     """Runs the LM workbench (``jaxslim demo --lm``) and returns its report (Markdown).
 
     A byte-level Llama-style decoder trained on CPython's ``pydoc_data.topics`` (offline), then
     width- and depth-pruned with and without distillation, trained from scratch at the pruned
-    size, and quantized: validation bits per byte per row (``jaxslim.demo.lm_report``).
+    size, and quantized: validation bits per byte per row (``jaxslim.demo.lm_report``). With
+    ``oneshot`` (``--lm --oneshot``) a second table prunes the same dense model once with
+    ``prune.oneshot`` (``jaxslim.demo.lm_oneshot``; ``oneshot_kw`` narrows its grid). ``cfg``
+    (an ``lm.LMConfig``) replaces the default decoder size.
     """
     import jax
 
     from jaxslim import report
     from jaxslim.demo import lm_report
 
-    rows, info = lm_report.run(steps=steps, recover=recover, seed=seed)
+    rows, info = lm_report.run(
+        cfg=cfg,
+        steps=steps,
+        recover=recover,
+        seed=seed,
+        oneshot=(oneshot_kw or {}) if oneshot else None,
+    )
     lines = [
         "# jaxslim demo --lm: byte-level decoder on pydoc_data.topics",
         "",
@@ -138,6 +225,20 @@ def lm_demo(steps: int = 600, recover: int = 200, seed: int = 0) -> str:
         "",
         report.format_table(rows, columns=["method", "bits/byte", "params", "seconds", "note"]),
     ]
+    if oneshot:
+        from jaxslim.demo import lm_oneshot
+
+        grid = info["oneshot"]
+        lines += [
+            "",
+            "## One-shot pruning of the dense model (prune.oneshot, no fine-tuning)",
+            "",
+            lm_oneshot.table(grid, "bits/byte"),
+            "",
+            f"{len(grid) - 1} one-shot prunings of the attention and MLP kernels (not the "
+            f"embedding) in {info['oneshot_seconds']:.0f} s; "
+            "cells: validation bits per byte.",
+        ]
     return "\n".join(lines)
 
 
@@ -373,13 +474,27 @@ def _parser() -> argparse.ArgumentParser:
         "--steps",
         type=int,
         default=None,
-        help="training steps of the dense model (default 3000; 600 with --lm)",
+        help="training steps of the dense model (default 3000; 600 with --lm; per variant with "
+        "--sweep, default 200)",
     )
     p_demo.add_argument("--seed", type=int, default=0)
-    p_demo.add_argument(
+    which = p_demo.add_mutually_exclusive_group()
+    which.add_argument(
         "--lm",
         action="store_true",
         help="the LM workbench instead: a byte-level decoder, bits per byte (no extra needed)",
+    )
+    which.add_argument(
+        "--sweep",
+        action="store_true",
+        help="the architecture sweep instead: activation x depth x seeds of an MLP, vmapped "
+        "(default 200 steps per variant)",
+    )
+    p_demo.add_argument(
+        "--oneshot",
+        action="store_true",
+        help="add the one-shot pruning grid (magnitude / Wanda / SparseGPT / SparseGPT+int4 at "
+        "50/60/70%% and 2:4, 4:8) on the dense model",
     )
     p_inspect = sub.add_parser("inspect", help="per-leaf table of a saved parameter tree")
     p_inspect.add_argument("path", help="an Orbax checkpoint directory or a .npz file")
@@ -413,12 +528,19 @@ def _run(argv: list[str] | None) -> int:
     elif args.command == "demo":
         if args.steps is not None and args.steps < 1:
             raise InputError(None, f"--steps must be a positive int, got {args.steps}")
+        if args.sweep and args.oneshot:
+            raise InputError(None, "--oneshot prunes a trained model: pass it with --lm or alone")
         t0 = time.perf_counter()
         if args.lm:
             steps = args.steps or 600
-            print(lm_demo(steps=steps, recover=max(1, steps // 3), seed=args.seed))
+            text = lm_demo(
+                steps=steps, recover=max(1, steps // 3), seed=args.seed, oneshot=args.oneshot
+            )
+        elif args.sweep:
+            text = sweep_demo(steps=args.steps or 200, seed=args.seed)
         else:
-            print(demo(steps=args.steps or 3000, seed=args.seed))
+            text = demo(steps=args.steps or 3000, seed=args.seed, oneshot=args.oneshot)
+        print(text)
         print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -231,6 +231,24 @@ ROWS = [
     pytest.param(
         lambda tmp: (["demo", "--steps", "0"], None), 2, "--steps must be a positive", id="steps-0"
     ),
+    pytest.param(
+        lambda tmp: (["demo", "--lm", "--sweep"], None),
+        2,
+        "argument --sweep: not allowed with argument --lm",
+        id="demo-lm-and-sweep",
+    ),
+    pytest.param(
+        lambda tmp: (["demo", "--sweep", "--oneshot"], None),
+        2,
+        "--oneshot prunes a trained model: pass it with --lm or alone",
+        id="demo-sweep-oneshot",
+    ),
+    pytest.param(
+        lambda tmp: (["demo", "--sweep", "--steps", "-3"], None),
+        2,
+        "--steps must be a positive int, got -3",
+        id="demo-sweep-steps",
+    ),
 ]
 
 

@@ -315,3 +315,61 @@ def test_compress_progress_bar_on_large_trees(tmp_path, capsys, monkeypatch):
     assert out["layer4"]["kernel"].spec == QuantSpec(8)
     # --force replaces the output
     assert cli.main([*argv, str(tmp_path / "b.npz"), "--force"]) == 0
+
+
+# --- demo sections -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, called, kwargs",
+    [
+        (["demo", "--sweep"], "sweep_demo", {"steps": 200, "seed": 0}),
+        (["demo", "--sweep", "--steps", "7", "--seed", "2"], "sweep_demo", {"steps": 7, "seed": 2}),
+        (["demo", "--lm"], "lm_demo", {"steps": 600, "recover": 200, "seed": 0, "oneshot": False}),
+        (
+            ["demo", "--lm", "--oneshot", "--steps", "30"],
+            "lm_demo",
+            {"steps": 30, "recover": 10, "seed": 0, "oneshot": True},
+        ),
+        (["demo", "--oneshot"], "demo", {"steps": 3000, "seed": 0, "oneshot": True}),
+    ],
+)
+def test_demo_flags_pick_the_section(monkeypatch, capsys, argv, called, kwargs):
+    calls = []
+    for name in ("demo", "lm_demo", "sweep_demo"):
+        monkeypatch.setattr(cli, name, lambda _n=name, **kw: calls.append((_n, kw)) or "REPORT")
+    assert cli.main(argv) == 0
+    assert calls == [(called, kwargs)]
+    assert capsys.readouterr().out.startswith("REPORT\n\ntotal ")
+
+
+def _tiny_mnist1d(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(48, 40)).astype(np.float32)
+    y = rng.integers(0, 10, 48).astype(np.int32)
+    return x, y, x[:16], y[:16]
+
+
+@pytest.mark.standard_promotion  # optax 0.2.8's Adam bias correction mixes int and float
+def test_sweep_demo_prints_the_accuracy_vs_params_table_and_the_saving(monkeypatch):
+    from jaxslim.demo import data as D
+    from jaxslim.demo import sweep
+
+    monkeypatch.setattr(D, "load_mnist1d", _tiny_mnist1d)
+    text = cli.sweep_demo(steps=2, depths=(1, 2), seeds=1, width=4, loop_variants=1)
+    assert text.startswith("# jaxslim demo --sweep: activation x depth x seeds on MNIST-1D")
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    # one column per depth with its parameter count (40*4+4 [+ 4*4+4] + 4*10+10)
+    assert table[0] == "| activation | depth 1 (214 params) | depth 2 (234 params) |"
+    assert [line.split(" | ")[0][2:] for line in table[2:]] == list(sweep.ACTIVATIONS)
+    accs = [
+        float(cell.split(" +- ")[0])
+        for line in table[2:]
+        for cell in line.strip("| ").split(" | ")[1:]
+    ]
+    assert len(accs) == 10 and all(0.0 <= a <= 1.0 for a in accs)
+    assert all(abs(a * 16 - round(a * 16)) < 0.01 for a in accs)  # k / 16 to 3 decimals
+    assert "10 variants (5 activations x 2 depths x 1 seeds) vmapped" in text
+    assert "x faster vmapped" in text
+    assert "grow (splice.deepen) relu depth 1 -> 2: max |logit change| 0.0e+00" in text
+    assert "shrink (splice.drop_layer) relu depth 2 -> 1" in text

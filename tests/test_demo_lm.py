@@ -111,7 +111,15 @@ def test_workbench_report_rows():
     from jaxslim.demo import lm_report
 
     cfg = lm.LMConfig(dim=32, layers=2, kv_heads=2, groups=2, head_dim=8, hidden=32)
-    rows, info = lm_report.run(cfg=cfg, steps=3, recover=1, drop=1)
+    from jaxslim.demo import lm_oneshot
+
+    grid = dict(
+        methods=("magnitude", "sparsegpt"),
+        settings=(lm_oneshot.SETTINGS[0], lm_oneshot.SETTINGS[3]),
+        seq_settings=(),
+        calib_sequences=16,
+    )
+    rows, info = lm_report.run(cfg=cfg, steps=3, recover=1, drop=1, oneshot=grid)
     by = {r["method"]: r for r in rows}
     dense = by["dense"]["params"]
     assert len(info["sha256"]) == 64
@@ -122,3 +130,53 @@ def test_workbench_report_rows():
     assert all(r["params"] < dense // 2 for r in width)
     assert all(r["params"] < dense for r in depth)
     assert {"int8 per-channel (RTN)", "int4 group-32 (RTN)"} <= set(by)
+
+    # --lm --oneshot: the same dense model pruned once per (method, setting), dense row first.
+    one = info["oneshot"]
+    assert [(r["method"], r["setting"]) for r in one] == [
+        ("dense", "-"),
+        ("magnitude", "50%"),
+        ("magnitude", "2:4"),
+        ("sparsegpt", "50%"),
+        ("sparsegpt", "2:4"),
+    ]
+    assert one[0]["score"] == pytest.approx(by["dense"]["bits/byte"], rel=1e-6)
+    assert all(r["sparsity"] == pytest.approx(0.5, abs=1e-6) for r in one[1:])
+    assert all(np.isfinite(r["score"]) and r["score"] > 0 for r in one)
+    assert info["oneshot_seconds"] > 0
+    table = lm_oneshot.table(one, "bits/byte").splitlines()
+    assert table[0] == "| method (bits/byte) | 50% | 2:4 |"
+    assert [line.split(" | ")[0] for line in table[2:]] == ["| dense", "| magnitude", "| sparsegpt"]
+
+
+@pytest.mark.parametrize("cut", [False, True])
+def test_evaluator_equals_bits_per_byte(model, cut):
+    """The report's one jitted evaluator gives `lm.bits_per_byte` on the model and on its cuts."""
+    from jaxslim.demo import lm_report
+
+    w = tokens(20, 9, seed=4)  # 20 windows: bits_per_byte averages chunks of 16 and 4
+    bpb = lm_report.evaluator(model, w)
+    m = model
+    if cut:  # a narrower MLP and one block fewer: same evaluator, new shapes
+        pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        del pure["blocks"][0]
+        for b in pure["blocks"].values():
+            b["mlp"]["gate"], b["mlp"]["up"] = b["mlp"]["gate"][:, :8], b["mlp"]["up"][:, :8]
+            b["mlp"]["down"] = b["mlp"]["down"][:8]
+        m = lm.rebuild(pure)
+    ref = lm.bits_per_byte(m, w)
+    assert bpb(m) == pytest.approx(ref, rel=1e-5)
+    assert bpb(nnx.state(m, nnx.Param)) == pytest.approx(ref, rel=1e-5)
+
+
+@pytest.mark.standard_promotion
+def test_recovery_optimizer_is_the_default_of_train():
+    """Passing the shared `recovery_optimizer(steps)` trains exactly like `lm.train`'s default."""
+    from jaxslim.demo import lm_report
+
+    train, _, _ = lm.load_corpus()
+    cfg = lm.LMConfig(dim=16, layers=1, kv_heads=1, groups=1, head_dim=8, hidden=16)
+    a, b = lm.LM(cfg, rngs=nnx.Rngs(3)), lm.LM(cfg, rngs=nnx.Rngs(3))
+    lm.train(a, train, steps=4, batch=2, seq=16)
+    lm.train(b, train, steps=4, batch=2, seq=16, tx=lm_report.recovery_optimizer(4))
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(a, nnx.Param), nnx.state(b, nnx.Param))

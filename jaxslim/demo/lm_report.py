@@ -14,18 +14,21 @@ Rows (validation bits per byte, lower is better; parameters; seconds):
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 
 from jaxslim import _tree, quant, splice
 from jaxslim.demo import lm
 from jaxslim.quant import QuantSpec
 
-__all__ = ["run", "width_prune", "depth_prune"]
+__all__ = ["run", "width_prune", "depth_prune", "evaluator", "recovery_optimizer"]
 
 
 def width_prune(
@@ -109,8 +112,8 @@ def _spec(path: str, shape: tuple[int, ...], bits: int, group: int | None) -> Qu
     return QuantSpec(bits, axis=keep, group_size=min(group, shape[ga]), group_axis=ga)
 
 
-def _quantized_bpb(model: lm.LM, windows, bits: int, group: int | None) -> tuple[float, int]:
-    fn, params = lm.apply_fn(model)
+def _quantize(params: Any, bits: int, group: int | None) -> tuple[Any, int]:
+    """``(dequantized params, stored bytes)``: RTN weight quantization of every kernel."""
 
     def one(kp, x):
         spec = _spec(_tree.path_str(kp), x.shape, bits, group)
@@ -119,8 +122,38 @@ def _quantized_bpb(model: lm.LM, windows, bits: int, group: int | None) -> tuple
     qparams = jax.tree_util.tree_map_with_path(one, params)
     leaves = jax.tree.leaves(qparams, is_leaf=quant.is_qarray)
     nbytes = sum(int(x.nbytes) for x in leaves if hasattr(x, "nbytes"))
-    deq = quant.dequantize_params(qparams)
-    return lm.bits_per_byte(lambda w: fn(deq, w), windows), nbytes
+    return quant.dequantize_params(qparams), nbytes
+
+
+def evaluator(model: lm.LM, windows: jax.Array) -> Callable[[Any], float]:
+    """``bpb(model_or_params) -> float``: validation bits per byte on ``windows (n, seq + 1)``,
+    equal to ``lm.bits_per_byte`` (one batch instead of chunks of 16).
+
+    One jitted function of the parameters (``lm.apply_fn``'s functional form, which runs any
+    cut of ``model``): it compiles once per parameter shape and every row of that shape (a
+    fine-tuned, a distilled and a from-scratch model; quantized weights) reuses it, where
+    ``lm.bits_per_byte`` compiles again for every model.
+    """
+    fn, _ = lm.apply_fn(model)
+    nats = jax.jit(lambda p, w: lm.next_byte_loss(fn(p, w[:, :-1]), w))
+
+    def bpb(m: Any) -> float:
+        params = _params(m) if isinstance(m, nnx.Module) else m
+        return float(nats(params, windows)) / math.log(2)
+
+    return bpb
+
+
+def recovery_optimizer(steps: int, lr: float = 3e-3) -> optax.GradientTransformation:
+    """``lm.train``'s default optimizer for ``steps`` steps: AdamW (weight decay 0.01), linear
+    warmup over ``steps // 20`` steps then cosine decay, gradients clipped to global norm 1.
+
+    Built once and passed to every recovery run (``lm.train(..., tx=tx)``): ``nnx.jit`` keys its
+    cache on the optimizer's transform, so runs of one student shape share one compiled step
+    instead of compiling a new one per run.
+    """
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), max(steps, 2))
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
 
 
 def run(
@@ -131,9 +164,21 @@ def run(
     keep: float = 0.5,
     drop: int = 2,
     seed: int = 0,
-    log=None,
+    oneshot: Mapping[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[list[dict], dict]:
-    """Trains the dense decoder and measures every compression row; returns ``(rows, info)``."""
+    """Trains the dense decoder and measures every compression row; returns ``(rows, info)``.
+
+    ``info`` holds the corpus record (``sha256``, ``bytes``, ``python``). With ``oneshot`` (a
+    mapping of keyword arguments for ``lm_oneshot.run``; ``{}`` for the full grid) the same
+    dense model is also pruned once by every method of the one-shot grid: its rows are
+    ``info["oneshot"]`` and its time ``info["oneshot_seconds"]``. ``log`` receives one line per
+    row as it is measured.
+
+    Every recovery run (fine-tune, distill, from scratch) trains ``recover`` steps on the same
+    batches with one optimizer object (``recovery_optimizer``), and every row is measured by one
+    jitted evaluator (``evaluator``): rows of one shape share their compiled steps.
+    """
     cfg = cfg or lm.LMConfig(dim=96, layers=4, kv_heads=2, groups=2, head_dim=24, hidden=256)
     train, valid, info = lm.load_corpus()
     windows = lm.eval_windows(valid, 128, 64)
@@ -141,24 +186,27 @@ def run(
     say = log or (lambda *_: None)
     rows = []
 
-    def row(method, model, seconds, note=""):
-        bpb = lm.bits_per_byte(model, windows)
+    t0 = time.perf_counter()
+    dense = lm.LM(cfg, rngs=nnx.Rngs(seed))
+    bpb = evaluator(dense, windows)
+
+    def row(method, model, seconds, note="", *, bits=None, params=None):
+        value = bpb(model) if bits is None else bits
         rows.append(
             {
                 "method": method,
-                "bits/byte": bpb,
-                "params": lm.count_params(model),
+                "bits/byte": value,
+                "params": lm.count_params(model) if params is None else params,
                 "seconds": seconds,
                 "note": note,
             }
         )
-        say(f"{method}: {bpb:.3f} bits/byte")
+        say(f"{method}: {value:.3f} bits/byte")
 
-    t0 = time.perf_counter()
-    dense = lm.LM(cfg, rngs=nnx.Rngs(seed))
     lm.train(dense, train, steps=steps, seed=seed)
     row("dense", dense, time.perf_counter() - t0, f"{steps} AdamW steps; {_describe(cfg)}")
 
+    tx = recovery_optimizer(recover)
     for label, cut in [
         (
             f"width {keep:.0%} (heads, MLP, residual)",
@@ -173,32 +221,35 @@ def run(
         for kd in (False, True):
             student = nnx.clone(small)
             t0 = time.perf_counter()
-            lm.train(student, train, steps=recover, seed=seed + 1, teacher=dense if kd else None)
+            lm.train(
+                student, train, steps=recover, seed=seed + 1, teacher=dense if kd else None, tx=tx
+            )
             how = "distilled (kd_loss, T=1)" if kd else "fine-tuned (hard labels)"
             row(f"{label} + {recover} steps {how}", student, t_cut + time.perf_counter() - t0)
         if label.startswith("width"):
             scratch = lm.LM(lm.config_of(_params(small)), rngs=nnx.Rngs(seed + 2))
             t0 = time.perf_counter()
-            lm.train(scratch, train, steps=recover, seed=seed + 1)
+            lm.train(scratch, train, steps=recover, seed=seed + 1, tx=tx)
             row(f"{label} from scratch, {recover} steps", scratch, time.perf_counter() - t0)
 
+    n_dense = lm.count_params(dense)
     for name, bits, group in [
         ("int8 per-channel (RTN)", 8, None),
         ("int4 group-32 (RTN)", 4, 32),
     ]:
         t0 = time.perf_counter()
-        bpb, nbytes = _quantized_bpb(dense, windows, bits, group)
-        rows.append(
-            {
-                "method": name,
-                "bits/byte": bpb,
-                "params": lm.count_params(dense),
-                "seconds": time.perf_counter() - t0,
-                "note": f"{nbytes / 1024:.0f} KiB stored vs {4 * lm.count_params(dense) / 1024:.0f}"
-                " KiB f32",
-            }
-        )
-        say(f"{name}: {bpb:.3f} bits/byte")
+        deq, nbytes = _quantize(_params(dense), bits, group)
+        value = bpb(deq)
+        note = f"{nbytes / 1024:.0f} KiB stored vs {4 * n_dense / 1024:.0f} KiB f32"
+        row(name, dense, time.perf_counter() - t0, note, bits=value, params=n_dense)
+
+    if oneshot is not None:
+        from jaxslim.demo import lm_oneshot
+
+        t0 = time.perf_counter()
+        info["oneshot"] = lm_oneshot.run(dense, train, windows, **oneshot)
+        info["oneshot_seconds"] = time.perf_counter() - t0
+        say(f"one-shot grid: {len(info['oneshot']) - 1} prunings")
     return rows, info
 
 

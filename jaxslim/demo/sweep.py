@@ -38,7 +38,10 @@ __all__ = [
     "grow",
     "shrink",
     "count_params",
+    "depth_moves",
     "run",
+    "table",
+    "report",
 ]
 
 ACTIVATIONS: dict[str, Any] = {
@@ -184,9 +187,88 @@ def count_params(params: dict) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
+@jax.jit
+def _correct(params, acts, x, y):
+    logits = jax.vmap(apply_mlp, in_axes=(0, None, 0))(params, x, acts)
+    return jnp.mean(jnp.argmax(logits, -1) == y[None, :], axis=-1)
+
+
 def _accuracy(params, acts, x, y) -> np.ndarray:
-    logits = jax.jit(jax.vmap(apply_mlp, in_axes=(0, None, 0)))(params, x, acts)
-    return np.asarray(jnp.mean(jnp.argmax(logits, -1) == y, axis=-1))
+    """Test accuracy ``(variants,)`` of stacked params (one compile per depth, reused)."""
+    return np.asarray(_correct(params, jnp.asarray(acts), x, y))
+
+
+def _relu_slice(params: dict, acts: np.ndarray) -> tuple[dict, np.ndarray]:
+    """The ReLU variants of stacked params (all seeds), and their activation indices."""
+    keep = acts == list(ACTIVATIONS).index("relu")
+    return jax.tree.map(lambda x: x[keep], params), acts[keep]
+
+
+def depth_moves(
+    data,
+    trained: dict[int, tuple[dict, np.ndarray]],
+    *,
+    steps: int,
+    width: int = 64,
+    seeds: Sequence[int] = (0,),
+) -> dict[str, Any]:
+    """Moves trained ReLU models between depths instead of training them from scratch.
+
+    ``trained`` maps a depth to ``train_sweep``'s ``(params, act_index)`` (ReLU among the
+    activations). ``grow`` (``splice.deepen``) takes the shallowest depth ``d`` to ``d + 1`` and
+    must leave every logit unchanged; ``shrink`` (``splice.drop_layer``) takes the deepest depth
+    ``D >= 2`` to ``D - 1``, then fine-tunes it for ``steps // 2`` steps (all seeds at once).
+
+    Returns ``{"grow": {"from", "to", "max_logit_change", "accuracy"}, "shrink": {"from", "to",
+    "accuracy_before", "accuracy_dropped", "accuracy_tuned", "tune_steps", "scratch_accuracy"}}``
+    (accuracies are means over seeds; ``scratch_accuracy`` is depth ``D - 1`` trained from scratch
+    for ``steps`` steps, ``None`` when that depth was not trained); ``shrink`` is ``None`` when no
+    depth >= 2 was trained.
+    """
+    x_test, y_test = jnp.asarray(data[2]), jnp.asarray(data[3])
+    apply = jax.vmap(apply_mlp, in_axes=(0, None, 0))
+    d0, d1 = min(trained), max(trained)
+
+    params, acts = _relu_slice(*trained[d0])
+    before = apply(params, x_test, jnp.asarray(acts))
+    grown = grow(params)
+    after = apply(grown, x_test, jnp.asarray(acts))
+    out: dict[str, Any] = {
+        "grow": {
+            "from": d0,
+            "to": d0 + 1,
+            "max_logit_change": float(jnp.max(jnp.abs(after - before))),
+            "accuracy": float(_accuracy(grown, acts, x_test, y_test).mean()),
+        },
+        "shrink": None,
+    }
+    if d1 < 2:
+        return out
+    params, acts = _relu_slice(*trained[d1])
+    dropped = shrink(params)
+    scratch = None
+    if d1 - 1 in trained:
+        scratch = float(_accuracy(*_relu_slice(*trained[d1 - 1]), x_test, y_test).mean())
+    out["shrink"] = {
+        "from": d1,
+        "to": d1 - 1,
+        "accuracy_before": float(_accuracy(params, acts, x_test, y_test).mean()),
+        "accuracy_dropped": float(_accuracy(dropped, acts, x_test, y_test).mean()),
+        "tune_steps": max(1, steps // 2),
+        "scratch_accuracy": scratch,
+    }
+    # train_sweep donates its params: hand it a copy, `dropped` shares arrays with `trained`.
+    tuned, _ = train_sweep(
+        data,
+        ["relu"],
+        d1 - 1,
+        seeds,
+        steps=out["shrink"]["tune_steps"],
+        width=width,
+        params=jax.tree.map(jnp.copy, dropped),
+    )
+    out["shrink"]["accuracy_tuned"] = float(_accuracy(tuned, acts, x_test, y_test).mean())
+    return out
 
 
 def run(
@@ -198,19 +280,28 @@ def run(
     steps: int = 1000,
     width: int = 64,
     loop_variants: int = 3,
+    moves: bool = True,
 ) -> dict[str, Any]:
     """The sweep and its timing: vmapped per depth vs a Python loop over ``loop_variants``.
 
     Returns ``{"rows": [{activation, depth, params, accuracy (mean over seeds), std}],
-    "sweep_seconds", "loop_seconds_per_variant", "variants", "speedup"}``; the loop time is
-    measured on ``loop_variants`` variants and extrapolated to all of them.
+    "sweep_seconds", "loop_seconds_per_variant", "variants", "speedup", "loop_variants",
+    "steps", "width", "seeds", "moves"}``; the loop time is measured on ``loop_variants``
+    variants (``train_loop``: one jit per variant, as a plain loop over a config grid) and
+    extrapolated to all of them. ``moves`` is ``depth_moves`` on the trained ReLU variants
+    (``None`` when ``moves`` is false or ReLU is not swept).
     """
+    if loop_variants < 1:
+        raise ValueError(
+            f"sweep.run: loop_variants must be >= 1 (it times the loop), got {loop_variants}"
+        )
     x_test, y_test = jnp.asarray(data[2]), jnp.asarray(data[3])
-    rows = []
+    rows, trained = [], {}
     t0 = time.perf_counter()
     for depth in depths:
         params, acts = train_sweep(data, activations, depth, seeds, steps=steps, width=width)
         acc = _accuracy(params, acts, x_test, y_test).reshape(len(activations), len(seeds))
+        trained[depth] = (params, acts)
         n = count_params(params) // (len(activations) * len(seeds))
         for a, row in zip(activations, acc, strict=True):
             rows.append(
@@ -236,10 +327,76 @@ def run(
         )
     jax.block_until_ready(p)
     per_variant = (time.perf_counter() - t0) / loop_variants
+    found = None
+    if moves and "relu" in activations:
+        found = depth_moves(data, trained, steps=steps, width=width, seeds=seeds)
     return {
         "rows": rows,
         "sweep_seconds": sweep_seconds,
         "loop_seconds_per_variant": per_variant,
         "variants": variants,
         "speedup": per_variant * variants / sweep_seconds,
+        "loop_variants": loop_variants,
+        "steps": steps,
+        "width": width,
+        "seeds": list(seeds),
+        "moves": found,
     }
+
+
+def table(result: dict[str, Any]) -> str:
+    """Markdown: one row per activation, one column per depth (its parameter count in the header),
+    cells ``mean +- std`` test accuracy over the seeds."""
+    rows = result["rows"]
+    depths = list(dict.fromkeys(r["depth"] for r in rows))
+    params = {r["depth"]: r["params"] for r in rows}
+    cell = {(r["activation"], r["depth"]): f"{r['accuracy']:.3f} +- {r['std']:.3f}" for r in rows}
+    lines = [
+        "| activation | " + " | ".join(f"depth {d} ({params[d]:,} params)" for d in depths) + " |",
+        "|---|" + "---:|" * len(depths),
+    ]
+    for a in dict.fromkeys(r["activation"] for r in rows):
+        lines.append(f"| {a} | " + " | ".join(cell.get((a, d), "-") for d in depths) + " |")
+    return "\n".join(lines)
+
+
+def report(result: dict[str, Any]) -> str:
+    """The demo section (Markdown): the accuracy-vs-parameters table, the wall-clock saving of
+    the vmapped sweep over a Python loop, and the depth moves (``depth_moves``)."""
+    r = result
+    n_act = len(dict.fromkeys(row["activation"] for row in r["rows"]))
+    n_depth = len(dict.fromkeys(row["depth"] for row in r["rows"]))
+    loop_total = r["loop_seconds_per_variant"] * r["variants"]
+    lines = [
+        f"MLP width {r['width']}, {r['steps']} Adam steps (batch 100), test accuracy: mean +- std "
+        f"over {len(r['seeds'])} seeds.",
+        "",
+        table(r),
+        "",
+        f"Wall clock: {r['variants']} variants ({n_act} activations x {n_depth} depths x "
+        f"{len(r['seeds'])} seeds) vmapped, one compiled step per depth: "
+        f"{r['sweep_seconds']:.1f} s; a Python loop (one jit per variant) "
+        f"{r['loop_seconds_per_variant']:.2f} s per variant (measured on {r['loop_variants']}), "
+        f"{loop_total:.0f} s for all: {r['speedup']:.1f}x faster vmapped.",
+    ]
+    m = r.get("moves")
+    if m:
+        g = m["grow"]
+        lines += [
+            "",
+            f"- grow (splice.deepen) relu depth {g['from']} -> {g['to']}: max |logit change| "
+            f"{g['max_logit_change']:.1e}, accuracy {g['accuracy']:.3f} (unchanged)",
+        ]
+        s = m["shrink"]
+        if s:
+            scratch = (
+                f"; depth {s['to']} from scratch, {r['steps']} steps: {s['scratch_accuracy']:.3f}"
+                if s["scratch_accuracy"] is not None
+                else ""
+            )
+            lines.append(
+                f"- shrink (splice.drop_layer) relu depth {s['from']} -> {s['to']}: accuracy "
+                f"{s['accuracy_before']:.3f} -> {s['accuracy_dropped']:.3f} after the drop -> "
+                f"{s['accuracy_tuned']:.3f} after {s['tune_steps']} fine-tune steps{scratch}"
+            )
+    return "\n".join(lines)
