@@ -1,7 +1,9 @@
 """Pruning benchmarks: ratios measured side by side in one run.
 
-1. Train-step time with ``pruner`` last in the chain vs the same step with plain optax (MLPs
-   40-128-128-10 and 784-1024-1024-10, CNN; jitted, paired runs, median ratio). Target <= 1.03x.
+1. Train-step time with ``pruner``, ``rigl`` and ``set_sparse`` vs the same step with plain optax
+   Adam (MLPs 40-128-128-10 and 784-1024-1024-10, CNN; jitted, donated buffers, 40 interleaved
+   paired runs, median ratio). Targets: ``pruner`` <= 1.03x, RigL/SET between updates <= 1.05x,
+   a step that updates the masks <= 3x a plain step. ``--only MLP`` runs this table alone.
 2. Global magnitude threshold at 90 % over 50M parameters: jaxslim's sort-free bisection vs one
    ``sum(abs(p))`` pass and vs a ``jnp.sort``-based threshold.
 3. ``--mnist1d``: test accuracy of sparse training on MNIST-1D (dense, lottery ticket vs the same
@@ -72,7 +74,33 @@ def cnn_apply(p, x):
     return x.reshape(x.shape[0], -1) @ p["head"]["kernel"] + p["head"]["bias"]
 
 
+def _set_count(state, count):
+    """``state`` with the step count of its pruner / sparse-training state set to ``count``."""
+    kinds = (prune.PrunerState, prune.SparseState)
+    return jax.tree.map(
+        lambda x: x._replace(count=jnp.int32(count)) if isinstance(x, kinds) else x,
+        state,
+        is_leaf=lambda x: isinstance(x, kinds),
+    )
+
+
+def _extra_hlo(f, *args) -> int:
+    """Instructions of the compiled program outside fusion bodies, nested computations included
+    (e.g. the untaken mask-update branch: XLA:CPU pays a little per step for each of its
+    buffers)."""
+    count, inside_fusion = 0, False
+    for line in f.lower(*args).compile().as_text().splitlines():
+        if line.startswith(("%", "ENTRY")):  # a computation's header
+            inside_fusion = line.startswith(("%fused", "%wrapped"))
+        elif " = " in line and not inside_fusion:
+            count += 1
+    return count
+
+
 def train_step_table(reps, only=None):
+    """Rows ``(model, transform, optax ms, ms, wall ratio, CPU-time ratio, update ms, update ratio,
+    extra HLO)``: each transform's train step vs plain Adam's, interleaved, medians of paired
+    ratios. The timed steps are between mask updates; "update" is one step that updates masks."""
     rows = []
     key = jax.random.key(0)
     cases = {
@@ -92,12 +120,13 @@ def train_step_table(reps, only=None):
             jax.random.normal(key, (128, 64)),
         ),
     }
+    every = 10_000  # mask updates at steps 0 and every `every` steps: none while timing
     for name, (params, apply, x) in cases.items():
         if only is not None and only not in name:
             continue
         y = jnp.zeros(x.shape[0], jnp.int32)
 
-        def make(tx, apply=apply, donate=True):
+        def make(tx, apply=apply, y=y, donate=True):
             def step(params, state, x):
                 def loss(p):
                     return optax.softmax_cross_entropy_with_integer_labels(apply(p, x), y).mean()
@@ -109,65 +138,72 @@ def train_step_table(reps, only=None):
             # buffers donated, as a training loop does: the step updates its state in place
             return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
-        base_tx = optax.adam(1e-3)
-        prune_tx = optax.chain(
-            optax.adam(1e-3), prune.pruner(prune.polynomial_schedule(0.9, 0, 10_000, frequency=100))
-        )
-        runs = {}
-        for label, tx in (("optax", base_tx), ("pruner", prune_tx)):
+        sparse = dict(update_every=every, end_step=10 * every)
+        txs = {
+            "optax": optax.adam(1e-3),
+            "pruner": optax.chain(
+                optax.adam(1e-3),
+                prune.pruner(prune.polynomial_schedule(0.9, 0, 10 * every, frequency=every)),
+            ),
+            "rigl": prune.rigl(0.9, optimizer=optax.adam(1e-3), **sparse),
+            "set_sparse": optax.chain(optax.adam(1e-3), prune.set_sparse(0.9, **sparse)),
+        }
+        runs, extra = {}, {}
+        for label, tx in txs.items():
             f = make(tx)
+            extra[label] = _extra_hlo(f, params, tx.init(params), x)
             p, s = f(jax.tree.map(jnp.copy, params), tx.init(params), x)  # past step 0: the
             p, s = f(p, s, x)  # timed steps are the common, non-update steps
             runs[label] = [f, p, s]
-        times = {label: [] for label in runs}
-        for _ in range(reps):  # alternate the two, 5 steps each, carrying the state
+        wall = {label: [] for label in runs}
+        cpu = {label: [] for label in runs}
+        for _ in range(reps):  # alternate them, 5 steps each, carrying the state
             for label, run in runs.items():
                 f, p, s = run
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 for _ in range(5):
                     p, s = f(p, s, x)
                 jax.block_until_ready(p)
-                times[label].append((time.perf_counter() - t0) / 5)
+                wall[label].append((time.perf_counter() - t0) / 5)
+                cpu[label].append((time.process_time() - c0) / 5)
                 run[1], run[2] = p, s
-        ratio = statistics.median(
-            [a / b for a, b in zip(times["pruner"], times["optax"], strict=True)]
-        )
-        tb, tp = statistics.median(times["optax"]), statistics.median(times["pruner"])
-        # an update step (masks recomputed) for reference
-        fp = make(prune_tx, donate=False)
-        tu = statistics.median(_time(fp, params, prune_tx.init(params), x, reps=max(3, reps // 5)))
-        rows.append((name, tb * 1e3, tp * 1e3, ratio, tu * 1e3))
+        tb = statistics.median(wall["optax"])
+
+        def paired(times, label):
+            return statistics.median(
+                [a / b for a, b in zip(times[label], times["optax"], strict=True)]
+            )
+
+        for label, tx in txs.items():
+            if label == "optax":
+                continue
+            # one step that updates the masks (step 0 for pruner, `every` for RigL/SET)
+            fu = make(tx, donate=False)
+            state = _set_count(tx.init(params), 0 if label == "pruner" else every)
+            tu = statistics.median(_time(fu, params, state, x, reps=max(3, reps // 5)))
+            rows.append(
+                (
+                    name,
+                    label,
+                    tb * 1e3,
+                    statistics.median(wall[label]) * 1e3,
+                    paired(wall, label),
+                    paired(cpu, label),
+                    tu * 1e3,
+                    tu / tb,
+                    extra[label] - extra["optax"],
+                )
+            )
     return rows
 
 
 def threshold_table(n_params, reps):
-    key = jax.random.key(1)
-    shapes = []
-    left = n_params
-    while left > 0:  # a model-like mix of leaf sizes
-        for s in [(4096, 1024), (1024, 4096), (1024, 1024), (4096, 256)]:
-            if left <= 0:
-                break
-            shapes.append(s)
-            left -= s[0] * s[1]
-    params = {
-        f"w{i}": jax.random.normal(jax.random.fold_in(key, i), s) for i, s in enumerate(shapes)
-    }
-    total = sum(a * b for a, b in shapes)
+    # Measured by bench_select.py (run as a script from benchmarks/, as `make bench` does), which
+    # also times the exact radix select the sample bracket replaced.
+    from bench_select import measure
 
-    one_pass = jax.jit(lambda p: sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(p)))
-    ours = jax.jit(lambda p: prune.topk_mask(prune.magnitude(p), 0.9, scope="global"))
-
-    @jax.jit
-    def sort_based(p):
-        flat = jnp.concatenate([jnp.abs(x).ravel() for x in jax.tree.leaves(p)])
-        t = jnp.sort(flat)[round(0.9 * flat.size) - 1]
-        return jax.tree.map(lambda x: jnp.abs(x) > t, p)
-
-    t_pass = statistics.median(_time(one_pass, params, reps=reps))
-    t_ours = statistics.median(_time(ours, params, reps=reps))
-    t_sort = statistics.median(_time(sort_based, params, reps=max(2, reps // 3)))
-    return total, t_pass, t_ours, t_sort
+    total, best = measure(int(n_params), reps)
+    return total, best["one sum(abs(p)) pass"], best["topk_mask(global)"], best["jnp.sort"]
 
 
 def machine():
@@ -278,7 +314,8 @@ def main_mnist1d(steps, seeds):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--params", type=float, default=50e6)
-    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=40)
+    ap.add_argument("--only", default=None, help="train-step table only, models whose name has it")
     ap.add_argument("--mnist1d", action="store_true", help="sparse-training accuracy table only")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--seeds", type=int, default=2)
@@ -287,13 +324,23 @@ def main():
         return main_mnist1d(args.steps, args.seeds)
     print(f"machine: {machine()}\n")
     print(
-        "**Train step: pruner last in chain vs plain optax (Adam), donated buffers, "
-        "median of paired runs**\n"
+        "**Train step: each transform last in chain vs plain optax (Adam), donated buffers, "
+        f"medians of {args.reps} interleaved paired runs of 5 steps between mask updates; "
+        "CPU ratio = process time (robust on a shared machine); update = one step that "
+        "updates the masks; extra HLO = compiled instructions beyond Adam's**\n"
     )
-    print("| model | optax ms | + pruner ms | ratio | mask-update step ms |")
-    print("|---|---|---|---|---|")
-    for name, tb, tp, r, tu in train_step_table(args.reps):
-        print(f"| {name} | {tb:.2f} | {tp:.2f} | {r:.3f}x | {tu:.2f} |")
+    print(
+        "| model | transform | optax ms | ms | ratio | CPU ratio | update step ms | "
+        "update / plain | extra HLO |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, label, tb, tp, r, rc, tu, ru, n in train_step_table(args.reps, args.only):
+        print(
+            f"| {name} | {label} | {tb:.2f} | {tp:.2f} | {r:.3f}x | {rc:.3f}x | {tu:.2f} | "
+            f"{ru:.1f}x | {n} |"
+        )
+    if args.only is not None:
+        return None
     total, t_pass, t_ours, t_sort = threshold_table(int(args.params), max(3, args.reps // 4))
     print(f"\n**Global 90 % magnitude threshold over {total / 1e6:.1f}M parameters**\n")
     print("| method | ms | vs one sum(abs(p)) pass |")

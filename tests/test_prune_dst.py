@@ -255,3 +255,44 @@ def test_rigl_with_adam_no_retrace():
     for _ in range(5):
         params, state = step(params, state, jax.tree.map(jnp.ones_like, params))
     assert len(traces) == 1
+
+
+def _drop_grow_reference(m, w, g, k):
+    """Drop the k lowest |w| active, then grow the k largest |g| not active; ties by flat index."""
+    m, w, g = np.asarray(m).ravel(), np.asarray(w).ravel(), np.asarray(g).ravel()
+    active = np.flatnonzero(m)
+    drop = active[np.argsort(np.abs(w[active]), kind="stable")[:k]]
+    after = m.copy()
+    after[drop] = False
+    free = np.flatnonzero(~after)
+    grow = free[np.argsort(-np.abs(g[free]), kind="stable")[:k]]
+    after[grow] = True
+    return after
+
+
+@pytest.mark.parametrize("variant", [jax.jit, VARIANTS["eager"]], ids=["jit", "eager"])
+def test_rigl_update_equals_reference_with_ties(variant):
+    rng = np.random.default_rng(7)
+    w = jnp.asarray(rng.choice([0.5, -0.5, 1.0, 2.0], (8, 16)), jnp.float32)  # |w| ties
+    g = jnp.asarray(rng.choice([0.0, 1.0, -1.0, 3.0], (8, 16)), jnp.float32)  # |g| ties
+    m = jnp.asarray(rng.random((8, 16)) < 0.4)
+    tx = prune.rigl(0.5, update_every=1, end_step=2, drop_fraction=0.8, optimizer=optax.sgd(0.0))
+    state = tx.init({"w": w})._replace(masks={"w": m}, count=jnp.int32(1))
+    _, state = variant(tx.update)({"w": g}, state, {"w": jnp.where(m, w, 0)})
+    k = round(0.4 * int(m.sum()))  # f_1 = 0.8 / 2 * (1 + cos(pi / 2)) = 0.4
+    want = _drop_grow_reference(m, w, g, k).reshape(8, 16)
+    np.testing.assert_array_equal(prune.masks_of(state)["w"], want)
+
+
+def test_sparse_state_survives_a_donating_step():
+    params = _params()
+    tx = optax.chain(optax.sgd(0.1), prune.set_sparse(0.5, update_every=1, end_step=5))
+    step = jax.jit(
+        lambda p, s: tx.update(jax.tree.map(jnp.ones_like, p), s, p), donate_argnums=(1,)
+    )
+    inits = []
+    for _ in range(2):  # the second init must not see the key the first step donated
+        state = tx.init(params)
+        inits.append(np.asarray(prune.masks_of(state)["l1"]["kernel"]))
+        _, state = step(params, state)
+    np.testing.assert_array_equal(inits[0], inits[1])  # the same key: the same initial mask

@@ -222,3 +222,72 @@ def test_pruner_traced_nan_schedule_keeps_masks_and_out_of_range_is_clipped():
         pruned.append(int((~prune.masks_of(state)["w"]).sum()))
     # 0.25, 0.5, NaN (keep), NaN (keep), 0.75, -1 -> 0, 2 -> 1
     assert pruned == [8, 16, 16, 16, 24, 0, 32]
+
+
+@pytest.mark.parametrize("structure", [prune.Unstructured(), Channels()], ids=["unstr", "chan"])
+def test_pruner_masks_equal_topk_mask_on_update_steps_and_stay_between(variant, structure):
+    # the pruner's own per-leaf selection (a small program) against the reference topk_mask
+    sched = prune.polynomial_schedule(0.75, 0, 6, frequency=2)  # updates at t = 0, 2, 4, 6
+    tx = prune.pruner(sched, structure=structure)
+    params = _params()
+    params["l1"]["kernel"] = params["l1"]["kernel"].at[0, :4].set(0.5)  # ties at the threshold
+    state = tx.init(params)
+    update = variant(tx.update)
+    rng = np.random.default_rng(3)
+    for t in range(8):
+        prev = prune.masks_of(state)
+        updates, state = update(jax.tree.map(jnp.zeros_like, params), state, params)
+        got = prune.masks_of(state)
+        if t in (0, 2, 4, 6):
+            scores = prune.magnitude(prune.apply_mask(params, prev))
+            want = prune.topk_mask(scores, sched(t), structure=structure)
+        else:
+            want = prev  # no update: the very same masks
+        for name in ("l1", "l2"):
+            np.testing.assert_array_equal(got[name]["kernel"], want[name]["kernel"])
+        params = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(rng.standard_normal(p.shape)), params)
+        params = optax.apply_updates(params, updates)
+
+
+def test_pruner_per_leaf_sparsities_equal_topk_mask(variant):
+    params = _params()
+    sp = prune.erk(params, 0.8)
+    tx = prune.pruner(sp)
+    _, state = variant(tx.update)(params, tx.init(params), params)
+    want = prune.topk_mask(prune.magnitude(params), sp)
+    for name in ("l1", "l2"):
+        np.testing.assert_array_equal(prune.masks_of(state)[name]["kernel"], want[name]["kernel"])
+
+
+@pytest.mark.parametrize("shape", [(7,), (8, 16), (3, 5, 4), (260, 256)])
+def test_lowest_k_leaf_equals_lowest_k_with_ties(shape):
+    # the 4x8-bit path (< 65536 keys) and the 2x16-bit path (260 * 256 keys)
+    from jaxslim.prune.masks import _lowest_k
+    from jaxslim.prune.transform import _lowest_k_leaf
+
+    rng = np.random.default_rng(0)
+    n = int(np.prod(shape))
+    pool = np.array([0, 5, 70000, 65537 * 3, 0xFFFFFFFE, 0xFFFFFFFF], np.uint32)
+    keys = [
+        rng.integers(0, 2**32, shape, dtype=np.uint64).astype(np.uint32),
+        rng.choice(pool, shape),  # mostly ties
+    ]
+    f = jax.jit(_lowest_k_leaf)
+    for key in map(jnp.asarray, keys):
+        for k in sorted({0, 1, n // 3, n - 1, n}):
+            got = np.asarray(f(key, jnp.int32(k)))
+            want = np.asarray(_lowest_k([key], jnp.int32(k))[0])
+            np.testing.assert_array_equal(got, want)
+            assert got.sum() == k
+
+
+def test_keep_mask_state_survives_a_donating_step():
+    params = _params()
+    mask = prune.topk_mask(prune.magnitude(params), 0.5)
+    tx = optax.chain(optax.sgd(0.1), prune.keep_mask(mask))
+    step = jax.jit(
+        lambda p, s: tx.update(jax.tree.map(jnp.ones_like, p), s, p), donate_argnums=(1,)
+    )
+    for _ in range(2):  # a second init after the first state was donated
+        _, state = step(params, tx.init(params))
+    np.testing.assert_array_equal(prune.masks_of(state)["l1"]["kernel"], mask["l1"]["kernel"])

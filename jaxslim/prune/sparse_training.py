@@ -22,7 +22,6 @@ from jax import lax
 
 from jaxslim import _tree
 from jaxslim.prune.masks import (
-    _lowest_k,
     apply_mask,
     check_leaf_structure,
     check_structure,
@@ -32,7 +31,7 @@ from jaxslim.prune.masks import (
 )
 from jaxslim.prune.schedules import _check_fraction, _check_int, erk, uniform
 from jaxslim.prune.scores import magnitude, random
-from jaxslim.prune.transform import SparseState
+from jaxslim.prune.transform import SparseState, _lowest_k_leaf
 from jaxslim.structures import Structure, Unstructured, float_keys
 
 __all__ = ["rigl", "set_sparse", "static_sparse", "ste", "sr_ste", "straight_through"]
@@ -74,10 +73,10 @@ def _drop_grow(m, p, growth, k):
     """Drops the ``k`` lowest-|p| active entries, grows the ``k`` highest-``growth`` inactive
     ones (ties by flat index). Returns the new mask; its count equals ``m``'s exactly."""
     drop_keys = jnp.where(m, jnp.minimum(float_keys(jnp.abs(p)), _TOP - 1), _TOP)
-    (dropped,) = _lowest_k([drop_keys], k)
+    dropped = _lowest_k_leaf(drop_keys, k)
     after = m & ~dropped
     grow_keys = jnp.where(after, _TOP, jnp.minimum(float_keys(-growth), _TOP - 1))
-    (grown,) = _lowest_k([grow_keys], k)
+    grown = _lowest_k_leaf(grow_keys, k)
     return after | grown
 
 
@@ -113,7 +112,8 @@ def _dynamic(
         sp = _sparsities(fn, params, sparsity, distribution, where)
         masks = topk_mask(random(key, params), sp, where=where)
         inner = None if optimizer is None else optimizer.init(params)
-        return SparseState(jnp.zeros([], jnp.int32), masks, key, inner)
+        # a copy: a train step that donates its state must not delete the transform's own key
+        return SparseState(jnp.zeros([], jnp.int32), masks, jnp.copy(key), inner)
 
     def update_fn(updates, state, params=None):
         if params is None:
@@ -149,8 +149,10 @@ def _dynamic(
                         score = jax.random.uniform(_leaf_key(state.key, path, t), p.shape)
                     return _drop_grow(m, p, score, k)
 
+                # random growth reads no update: a cond that reads one makes XLA materialize it
+                src = grads if grow == "gradient" else masks
                 return _tree.map_selected(
-                    one, params, masks, grads, where=where, fn_name=fn, unselected=lambda *_: None
+                    one, params, masks, src, where=where, fn_name=fn, unselected=lambda *_: None
                 )
 
             masks = lax.cond(due, regrow, lambda: state.masks)

@@ -18,6 +18,10 @@ from jax import lax
 
 from jaxslim import _tree
 from jaxslim.prune.masks import (
+    _explicitly_sharded,
+    _flat_index,
+    _lowest_k,
+    _per_leaf_sparsity,
     apply_mask,
     check_leaf_structure,
     check_mask_leaf,
@@ -25,12 +29,13 @@ from jaxslim.prune.masks import (
     check_structure,
     check_where,
     is_sparsity_tree,
+    num_to_prune,
     topk_mask,
 )
 from jaxslim.prune.schedules import SparsitySchedule, constant_schedule
 from jaxslim.prune.scores import magnitude
 from jaxslim.schedules import _scalar
-from jaxslim.structures import Structure, Unstructured
+from jaxslim.structures import NM, Structure, Unstructured, float_keys
 
 __all__ = ["PrunerState", "MaskState", "SparseState", "pruner", "keep_mask", "masks_of"]
 
@@ -71,6 +76,69 @@ def _masked_updates(fn: str, updates, params, masks):
         return jnp.where(m, u, -p).astype(u.dtype)
 
     return jax.tree_util.tree_map_with_path(one, updates, params, masks)
+
+
+def _lowest_k_leaf(key: jax.Array, k) -> jax.Array:
+    """Marks the ``k`` lowest of one leaf's ``uint32`` keys (ties by flat index): ``_lowest_k([key],
+    k)[0]``, written small.
+
+    The mask update runs under ``lax.cond`` in every step's program, and on XLA:CPU each step pays
+    for every buffer of the program, the untaken branch's included (about 0.1 us each). So the
+    radix select's passes (4 of 256 bins below 65536 keys, else 2 of 65536) are one ``fori_loop``
+    body, the prefix sum is an ``associative_scan`` and the bin lookup a ``searchsorted``
+    (elementwise: no reduction buffers), and the cut among keys equal to the threshold is a
+    ``while_loop`` that does not run when all of them go (the usual case). Same result, no
+    gather (histograms are scatter-adds into a replicated array); under a mesh with ``Explicit``
+    axes it defers to ``_lowest_k``.
+    """
+    if _explicitly_sharded(key):
+        return _lowest_k([key], k)[0]
+    k = jnp.asarray(k, jnp.int32)
+    bits = 8 if key.size < 1 << 16 else 16  # 4 passes of 256 bins or 2 of 65536
+    bins, digit_mask = 1 << bits, jnp.uint32((1 << bits) - 1)
+
+    def radix(i, carry):  # pass i histograms digit i (from the top) of the keys that match t above
+        t, rank, _ = carry
+        shift = jnp.uint32(32 - bits) - i.astype(jnp.uint32) * jnp.uint32(bits)
+        above = shift + jnp.uint32(bits)  # 32 in pass 0: every key matches
+        live = (i == 0) | ((key >> above) == (t >> above))
+        digit = jnp.where(live, ((key >> shift) & digit_mask).astype(jnp.int32), bins)
+        h = jnp.zeros(bins, jnp.int32).at[digit].add(jnp.int32(1), mode="drop")
+        c = lax.associative_scan(jnp.add, h)
+        b = jnp.searchsorted(c, rank, side="left", method="scan_unrolled").astype(jnp.int32)
+        b = jnp.minimum(b, bins - 1)  # the first bin whose cumulative count reaches `rank`
+        return t | (b.astype(jnp.uint32) << shift), rank - (c[b] - h[b]), h[b]
+
+    init = (jnp.uint32(0), jnp.maximum(k, 1), jnp.int32(0))
+    t, need, n_eq = lax.fori_loop(0, 32 // bits, radix, init)  # t: the k-th key; prune `need`
+    flat = _flat_index(key.shape)
+
+    def cut_step(lohi):  # the smallest cut with #{key == t, flat < cut} >= need
+        lo, hi = lohi
+        mid = lo + (hi - lo) // 2
+        ok = jnp.sum((key == t) & (flat < mid), dtype=jnp.int32) >= need
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    lo = jnp.where(need >= n_eq, jnp.int32(key.size), 0)
+    _, cut = lax.while_loop(lambda lohi: lohi[0] < lohi[1], cut_step, (lo, jnp.int32(key.size)))
+    return ((key < t) | ((key == t) & (flat < cut))) & (k > 0)
+
+
+def _layer_masks(fn: str, scores, sparsity, structure: Structure, where) -> optax.Params:
+    """``topk_mask(scores, sparsity, structure=structure, scope="layer", where=where)`` for a
+    non-``NM`` structure, each leaf selected by ``_lowest_k_leaf``: the same groups, counts and
+    order, in a smaller program (see ``_lowest_k_leaf``)."""
+    paths = _tree.selected_paths(scores, where, fn_name=fn)
+    per_leaf = _per_leaf_sparsity(fn, sparsity, scores, paths, "layer")
+
+    def one(path, x):
+        groups = structure.reduce(x)
+        s = sparsity if per_leaf is None else per_leaf[path]
+        k = num_to_prune(s, groups.size, what=f" for {path!r}")
+        pruned = _lowest_k_leaf(float_keys(groups), k)
+        return _tree.match_sharding(structure.expand(~pruned, x.shape), x)
+
+    return _tree.map_selected(one, scores, where=where, fn_name=fn, unselected=lambda *_: None)
 
 
 def _step(t) -> str:
@@ -191,13 +259,11 @@ def pruner(
             recompute = t == 0
 
         def new_masks():
-            return topk_mask(
-                score(apply_mask(params, state.masks)),
-                s if per_leaf is None else per_leaf,
-                structure=structure,
-                scope=scope,
-                where=where,
-            )
+            scores = score(apply_mask(params, state.masks))
+            sparsity = s if per_leaf is None else per_leaf
+            if scope == "global" or isinstance(structure, NM):
+                return topk_mask(scores, sparsity, structure=structure, scope=scope, where=where)
+            return _layer_masks(fn, scores, sparsity, structure, where)
 
         masks = lax.cond(recompute, new_masks, lambda: state.masks)
         new_updates = _masked_updates(fn, updates, params, masks)
@@ -227,7 +293,8 @@ def keep_mask(mask: optax.Params) -> optax.GradientTransformation:
             params,
             mask,
         )
-        return MaskState(masks=mask)
+        # copies: a train step that donates its state must not delete the caller's mask arrays
+        return MaskState(masks=jax.tree.map(jnp.copy, mask))
 
     def update_fn(updates, state, params=None):
         return _masked_updates(fn, updates, params, state.masks), state
