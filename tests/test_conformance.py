@@ -46,6 +46,7 @@ TREE_FUNCTIONS = {
         prune.magnitude(p), 0.5, structure=prune.Channels(), scope="global"
     ),
     "prune.apply_mask": lambda p: prune.apply_mask(p, prune.topk_mask(prune.magnitude(p), 0.5)),
+    "prune.straight_through": lambda p: prune.straight_through(p, 0.5),
     "prune.topk_mask(NM, kernel_like)": lambda p: prune.topk_mask(
         prune.magnitude(p), 0.5, structure=prune.NM(2, 4), where=jaxslim.structures.kernel_like
     ),

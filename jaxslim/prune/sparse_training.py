@@ -22,7 +22,6 @@ from jax import lax
 
 from jaxslim import _tree
 from jaxslim.prune.masks import (
-    apply_mask,
     check_leaf_structure,
     check_structure,
     check_where,
@@ -324,13 +323,14 @@ def straight_through(
         masks = topk_mask(magnitude(params), sparsity, structure=structure, where=where)
     except (ValueError, TypeError) as e:
         raise type(e)(str(e).replace("prune.topk_mask", "prune.straight_through")) from None
-    masked = apply_mask(params, masks)
-    return jax.tree.map(
-        lambda p, q: p if q is None else p + lax.stop_gradient(q - p),
-        params,
-        masked,
-        is_leaf=lambda x: x is None,
-    )
+
+    # Leaves without a mask (biases, ints, PRNG keys, None) pass through untouched.
+    def one(m, p):
+        if m is None:
+            return p
+        return p + lax.stop_gradient(jnp.where(m, p, jnp.zeros((), p.dtype)) - p)
+
+    return jax.tree.map(one, masks, params, is_leaf=lambda x: x is None)
 
 
 def sr_ste(
