@@ -303,3 +303,30 @@ def test_quantized_grad_equals_grad_on_dequantized_params(name, spec, jit):
     assert len(leaves_q) == len(leaves_r) > 0
     for a, b in zip(leaves_q, leaves_r, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("spec", [_I8, _I4], ids=["int8-channel", "int4-g8"])
+def test_w8a8_mlp_quantizes_activations_of_left_operand_weights(spec, jit):
+    """W8A8 on ``eqx.nn.MLP`` (``weight @ x``, the weight on the left of the vmapped product):
+    every layer's input is quantized per token. Reference: dequantized weights times
+    fake-quantized activations, layer by layer; int8 per-row weights run int8 x int8 (int32)."""
+    model = eqx.nn.MLP(16, 8, width_size=32, depth=2, key=jax.random.key(0))
+    params, static = eqx.partition(model, eqx.is_array)
+    fn = lambda p, x: jax.vmap(eqx.combine(p, static))(x)
+    qp, _ = quant.quantize_params(params, [(kernel_like, spec)])
+    x = jax.random.normal(jax.random.key(3), (16, 16))  # 16 tokens: enough for the int path
+    g = quant.quantized(fn, activations=quant.QuantSpec(8))
+    y = (jax.jit(g) if jit else g)(qp, x)
+
+    dq = quant.dequantize_params(qp)
+    h = x
+    for i, layer in enumerate(dq.layers):
+        h = quant.fake_quant(h, quant.QuantSpec(8, axis=0)) @ layer.weight.T + layer.bias[None]
+        h = model.activation(h) if i < len(dq.layers) - 1 else h
+    assert y.shape == h.shape == (16, 8)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(h), rtol=1e-5, atol=1e-5)
+    weight_only = quant.quantized(fn)(qp, x)
+    assert float(jnp.max(jnp.abs(y - weight_only))) > 1e-4  # the activations are quantized
+    n_int = str(jax.make_jaxpr(g)(qp, x)).count("preferred_element_type=int32")
+    assert n_int == (3 if spec is _I8 else 0)  # grouped int4 weights: simulated, not int8 x int8

@@ -129,6 +129,110 @@ def test_w8a8_uses_int8_products_and_straight_through_grad(wrap):
     close(gx, want_g, 1e-4)
 
 
+# --- W8A8 whichever side the quantized weight is on (issue 11 §3) ------------------------------
+
+
+def np_quant8(a, contracted):
+    """Symmetric int8 codes and scales of ``a``, one scale per index of the free axes:
+    ``s = max|a| / 127.5`` (floored at eps), ``q = clip(round_half_even(a * (1/s)), -128, 127)``."""
+    a = np.asarray(a, np.float32)
+    s = np.abs(a).max(axis=contracted, keepdims=True) / np.float32(127.5)
+    s = np.maximum(s, np.finfo(np.float32).eps).astype(np.float32)
+    q = np.clip(np.round(a * (np.float32(1) / s)), -128, 127).astype(np.int32)
+    return q, s
+
+
+def w8a8_ref(w, x, w_left):
+    """Per-token int8 activations x per-output-channel int8 weights, int32 accumulation, times
+    both scales. ``w``: (out, in) when ``w_left`` (``w @ x``, x (in, tokens)), else (in, out)
+    (``x @ w``, x (tokens, in))."""
+    if w_left:
+        qw, sw = np_quant8(w, 1)  # (out, in), scale (out, 1)
+        qx, sx = np_quant8(x, 0)  # (in, tokens), scale (1, tokens)
+        acc = qw @ qx  # int32 (out, tokens)
+        assert acc.dtype == np.int32
+        return acc.astype(np.float32) * sw * sx
+    qw, sw = np_quant8(w, 0)  # (in, out), scale (1, out)
+    qx, sx = np_quant8(x, 1)  # (tokens, in), scale (tokens, 1)
+    acc = qx @ qw
+    assert acc.dtype == np.int32
+    return acc.astype(np.float32) * sx * sw
+
+
+W_OI, W_IO = normal(32, 64), normal(64, 32)
+LEFT_RIGHT = [  # (fn, weight, spec, x, weight on the left?)
+    pytest.param(lambda p, x: p["w"] @ x, W_OI, 0, normal(64, 16), True, id="left-matmul"),
+    pytest.param(
+        lambda p, x: jax.lax.dot_general(p["w"], x, (((1,), (0,)), ((), ()))),
+        W_OI,
+        0,
+        normal(64, 12),
+        True,
+        id="left-dot_general",
+    ),
+    pytest.param(lambda p, x: p["w"] @ x, W_OI, 0, normal(64, 3), True, id="left-few-tokens"),
+    pytest.param(lambda p, x: x @ p["w"], W_IO, -1, normal(16, 64), False, id="right-matmul"),
+    pytest.param(
+        lambda p, x: jnp.einsum("ti,io->to", x, p["w"]),
+        W_IO,
+        -1,
+        normal(10, 64),
+        False,
+        id="right-einsum",
+    ),
+]
+
+
+@pytest.mark.parametrize("wrap", JIT)
+@pytest.mark.parametrize("f, w, axis, x, w_left", LEFT_RIGHT)
+def test_w8a8_weight_on_either_side_equals_int8_reference(wrap, f, w, axis, x, w_left):
+    qp = {"w": quant.quantize(w, QuantSpec(8, axis=axis))}
+    g = quant.quantized(f, activations=QuantSpec(8))
+    y = wrap(g)(qp, x)
+    want = w8a8_ref(w, x, w_left)
+    assert y.shape == want.shape and y.dtype == jnp.float32
+    close(y, want, 1e-5)
+    # The activations really are quantized: W8A8 differs from weight-only.
+    y_wo = wrap(quant.quantized(f))(qp, x)
+    assert float(jnp.abs(y - y_wo).max()) > 1e-4
+    close(y_wo, f(quant.dequantize_params(qp), x), 1e-5)
+    tokens = x.shape[1] if w_left else x.shape[0]
+    jaxpr = str(jax.make_jaxpr(g)(qp, x))  # enough tokens: the int8 x int8 product runs
+    assert jaxpr.count("preferred_element_type=int32") == (tokens >= 8)
+
+
+def test_w8a8_left_weight_in_batched_einsum():
+    w, x = W_OI, normal(2, 64, 9)  # (out, in) @ (batch, in, tokens)
+    qp = {"w": quant.quantize(w, QuantSpec(8, axis=0))}
+    for f in (lambda p, x: p["w"] @ x, lambda p, x: jnp.einsum("oi,bit->bot", p["w"], x)):
+        y = jax.jit(quant.quantized(f, activations=QuantSpec(8)))(qp, x)
+        want = np.stack([w8a8_ref(w, x[b], w_left=True) for b in range(2)])
+        close(y, want, 1e-5)
+
+
+@pytest.mark.parametrize("wrap", JIT)
+def test_w8a8_scanned_layer_stack(wrap):
+    rng = np.random.default_rng(11)  # own data: a flipped rounding would compound over layers
+    ws = rng.normal(size=(3, 32, 32)).astype(np.float32)  # three (out, in) layers, scanned
+    x = rng.normal(size=(32, 8)).astype(np.float32)
+    qp = {"w": quant.quantize(jnp.asarray(ws), QuantSpec(8, axis=(0, 1)))}
+
+    def f(p, x):  # x: (in, tokens); linear layers, so the reference has no transcendental ulps
+        return jax.lax.scan(lambda h, w: (w @ h, None), x, p["w"])[0]
+
+    g = quant.quantized(f, activations=QuantSpec(8))
+    y = wrap(g)(qp, jnp.asarray(x))
+    # One layer: the int8 reference. Scanned layers run simulated (fake-quantized activations
+    # times dequantized weights in float32), so over three layers the reference is that.
+    q1 = {"w": quant.quantize(jnp.asarray(ws[:1]), QuantSpec(8, axis=(0, 1)))}
+    close(wrap(g)(q1, jnp.asarray(x)), w8a8_ref(ws[0], x, True))
+    h, dq = jnp.asarray(x), quant.dequantize(qp["w"])
+    for i in range(3):
+        h = dq[i] @ quant.fake_quant(h, QuantSpec(8, axis=1))
+    close(y, h, 1e-5)
+    assert float(jnp.abs(y - quant.quantized(f)(qp, jnp.asarray(x))).max()) > 1e-2
+
+
 class LinenMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -267,6 +371,39 @@ BAD = [
         id="leaf-not-array",
     ),
     pytest.param(_group_not_contracted, ValueError, r"ok: groups along the output axis", id="grp"),
+    pytest.param(
+        lambda: quant.quantized(lambda p, x: p["w"] @ x, impl="int", activations=QuantSpec(8))(
+            {
+                "w": quant.quantize(
+                    jnp.ones((2, 4)), QuantSpec(4, axis=0, group_size=2, group_axis=1)
+                )
+            },
+            jnp.ones((4, 8)),
+        ),
+        ValueError,
+        r"quant.quantized: the product with the quantized kernel 'w' \(the left operand"
+        r".*impl='int' needs",
+        id="int-path-left-weight-grouped",
+    ),
+    pytest.param(
+        lambda: quant.quantized(
+            lambda p, x: jax.lax.dot_general(
+                x, p["w"], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+            ),
+            activations=QuantSpec(8),
+        )({"w": quant.quantize(jnp.ones((4, 2)), QuantSpec(8))}, jnp.ones((3, 4), jnp.int32)),
+        ValueError,
+        r"quant.quantized: activations=.* kernel 'w', but that operand is int32 \(3, 4\)",
+        id="w8a8-integer-activation",
+    ),
+    pytest.param(
+        lambda: quant.quantized(
+            lambda p, x: jax.lax.conv(x, p["w"], (1,), "SAME"), activations=QuantSpec(8)
+        )({"w": quant.quantize(jnp.ones((2, 3, 3)), QuantSpec(8))}, jnp.ones((1, 3, 5))),
+        ValueError,
+        r"quant.quantized: activations=.* convolution, and the quantized kernel 'w'",
+        id="w8a8-conv-kernel",
+    ),
 ]
 
 

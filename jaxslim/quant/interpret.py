@@ -12,7 +12,9 @@ arrays of their original shape and dtype) and its jaxpr is evaluated equation by
   the contracted axis at a time (a Flax ``(in, out)`` kernel, an Equinox ``(out, in)`` weight, a
   tied embedding used as ``h @ embed.T``, an explicit-head ``(d, heads, head_dim)`` kernel), or
   int8 x int8 with int32 accumulation when ``activations`` asks for dynamic activation
-  quantization (W8A8, SmoothQuant);
+  quantization (W8A8, SmoothQuant). The activation is the float operand whichever side the
+  weight is on (``x @ W`` or Equinox's ``W @ x``), quantized with one scale per token (per index
+  of its non-contracted axes);
 * any other use (an embedding lookup ``embed[tokens]``, an elementwise op, a convolution, a
   ``reshape`` that merges axes, a slice, a loop carry) dequantizes *that leaf* at that use, in the
   function's dtype. Under ``jit`` XLA fuses the dequantization into a gather or a dynamic slice
@@ -21,6 +23,10 @@ arrays of their original shape and dtype) and its jaxpr is evaluated equation by
 
 Stacked layers under ``scan`` (a ``QArray`` scanned as ``xs``) are indexed one layer per step
 from the dequantization expression, which XLA fuses into the slice for integer and fp8 formats.
+Under ``activations`` a product with such a layer quantizes its activation per token with
+``fake_quant`` (simulated: same numbers up to float rounding, no int8 x int8 product). A
+convolution whose kernel is a ``QArray`` raises under ``activations`` (its input is not
+quantized); a product of two ``QArray`` leaves has no activation operand and runs weight-only.
 
 Differentiation: ``jax.grad`` / ``jax.vjp`` with respect to the float arguments (``args``, float
 leaves of ``params``) work; the blocked product rematerializes each block in the backward pass,
@@ -42,9 +48,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxslim import _jaxpr
+from jaxslim import _jaxpr, _tree
 from jaxslim.quant.dot import qdot_general
-from jaxslim.quant.qarray import QArray, dequantize, is_qarray
+from jaxslim.quant.qarray import QArray, dequantize, fake_quant, is_qarray
 from jaxslim.quant.spec import QuantSpec
 
 __all__ = ["quantized"]
@@ -77,8 +83,25 @@ class _QView:
         return y.reshape(self.shape)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Deq:
+    """A dequantized ``QArray`` slice that is still a weight: one layer of a scanned stack
+    (``value``, float) under ``activations``. A product with it quantizes its other operand per
+    token (simulated: ``fake_quant``, not an int8 x int8 product); layout ops keep the mark."""
+
+    value: jax.Array
+    path: str
+
+
 def _mat(x: Any) -> Any:
-    return x.materialize() if isinstance(x, _QView) else x
+    if isinstance(x, _QView):
+        return x.materialize()
+    return x.value if isinstance(x, _Deq) else x
+
+
+_KEEP_DEQ = frozenset(
+    {"transpose", "squeeze", "reshape", "broadcast_in_dim", "convert_element_type"}
+)
 
 
 def _unit_map(src: tuple[int, ...], dst: tuple[int, ...]) -> list[int | None] | None:
@@ -121,9 +144,18 @@ class _Runner(_jaxpr.Walker):
 
     # -- ordinary equations ---------------------------------------------------------------------
     def equation(self, eqn, ins):
-        if not any(isinstance(x, _QView) for x in ins):
+        if not any(isinstance(x, (_QView, _Deq)) for x in ins):
             return _jaxpr.bind(eqn, ins)
         name, p = eqn.primitive.name, eqn.params
+        if self.activations is not None and name == "conv_general_dilated":
+            w = next(x for x in ins if isinstance(x, (_QView, _Deq)))
+            raise ValueError(
+                f"{_FN}: activations={self.activations!r} does not quantize the input of a "
+                f"convolution, and the quantized kernel {w.path!r} feeds one: keep that kernel "
+                "float (a rule (path, None)) or pass activations=None"
+            )
+        if any(isinstance(x, _Deq) for x in ins):
+            return self._deq(eqn, name, ins)
         v = ins[0]
         if isinstance(v, _QView) and len(ins) == 1:
             out = self._layout(eqn, name, p, v)
@@ -165,12 +197,41 @@ class _Runner(_jaxpr.Walker):
             return dataclasses.replace(v, dims=tuple(None if i is None else v.dims[i] for i in m))
         return None
 
+    def _deq(self, eqn, name, ins) -> list:
+        """An equation on a scanned layer's dequantized weight (see ``_Deq``)."""
+        (d,) = [x for x in ins if isinstance(x, _Deq)][:1]
+        outs = _jaxpr.bind(eqn, [_mat(x) for x in ins])
+        if len(ins) == 1 and (name in _KEEP_DEQ or name in _PASS):
+            if jnp.issubdtype(outs[0].dtype, jnp.floating):
+                return [_Deq(outs[0], d.path)]
+        if name != "dot_general":
+            return outs
+        if all(isinstance(x, (_Deq, _QView)) for x in ins):  # two weights: no activation
+            return outs
+        k = 0 if isinstance(ins[0], _Deq) else 1
+        x = _mat(ins[1 - k])
+        (lc, rc), _ = eqn.params["dimension_numbers"]
+        x = fake_quant(x, self._token_spec(x, rc if k == 0 else lc, d.path))
+        return _jaxpr.bind(eqn, [d.value, x] if k == 0 else [x, d.value])
+
+    def _token_spec(self, x, contracted, path: str) -> QuantSpec:
+        """``activations`` with one scale per token of ``x``: per index of its free axes."""
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(
+                f"{_FN}: activations={self.activations!r} quantizes the float operand of the "
+                f"product with the quantized kernel {path!r}, but that operand is "
+                f"{x.dtype} {tuple(x.shape)}; pass activations=None for this function"
+            )
+        keep = tuple(i for i in range(x.ndim) if i not in {c % x.ndim for c in contracted})
+        return dataclasses.replace(self.activations, axis=keep or None)
+
     # -- products -------------------------------------------------------------------------------
     def _dot(self, eqn, ins) -> jax.Array:
         p = eqn.params
         (lc, rc), (lb, rb) = p["dimension_numbers"]
         out = eqn.outvars[0].aval
-        if all(isinstance(x, _QView) for x in ins):  # two parameter leaves: dequantize one
+        two_weights = all(isinstance(x, _QView) for x in ins)
+        if two_weights:  # two parameter leaves: dequantize one; neither is an activation
             ins = [ins[0].materialize(), ins[1]]
         k = 0 if isinstance(ins[0], _QView) else 1
         v, x = ins[k], ins[1 - k]
@@ -178,23 +239,34 @@ class _Runner(_jaxpr.Walker):
         xc, xb = (rc, rb) if k == 0 else (lc, lb)
         qc = [v.dims[d] for d in vc]
         qb = [v.dims[d] for d in vb]
-        if any(d is None for d in (*qc, *qb)):
-            return _jaxpr.bind(eqn, [_mat(a) for a in ins])[0]
-        lhs_spec = None
-        if self.activations is not None and k == 1 and jnp.issubdtype(x.dtype, jnp.floating):
-            keep = tuple(i for i in range(x.ndim) if i not in xc)  # one scale per token
-            lhs_spec = dataclasses.replace(self.activations, axis=keep or None)
         x = jnp.asarray(x)
+        lhs_spec = None
+        if self.activations is not None and not two_weights:
+            # Whichever side the weight is on (``x @ W`` or Equinox's ``W @ x``), the float
+            # operand is the activation: one scale per token, i.e. per non-contracted index.
+            lhs_spec = self._token_spec(x, xc, v.path)
+        if any(d is None for d in (*qc, *qb)):  # contracts a unit axis the view made up
+            if lhs_spec is not None:
+                x = fake_quant(x, lhs_spec)  # simulated: no int8 x int8 product here
+            ops = [v.materialize(), x] if k == 0 else [x, v.materialize()]
+            return _jaxpr.bind(eqn, ops)[0]
         pet = p.get("preferred_element_type")
-        r = qdot_general(
-            x,
-            v.q,
-            ((tuple(xc), tuple(qc)), (tuple(xb), tuple(qb))),
-            precision=p.get("precision"),
-            preferred_element_type=pet if pet is not None else None,
-            lhs_spec=lhs_spec,
-            impl=self.impl,
-        )
+        try:
+            r = qdot_general(
+                x,
+                v.q,
+                ((tuple(xc), tuple(qc)), (tuple(xb), tuple(qb))),
+                precision=p.get("precision"),
+                preferred_element_type=pet if pet is not None else None,
+                lhs_spec=lhs_spec,
+                impl=self.impl,
+            )
+        except ValueError as e:
+            side = "left" if k == 0 else "right"
+            raise ValueError(
+                f"{_FN}: the product with the quantized kernel {v.path!r} (the {side} operand of "
+                f"a dot_general, shape {v.shape}) failed: {e}"
+            ) from e
         # r: (batch, x free, q free in q's axis order); the program wants (batch, lhs free, rhs
         # free) with v's free axes in view order.
         nb = len(xb)
@@ -225,12 +297,7 @@ class _Runner(_jaxpr.Walker):
         def body(c, inp):
             ps, i = inp
             it = iter(ps)
-            step = [
-                lax.dynamic_index_in_dim(x.materialize(), i, 0, keepdims=False)
-                if isinstance(x, _QView)
-                else next(it)
-                for x in xs
-            ]
+            step = [self._slice(x, i) if isinstance(x, _QView) else next(it) for x in xs]
             outs = [_mat(o) for o in self.walk_sub(0, s.body, consts + list(c) + step)]
             return outs[:nk], outs[nk:]
 
@@ -239,6 +306,11 @@ class _Runner(_jaxpr.Walker):
             body, carry, (plain, steps), length=s.length, reverse=s.reverse, unroll=s.unroll
         )
         return list(carry) + list(ys)
+
+    def _slice(self, v: _QView, i) -> Any:
+        """Layer ``i`` of a scanned ``QArray`` stack, dequantized (fused into the slice)."""
+        w = lax.dynamic_index_in_dim(v.materialize(), i, 0, keepdims=False)
+        return w if self.activations is None else _Deq(w, v.path)
 
     def while_loop(self, eqn, ins, w):
         cn, bn = w.cond_nconsts, w.body_nconsts
@@ -290,9 +362,13 @@ def quantized(
       fn: ``fn(params, *args, **kwargs)``; ``kwargs`` given to ``g`` are static (closed over).
       activations: ``None`` (weight-only) or a spec to quantize the activation operand of every
         quantized product on the fly, one scale per token (its ``axis`` is set to the
-        activation's non-contracted axes at each product): ``QuantSpec(8)`` gives W8A8 with int8
-        x int8 products accumulated in int32 where the kernel is per-channel int8
-        (SmoothQuant's execution), and simulated activation quantization elsewhere.
+        activation's non-contracted axes at each product), whether the weight is the right
+        (``x @ W``) or the left (``W @ x``, Equinox) operand: ``QuantSpec(8)`` gives W8A8 with
+        int8 x int8 products accumulated in int32 where the kernel is int8 with one scale per
+        output channel (constant along the contracted axis) and the product has enough rows for
+        the int path (``quant.dot.INT_MIN_ROWS``), and simulated activation quantization
+        (``fake_quant``) elsewhere. Raises ``ValueError`` when a quantized convolution kernel
+        is met (convolution inputs are not quantized).
       impl: passed to ``qdot_general`` (``"auto"``, ``"blocked"``, ``"int"``, ``"dequantize"``).
 
     Returns:
@@ -331,7 +407,7 @@ def quantized(
         f = functools.partial(fn, **kwargs) if kwargs else fn
         t = _jaxpr.make_jaxpr(f, abstract, *args, fn_name=_FN, require_float=False)
         ins = [
-            _QView(leaf, tuple(range(leaf.ndim)), jnp.dtype(leaf.dtype), jax.tree_util.keystr(p))
+            _QView(leaf, tuple(range(leaf.ndim)), jnp.dtype(leaf.dtype), _tree.path_str(p))
             if is_qarray(leaf)
             else leaf
             for p, leaf in flat
