@@ -17,7 +17,7 @@ from jax import lax
 
 from jaxslim import quant
 from jaxslim.quant import QuantSpec
-from jaxslim.quant.dot import INT_MIN_ROWS
+from jaxslim.quant.dot import COLUMNS_MIN_ROWS, INT_MIN_ROWS
 
 SPECS = {
     "int8 per-channel": QuantSpec(8, axis=-1),
@@ -77,7 +77,12 @@ def _time(f, *args) -> float:
     return time.perf_counter() - t0
 
 
-def dot_table(k: int = 4096, n: int = 4096, reps: int = int(os.environ.get("REPS", 7))) -> str:
+def dot_table(
+    k: int = 4096,
+    n: int = 4096,
+    reps: int = int(os.environ.get("REPS", 7)),
+    ms: tuple[int, ...] = tuple(int(m) for m in os.environ.get("MS", "1,8,64,512").split(",")),
+) -> str:
     """Median time of each path and its median paired ratio to the float32 dot."""
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.normal(size=(k, n)).astype(np.float32))
@@ -93,18 +98,21 @@ def dot_table(k: int = 4096, n: int = 4096, reps: int = int(os.environ.get("REPS
         "f32": jax.jit(lambda x, w: lax.dot_general(x, w, dn)),
         "int8 dequantize": qdot("dequantize"),
         "int8 blocked": qdot("blocked"),
+        "int8 columns": qdot("columns"),
         "int8 auto": qdot("auto"),
         "W8A8 int8 x int8": qdot("int", act),
         "W8A8 auto": qdot("auto", act),
         "int4 g128 dequantize": qdot("dequantize"),
         "int4 g128 blocked": qdot("blocked"),
+        "int4 g128 columns": qdot("columns"),
+        "int4 g128 auto": qdot("auto"),
     }
     cols = list(fns)
     lines = [
         "| M | " + " | ".join(f"{c} ms (x f32)" for c in cols) + " |",
         "|---|" + "---|" * len(cols),
     ]
-    for m in (1, 8, 64, 512):
+    for m in ms:
         x = jnp.asarray(rng.normal(size=(m, k)).astype(np.float32))
         args = {name: (x, wg if name.startswith("int4") else wq) for name in fns} | {"f32": (x, w)}
         for name, f in fns.items():
@@ -131,7 +139,8 @@ def machine() -> str:
         pass
     return (
         f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__}, backend "
-        f"{jax.default_backend()}, int path from {INT_MIN_ROWS.get('cpu')} rows on CPU"
+        f"{jax.default_backend()}, auto: W8A8 int path from {INT_MIN_ROWS.get('cpu')} rows, "
+        f"weight-only columns path from {COLUMNS_MIN_ROWS.get('cpu')} rows (rows path below)"
     )
 
 

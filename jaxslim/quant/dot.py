@@ -1,39 +1,49 @@
 """``qdot_general``: ``lax.dot_general`` that accepts ``QArray`` operands.
 
-Three ways to compute a product with quantized operands, chosen per backend and shape:
+Four ways to compute a product with quantized operands, chosen per backend and shape:
 
 * **int**: integer codes times integer codes, ``preferred_element_type=int32`` (exact
   accumulation), then one float multiply by ``lhs_scale * rhs_scale``. Needs both operands
   quantized to signed symmetric ints (no zero point) whose scales are constant along the
   contracting dimensions (per-tensor or per-channel, not grouped along the contraction).
-* **blocked** (weight-only): for a 2-D ``QArray`` kernel ``(K, N)`` contracted on its first axis
-  (``x @ W``, as ``nnx.Linear`` calls it), a ``lax.scan`` over blocks of ``BLOCK_ROWS`` kernel rows
-  dequantizes one block at a time and accumulates ``x_block @ W_block`` in float32. The kernel
-  stays quantized in memory and no full float copy is made: each block fits in cache, which is
-  what makes a matrix-vector product about as fast as with a float32 kernel. A quantized ``lhs`` is
-  dequantized first (it is small when this path is chosen).
+* **blocked** (weight-only, few rows): a ``lax.scan`` over blocks of kernel rows along the
+  contraction, ``acc += x_blk @ decode(codes_blk)``: each block is decoded once into a float
+  buffer that stays in cache, so the kernel is read as int8/int4 and never copied whole in float.
+  For a 2-D kernel ``(K, N)`` contracted on ``K`` (``x @ W``, ``nnx.Linear``) the *rows* form
+  (``rows_path_applies``) decodes packed codes with shifts inside ``int8`` in ``per`` planes of
+  columns ``j::per`` (no nibble interleave; the ``(M, N)`` outputs are interleaved at the end) and
+  multiplies the ``(M, N)`` partial product by a scale that is constant over the block (per
+  channel: once at the end; a group of ``kb`` rows: once per block) instead of the block.
+  Other layouts (an Equinox ``(N, K)`` weight, a per-head ``(d, heads, head_dim)`` kernel) take
+  the general form, which decodes and scales each block with ``quant.dequantize``'s formula.
+* **columns** (weight-only, many rows; the rows form's kernels only): a ``lax.scan`` over blocks
+  of output columns, each ``x @ (decode(codes) * scale)[:, blk]`` with all of ``K``: no ``(M, N)``
+  accumulator is read and written per step, which dominates the rows form's cost at large ``M``.
 * **dequantize**: dequantize the ``QArray`` operand(s) whole, then one float ``dot_general``.
 
-``impl="auto"`` picks, on each backend, the fastest path that applies, from the measurements
-(``benchmarks/bench_quant.py``, K = N = 4096, median of paired runs; the README has the table).
-On XLA:CPU (2 shared cores): an int8 x int8 product is the fastest path from
-``INT_MIN_ROWS["cpu"]`` (8) rows up (0.6-0.9x the float32 time at 64-512 rows) and 7-10x slower
-than float32 below (XLA:CPU has no fast int8 matrix-vector kernel). At M = 1, dequantizing the
-whole kernel first is 7-9x slower than float32 (it writes a full float32 copy of the kernel on
-every call); the blocked path reads int8 codes and runs at 0.7-1.3x the float32 time for int8
-per-channel codes (1.9x with the cores busy), 4-5x for int4 groups of 32 (unpacking nibbles and
-applying a scale per group), 5x faster than dequantizing first in both cases. At 512 rows the
-blocked and dequantize weight-only paths are within noise of each other (1.15-1.4x float32).
-So ``auto`` takes the int path when it applies and ``rows >= INT_MIN_ROWS[backend]``, else the
-blocked path when it applies, else the dequantize path. Backends without measurements (GPU,
-TPU) take the dequantize path, which their compilers fuse into the matmul. A float ``lhs`` is
-used as it is (weight-only quantization) unless ``lhs_spec`` asks to quantize it on the fly
-(dynamic activation quantization, as PyTorch's ``quantize_dynamic``), e.g.
-``QuantSpec(8, axis=0)`` for one scale per row of a ``(batch, in)`` input.
+``impl="auto"`` picks from the measurements (``benchmarks/bench_quant.py``: K = N = 4096, paired
+interleaved repetitions, median ratio to the float32 dot of the same round; the README has the
+table). On XLA:CPU (2 shared cores, AVX2): XLA does not fuse an int8 -> float32 convert into its
+dot, and a broadcast-multiply-reduce over the kernel's major axis is far slower still (it is
+given to the YNNPACK reduction, 100-600x float32), so the scan is what keeps the reads at int8
+width. Weight-only int8 per-channel and int4 group-128, rows form, vs float32: 0.65-0.7x at
+M = 1, 0.5x at M = 8, 0.8-0.9x at M = 64 (the old general form: 1.0-1.5x and 4x for int4 at
+M = 1); at 256-512 rows all weight-only paths are compute-bound and within noise of float32
+(0.65-1.03x), the columns form the steadiest. int8 x int8 is 7-10x slower than float32 below
+``INT_MIN_ROWS["cpu"]`` (8) rows (no fast int8 matrix-vector kernel) and 0.6-0.7x from 64.
+So ``auto`` takes the int path when it applies and ``rows >= INT_MIN_ROWS[backend]``; else the
+columns path when it applies and ``rows >= COLUMNS_MIN_ROWS[backend]`` (256); else the blocked
+path when it applies; else the dequantize path. Backends without measurements (GPU, TPU) take
+the dequantize path, which their compilers fuse into the matmul. A float ``lhs`` is used as it
+is (weight-only quantization) unless ``lhs_spec`` asks to quantize it on the fly (dynamic
+activation quantization, as PyTorch's ``quantize_dynamic``), e.g. ``QuantSpec(8, axis=0)`` for
+one scale per row of a ``(batch, in)`` input.
 
 All paths compute ``sum_k (a_k - za) sa * (b_k - zb) sb``; they differ only by float32 rounding
-(the blocked path sums the blocks' partial products in order). The int path has no gradient
-(use ``fake_quant`` for training); the others differentiate with respect to a float ``lhs``.
+(the scans sum blocks' partial products in order, and the rows form applies a scale to a sum
+instead of to each term). The int path has no gradient (use ``fake_quant`` for training); the
+others differentiate with respect to a float ``lhs``, rematerializing each block (no float copy
+of the kernel in either direction).
 """
 
 from __future__ import annotations
@@ -56,12 +66,21 @@ __all__ = [
     "BLOCKED_BACKENDS",
     "BLOCK_ROWS",
     "BLOCK_ELEMS",
+    "COLUMNS_MIN_ROWS",
+    "IMPLS",
     "int_path_applies",
     "blocked_path_applies",
+    "rows_path_applies",
 ]
+
+IMPLS = ("auto", "int", "blocked", "columns", "dequantize")
 
 INT_MIN_ROWS: dict[str, int] = {"cpu": 8}
 """Smallest number of ``lhs`` rows from which ``impl="auto"`` uses the int path, per backend."""
+
+COLUMNS_MIN_ROWS: dict[str, int] = {"cpu": 256}
+"""Smallest number of ``lhs`` rows from which ``impl="auto"`` takes the columns path (weight-only,
+where the rows path applies), per backend."""
 
 BLOCKED_BACKENDS: tuple[str, ...] = ("cpu",)
 """Backends on which ``impl="auto"`` prefers the blocked weight-only path to dequantizing."""
@@ -207,6 +226,179 @@ def _blocked(x: jax.Array, q: QArray, dimension_numbers, compute, precision) -> 
     return acc
 
 
+def _kernel_view(q: QArray) -> tuple[jax.Array, jax.Array | None, int] | None:
+    """For a 2-D ``(K, N)`` kernel: its scales and zero points as ``(G, 1, N)`` arrays (``G`` scale
+    rows along ``K``, each covering ``K // G`` consecutive rows) and ``G``; ``None`` when the
+    scales cannot be viewed so (grouped along ``N``, or a packed last axis not a multiple of the
+    codes per byte)."""
+    if not isinstance(q, QArray) or q.ndim != 2:
+        return None
+    k, n = q.shape
+    if n % (8 // q.spec.storage_bits) or _group_axis(q) not in (None, 0):
+        return None
+    s = q.float_scale().reshape(-1, q.scale.shape[-1])  # (K/g, N or 1) or (K or 1, N or 1)
+    rows = s.shape[0]
+    s = jnp.broadcast_to(s, (rows, n))[:, None, :]
+    z = q.zero_point
+    if z is not None:
+        z = jnp.broadcast_to(z.reshape(-1, z.shape[-1]), (rows, n))[:, None, :]
+    return s, z, rows
+
+
+def _planes(v: jax.Array, spec: QuantSpec) -> list[jax.Array]:
+    """The codes in a block ``v`` of packed kernel rows ``(r, N / per)``, as ``per`` planes of
+    shape ``(r, N / per)``: plane ``j`` holds columns ``j, j + per, ...`` (the ``j``-th code of
+    each byte). Shifts within ``int8``/``uint8`` (sign-extending for signed codes), so XLA fuses
+    them with the decode and the scale into the loop that writes the float block; no interleave."""
+    b = spec.storage_bits
+    per = 8 // b
+    if per == 1:
+        return [v]
+    if jnp.issubdtype(jnp.dtype(spec.code_dtype), jnp.signedinteger):
+        p = lax.bitcast_convert_type(v, jnp.int8)
+        return [
+            lax.shift_right_arithmetic(
+                lax.shift_left(p, jnp.int8(8 - (j + 1) * b)), jnp.int8(8 - b)
+            )
+            for j in range(per)
+        ]
+    mask = jnp.uint8(2**b - 1)
+    return [lax.shift_right_logical(v, jnp.uint8(j * b)) & mask for j in range(per)]
+
+
+def _columns_of(a, j: int, per: int):
+    return a if a is None or per == 1 else a[..., j::per]
+
+
+def _rows_block(k: int, n: int, rows: int) -> int | None:
+    """Rows per step of the rows path: ``BLOCK_ELEMS // N`` rounded to whole scale rows (or to a
+    divisor of one scale row), dividing ``K``; ``None`` when only tiny blocks would divide."""
+    gl = k // rows  # kernel rows per scale row
+    target = max(BLOCK_ELEMS // max(n, 1), 1)
+    if gl >= target:  # a scale row spans several blocks: blocks divide it
+        fits = [d for d in range(1, gl + 1) if gl % d == 0 and d <= target]
+    else:
+        fits = [d for d in range(gl, k + 1, gl) if k % d == 0 and d <= max(target, gl)]
+    best = max(fits) if fits else None
+    return best if best is not None and best >= min(k, 64) else None
+
+
+def rows_path_applies(lhs: Any, rhs: Any, dimension_numbers) -> bool:
+    """Whether the fast rows path applies: a 2-D ``QArray`` ``rhs`` ``(K, N)`` contracted on ``K``
+    against one ``lhs`` axis, no batch dimensions, scales per channel, per tensor or in groups
+    along ``K``, and ``N`` a multiple of the codes per byte (``nnx.Linear``'s ``x @ W``)."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    if not isinstance(rhs, QArray) or rhs.ndim != 2 or tuple(lb) or tuple(rb):
+        return False
+    if len(tuple(lc)) != 1 or [d % 2 for d in rc] != [0]:
+        return False
+    view = _kernel_view(rhs)
+    return view is not None and _rows_block(*rhs.shape, view[2]) is not None
+
+
+def _rows_path(x: jax.Array, q: QArray, lc: int, mode: str, compute, precision) -> jax.Array:
+    """``x . dequantize(q)`` for a ``(K, N)`` kernel contracted on ``K``, output ``x``'s free axes
+    then ``N``. ``x`` is flattened to ``(M, K)``; the codes are decoded in ``per`` planes of
+    ``(K, N / per)`` columns (``_planes``) and the outputs of the planes interleaved at the end.
+
+    * ``mode="rows"`` (few rows): ``lax.scan`` over blocks of ``kb`` kernel rows, ``acc +=
+      x_blk @ decode(c_blk)``, each block written in float once, in cache. A scale constant
+      over the block multiplies the ``(M, N)`` partial product instead of the ``(kb, N)`` block
+      (per-channel scales: once, at the end; groups of ``kb`` rows: once per block).
+    * ``mode="columns"`` (many rows): ``lax.scan`` over blocks of output columns, each a full
+      ``x @ (decode(c) * s)[:, blk]``: no ``(M, N)`` accumulator read and written per step.
+
+    The scan bodies are rematerialized (``jax.checkpoint``): a gradient stores no float block."""
+    k, n = q.shape
+    xm = jnp.moveaxis(x, lc, -1)
+    free = xm.shape[:-1]
+    x2 = xm.reshape(-1, k).astype(compute)
+    m = x2.shape[0]
+    spec = q.spec
+    per = 8 // spec.storage_bits
+    s, z, rows = _kernel_view(q)
+    gl = k // rows
+    dec = spec.format.decode
+
+    def dot(a, w):
+        return lax.dot_general(
+            a,
+            w.astype(compute),
+            (((1,), (0,)), ((), ())),
+            precision=precision,
+            preferred_element_type=jnp.float32,
+        )
+
+    if mode == "columns":
+        nbk = _columns_block(k, n, per)
+
+        @jax.checkpoint
+        def cbody(_, i):
+            vb = lax.dynamic_slice_in_dim(q.values, i * (nbk // per), nbk // per, 1)
+            sb = lax.dynamic_slice_in_dim(s, i * nbk, nbk, 2)
+            zb = None if z is None else lax.dynamic_slice_in_dim(z, i * nbk, nbk, 2)
+            ys = []
+            for j, c in enumerate(_planes(vb, spec)):
+                zj = 0 if zb is None else _columns_of(zb, j, per)
+                w = dec(c.reshape(rows, gl, -1), zj) * _columns_of(sb, j, per)
+                ys.append(dot(x2, w.reshape(k, -1)))
+            return None, jnp.stack(ys, -1).reshape(m, nbk) if per > 1 else ys[0]
+
+        _, ys = lax.scan(cbody, None, jnp.arange(n // nbk, dtype=jnp.int32))
+        y = ys.transpose(1, 0, 2).reshape(m, n)
+        return y.reshape(*free, n)
+
+    kb = _rows_block(k, n, rows)
+    sj = [_columns_of(s, j, per) for j in range(per)]
+    zj = [_columns_of(z, j, per) for j in range(per)]
+    # Scale rows per block (gb) and kernel rows per scale row within the block (kb // gb).
+    gb = max(kb // gl, 1)
+    # One scale row per block: scale the (M, N) product, not the (kb, N) block. A kernel of one
+    # block is decoded and scaled as ``dequantize`` does, so small kernels give its exact bits.
+    out_scale = gb == 1 and k > kb
+
+    def block_rows(a, i):
+        if a is None or a.shape[0] == 1:
+            return a
+        return lax.dynamic_slice_in_dim(a, (i * kb) // gl, gb, 0)
+
+    @jax.checkpoint
+    def body(acc, i):
+        vb = lax.dynamic_slice_in_dim(q.values, i * kb, kb, 0)
+        xb = lax.dynamic_slice_in_dim(x2, i * kb, kb, 1)
+        out = []
+        for j, c in enumerate(_planes(vb, spec)):
+            zb, sb = block_rows(zj[j], i), block_rows(sj[j], i)
+            w = dec(c.reshape(gb, kb // gb, -1), 0 if zb is None else zb)
+            if out_scale:
+                y = dot(xb, w.reshape(kb, -1))
+                out.append(acc[j] + (y if rows == 1 else y * sb[0]))
+            else:
+                out.append(acc[j] + dot(xb, (w * sb).reshape(kb, -1)))
+        return tuple(out), None
+
+    acc0 = tuple(jnp.zeros((m, n // per), jnp.float32) for _ in range(per))
+    acc, _ = lax.scan(body, acc0, jnp.arange(k // kb, dtype=jnp.int32))
+    if out_scale and rows == 1:
+        acc = tuple(a * sj[j][0] for j, a in enumerate(acc))
+    y = jnp.stack(acc, -1).reshape(m, n) if per > 1 else acc[0]
+    return y.reshape(*free, n)
+
+
+def _columns_block(k: int, n: int, per: int) -> int:
+    """Output columns per step of the columns path: about ``BLOCK_ELEMS // K``, a multiple of the
+    codes per byte dividing ``N`` (``N`` itself when nothing smaller divides)."""
+    target = max(BLOCK_ELEMS // max(k, 1), per)
+    fits = [d for d in range(per, n + 1, per) if n % d == 0 and d <= target]
+    return max(fits) if fits else n
+
+
+def _describe(q: Any) -> str:
+    if isinstance(q, QArray):
+        return f"QArray{tuple(q.shape)} ({q.spec.format.name}, group_size={q.spec.group_size})"
+    return f"{type(q).__name__}{tuple(getattr(q, 'shape', ()))}"
+
+
 def _rows(shape, dimension_numbers) -> int:
     (lc, _), (lb, _) = dimension_numbers
     return math.prod(d for i, d in enumerate(shape) if i not in lc and i not in lb)
@@ -238,8 +430,8 @@ def qdot_general(
         ``lax.dot_general`` (``preferred_element_type`` sets the float output dtype).
       lhs_spec: quantize a float ``lhs`` on the fly with this spec (dynamic quantization).
       impl: ``"auto"`` (the fastest path that applies on this backend for this shape, see the
-        module docstring), ``"int"``, ``"blocked"`` (both raise if the operands do not allow
-        them) or ``"dequantize"``.
+        module docstring), ``"int"``, ``"blocked"``, ``"columns"`` (these three raise if the
+        operands do not allow them) or ``"dequantize"``.
 
     Returns:
       A float array: ``preferred_element_type``, else the promoted original dtypes.
@@ -253,9 +445,9 @@ def qdot_general(
     True
     """
     fn = "quant.qdot_general"
-    if impl not in ("auto", "int", "blocked", "dequantize"):
+    if impl not in IMPLS:
         raise ValueError(
-            f"{fn}: impl must be 'auto', 'int', 'blocked' or 'dequantize', got {impl!r}"
+            f"{fn}: impl must be 'auto', 'int', 'blocked', 'columns' or 'dequantize', got {impl!r}"
         )
     if lhs_spec is not None and not isinstance(lhs, QArray):
         if not hasattr(lhs, "shape") or not hasattr(lhs, "dtype"):
@@ -338,7 +530,14 @@ def _qdot(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sh
             "scales do not vary along the contracting dimensions (not grouped)"
         )
     can_block = blocked_path_applies(lhs, rhs, dimension_numbers)
-    if impl == "blocked" and not can_block:
+    can_rows = rows_path_applies(lhs, rhs, dimension_numbers)
+    if impl == "columns" and not can_rows:
+        raise ValueError(
+            f"{fn}: impl='columns' needs rhs as a 2-D QArray kernel (K, N) contracted on K, no "
+            "batch dimensions, scales per channel or in groups along K, and N a multiple of the "
+            f"codes per byte; got rhs {_describe(rhs)} and dimension_numbers {dimension_numbers}"
+        )
+    if impl == "blocked" and not (can_block or can_rows):
         raise ValueError(
             f"{fn}: impl='blocked' needs rhs as a QArray with no batch dimensions and a contracted "
             "axis that splits into blocks of whole scale groups"
@@ -353,18 +552,24 @@ def _qdot(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sh
             )
     backend = jax.default_backend()
     if impl == "auto":
-        many = _rows(lhs.shape, dimension_numbers) >= INT_MIN_ROWS.get(backend, math.inf)
-        if can_int and many:
+        m = _rows(lhs.shape, dimension_numbers)
+        if can_int and m >= INT_MIN_ROWS.get(backend, math.inf):
             impl = "int"
-        elif can_block and out_sharding is None and backend in BLOCKED_BACKENDS:
+        elif can_rows and out_sharding is None and m >= COLUMNS_MIN_ROWS.get(backend, math.inf):
+            impl = "columns"
+        elif (can_block or can_rows) and out_sharding is None and backend in BLOCKED_BACKENDS:
             impl = "blocked"
         else:
             impl = "dequantize"
     compute = jnp.promote_types(*dt)
-    if impl == "blocked":
+    if impl in ("blocked", "columns"):
         a = dequantize(lhs) if isinstance(lhs, QArray) else lhs
         if preferred_element_type is None and not jnp.issubdtype(compute, jnp.floating):
             compute = jnp.dtype(jnp.float32)
+        if can_rows:
+            mode = "rows" if impl == "blocked" else "columns"
+            y = _rows_path(a, rhs, lc[0] % a.ndim, mode, compute, precision)
+            return y.astype(out_dtype)
         return _blocked(a, rhs, ((lc, rc), (lb, rb)), compute, precision).astype(out_dtype)
     if impl == "int":
         acc = lax.dot_general(
