@@ -1,6 +1,7 @@
 """prune: ERK / uniform layer sparsities and sparse training (RigL, SET, static, STE, SR-STE)."""
 
 import math
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -296,3 +297,111 @@ def test_sparse_state_survives_a_donating_step():
         inits.append(np.asarray(prune.masks_of(state)["l1"]["kernel"]))
         _, state = step(params, state)
     np.testing.assert_array_equal(inits[0], inits[1])  # the same key: the same initial mask
+
+
+def _set_growth_bits_reference(key, t, path, shape):
+    """SET's growth order: ``jax.random.bits``' 32-bit output (``x0 ^ x1`` of threefry-2x32) at
+    the counter ``(crc32(path) & 0x7FFFFFFF, flat index)`` under ``fold_in(key, t)``."""
+    from jax.extend.random import threefry_2x32
+
+    n = math.prod(shape)
+    hi = np.full(n, zlib.crc32(path.encode()) & 0x7FFFFFFF, np.uint32)
+    counts = jnp.asarray(np.concatenate([hi, np.arange(n, dtype=np.uint32)]))
+    out = np.asarray(threefry_2x32(jax.random.key_data(jax.random.fold_in(key, t)), counts))
+    return out[:n] ^ out[n:]
+
+
+@pytest.mark.parametrize("variant", [jax.jit, VARIANTS["eager"]], ids=["jit", "eager"])
+@pytest.mark.parametrize("t", [1, 5])
+def test_set_update_equals_reference_random_growth(variant, t):
+    rng = np.random.default_rng(11)
+    w = jnp.asarray(rng.choice([0.5, -0.5, 1.0, 2.0], (8, 16)), jnp.float32)  # |w| ties
+    m = jnp.asarray(rng.random((8, 16)) < 0.4)
+    key = jax.random.key(5)
+    tx = prune.set_sparse(0.5, update_every=1, end_step=8, drop_fraction=0.8, key=key)
+    state = tx.init({"w": w})._replace(masks={"w": m}, count=jnp.int32(t))
+    params = {"w": jnp.where(m, w, 0)}
+    u, state = variant(tx.update)({"w": jnp.ones((8, 16))}, state, params)
+    k = round(0.4 * (1 + math.cos(math.pi * t / 8)) * int(m.sum()))
+    assert k > 0
+    # drop the k lowest |w| (ties by flat index), then grow the k inactive entries with the
+    # lowest random bits: a uniformly random k-subset of the inactive entries
+    bits = np.minimum(_set_growth_bits_reference(key, t, "w", (8, 16)), 2**32 - 2)
+    mm, ww = np.asarray(m).ravel(), np.asarray(w).ravel()
+    active = np.flatnonzero(mm)
+    want = mm.copy()
+    want[active[np.argsort(np.abs(ww[active]), kind="stable")[:k]]] = False
+    free = np.flatnonzero(~want)
+    want[free[np.argsort(bits[free], kind="stable")[:k]]] = True
+    want = want.reshape(8, 16)
+    np.testing.assert_array_equal(prune.masks_of(state)["w"], want)
+    new = np.asarray(optax.apply_updates(params, u)["w"])
+    kept = want & np.asarray(m)
+    np.testing.assert_array_equal(new, np.where(kept, np.asarray(params["w"]) + 1.0, 0.0))
+
+
+def test_set_growth_bits_are_jax_random_bits_and_uniform():
+    # leaf id 0 is the counter stream of jax.random.bits itself
+    key = jax.random.key(2)
+    for t in (1, 7):
+        ref = np.asarray(jax.random.bits(jax.random.fold_in(key, t), (3, 5)))
+        counts = np.concatenate([np.zeros(15, np.uint32), np.arange(15, dtype=np.uint32)])
+        out = np.asarray(
+            jax.extend.random.threefry_2x32(
+                jax.random.key_data(jax.random.fold_in(key, t)), jnp.asarray(counts)
+            )
+        )
+        np.testing.assert_array_equal((out[:15] ^ out[15:]).reshape(3, 5), ref)
+    # every inactive entry is grown about equally often: chi-square over 400 updates
+    w = jnp.asarray(np.arange(1.0, 17.0).reshape(2, 8), jnp.float32)
+    m = jnp.asarray(np.arange(16).reshape(2, 8) < 8)  # row 0 active
+    tx = prune.set_sparse(0.5, update_every=1, end_step=10**6, drop_fraction=0.125, key=key)
+    state0 = tx.init({"w": w})._replace(masks={"w": m})
+
+    @jax.jit
+    def step(t):
+        return prune.masks_of(tx.update({"w": w}, state0._replace(count=t), {"w": w})[1])
+
+    after_drop = np.asarray(m).ravel().copy()
+    after_drop[0] = False  # k = round(~0.125 * 8) = 1: the lowest |w| (flat 0) is dropped
+    counts = np.zeros(16)
+    for t in range(1, 401):
+        grown = np.asarray(step(jnp.int32(t))["w"]).ravel() & ~after_drop
+        assert grown.sum() == 1  # and one of the 9 free entries is grown
+        counts += grown
+    # the dropped entry (flat 0) rejoins the 8 inactive ones: 9 equally likely candidates
+    cand = np.r_[0, 8:16]
+    assert counts[1:8].sum() == 0
+    chi2 = ((counts[cand] - 400 / 9) ** 2 / (400 / 9)).sum()
+    assert chi2 < 26.1  # chi-square, 8 degrees of freedom, p = 0.001
+
+
+def test_set_update_uses_no_rolled_threefry_loop():
+    # jax.random lowers threefry to a rolled while loop on CPU whose full-size carried arrays
+    # cost every step (the untaken cond branch included): SET generates its bits elementwise
+    params = _params()
+    tx = optax.chain(optax.sgd(0.1), prune.set_sparse(0.9, update_every=2, end_step=10))
+    state = tx.init(params)
+    jaxpr = str(jax.make_jaxpr(lambda g, s, p: tx.update(g, s, p))(params, state, params))
+    assert "threefry2x32" not in jaxpr and "random_bits" not in jaxpr
+    assert "cond" in jaxpr
+
+
+@pytest.mark.parametrize(
+    "key",
+    [jax.random.PRNGKey(4), jax.random.key(4, impl="rbg")],
+    ids=["raw-uint32", "rbg"],
+)
+def test_set_with_other_key_kinds_keeps_counts_exact(key):
+    kw = dict(update_every=1, end_step=6, drop_fraction=0.5, key=key)
+    tx = optax.chain(optax.sgd(0.1), prune.set_sparse(0.75, **kw))
+    params, state, hist = _train(tx, _params(), 4, jax.jit)
+    grown = 0
+    for before, after, p in hist:
+        for name, n in (("l1", 128), ("l2", 64)):
+            m0, m1 = np.asarray(before[name]["kernel"]), np.asarray(after[name]["kernel"])
+            assert m1.sum() == n - round(0.75 * n)
+            w = np.asarray(p[name]["kernel"])
+            assert (w[~m1] == 0).all() and (w[m1 & ~m0] == 0).all()
+            grown += int((m1 & ~m0).sum())
+    assert grown > 0

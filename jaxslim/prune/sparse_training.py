@@ -63,18 +63,56 @@ def _sparsities(fn: str, params, sparsity, distribution: str, where):
         raise type(e)(msg if msg.startswith(fn) else f"{fn}: {msg}") from None
 
 
-def _leaf_key(key, name: str, count=None):
-    k = jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
-    return k if count is None else jax.random.fold_in(k, count)
+def _threefry2x32(k0, k1, x0, x1):
+    """Threefry-2x32, 20 rounds (Salmon et al. 2011): the block cipher behind ``jax.random``,
+    written out elementwise so that XLA fuses it into its consumer. (``jax.random`` lowers it to a
+    rolled ``while`` loop on CPU, whose full-size carried arrays each cost a buffer in every step's
+    program, the untaken ``lax.cond`` branch included.) All arguments ``uint32``, broadcasting."""
+    rotations = ((13, 15, 26, 6), (17, 29, 16, 24))
+    ks = (k0, k1, k0 ^ k1 ^ jnp.uint32(0x1BD11BDA))
+    x0, x1 = x0 + ks[0], x1 + ks[1]
+    for i in range(5):
+        for r in rotations[i % 2]:
+            x0 = x0 + x1
+            x1 = x0 ^ ((x1 << jnp.uint32(r)) | (x1 >> jnp.uint32(32 - r)))
+        x0 = x0 + ks[(i + 1) % 3]
+        x1 = x1 + ks[(i + 2) % 3] + jnp.uint32(i + 1)
+    return x0, x1
 
 
-def _drop_grow(m, p, growth, k):
-    """Drops the ``k`` lowest-|p| active entries, grows the ``k`` highest-``growth`` inactive
-    ones (ties by flat index). Returns the new mask; its count equals ``m``'s exactly."""
+def _step_key(key, t):
+    """``uint32`` words ``(a, b)`` of ``fold_in(key, t)``: equal to
+    ``jax.random.key_data(jax.random.fold_in(key, t))`` for threefry keys (the default); other
+    key implementations are first folded to two words by xor."""
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    data = jax.random.key_data(key) if typed else key  # a raw uint32[2] key is its own data
+    words = data.reshape(2, -1)
+    k0, k1 = jnp.bitwise_xor.reduce(words[0]), jnp.bitwise_xor.reduce(words[1])
+    return _threefry2x32(k0, k1, jnp.uint32(0), t.astype(jnp.uint32))
+
+
+def _growth_bits(step_key, name: str, shape) -> jax.Array:
+    """Random ``uint32`` per entry of one leaf: threefry-2x32 of the counter ``(leaf id, flat
+    index)`` under ``step_key``, ``x0 ^ x1`` (``jax.random.bits``' 32-bit output), where the leaf id
+    is ``crc32(path) & 0x7FFFFFFF``. For leaf id 0 this is exactly
+    ``jax.random.bits(jax.random.fold_in(key, t), shape)``. Elementwise on an iota: fuses into its
+    consumer (no temporary) and partitions under sharding (no gather). Leaves up to 2**32
+    entries (the flat index is ``uint32``)."""
+    n = math.prod(shape)
+    flat = lax.iota(jnp.uint32, n).reshape(shape)
+    leaf = jnp.uint32(zlib.crc32(name.encode()) & 0x7FFFFFFF)
+    y0, y1 = _threefry2x32(step_key[0], step_key[1], leaf, flat)
+    return y0 ^ y1
+
+
+def _drop_grow(m, p, grow_order, k):
+    """Drops the ``k`` lowest-|p| active entries, grows the ``k`` inactive ones lowest in
+    ``grow_order`` (``uint32``; ties by flat index). Returns the new mask; its count equals
+    ``m``'s exactly (``k <= n_active <= #inactive after the drop + k``)."""
     drop_keys = jnp.where(m, jnp.minimum(float_keys(jnp.abs(p)), _TOP - 1), _TOP)
     dropped = _lowest_k_leaf(drop_keys, k)
     after = m & ~dropped
-    grow_keys = jnp.where(after, _TOP, jnp.minimum(float_keys(-growth), _TOP - 1))
+    grow_keys = jnp.where(after, _TOP, jnp.minimum(grow_order, _TOP - 1))
     grown = _lowest_k_leaf(grow_keys, k)
     return after | grown
 
@@ -138,15 +176,17 @@ def _dynamic(
             frac = 0.5 * drop_fraction * (1.0 + jnp.cos(jnp.pi * t.astype(jnp.float32) / end_step))
 
             def regrow():
+                step_key = None if grow == "gradient" else _step_key(state.key, t)
+
                 def one(path, p, m, g):
                     n_active = jnp.sum(m, dtype=jnp.int32)
                     k = jnp.round(frac * n_active.astype(jnp.float32)).astype(jnp.int32)
-                    if grow == "gradient":
+                    if grow == "gradient":  # largest |g| first; a NaN gradient ranks last
                         score = jnp.abs(g.astype(jnp.float32))
-                        score = jnp.where(jnp.isnan(score), 0.0, score)
-                    else:
-                        score = jax.random.uniform(_leaf_key(state.key, path, t), p.shape)
-                    return _drop_grow(m, p, score, k)
+                        order = float_keys(-jnp.where(jnp.isnan(score), 0.0, score))
+                    else:  # random bits as the order: a uniformly random k-subset
+                        order = _growth_bits(step_key, path, p.shape)
+                    return _drop_grow(m, p, order, k)
 
                 # random growth reads no update: a cond that reads one makes XLA materialize it
                 src = grads if grow == "gradient" else masks
@@ -246,8 +286,14 @@ def set_sparse(
 ) -> optax.GradientTransformation:
     """SET (Mocanu et al. 2018): ``rigl`` with random growth among inactive weights.
 
-    Same arguments, schedule and guarantees as ``rigl``; the grown entries are drawn uniformly
-    from ``fold_in(key, path, step)``.
+    Same arguments, schedule and guarantees as ``rigl``; the ``k`` grown entries of a leaf are a
+    uniformly random ``k``-subset of its inactive entries (those just dropped included): the ones
+    with the lowest 32-bit random key, ``jax.random.bits``' threefry-2x32 output at the counter
+    ``(crc32(path) & 0x7FFFFFFF, flat index)`` under ``fold_in(key, step)``. Keys are drawn
+    independently per entry, so every ``k``-subset is equally likely up to ties between 32-bit
+    keys (about ``n**2 / 2**33`` pairs per leaf of ``n`` entries; a tie breaks by flat index).
+    The bits are computed elementwise where they are consumed, with no temporaries and no
+    gather under sharding.
 
     >>> import jax.numpy as jnp, optax
     >>> tx = optax.chain(optax.sgd(0.1), set_sparse(0.5, update_every=2, end_step=10))
