@@ -189,7 +189,7 @@ def sweep_demo(
 
 def lm_demo(
     steps: int = 600,
-    recover: int = 200,
+    recover: int = 150,
     seed: int = 0,
     *,
     oneshot: bool = False,
@@ -534,7 +534,7 @@ def _run(argv: list[str] | None) -> int:
         if args.lm:
             steps = args.steps or 600
             text = lm_demo(
-                steps=steps, recover=max(1, steps // 3), seed=args.seed, oneshot=args.oneshot
+                steps=steps, recover=max(1, steps // 4), seed=args.seed, oneshot=args.oneshot
             )
         elif args.sweep:
             text = sweep_demo(steps=args.steps or 200, seed=args.seed)

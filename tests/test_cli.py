@@ -325,11 +325,11 @@ def test_compress_progress_bar_on_large_trees(tmp_path, capsys, monkeypatch):
     [
         (["demo", "--sweep"], "sweep_demo", {"steps": 200, "seed": 0}),
         (["demo", "--sweep", "--steps", "7", "--seed", "2"], "sweep_demo", {"steps": 7, "seed": 2}),
-        (["demo", "--lm"], "lm_demo", {"steps": 600, "recover": 200, "seed": 0, "oneshot": False}),
+        (["demo", "--lm"], "lm_demo", {"steps": 600, "recover": 150, "seed": 0, "oneshot": False}),
         (
             ["demo", "--lm", "--oneshot", "--steps", "30"],
             "lm_demo",
-            {"steps": 30, "recover": 10, "seed": 0, "oneshot": True},
+            {"steps": 30, "recover": 7, "seed": 0, "oneshot": True},
         ),
         (["demo", "--oneshot"], "demo", {"steps": 3000, "seed": 0, "oneshot": True}),
     ],

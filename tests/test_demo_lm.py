@@ -170,13 +170,97 @@ def test_evaluator_equals_bits_per_byte(model, cut):
 
 
 @pytest.mark.standard_promotion
-def test_recovery_optimizer_is_the_default_of_train():
-    """Passing the shared `recovery_optimizer(steps)` trains exactly like `lm.train`'s default."""
-    from jaxslim.demo import lm_report
-
+def test_default_optimizer_is_the_default_of_train():
+    """Passing `lm.default_optimizer(steps)` trains exactly like `lm.train`'s default."""
     train, _, _ = lm.load_corpus()
     cfg = lm.LMConfig(dim=16, layers=1, kv_heads=1, groups=1, head_dim=8, hidden=16)
     a, b = lm.LM(cfg, rngs=nnx.Rngs(3)), lm.LM(cfg, rngs=nnx.Rngs(3))
     lm.train(a, train, steps=4, batch=2, seq=16)
-    lm.train(b, train, steps=4, batch=2, seq=16, tx=lm_report.recovery_optimizer(4))
+    lm.train(b, train, steps=4, batch=2, seq=16, tx=lm.default_optimizer(4))
     jax.tree.map(np.testing.assert_array_equal, nnx.state(a, nnx.Param), nnx.state(b, nnx.Param))
+
+
+TINY = lm.LMConfig(dim=16, layers=1, kv_heads=1, groups=2, head_dim=4, hidden=16)
+
+
+@pytest.mark.standard_promotion
+def test_train_together_equals_separate_runs_with_one_teacher_forward_per_step(monkeypatch):
+    """Lockstep training leaves each model as `lm.train` alone would (a distilled one exactly,
+    a fine-tuned one up to rounding: its cross-entropy is kd_loss's hard term), and the
+    teacher runs once per step however many models distill."""
+    train, _, _ = lm.load_corpus()
+    teacher = lm.LM(TINY, rngs=nnx.Rngs(9))
+    kw = dict(steps=3, batch=2, seq=16, seed=5)
+    ref_kd, ref_kd2, ref_ft = (lm.LM(TINY, rngs=nnx.Rngs(s)) for s in (1, 2, 3))
+    lm.train(ref_kd, train, teacher=teacher, **kw)
+    lm.train(ref_kd2, train, teacher=teacher, **kw)
+    lm.train(ref_ft, train, **kw)
+
+    calls = []
+    logits = lm._logits
+    monkeypatch.setattr(lm, "_logits", lambda m, x: calls.append(m) or logits(m, x))
+    kd, kd2, ft = (lm.LM(TINY, rngs=nnx.Rngs(s)) for s in (1, 2, 3))
+    seconds = lm.train_together(
+        [kd, ft, kd2], train, teacher=teacher, distill=[True, False, True], **kw
+    )
+    assert len(calls) == 3 and all(m is teacher for m in calls)  # 3 steps, 2 distilled runs
+    assert len(seconds) == 3 and all(s > 0 for s in seconds)
+    for got, ref in ((kd, ref_kd), (kd2, ref_kd2)):
+        jax.tree.map(
+            np.testing.assert_array_equal, nnx.state(got, nnx.Param), nnx.state(ref, nnx.Param)
+        )
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+        nnx.state(ft, nnx.Param),
+        nnx.state(ref_ft, nnx.Param),
+    )
+    # and the runs did train: the fine-tuned model moved away from its init
+    init = nnx.state(lm.LM(TINY, rngs=nnx.Rngs(3)), nnx.Param)
+    assert not np.allclose(nnx.state(ft, nnx.Param)["embed"][...], init["embed"][...])
+
+
+def test_bits_per_byte_compiles_once_per_shape(model, caplog):
+    """`lm.bits_per_byte` reuses one compiled evaluation across calls, models of one shape and
+    window counts (the last chunk is padded, its copies dropped): the mean over windows."""
+    other = lm.LM(CFG, rngs=nnx.Rngs(1))
+    caplog.set_level("WARNING")
+    with jax.log_compiles():
+        for m, n in ((model, 20), (model, 5), (other, 33)):
+            w = tokens(n, 11, seed=n)  # seq 10: a shape no other test evaluates
+            per_window = [
+                optax.softmax_cross_entropy_with_integer_labels(m(x[None, :-1]), x[None, 1:])
+                for x in w
+            ]
+            ref = float(np.mean([float(c.mean()) for c in per_window])) / math.log(2)
+            assert lm.bits_per_byte(m, w) == pytest.approx(ref, rel=1e-5)
+    compiles = [r for r in caplog.messages if r.startswith("Compiling jit(_window_nats")]
+    assert len(compiles) == 1
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        pytest.param(
+            lambda: lm.train_together(
+                [lm.LM(TINY, rngs=nnx.Rngs(0))],
+                np.zeros(64, np.uint8),
+                steps=1,
+                distill=[True, False],
+            ),
+            ValueError,
+            r"lm.train_together: distill has 2 entries for 1 models",
+            id="train_together-distill-length",
+        ),
+        pytest.param(
+            lambda: lm.train_together(
+                [lm.LM(TINY, rngs=nnx.Rngs(0))], np.zeros(64, np.uint8), steps=1, distill=[True]
+            ),
+            ValueError,
+            r"lm.train_together: distill=\[True\] asks for a teacher; pass teacher=",
+            id="train_together-no-teacher",
+        ),
+    ],
+)
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()

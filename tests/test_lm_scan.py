@@ -201,6 +201,32 @@ def test_block_influence_on_the_scanned_stack_equals_the_list():
     np.testing.assert_allclose(by_stack.ablation[1], gap, rtol=1e-5, atol=1e-7)
 
 
+def test_report_depth_prune_on_the_scanned_stack_equals_the_list():
+    """`lm_report.depth_prune` takes `lm.block_specs`: on the scanned stack it scores the same
+    blocks, drops the same ones (highest index first) and rebuilds the same function."""
+    from jaxslim.demo import lm_report
+
+    dense, scanned = models()
+    windows, drop = tokens(n=3, t=9, seed=8), 2
+    small_list, scores_list = lm_report.depth_prune(dense, windows, drop=drop)
+    small_scan, scores_scan = lm_report.depth_prune(scanned, windows, drop=drop)
+    np.testing.assert_allclose(scores_scan, scores_list, rtol=1e-4, atol=1e-6)
+    assert lm.config_of(nnx.state(small_scan, nnx.Param)) == dataclasses.replace(
+        SCFG, layers=3 - drop
+    )
+    assert lm.config_of(nnx.state(small_list, nnx.Param)) == dataclasses.replace(
+        CFG, layers=3 - drop
+    )
+    kept = sorted(np.argsort(scores_list, kind="stable")[drop:].tolist())
+    ref = list_params()
+    got = lm.unstack_layers(nnx.state(small_scan, nnx.Param))
+    for new, old in enumerate(kept):  # the kept blocks, in order, with their weights
+        want = ref["blocks"][old]["attn"]["q"][...]
+        np.testing.assert_array_equal(got["blocks"][new]["attn"]["q"], want)
+    x = tokens(t=8, seed=9)
+    np.testing.assert_allclose(small_scan(x), small_list(x), **TOL)
+
+
 # ------------------------------------------------------------------------------- bad input
 
 

@@ -42,10 +42,12 @@ True
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import sys
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -62,6 +64,8 @@ __all__ = [
     "config_of",
     "batches",
     "train",
+    "train_together",
+    "default_optimizer",
     "bits_per_byte",
     "apply_fn",
     "next_byte_loss",
@@ -450,24 +454,41 @@ def next_byte_loss(logits: jax.Array, window: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, window[:, 1:]).mean()
 
 
+@functools.cache
+def default_optimizer(steps: int, lr: float = 3e-3) -> optax.GradientTransformation:
+    """The workbench optimizer for a run of ``steps`` steps: AdamW (weight decay 0.01), linear
+    warmup from 0 over ``max(1, steps // 20)`` steps to ``lr``, then cosine decay to 0 at
+    ``steps``; gradients clipped to global norm 1. :func:`train` uses it when ``tx`` is None.
+
+    The same ``(steps, lr)`` returns the same (immutable) object: ``nnx.jit`` keys its cache on
+    the optimizer's transform, so every run of one length and one model shape (``train`` with
+    the default ``tx``, or ``tx=default_optimizer(steps)``) shares one compiled step.
+
+    >>> tx = default_optimizer(100, lr=1e-3)
+    >>> tx is default_optimizer(100, lr=1e-3)
+    True
+    """
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), max(steps, 2))
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
+
+
 @nnx.jit
-def _lm_step(model, optimizer, window):
-    def loss_fn(m):
-        return next_byte_loss(m(window[:, :-1]), window)
-
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    optimizer.update(model, grads)
-    return loss
+def _logits(model, tokens):
+    return model(tokens)
 
 
-@nnx.jit(static_argnames=("temperature", "alpha"))
-def _kd_step(model, optimizer, teacher, window, temperature, alpha):
+@nnx.jit(static_argnames=("temperature",))
+def _step(model, optimizer, window, t_logits, alpha, temperature):
+    """One AdamW step on next-byte cross-entropy (``t_logits`` None) or on ``distill.kd_loss``
+    against precomputed teacher logits, ``alpha`` (traced) soft + ``1 - alpha`` hard: with
+    ``alpha = 0`` that is the cross-entropy (the soft term's weight and gradient are exactly 0),
+    so fine-tuned and distilled students of one shape share this compiled step."""
     from jaxslim import distill
-
-    t_logits = teacher(window[:, :-1])
 
     def loss_fn(m):
         s_logits = m(window[:, :-1])
+        if t_logits is None:
+            return next_byte_loss(s_logits, window)
         v = s_logits.shape[-1]
         return distill.kd_loss(
             s_logits.reshape(-1, v),
@@ -497,34 +518,125 @@ def train(
     alpha: float = 1.0,
     tx: optax.GradientTransformation | None = None,
 ) -> LM:
-    """Trains ``model`` in place with AdamW (warmup, cosine decay) for ``steps`` steps.
+    """Trains ``model`` in place for ``steps`` steps with ``tx`` (default
+    :func:`default_optimizer` ``(steps, lr)``) on random windows of ``data``
+    (:func:`batches` ``(data, batch, seq, seed=seed)``).
 
     With ``teacher``, the loss is ``distill.kd_loss`` against the teacher's logits
     (``alpha`` soft + ``1 - alpha`` hard, temperature ``temperature``): Minitron's recovery is
-    logit distillation alone (``alpha=1``, ``T=1``).
+    logit distillation alone (``alpha=1``, ``T=1``). ``train(m, ...)`` is
+    ``train_together([m], ..., distill=[teacher is not None])``.
     """
-    if tx is None:
-        sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), max(steps, 2))
-        tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    train_together(
+        [model],
+        data,
+        steps=steps,
+        lr=lr,
+        batch=batch,
+        seq=seq,
+        seed=seed,
+        teacher=teacher,
+        distill=[teacher is not None],
+        temperature=temperature,
+        alpha=alpha,
+        tx=tx,
+    )
+    return model
+
+
+def train_together(
+    models: Sequence[LM],
+    data: np.ndarray,
+    *,
+    steps: int,
+    distill: Sequence[bool] | None = None,
+    teacher: LM | None = None,
+    lr: float = 3e-3,
+    batch: int = 16,
+    seq: int = 128,
+    seed: int = 0,
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    tx: optax.GradientTransformation | None = None,
+) -> list[float]:
+    """Trains every model of ``models`` in place on the same batches, in lockstep; each ends
+    as :func:`train` would leave it alone. Returns the seconds spent on each.
+
+    ``distill[i]`` says whether model ``i`` distills from ``teacher`` (default: all of them when
+    a teacher is given). The frozen teacher's logits are computed once per batch and serve every
+    distilled model (``k`` distillation runs cost one teacher forward per step, not ``k``);
+    the fine-tuned ones take the same compiled step with ``alpha = 0`` (pure cross-entropy), so
+    models of one shape compile one step between them (a fine-tuned model's loss is then
+    ``kd_loss``'s hard term: equal to :func:`train`'s cross-entropy up to float rounding). A
+    run's seconds include an equal share of the teacher's forward passes.
+
+    >>> cfg = LMConfig(dim=8, layers=1, kv_heads=1, groups=1, head_dim=4, hidden=8)
+    >>> a, b = LM(cfg, rngs=nnx.Rngs(0)), LM(cfg, rngs=nnx.Rngs(1))
+    >>> data = np.arange(200, dtype=np.uint8)
+    >>> len(train_together([a, b], data, steps=2, batch=2, seq=8, teacher=LM(cfg,
+    ...     rngs=nnx.Rngs(2)), distill=[True, False]))
+    2
+    """
+    fn = "lm.train_together"
+    models = list(models)
+    distill = [teacher is not None] * len(models) if distill is None else list(distill)
+    if len(distill) != len(models):
+        raise ValueError(
+            f"{fn}: distill has {len(distill)} entries for {len(models)} models; "
+            "give one bool per model"
+        )
+    if any(distill) and teacher is None:
+        raise ValueError(f"{fn}: distill={distill} asks for a teacher; pass teacher=")
+    tx = default_optimizer(steps, lr) if tx is None else tx
+    optimizers = [nnx.Optimizer(m, tx, wrt=nnx.Param) for m in models]
+    alphas = [jnp.float32(alpha if d else 0.0) for d in distill]
+    seconds = [0.0] * len(models)
     it = batches(data, batch, seq, seed=seed)
     with jax.numpy_dtype_promotion("standard"):
         for _ in range(steps):
             window = next(it)
-            if teacher is None:
-                _lm_step(model, optimizer, window)
-            else:
-                _kd_step(model, optimizer, teacher, window, temperature, alpha)
-    return model
+            t_logits = None
+            if any(distill):
+                t0 = time.perf_counter()
+                t_logits = jax.block_until_ready(_logits(teacher, window[:, :-1]))
+                share = (time.perf_counter() - t0) / sum(distill)
+                seconds = [s + share * d for s, d in zip(seconds, distill, strict=True)]
+            for i, (m, opt) in enumerate(zip(models, optimizers, strict=True)):
+                t0 = time.perf_counter()
+                jax.block_until_ready(_step(m, opt, window, t_logits, alphas[i], temperature))
+                seconds[i] += time.perf_counter() - t0
+    return seconds
+
+
+@nnx.jit
+def _window_nats(model, windows):
+    """Mean next-byte cross-entropy (nats) of every window ``(n, seq + 1)``: ``(n,)``."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(model(windows[:, :-1]), windows[:, 1:])
+    return ce.mean(axis=-1)
+
+
+_CHUNK = 16
 
 
 def bits_per_byte(model: LM | Callable[[jax.Array], jax.Array], windows: jax.Array) -> float:
-    """Mean next-byte cross-entropy of ``model`` over ``windows (n, seq + 1)``, in bits."""
-    fwd = nnx.jit(lambda m, w: next_byte_loss(m(w[:, :-1]), w))
+    """Mean next-byte cross-entropy of ``model`` over ``windows (n, seq + 1)``, in bits.
+
+    Evaluated in chunks of 16 windows (the last one padded with copies of the first window,
+    whose values are dropped) by one jitted function: an :class:`LM` compiles it once per
+    shape, whatever the number of models, calls and windows (a plain callable ``model`` is
+    compiled for each call).
+    """
+    n = windows.shape[0]
+    pad = -n % _CHUNK
+    if pad:
+        windows = jnp.concatenate([windows, jnp.repeat(windows[:1], pad, axis=0)])
     if isinstance(model, nnx.Module):
-        nats = [fwd(model, windows[i : i + 16]) for i in range(0, windows.shape[0], 16)]
+        run = functools.partial(_window_nats, model)
     else:
-        f = jax.jit(lambda w: next_byte_loss(model(w[:, :-1]), w))
-        nats = [f(windows[i : i + 16]) for i in range(0, windows.shape[0], 16)]
-    sizes = [min(16, windows.shape[0] - i) for i in range(0, windows.shape[0], 16)]
-    return float(np.average(np.asarray(nats), weights=sizes) / math.log(2))
+        run = jax.jit(
+            lambda w: optax.softmax_cross_entropy_with_integer_labels(
+                model(w[:, :-1]), w[:, 1:]
+            ).mean(axis=-1)
+        )
+    nats = np.concatenate([np.asarray(run(windows[i : i + _CHUNK])) for i in range(0, n, _CHUNK)])
+    return float(np.mean(nats[:n]) / math.log(2))

@@ -21,14 +21,13 @@ from typing import Any
 
 import jax
 import numpy as np
-import optax
 from flax import nnx
 
 from jaxslim import _tree, quant, splice
 from jaxslim.demo import lm
 from jaxslim.quant import QuantSpec
 
-__all__ = ["run", "width_prune", "depth_prune", "evaluator", "recovery_optimizer"]
+__all__ = ["run", "width_prune", "depth_prune", "evaluator"]
 
 
 def width_prune(
@@ -68,19 +67,27 @@ def width_prune(
 
 def depth_prune(model: lm.LM, windows: jax.Array, *, drop: int) -> tuple[lm.LM, np.ndarray]:
     """Drops the ``drop`` blocks with the lowest ablation influence (``splice.block_influence``,
-    loss increase when the block is the identity); returns the rebuilt model and the scores."""
+    loss increase when the block is the identity); returns the rebuilt model and the scores.
+
+    Works on both forms of the decoder (``lm.block_specs``: ``"blocks/<i>"`` for the list,
+    ``("blocks", i)`` for a ``scan_layers=True`` stack); blocks go highest index first, so the
+    indices still to drop stay valid."""
     forward, params = lm.apply_fn(model)
 
     def fn(p, w):
         logits, hs = forward(p, w[:, :-1], hiddens=True)
         return lm.next_byte_loss(logits, w), hs
 
-    blocks = [f"blocks/{i}" for i in range(len(model.blocks))]
-    inf = splice.block_influence(fn, params, [windows], blocks)
+    specs = lm.block_specs(params)
+    inf = splice.block_influence(fn, params, [windows], specs)
     order = np.argsort(inf.ablation, kind="stable")[:drop]
     small = params
     for i in sorted(order.tolist(), reverse=True):
-        small = splice.drop_layer(small, f"blocks/{i}")
+        spec = specs[i]
+        if isinstance(spec, tuple):
+            small = splice.drop_layer(small, spec[0], index=spec[1])
+        else:
+            small = splice.drop_layer(small, spec)
     return lm.rebuild(small), inf.ablation
 
 
@@ -144,23 +151,11 @@ def evaluator(model: lm.LM, windows: jax.Array) -> Callable[[Any], float]:
     return bpb
 
 
-def recovery_optimizer(steps: int, lr: float = 3e-3) -> optax.GradientTransformation:
-    """``lm.train``'s default optimizer for ``steps`` steps: AdamW (weight decay 0.01), linear
-    warmup over ``steps // 20`` steps then cosine decay, gradients clipped to global norm 1.
-
-    Built once and passed to every recovery run (``lm.train(..., tx=tx)``): ``nnx.jit`` keys its
-    cache on the optimizer's transform, so runs of one student shape share one compiled step
-    instead of compiling a new one per run.
-    """
-    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), max(steps, 2))
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
-
-
 def run(
     *,
     cfg: lm.LMConfig | None = None,
     steps: int = 600,
-    recover: int = 200,
+    recover: int = 150,
     keep: float = 0.5,
     drop: int = 2,
     seed: int = 0,
@@ -175,9 +170,12 @@ def run(
     ``info["oneshot"]`` and its time ``info["oneshot_seconds"]``. ``log`` receives one line per
     row as it is measured.
 
-    Every recovery run (fine-tune, distill, from scratch) trains ``recover`` steps on the same
-    batches with one optimizer object (``recovery_optimizer``), and every row is measured by one
-    jitted evaluator (``evaluator``): rows of one shape share their compiled steps.
+    The five recovery runs (fine-tune and distill after each cut, the width architecture from
+    scratch) train ``recover`` steps in lockstep on the same batches (``lm.train_together``,
+    ``lm.default_optimizer``): one teacher forward per batch serves both distillations, and
+    runs of one shape share a compiled step. A row's seconds are its cut plus its own training
+    steps (a distilled row: plus half the teacher's forward passes). Every row is measured by
+    one jitted evaluator (``evaluator``).
     """
     cfg = cfg or lm.LMConfig(dim=96, layers=4, kv_heads=2, groups=2, head_dim=24, hidden=256)
     train, valid, info = lm.load_corpus()
@@ -206,7 +204,9 @@ def run(
     lm.train(dense, train, steps=steps, seed=seed)
     row("dense", dense, time.perf_counter() - t0, f"{steps} AdamW steps; {_describe(cfg)}")
 
-    tx = recovery_optimizer(recover)
+    # Both cuts first, then the five recovery runs in lockstep on the same batches
+    # (lm.train_together): one teacher forward per batch serves both distillations.
+    cuts = []
     for label, cut in [
         (
             f"width {keep:.0%} (heads, MLP, residual)",
@@ -216,21 +216,29 @@ def run(
     ]:
         t0 = time.perf_counter()
         small, _ = cut()
-        t_cut = time.perf_counter() - t0
-        row(f"{label}, no recovery", small, t_cut, _describe(lm.config_of(_params(small))))
+        cuts.append((label, small, time.perf_counter() - t0))
+    runs = []  # (cut label, row name, model, distill, seconds of its cut)
+    for label, small, t_cut in cuts:
         for kd in (False, True):
-            student = nnx.clone(small)
-            t0 = time.perf_counter()
-            lm.train(
-                student, train, steps=recover, seed=seed + 1, teacher=dense if kd else None, tx=tx
-            )
             how = "distilled (kd_loss, T=1)" if kd else "fine-tuned (hard labels)"
-            row(f"{label} + {recover} steps {how}", student, t_cut + time.perf_counter() - t0)
+            runs.append((label, f"{label} + {recover} steps {how}", nnx.clone(small), kd, t_cut))
         if label.startswith("width"):
             scratch = lm.LM(lm.config_of(_params(small)), rngs=nnx.Rngs(seed + 2))
-            t0 = time.perf_counter()
-            lm.train(scratch, train, steps=recover, seed=seed + 1, tx=tx)
-            row(f"{label} from scratch, {recover} steps", scratch, time.perf_counter() - t0)
+            runs.append((label, f"{label} from scratch, {recover} steps", scratch, False, 0.0))
+    seconds = lm.train_together(
+        [r[2] for r in runs],
+        train,
+        steps=recover,
+        seed=seed + 1,
+        teacher=dense,
+        distill=[r[3] for r in runs],
+        tx=lm.default_optimizer(recover),
+    )
+    for label, small, t_cut in cuts:
+        row(f"{label}, no recovery", small, t_cut, _describe(lm.config_of(_params(small))))
+        for (cut_label, name, student, _, t0), sec in zip(runs, seconds, strict=True):
+            if cut_label == label:
+                row(name, student, t0 + sec)
 
     n_dense = lm.count_params(dense)
     for name, bits, group in [
