@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from jaxslim import prune
+from jaxslim.demo import sparse as sparse_demo
 
 
 def _time(f, *args, reps):
@@ -321,23 +322,8 @@ def mnist1d_table(
     def acc(p):
         return float(jnp.mean(jnp.argmax(mlp_apply(p, xte), -1) == yte))
 
-    def train(params, tx, seed):
-        idx = jax.random.randint(jax.random.key(seed + 100), (steps, 100), 0, xtr.shape[0])
-
-        def loss(p, i):
-            logits = mlp_apply(p, xtr[i])
-            return optax.softmax_cross_entropy_with_integer_labels(logits, ytr[i]).mean()
-
-        @jax.jit
-        def run(params, idx):
-            def body(carry, i):
-                p, s = carry
-                u, s = tx.update(jax.grad(loss)(p, i), s, p)
-                return (optax.apply_updates(p, u), s), None
-
-            return jax.lax.scan(body, (params, tx.init(params)), idx)[0]
-
-        return run(params, idx)
+    def train(params, tx, seed):  # one jitted scan, minibatches from key(seed + 100)
+        return sparse_demo.train(params, tx, (xtr, ytr), steps=steps, seed=seed)
 
     def adam():
         return optax.adam(optax.cosine_decay_schedule(1e-2, steps))
