@@ -1,0 +1,489 @@
+"""One Llama-family decoder as pure functions over a params pytree.
+
+The tree (kernels in Flax ``(in, out)`` layout, the transpose of HF's ``(out, in)``)::
+
+    {"embed": (V, d),
+     "layers": [{"attn_norm": (d,), "q": (d, H*hd), "k": (d, KV*hd), "v": (d, KV*hd),
+                 "o": (H*hd, d), "mlp_norm": (d,), "gate": (d, F), "up": (d, F), "down": (F, d),
+                 # optional, as the Config says:
+                 "q_bias": (H*hd,), "k_bias": (KV*hd,), "v_bias": (KV*hd,),   # attention_bias
+                 "o_bias": (d,),                                              # o_bias
+                 "q_norm": (hd,), "k_norm": (hd,)},                           # qk_norm (Qwen3)
+                ...],
+     "norm": (d,),
+     "lm_head": (d, V)}            # only when not config.tie_word_embeddings
+
+Sizes are read from the shapes every time the functions trace: ``H = q.shape[1] // hd``, ``KV =
+k.shape[1] // hd``, ``F = gate.shape[1]``; layers may differ (a pruned tree runs as it is). Query
+head ``h`` reads kv head ``h // (H // KV)`` (HF's ``repeat_kv``).
+
+A decoder layer (``block``), with ``RMS(x) = x / sqrt(mean(x^2) + eps) * w`` in float32::
+
+    a = RMS(x);  q, k, v = a @ Wq, a @ Wk, a @ Wv;  q, k = RoPE(q), RoPE(k)
+    x = x + softmax(q k^T / sqrt(hd) + causal) v @ Wo
+    m = RMS(x);  x = x + (silu(m @ Wgate) * (m @ Wup)) @ Wdown
+
+RoPE is HF's non-interleaved ``rotate_half`` form: ``q * cos + rotate_half(q) * sin`` with
+``cos = cos(pos * [inv_freq, inv_freq])``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxslim.models._config import Config, inv_freq
+
+
+class LayerSizes(NamedTuple):
+    """Per-layer sizes read from the parameter shapes."""
+
+    heads: int
+    kv_heads: int
+    intermediate: int
+
+
+class Sizes(NamedTuple):
+    """Model sizes read from the parameter shapes (``models.sizes``)."""
+
+    hidden: int
+    vocab: int
+    layers: tuple[LayerSizes, ...]
+
+
+def _shape(tree: Mapping[str, Any], name: str, path: str, fn: str) -> tuple[int, ...]:
+    if not isinstance(tree, Mapping) or name not in tree or tree[name] is None:
+        raise ValueError(
+            f"{fn}: the params tree has no leaf {path}{name!r}; a Llama-family tree needs "
+            "embed, layers/<i>/{attn_norm,q,k,v,o,mlp_norm,gate,up,down}, norm (and lm_head when "
+            "the embeddings are untied): see jaxslim.models.forward"
+        )
+    return tuple(np.shape(tree[name]))
+
+
+def _expect(fn: str, path: str, got: tuple[int, ...], want: tuple[int, ...], why: str) -> None:
+    if got != want:
+        raise ValueError(f"{fn}: {path} has shape {got}, expected {want} ({why})")
+
+
+def layer_sizes(layer: Mapping[str, Any], config: Config, d: int, prefix: str, fn: str):
+    """Checks one layer's leaves against ``config`` and hidden width ``d``; returns its sizes."""
+    hd = config.head_dim
+    sh = {n: _shape(layer, n, prefix, fn) for n in ("attn_norm", "q", "k", "v", "o", "mlp_norm")}
+    sh.update({n: _shape(layer, n, prefix, fn) for n in ("gate", "up", "down")})
+    for name in ("q", "k"):
+        s = sh[name]
+        if len(s) != 2 or s[0] != d or s[1] % hd:
+            raise ValueError(
+                f"{fn}: {prefix}{name} has shape {s}, expected (d={d}, heads * head_dim) with "
+                f"head_dim={hd} (kernels are Flax (in, out); transpose HF (out, in) weights)"
+            )
+    heads, kv = sh["q"][1] // hd, sh["k"][1] // hd
+    if kv == 0 or heads % kv:
+        raise ValueError(
+            f"{fn}: {prefix}q has {heads} heads and {prefix}k {kv} kv heads; GQA needs heads to "
+            "be a positive multiple of kv heads (remove query heads uniformly per kv group)"
+        )
+    f = sh["gate"][1] if len(sh["gate"]) == 2 else -1
+    _expect(fn, prefix + "attn_norm", sh["attn_norm"], (d,), "hidden width")
+    _expect(fn, prefix + "v", sh["v"], (d, kv * hd), "same kv heads as k")
+    _expect(fn, prefix + "o", sh["o"], (heads * hd, d), "(heads * head_dim, d)")
+    _expect(fn, prefix + "mlp_norm", sh["mlp_norm"], (d,), "hidden width")
+    _expect(fn, prefix + "gate", sh["gate"], (d, f), "(d, F)")
+    _expect(fn, prefix + "up", sh["up"], (d, f), "same width F as gate")
+    _expect(fn, prefix + "down", sh["down"], (f, d), "(F, d)")
+    if config.attention_bias:
+        for name, n in (("q_bias", heads), ("k_bias", kv), ("v_bias", kv)):
+            _expect(fn, prefix + name, _shape(layer, name, prefix, fn), (n * hd,), "bias")
+    if config.o_bias:
+        _expect(fn, prefix + "o_bias", _shape(layer, "o_bias", prefix, fn), (d,), "bias")
+    if config.qk_norm:
+        for name in ("q_norm", "k_norm"):
+            _expect(fn, prefix + name, _shape(layer, name, prefix, fn), (hd,), "per-head norm")
+    return LayerSizes(heads, kv, f)
+
+
+def sizes(params: Mapping[str, Any], config: Config, *, fn: str = "models.sizes") -> Sizes:
+    """Reads (and checks) the model sizes from the parameter shapes.
+
+    Raises ``ValueError`` naming the leaf path when a leaf is missing or a shape does not fit.
+
+    >>> from jaxslim import models
+    >>> cfg = models.Config(head_dim=8)
+    >>> params = models.init(jax.random.key(0), cfg, vocab=32, hidden=16, layers=1, heads=2,
+    ...                      kv_heads=1, intermediate=24)
+    >>> models.sizes(params, cfg).layers[0]
+    LayerSizes(heads=2, kv_heads=1, intermediate=24)
+    """
+    if not isinstance(config, Config):
+        raise TypeError(f"{fn}: config must be a models.Config, got {type(config).__name__}")
+    emb = _shape(params, "embed", "", fn)
+    if len(emb) != 2:
+        raise ValueError(f"{fn}: 'embed' must be (vocab, d), got shape {emb}")
+    vocab, d = emb
+    _expect(fn, "norm", _shape(params, "norm", "", fn), (d,), "hidden width")
+    if not config.tie_word_embeddings:
+        _expect(fn, "lm_head", _shape(params, "lm_head", "", fn), (d, vocab), "untied (d, V)")
+    layers = params.get("layers")
+    if not isinstance(layers, Sequence):
+        raise ValueError(f"{fn}: 'layers' must be a list of per-layer dicts, got {type(layers)}")
+    per = tuple(layer_sizes(lp, config, d, f"layers/{i}/", fn) for i, lp in enumerate(layers))
+    return Sizes(d, vocab, per)
+
+
+def init(
+    key: jax.Array,
+    config: Config,
+    *,
+    vocab: int,
+    hidden: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    intermediate: int,
+    dtype: Any = jnp.float32,
+    scale: float = 0.02,
+) -> dict[str, Any]:
+    """A random parameter tree (normal(0, scale) kernels, unit norms) for tests and demos.
+
+    >>> from jaxslim import models
+    >>> cfg = models.Config(head_dim=8)
+    >>> p = models.init(jax.random.key(0), cfg, vocab=32, hidden=16, layers=2, heads=2,
+    ...                 kv_heads=1, intermediate=24)
+    >>> p["layers"][1]["k"].shape
+    (16, 8)
+    """
+    hd = config.head_dim
+    keys = iter(jax.random.split(key, 16 * layers + 2))
+
+    def w(*shape):
+        return (scale * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+
+    def ones(n):
+        return jnp.ones((n,), dtype)
+
+    out: dict[str, Any] = {"embed": w(vocab, hidden), "layers": [], "norm": ones(hidden)}
+    for _ in range(layers):
+        lp = {
+            "attn_norm": ones(hidden),
+            "q": w(hidden, heads * hd),
+            "k": w(hidden, kv_heads * hd),
+            "v": w(hidden, kv_heads * hd),
+            "o": w(heads * hd, hidden),
+            "mlp_norm": ones(hidden),
+            "gate": w(hidden, intermediate),
+            "up": w(hidden, intermediate),
+            "down": w(intermediate, hidden),
+        }
+        if config.attention_bias:
+            lp.update(q_bias=w(heads * hd), k_bias=w(kv_heads * hd), v_bias=w(kv_heads * hd))
+        if config.o_bias:
+            lp["o_bias"] = w(hidden)
+        if config.qk_norm:
+            lp.update(q_norm=ones(hd), k_norm=ones(hd))
+        out["layers"].append(lp)
+    if not config.tie_word_embeddings:
+        out["lm_head"] = w(hidden, vocab)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The pieces
+
+
+def _cast(x: jax.Array, dtype: Any) -> jax.Array:
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """HF's RMSNorm: ``x / sqrt(mean(x^2, -1) + eps) * weight``, the statistic in float32."""
+    xf = _cast(x, jnp.float32)
+    var = jnp.mean(xf * xf, axis=-1, keepdims=True)
+    y = _cast(xf * jax.lax.rsqrt(var + eps), x.dtype)
+    w = _cast(weight, x.dtype).reshape((1,) * (x.ndim - 1) + weight.shape)
+    return w * y
+
+
+def _linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
+    y = jnp.dot(x, _cast(w, x.dtype))
+    if b is not None:
+        y = y + _cast(b, x.dtype).reshape((1,) * (y.ndim - 1) + b.shape)
+    return y
+
+
+def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """``x * cos + rotate_half(x) * sin``; x ``(B, T, heads, hd)``, cos/sin ``(B, T, 1, hd)``."""
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rot * sin
+
+
+def rope_tables(positions: jax.Array, config: Config, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """``cos, sin`` of shape ``(B, T, 1, hd)`` for integer positions ``(B, T)``."""
+    freq = jnp.asarray(inv_freq(config))
+    angles = positions.astype(jnp.float32)[:, :, None] * freq[None, None, :]
+    emb = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    return _cast(jnp.cos(emb), dtype), _cast(jnp.sin(emb), dtype)
+
+
+def _attend(q, k, v, mask):
+    """Grouped-query attention. q ``(B,T,H,hd)``, k/v ``(B,S,KV,hd)``, mask ``(B,T,S)`` bool."""
+    b, t, h, hd = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * (hd**-0.5)
+    scores = _cast(scores, jnp.float32)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = _cast(jax.nn.softmax(scores, axis=-1), v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h * hd)
+
+
+def _check_cache(layer_cache: Any, b: int, kv: int, hd: int, fn: str) -> None:
+    if not isinstance(layer_cache, Mapping) or not {"k", "v", "index"} <= set(layer_cache):
+        raise ValueError(
+            f"{fn}: a layer cache is a dict with 'k', 'v' (B, S, KV, hd) and 'index' (int32 "
+            "scalar); build the model's cache with models.init_cache"
+        )
+    ks = tuple(np.shape(layer_cache["k"]))
+    if len(ks) != 4 or ks[0] != b or ks[2] != kv or ks[3] != hd:
+        raise ValueError(
+            f"{fn}: cache 'k' has shape {ks}, expected (B={b}, S, KV={kv}, hd={hd}); build it "
+            "with models.init_cache for these params and batch size"
+        )
+
+
+def block(
+    block_params: Mapping[str, Any],
+    hidden: jax.Array,
+    config: Config,
+    *,
+    positions: jax.Array,
+    cache: Mapping[str, Any] | None = None,
+) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
+    """One decoder layer ``(B, T, d) -> (B, T, d)``: the ``block_fn`` of block-streamed calibration.
+
+    Args:
+      block_params: one entry of ``params["layers"]`` (see the module docstring for its leaves).
+      hidden: the residual stream ``(B, T, d)`` in the compute dtype.
+      config: the ``models.Config``.
+      positions: ``(B, T)`` int32 RoPE positions.
+      cache: ``None`` (causal attention within ``hidden``) or this layer's cache ``{"k": (B, S,
+        KV, hd), "v": (B, S, KV, hd), "index": int32 ()}``: the new keys and values are written at
+        slots ``index .. index + T - 1`` and query ``t`` attends to slots ``<= index + t``.
+
+    Returns:
+      ``hidden`` out, or ``(hidden, new_cache)`` when a cache is given (its ``index`` advanced by
+      ``T``).
+
+    >>> from jaxslim import models
+    >>> cfg = models.Config(head_dim=8)
+    >>> p = models.init(jax.random.key(0), cfg, vocab=32, hidden=16, layers=1, heads=2,
+    ...                 kv_heads=1, intermediate=24)
+    >>> x = models.embed(p, jnp.zeros((1, 5), jnp.int32), cfg)
+    >>> models.block(p["layers"][0], x, cfg, positions=jnp.arange(5)[None]).shape
+    (1, 5, 16)
+    """
+    fn = "models.block"
+    hd = config.head_dim
+    if hidden.ndim != 3:
+        raise ValueError(f"{fn}: hidden must be (B, T, d), got shape {hidden.shape}")
+    b, t, d = hidden.shape
+    ls = layer_sizes(block_params, config, d, "", fn)
+    positions = jnp.asarray(positions)
+    if positions.shape != (b, t):
+        raise ValueError(f"{fn}: positions must be (B, T) = {(b, t)}, got {positions.shape}")
+    p = block_params
+    eps = config.rms_norm_eps
+
+    a = rms_norm(hidden, p["attn_norm"], eps)
+    bias = config.attention_bias
+    q = _linear(a, p["q"], p["q_bias"] if bias else None).reshape(b, t, ls.heads, hd)
+    k = _linear(a, p["k"], p["k_bias"] if bias else None).reshape(b, t, ls.kv_heads, hd)
+    v = _linear(a, p["v"], p["v_bias"] if bias else None).reshape(b, t, ls.kv_heads, hd)
+    if config.qk_norm:
+        q = rms_norm(q, p["q_norm"], eps)
+        k = rms_norm(k, p["k_norm"], eps)
+    cos, sin = rope_tables(positions, config, hidden.dtype)
+    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+
+    new_cache = None
+    if cache is None:
+        qi = jnp.arange(t)[:, None]
+        ki = jnp.arange(t)[None, :]
+        keys, values = k, v
+    else:
+        _check_cache(cache, b, ls.kv_heads, hd, fn)
+        index = jnp.asarray(cache["index"], jnp.int32)
+        keys = jax.lax.dynamic_update_slice(
+            cache["k"], _cast(k, cache["k"].dtype), (0, index, 0, 0)
+        )
+        values = jax.lax.dynamic_update_slice(
+            cache["v"], _cast(v, cache["v"].dtype), (0, index, 0, 0)
+        )
+        new_cache = {"k": keys, "v": values, "index": index + t}
+        keys, values = _cast(keys, hidden.dtype), _cast(values, hidden.dtype)
+        qi = index + jnp.arange(t)[:, None]
+        ki = jnp.arange(keys.shape[1])[None, :]
+    mask = ki <= qi
+    if config.sliding_window is not None:
+        mask = mask & (ki > qi - config.sliding_window)
+    mask = jnp.broadcast_to(mask[None], (b, *mask.shape))
+    attn = _attend(q, keys, values, mask)
+    hidden = hidden + _linear(attn, p["o"], p["o_bias"] if config.o_bias else None)
+
+    m = rms_norm(hidden, p["mlp_norm"], eps)
+    mlp = jax.nn.silu(_linear(m, p["gate"])) * _linear(m, p["up"])
+    hidden = hidden + _linear(mlp, p["down"])
+    return hidden if cache is None else (hidden, new_cache)
+
+
+def _check_tokens(tokens: Any, vocab: int, fn: str) -> jax.Array:
+    try:
+        arr = np.asarray(tokens)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        arr = tokens  # traced: checked by shape and dtype only
+    else:
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError(f"{fn}: tokens must be integer ids, got dtype {arr.dtype}")
+        if arr.size and (arr.min() < 0 or arr.max() >= vocab):
+            bad = arr[(arr < 0) | (arr >= vocab)]
+            raise ValueError(
+                f"{fn}: tokens must be in [0, vocab={vocab}), got {bad.ravel()[:5].tolist()} "
+                "(a tokenizer for another model, or a pruned vocabulary?)"
+            )
+    if arr.ndim != 2:
+        raise ValueError(f"{fn}: tokens must be (B, T), got shape {arr.shape}; use tokens[None]")
+    if not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise TypeError(f"{fn}: tokens must be integer ids, got dtype {arr.dtype}")
+    return jnp.asarray(arr, jnp.int32)
+
+
+def embed(params: Mapping[str, Any], tokens: jax.Array, config: Config) -> jax.Array:
+    """Token embeddings ``(B, T) -> (B, T, d)`` in the compute dtype (``config.dtype``).
+
+    Concrete tokens outside ``[0, V)`` raise ``ValueError``; under ``jit`` they give NaN rows.
+    """
+    return _embed(params, tokens, config, "models.embed")
+
+
+def _embed(params: Mapping[str, Any], tokens: Any, config: Config, fn: str) -> jax.Array:
+    table = params.get("embed") if isinstance(params, Mapping) else None
+    if table is None:
+        raise ValueError(f"{fn}: the params tree has no leaf 'embed'")
+    tokens = _check_tokens(tokens, table.shape[0], fn)
+    return _cast(jnp.take(table, tokens, axis=0, mode="fill"), jnp.dtype(config.dtype))
+
+
+def head(params: Mapping[str, Any], hidden: jax.Array, config: Config) -> jax.Array:
+    """Final RMSNorm and output projection: ``(B, T, d) -> (B, T, V)`` float32 logits.
+
+    The projection is ``lm_head`` ``(d, V)``, or ``embed.T`` when the embeddings are tied.
+    """
+    h = rms_norm(hidden, params["norm"], config.rms_norm_eps)
+    if config.tie_word_embeddings:
+        logits = jnp.einsum("btd,vd->btv", h, _cast(params["embed"], h.dtype))
+    else:
+        logits = _linear(h, params["lm_head"])
+    return _cast(logits, jnp.float32)
+
+
+def init_cache(
+    config: Config, params: Mapping[str, Any], batch: int, max_len: int, *, dtype: Any = None
+) -> dict[str, Any]:
+    """An empty KV cache: ``{"layers": [{"k": (B, S, KV_l, hd), "v": ...}, ...], "index": 0}``.
+
+    ``S = max_len`` slots per layer (static shapes, one compilation for every decode step); the
+    kv head count ``KV_l`` of each layer is read from ``params``. ``dtype`` defaults to the
+    compute dtype.
+
+    >>> from jaxslim import models
+    >>> cfg = models.Config(head_dim=8)
+    >>> p = models.init(jax.random.key(0), cfg, vocab=32, hidden=16, layers=1, heads=2,
+    ...                 kv_heads=1, intermediate=24)
+    >>> models.init_cache(cfg, p, 2, 10)["layers"][0]["k"].shape
+    (2, 10, 1, 8)
+    """
+    s = sizes(params, config, fn="models.init_cache")
+    dtype = jnp.dtype(config.dtype if dtype is None else dtype)
+    shape = lambda kv: (batch, max_len, kv, config.head_dim)
+    return {
+        "layers": [
+            {"k": jnp.zeros(shape(ls.kv_heads), dtype), "v": jnp.zeros(shape(ls.kv_heads), dtype)}
+            for ls in s.layers
+        ],
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def forward(
+    params: Mapping[str, Any],
+    tokens: jax.Array,
+    config: Config,
+    *,
+    cache: Mapping[str, Any] | None = None,
+    positions: jax.Array | None = None,
+) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
+    """Logits of a Llama-family decoder: tokens ``(B, T)`` int -> ``(B, T, V)`` float32.
+
+    ``embed``, then every ``block`` in ``params["layers"]``, then ``head``. Causal attention with
+    grouped-query heads, RoPE, RMSNorm in float32, computed in ``config.dtype`` whatever the
+    parameters' dtype. A pure function of ``params``: every jaxslim tool that traces ``fn(params,
+    *args)`` works on ``lambda p, x: models.forward(p, x, config)``.
+
+    Args:
+      params: the parameter tree (module docstring); sizes are read from its shapes.
+      tokens: ``(B, T)`` integer ids in ``[0, V)``.
+      config: the ``models.Config`` (static under ``jit``).
+      cache: ``None`` or a cache from ``models.init_cache`` / a previous call: the tokens continue
+        the cached sequence at ``cache["index"]`` (which must leave room: ``index + T <= S``).
+      positions: ``(B, T)`` RoPE positions; default ``index + arange(T)`` (``index = 0`` without
+        a cache).
+
+    Returns:
+      ``logits`` ``(B, T, V)``, or ``(logits, new_cache)`` when a cache is given.
+
+    >>> from jaxslim import models
+    >>> cfg = models.Config(head_dim=8)
+    >>> p = models.init(jax.random.key(0), cfg, vocab=32, hidden=16, layers=2, heads=2,
+    ...                 kv_heads=1, intermediate=24)
+    >>> tokens = jnp.array([[1, 2, 3, 4]])
+    >>> logits = jax.jit(models.forward, static_argnames="config")(p, tokens, config=cfg)
+    >>> logits.shape, logits.dtype
+    ((1, 4, 32), dtype('float32'))
+    """
+    fn = "models.forward"
+    s = sizes(params, config, fn=fn)
+    x = _embed(params, tokens, config, fn)
+    b, t, _ = x.shape
+    index = jnp.zeros((), jnp.int32) if cache is None else jnp.asarray(cache["index"], jnp.int32)
+    if cache is not None:
+        if len(cache.get("layers", ())) != len(s.layers):
+            raise ValueError(
+                f"{fn}: the cache has {len(cache.get('layers', ()))} layers, params "
+                f"{len(s.layers)}; build it with models.init_cache(config, params, ...)"
+            )
+        slots = cache["layers"][0]["k"].shape[1] if s.layers else t
+        if t > slots:
+            raise ValueError(f"{fn}: {t} tokens do not fit a cache of {slots} slots")
+    if positions is None:
+        positions = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+    positions = jnp.asarray(positions, jnp.int32)
+    if positions.shape != (b, t):
+        raise ValueError(f"{fn}: positions must be (B, T) = {(b, t)}, got {positions.shape}")
+    new_layers = []
+    for i, lp in enumerate(params["layers"]):
+        if cache is None:
+            x = block(lp, x, config, positions=positions)
+        else:
+            lc = {**cache["layers"][i], "index": index}
+            x, nc = block(lp, x, config, positions=positions, cache=lc)
+            new_layers.append({"k": nc["k"], "v": nc["v"]})
+    logits = head(params, x, config)
+    if cache is None:
+        return logits
+    return logits, {"layers": new_layers, "index": index + t}
