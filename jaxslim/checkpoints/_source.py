@@ -40,15 +40,13 @@ class Source(abc.ABC):
     PyTorch shapes (a linear weight is `(out, in)`), whatever the file stores.
 
     Example:
-        >>> import json, os, tempfile
+        >>> import pathlib, tempfile
         >>> import numpy as np
         >>> from safetensors.numpy import save_file
         >>> from jaxslim import checkpoints
-        >>> d = tempfile.mkdtemp()
-        >>> save_file({"model.norm.weight": np.ones(4, np.float32)},
-        ...           os.path.join(d, "model.safetensors"))
-        >>> with open(os.path.join(d, "config.json"), "w") as f:
-        ...     json.dump({"model_type": "llama"}, f)
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> save_file({"model.norm.weight": np.ones(4, np.float32)}, d / "model.safetensors")
+        >>> _ = (d / "config.json").write_text('{"model_type": "llama"}')
         >>> with checkpoints.open(d) as src:
         ...     print(src.format, src.names(), src.shape("model.norm.weight"))
         ...     src.read("model.norm.weight")
@@ -154,7 +152,8 @@ class Source(abc.ABC):
 
     def _check_name(self, name: str, what: str) -> None:
         if name not in self._name_set():
-            near = [n for n in self.names() if name.rsplit(".", 2)[-2] in n][:3]
+            stem = name.removesuffix(".weight").removesuffix(".bias").rsplit(".", 1)[-1]
+            near = [n for n in self.names() if stem in n][:3]
             raise KeyError(
                 f"checkpoints.Source.{what}: {self.path!r} has no tensor {name!r} (names are "
                 f"Hugging Face names, e.g. {near or self.names()[:3]}; see src.names())"

@@ -81,6 +81,8 @@ def test_unknown_name_is_a_key_error(tmp_path, config, helpers):
     path = helpers.write_hf(tmp_path / "m", helpers.hf_weights(config), config)
     with checkpoints.open(path) as src, pytest.raises(KeyError, match="q_proj"):
         src.read("model.layers.0.self_attn.q_proj")
+    with checkpoints.open(path) as src, pytest.raises(KeyError, match="no tensor 'w'"):
+        src.shape("w")
 
 
 def _rss_bytes() -> int:
