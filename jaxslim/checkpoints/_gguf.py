@@ -118,8 +118,9 @@ def _llama3_rope_scaling(factors, theta, head_dim, context) -> dict:
         s = (1 / factors[inner] - 1 / factor) / (1 - 1 / factor)
         slope, low = np.polyfit(s, old / wavelen[inner], 1)
         low, high = round(float(low), 4), round(float(low + slope), 4)
-    if not np.allclose(rebuild(low, high), factors, rtol=1e-4):
-        low, high = 1.0, 4.0
+    with np.errstate(all="ignore"):
+        if not (0 < low < high and np.allclose(rebuild(low, high), factors, rtol=1e-4)):
+            low, high = 1.0, 4.0
     return {
         "rope_type": "llama3",
         "factor": _float(factor),
