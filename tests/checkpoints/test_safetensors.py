@@ -12,6 +12,9 @@ import pytest
 
 from jaxslim import checkpoints
 
+pytest.importorskip("safetensors")
+pytest.importorskip("gguf")  # conftest's writers
+
 
 def _mixed(weights):
     """The same weights stored as bf16 / f16 / f32 (one dtype per kind of tensor)."""
