@@ -271,7 +271,7 @@ def block(
       block_params: one entry of ``params["layers"]`` (see the module docstring for its leaves).
       hidden: the residual stream ``(B, T, d)`` in the compute dtype.
       config: the ``models.Config``.
-      positions: ``(B, T)`` int32 RoPE positions.
+      positions: ``(B, T)`` (or ``(T,)``) int32 RoPE positions.
       cache: ``None`` (causal attention within ``hidden``) or this layer's cache ``{"k": (B, S,
         KV, hd), "v": (B, S, KV, hd), "index": int32 ()}``: the new keys and values are written at
         slots ``index .. index + T - 1`` and query ``t`` attends to slots ``<= index + t``.
@@ -294,7 +294,9 @@ def block(
         raise ValueError(f"{fn}: hidden must be (B, T, d), got shape {hidden.shape}")
     b, t, d = hidden.shape
     ls = layer_sizes(block_params, config, d, "", fn)
-    positions = jnp.asarray(positions)
+    positions = jnp.asarray(positions, jnp.int32)
+    if positions.shape == (t,):
+        positions = jnp.broadcast_to(positions[None], (b, t))
     if positions.shape != (b, t):
         raise ValueError(f"{fn}: positions must be (B, T) = {(b, t)}, got {positions.shape}")
     p = block_params
@@ -441,8 +443,9 @@ def forward(
       config: the ``models.Config`` (static under ``jit``).
       cache: ``None`` or a cache from ``models.init_cache`` / a previous call: the tokens continue
         the cached sequence at ``cache["index"]`` (which must leave room: ``index + T <= S``).
-      positions: ``(B, T)`` RoPE positions; default ``index + arange(T)`` (``index = 0`` without
-        a cache).
+      positions: ``(B, T)`` (or ``(T,)``) RoPE positions; default ``index + arange(T)`` (``index
+        = 0`` without a cache). They only feed RoPE: the mask is causal in sequence (cache slot)
+        order.
 
     Returns:
       ``logits`` ``(B, T, V)``, or ``(logits, new_cache)`` when a cache is given.
@@ -473,6 +476,8 @@ def forward(
     if positions is None:
         positions = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32)[None], (b, t))
     positions = jnp.asarray(positions, jnp.int32)
+    if positions.shape == (t,):
+        positions = jnp.broadcast_to(positions[None], (b, t))
     if positions.shape != (b, t):
         raise ValueError(f"{fn}: positions must be (B, T) = {(b, t)}, got {positions.shape}")
     new_layers = []

@@ -164,10 +164,15 @@ def load(source: Any, *, dtype: Any = None) -> tuple[dict[str, Any], Config, Tok
       ``(params, config, tokenizer)``; ``tokenizer`` is ``None`` when the checkpoint has no
       ``tokenizer.json``.
     """
-    if not all(hasattr(source, a) for a in ("names", "read", "config")):
-        from jaxslim import checkpoints
+    if all(hasattr(source, a) for a in ("names", "read", "config")):
+        return _load(source, dtype)
+    from jaxslim import checkpoints
 
-        source = checkpoints.open(source)
-    params, config = from_hf_tensors(source.config, source.read, source.names(), dtype=dtype)
-    text = source.tokenizer_json() if hasattr(source, "tokenizer_json") else None
+    with checkpoints.open(source) as src:
+        return _load(src, dtype)
+
+
+def _load(src: Any, dtype: Any) -> tuple[dict[str, Any], Config, Tokenizer | None]:
+    params, config = from_hf_tensors(src.config, src.read, src.names(), dtype=dtype)
+    text = src.tokenizer_json() if hasattr(src, "tokenizer_json") else None
     return params, config, (Tokenizer.from_str(text) if text else None)
