@@ -233,7 +233,7 @@ def open(path: str | os.PathLike, *, check: bool = True) -> Source:  # noqa: A00
     return src
 
 
-def read_tree(src: Source, dtype=None) -> dict[str, np.ndarray]:
+def read_tree(src: Source, *, dtype=None) -> dict[str, np.ndarray]:
     """Every tensor of `src`, by Hugging Face name, in memory (for small models).
 
     Args:

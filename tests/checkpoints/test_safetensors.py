@@ -63,7 +63,7 @@ def test_read_tree_and_tokenizer(tmp_path, config, helpers):
         for name, w in weights.items():
             np.testing.assert_array_equal(tree[name], w)
         assert src.tokenizer_json() == '{"version": "1.0"}'
-        tree16 = checkpoints.read_tree(src, np.float16)
+        tree16 = checkpoints.read_tree(src, dtype=np.float16)
         assert all(a.dtype == np.float16 for a in tree16.values())
     other = helpers.write_hf(tmp_path / "n", weights, config)
     with checkpoints.open(other) as src:
