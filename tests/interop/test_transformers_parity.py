@@ -257,3 +257,41 @@ def test_smollm2_logits_and_greedy_generation(smollm2):
     ours = models.generate(params, cfg, ids, max_tokens=8).tolist()
     assert ours == hf_out[: len(ours)] and len(ours) == len(hf_out)
     print("smollm2:", repr(tok.decode(ours)))
+
+
+def test_smollm2_perplexity_matches_hf_guide(smollm2):
+    # HF's perplexity guide, verbatim in spirit: labels -100 outside the last trg_len tokens
+    params, cfg, tok, model = smollm2
+    text = "The quick brown fox jumps over the lazy dog. " * 6 + "Paris is the capital of France."
+    ids = tok.encode(text)
+    seq, stride = 32, 12
+    nll_sum, n_tokens, prev_end = 0.0, 0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + seq, len(ids))
+        trg_len = end - prev_end
+        input_ids = torch.tensor([ids[begin:end]])
+        target_ids = input_ids.clone()
+        target_ids[:, :-trg_len] = -100
+        with torch.no_grad():
+            loss = model(input_ids, labels=target_ids).loss
+        valid = int((target_ids[:, 1:] != -100).sum())
+        nll_sum += float(loss) * valid
+        n_tokens += valid
+        prev_end = end
+        if end == len(ids):
+            break
+    r = models.perplexity(params, cfg, ids, seq=seq, stride=stride, batch=2, progress=False)
+    assert r.tokens == n_tokens
+    np.testing.assert_allclose(r.nll, nll_sum / n_tokens, rtol=1e-4)
+    print(f"smollm2: perplexity {r.perplexity:.3f} (HF guide {np.exp(nll_sum / n_tokens):.3f})")
+
+
+def test_load_safetensors_directory(tmp_path):
+    pytest.importorskip("safetensors")
+    config = _hf_config("qwen2", {"tie_word_embeddings": False})
+    model = _torch_model(config, seed=3)
+    model.save_pretrained(tmp_path)
+    params, cfg, tok = models.load(tmp_path)
+    assert tok is None and cfg.family == "qwen2" and not cfg.tie_word_embeddings
+    got = models.forward(params, jnp.asarray(TOKENS, jnp.int32), cfg)
+    assert _rel_err(got, _torch_logits(model, TOKENS)) <= TOL
