@@ -2,7 +2,7 @@
 functions over a params pytree, with HF checkpoint mapping, a tokenizer, perplexity and generation.
 
 A model is ``(params, config)``: ``params`` a nested dict of arrays (kernels in Flax ``(in, out)``
-layout; the tree is documented in ``forward``'s module, ``jaxslim/models/_llama.py``), ``config``
+layout; the tree is documented in ``jaxslim/models/_params.py``), ``config``
 a hashable ``Config`` holding what shapes cannot tell. Sizes are read from the shapes, so a pruned
 tree runs as it is, and every jaxslim tool that traces ``fn(params, *args)`` works on
 ``lambda p, x: models.forward(p, x, config)``.
@@ -19,19 +19,9 @@ tree runs as it is, and every jaxslim tool that traces ``fn(params, *args)`` wor
 from jaxslim.models._config import Config, RopeScaling
 from jaxslim.models._eval import PerplexityResult, perplexity
 from jaxslim.models._generate import generate
-from jaxslim.models._llama import (
-    LayerSizes,
-    Sizes,
-    block,
-    embed,
-    forward,
-    head,
-    init,
-    init_cache,
-    rms_norm,
-    sizes,
-)
+from jaxslim.models._llama import block, embed, forward, head, init_cache, rms_norm
 from jaxslim.models._load import from_hf_tensors, load, to_hf_tensors
+from jaxslim.models._params import LayerSizes, Sizes, init, sizes
 from jaxslim.models._tokenizer import Tokenizer
 
 __all__ = [

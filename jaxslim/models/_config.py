@@ -174,7 +174,7 @@ class Config:
         gets a config that matches it. Raises ``ValueError`` when layers differ in size (a HF config
         has one size per model).
         """
-        from jaxslim.models._llama import sizes
+        from jaxslim.models._params import sizes
 
         s = sizes(params, self, fn="models.Config.to_hf")
         for name in ("heads", "kv_heads", "intermediate"):

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxslim.models._config import Config
-from jaxslim.models._llama import forward, sizes
+from jaxslim.models._llama import forward
+from jaxslim.models._params import sizes
 
 
 class PerplexityResult(NamedTuple):

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxslim.models._config import Config
-from jaxslim.models._llama import forward, init_cache, sizes
+from jaxslim.models._llama import forward, init_cache
+from jaxslim.models._params import sizes
 
 
 def _sample(logits: jax.Array, key: jax.Array, temperature, top_p, greedy: bool) -> jax.Array:

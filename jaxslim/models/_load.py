@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxslim.models._config import Config
-from jaxslim.models._llama import sizes
+from jaxslim.models._params import sizes
 from jaxslim.models._tokenizer import Tokenizer
 
 _LAYER = {
