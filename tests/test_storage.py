@@ -245,9 +245,15 @@ TAMPERED = [
         lambda: _with_meta(lambda m: _set(m["spec"], "colour", 1)), "is invalid", id="spec-field"
     ),
     pytest.param(
+        # group_size 3 fits the axis of 8 (a shorter last group) but not the stored 2 scale rows.
         lambda: _with_meta(lambda m: _set(m["spec"], "group_size", 3)),
-        "does not fit shape",
+        r"scale is float32\[2, 1, 6\], expected float32\[3, 1, 6\]",
         id="group-size",
+    ),
+    pytest.param(
+        lambda: _with_meta(lambda m: _set(m["spec"], "group_axis", 5)),
+        "does not fit shape",
+        id="group-axis",
     ),
     pytest.param(
         lambda: _with_meta(lambda m: _set(m, "shape", [8, 8])),
