@@ -52,9 +52,8 @@ from jaxslim.checkpoints._export_safetensors import (
     rows,
     sizes,
 )
-from jaxslim.quant._numerics import qparams_from_range
-from jaxslim.quant._qarray import QArray, quantize
-from jaxslim.quant._spec import QuantSpec, layout
+from jaxslim.quant import QArray, QuantSpec, qparams_from_range, quantize
+from jaxslim.quant._spec import layout
 
 BLOCK = 32
 
@@ -369,7 +368,7 @@ def export_gguf(
     dtype: str = "f32",
     tokenizer_json: str | os.PathLike | None = None,
     tokenizer_gguf: Any = None,
-    tokenizer_pre: str = "gpt2",
+    tokenizer_pre: str = "gpt-2",
     name: str | None = None,
 ) -> dict[str, GGUFTensor]:
     """Writes `params` (a `jaxslim.models` tree, any leaf a `QArray`) as a GGUF file.

@@ -44,7 +44,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxslim.quant._qarray import QArray
+from jaxslim.quant import QArray
 from jaxslim.quant._spec import layout
 
 # Params leaf key -> (HF suffix, kind). kind: "kernel" (Flax (in, out), transposed to HF
