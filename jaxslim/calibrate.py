@@ -46,7 +46,14 @@ them.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import re
+import sys
+import time
+import types
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -57,7 +64,7 @@ from jax import lax
 
 from jaxslim import _jaxpr, _tree
 
-__all__ = ["Stats", "statistics", "sequential"]
+__all__ = ["Stats", "statistics", "sequential", "stream", "StreamResult"]
 
 _HI = lax.Precision.HIGHEST
 
@@ -601,3 +608,345 @@ def sequential(
             w_new = jax.device_put(w_new, w.sharding)
         params = _replace(params, path, w_new)
     return params
+
+
+# ---------------------------------------------------------------------------------------------
+# Block streaming
+
+
+class StreamResult(NamedTuple):
+    """What :func:`stream` did.
+
+    ``names`` the blocks in order; ``blocks`` the compressed params of every block when there is
+    no ``out`` directory (``None`` otherwise: they are in the files); ``reports`` the second
+    value ``compress_block`` returned, per block compressed in this run; ``resumed`` the blocks
+    read back from ``out`` instead (a restarted run); ``hidden`` the calibration activations after
+    the last block; ``seconds`` per block compressed in this run (load, compress, forward, write);
+    ``peak_rss`` the process's peak resident memory in bytes (``getrusage``; 0 where unknown).
+    """
+
+    names: tuple[str, ...]
+    blocks: list[Any] | None
+    reports: dict[str, Any]
+    resumed: tuple[str, ...]
+    hidden: list[Any]
+    seconds: dict[str, float]
+    peak_rss: int
+
+
+_MANIFEST = "manifest.json"
+_STREAM_FORMAT, _STREAM_VERSION = "jaxslim.stream", 1
+_BLOCK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def peak_rss() -> int:
+    """The process's peak resident set size in bytes (``resource.getrusage``), 0 where unknown."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def fingerprint(batches: Sequence[Any]) -> str:
+    """sha256 over the tree structure, shapes, dtypes and bytes of every leaf of ``batches`` (the
+    calibration hash a :func:`stream` manifest records)."""
+    h = hashlib.sha256()
+    for b in batches:
+        leaves, tree = jax.tree.flatten(b)
+        h.update(str(tree).encode())
+        for x in leaves:
+            a = np.asarray(x)
+            h.update(f"{a.shape}{a.dtype.str}".encode())
+            h.update(np.ascontiguousarray(a).view(np.uint8).tobytes())
+    return h.hexdigest()
+
+
+def _atomic_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.partial"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, types.FunctionType):  # its repr holds an address that changes per run
+        return f"<function {obj.__module__}.{obj.__qualname__}>"
+    return repr(obj)
+
+
+def _canonical(obj: Any) -> Any:
+    """``obj`` as the JSON a manifest stores (records and other objects by their ``repr``,
+    functions by their qualified name)."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=_describe))
+
+
+def _open_manifest(out: str, recipe: Any, calib: str, names: Sequence[str], fn: str) -> list[str]:
+    """Creates ``out`` and its manifest, or checks an existing one; returns the blocks done."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, _MANIFEST)
+    want = {
+        "format": _STREAM_FORMAT,
+        "version": _STREAM_VERSION,
+        "recipe": _canonical(recipe),
+        "calibration": calib,
+        "blocks": list(names),
+        "done": [],
+    }
+    if not os.path.exists(path):
+        if any(not n.startswith(".") for n in os.listdir(out)):
+            raise ValueError(
+                f"{fn}: {out!r} is not empty and has no {_MANIFEST}; write to a new or empty "
+                "directory (or one a previous run of the same recipe left)"
+            )
+        _atomic_json(path, want)
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            have = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{fn}: {path!r} is not a readable manifest ({e})") from None
+    if not isinstance(have, dict) or have.get("format") != _STREAM_FORMAT:
+        raise ValueError(f"{fn}: {path!r} is not a {_STREAM_FORMAT} manifest")
+    for key, what in (
+        ("recipe", "recipe"),
+        ("calibration", "calibration data (hash)"),
+        ("blocks", "block list"),
+    ):
+        if have.get(key) != want[key]:
+            raise ValueError(
+                f"{fn}: {out!r} holds a run with a different {what}: the manifest has "
+                f"{have.get(key)!r}, this run {want[key]!r}; use another directory, or delete "
+                "this one to start over"
+            )
+    done = list(have.get("done", []))
+    if done != list(names[: len(done)]):
+        raise ValueError(
+            f"{fn}: {path!r} lists done blocks {done} that are not a prefix of {list(names)}"
+        )
+    return done
+
+
+def _mark_done(out: str, name: str) -> None:
+    path = os.path.join(out, _MANIFEST)
+    with open(path, encoding="utf-8") as f:
+        m = json.load(f)
+    m["done"] = [*m["done"], name]
+    _atomic_json(path, m)
+
+
+def block_file(out: str, name: str) -> str:
+    """The file a :func:`stream` run writes block ``name`` to: ``out/<name>.npz``."""
+    return os.path.join(out, f"{name}.npz")
+
+
+def _dequantized(params: Any) -> Any:
+    """Leaves with a ``dequantize()`` method (``quant.QArray``) replaced by its float array."""
+    is_q = lambda x: hasattr(x, "dequantize") and callable(x.dequantize)  # noqa: E731
+    return jax.tree.map(lambda x: x.dequantize() if is_q(x) else x, params, is_leaf=is_q)
+
+
+def _estimate(params: Any, hidden: Sequence[Any]) -> tuple[int, int, int]:
+    """Bytes of ``(block weights as stored, Hessians and OBS work, activations in + out)``."""
+    weights, hess = 0, 0
+    for x in jax.tree.leaves(params, is_leaf=lambda x: hasattr(x, "dequantize")):
+        shape = tuple(np.shape(x))
+        weights += math.prod(shape) * np.dtype(getattr(x, "dtype", np.float32)).itemsize
+        if len(shape) >= 2:
+            k = math.prod(shape[:-1])
+            # X^T X, its damped inverse Cholesky and one working copy, float32; the float32 copy
+            # of the kernel and its update
+            hess = max(hess, 3 * 4 * k * k + 3 * 4 * math.prod(shape))
+    acts = sum(x.size * x.dtype.itemsize for b in hidden for x in jax.tree.leaves(b))
+    return weights, hess, 2 * acts
+
+
+def stream(
+    block_fn: Callable[[Any, Any], Any],
+    blocks: Iterable[tuple[str, Callable[[], Any]]],
+    hidden: Sequence[Any],
+    compress_block: Callable[[Any, list[Any]], tuple[Any, Any]],
+    *,
+    out: str | os.PathLike | None = None,
+    save: Callable[[str, Any], None] | None = None,
+    load: Callable[[str], Any] | None = None,
+    recipe: Any = None,
+    run: Callable[[Any, Any], Any] | None = None,
+    progress: bool = True,
+) -> StreamResult:
+    """Compresses a model block by block, one block's weights in memory at a time; resumable.
+
+    For each ``(name, load_block)`` of ``blocks``, in order::
+
+        params        = load_block()                          # e.g. read from a checkpoint
+        new, report   = compress_block(params, hidden)        # e.g. prune.oneshot(block_fn, ...)
+        hidden        = [block_fn(dequantized(new), h) for h in hidden]
+        save(out/<name>.npz, new); free params and new
+
+    so every block is calibrated on the outputs of the already-compressed blocks before it, and
+    inside a block ``compress_block`` calibrates kernels sequentially as ``prune.oneshot`` /
+    ``quant.oneshot`` do with ``sequential=True`` on the whole model — with one forward pass per
+    kernel over *one block* instead of the whole model, and the activations cached between
+    blocks (the cost grows linearly with depth, not quadratically).
+
+    **Batches.** ``hidden`` is a list of calibration batches at the first block's input; each is
+    passed as ``block_fn``'s second argument. A batch is an array (the hidden states) or a tuple
+    ``(hidden, *aux)``: then ``block_fn(params, (h, *aux))`` returns the new ``h`` and the aux
+    (positions, a mask) are passed on unchanged.
+
+    **Quantized blocks.** Leaves of ``new`` with a ``dequantize()`` method (``quant.QArray``) are
+    dequantized before the forward pass, exactly as ``quant.oneshot(..., sequential=True)``
+    feeds the dequantized weights to the kernels after them; pass ``run=quant.quantized(block_fn)``
+    to run the quantized dot instead.
+
+    **Memory.** One block's weights (as loaded, plus the float32 working copies of the method),
+    one kernel's Hessian and its inverse, and the calibration activations twice (in and out). An
+    estimate is printed after the first block is loaded and the peak RSS at the end (both on
+    stderr, silenced with ``progress=False``, as is the ``tqdm`` bar per block with its ETA).
+
+    **Resuming.** With ``out``, every block is written atomically (to a temporary name, then
+    renamed) with ``save(path, params)`` (``quant.storage.save_npz``), and ``out/manifest.json``
+    records the ``recipe`` (any JSON-able description; records by their ``repr``), the sha256 of
+    the calibration batches (:func:`fingerprint`), the block names and the blocks done. A
+    restarted run with the same arguments reads the finished blocks back with ``load(path)``
+    (``quant.storage.load_npz``), recomputes the activations through them (not calling their
+    ``load_block``) and goes on: the files and the result are identical, bit for bit, to an
+    uninterrupted run's. A manifest with a different recipe, calibration hash or block list
+    raises ``ValueError`` naming the directory and the difference.
+
+    Args:
+      block_fn: ``block_fn(block_params, batch) -> hidden`` (e.g. ``models.block`` with the config
+        and positions bound), traceable.
+      blocks: ``(name, load_block)`` pairs; ``name`` is a file name stem (letters, digits,
+        ``_.-``), ``load_block()`` returns that block's params (read lazily).
+      hidden: the calibration batches at the first block's input.
+      compress_block: ``compress_block(block_params, hidden) -> (new_params, report)``, e.g.
+        ``lambda p, hs: prune.oneshot(block_fn, p, hs, 0.5, method=prune.SparseGPT())``.
+      out: a directory for the blocks and the manifest; ``None`` keeps the compressed blocks in
+        memory (``StreamResult.blocks``) and cannot resume.
+      save, load: write / read one block's params tree (required with ``out``).
+      recipe: what the manifest records to recognise the same run (method records, sparsity,
+        rules, the source checkpoint).
+      run: the forward used to advance the activations, ``run(new_params, batch)``; default
+        ``block_fn`` on the dequantized params.
+      progress: print the estimate, the bar and the peak RSS.
+
+    Returns:
+      a :class:`StreamResult`.
+
+    >>> import jax.numpy as jnp
+    >>> blocks = [(f"b{i}", lambda i=i: {"w": jnp.full((2, 2), 0.6 + i)}) for i in range(2)]
+    >>> fn = lambda p, x: x @ p["w"]
+    >>> res = stream(fn, blocks, [jnp.ones((1, 2))],
+    ...              lambda p, hs: ({"w": jnp.round(p["w"])}, None), progress=False)
+    >>> [b["w"][0, 0].item() for b in res.blocks], res.hidden[0].tolist()
+    ([1.0, 2.0], [[8.0, 8.0]])
+    """
+    fn = "calibrate.stream"
+    if not callable(block_fn) or not callable(compress_block):
+        raise TypeError(f"{fn}: block_fn and compress_block must be callables")
+    blocks = list(blocks)
+    names = []
+    for item in blocks:
+        if not (isinstance(item, tuple) and len(item) == 2 and callable(item[1])):
+            raise TypeError(f"{fn}: blocks must yield (name, load_block) pairs, got {item!r}")
+        if not isinstance(item[0], str) or not _BLOCK_NAME.fullmatch(item[0]):
+            raise ValueError(
+                f"{fn}: block name {item[0]!r} must be a file name stem (letters, digits, _.-)"
+            )
+        names.append(item[0])
+    if len(set(names)) != len(names):
+        raise ValueError(f"{fn}: block names repeat: {names}")
+    hidden = list(hidden)
+    if not hidden:
+        raise ValueError(f"{fn}: hidden is empty; pass at least one calibration batch")
+    done: list[str] = []
+    if out is not None:
+        if save is None or load is None:
+            raise TypeError(
+                f"{fn}: out= needs save(path, params) and load(path) (quant.storage.save_npz / "
+                "load_npz)"
+            )
+        out = os.fspath(out)
+        done = _open_manifest(out, recipe, fingerprint(hidden), names, fn)
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
+    forward = jax.jit(run if run is not None else block_fn)
+
+    def advance(params: Any, batches: list[Any]) -> list[Any]:
+        if run is None:  # as quant.oneshot feeds the later kernels: dequantized once, eagerly
+            params = _dequantized(params)
+        outs = []
+        for b in batches:
+            y = forward(params, b)
+            outs.append((y, *b[1:]) if isinstance(b, tuple) else y)
+        return outs
+
+    first = len(done)
+    if first:
+        log(f"{fn}: {out}: resuming after {first} of {len(names)} blocks ({', '.join(done)})")
+    if first < len(names):
+        for name in done:  # only to recompute the activations at the first block left
+            hidden = advance(load(block_file(out, name)), hidden)
+    kept: list[Any] | None = [] if out is None else None
+    reports: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    todo = blocks[first:]
+    bar = _bar(len(names), first, progress)
+    try:
+        for i, (name, load_block) in enumerate(todo):
+            t0 = time.perf_counter()
+            if bar is not None:
+                bar.set_description(name)
+            params = load_block()
+            if i == 0:
+                w, h, a = _estimate(params, hidden)
+                log(
+                    f"{fn}: memory estimate: block weights {_gib(w)} + Hessians and OBS work "
+                    f"{_gib(h)} + activations in and out {_gib(a)} = {_gib(w + h + a)} "
+                    f"(+ the JAX runtime and compiled code); {len(names) - first} blocks to go"
+                )
+            result = compress_block(params, hidden)
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise TypeError(
+                    f"{fn}: compress_block must return (new_params, report) for block {name!r}, "
+                    f"got {type(result).__name__}; return (params, None) when there is no report"
+                )
+            new, reports[name] = result
+            del params, result
+            hidden = advance(new, hidden)
+            if out is None:
+                kept.append(new)
+            else:
+                path = block_file(out, name)
+                tmp = os.path.join(out, f".{name}.partial.npz")
+                save(tmp, new)
+                os.replace(tmp, path)
+                _mark_done(out, name)
+            del new
+            seconds[name] = time.perf_counter() - t0
+            if bar is not None:
+                bar.set_postfix_str(f"{seconds[name]:.1f} s/block")
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    peak = peak_rss()
+    log(f"{fn}: peak RSS {_gib(peak)}")
+    return StreamResult(tuple(names), kept, reports, tuple(done), hidden, seconds, peak)
+
+
+def _bar(total: int, initial: int, progress: bool) -> Any:
+    if not progress or total == initial:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is optional
+        return None
+    return tqdm(total=total, initial=initial, unit="block", file=sys.stderr, dynamic_ncols=True)
