@@ -18,6 +18,7 @@ with ``where`` / rules restricted to the layers' kernels (``tests/models/test_st
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -62,6 +63,20 @@ def _batches(calib_ids: Any, batch_size: int) -> list[np.ndarray]:
             f"{_FN}: calib_ids must be (N, T) integer token ids or a list of (B, T) batches"
         )
     return out
+
+
+def _embed_rows(src: Any, batches: list[np.ndarray], config: Config) -> list[jax.Array]:
+    """``models.embed`` of every batch with only the rows the tokens use on the device (the
+    table itself is read once on the host and dropped)."""
+    table = src.read("model.embed_tokens.weight")
+    vocab = table.shape[0]
+    used = np.unique(np.concatenate([b.ravel() for b in batches]))
+    if used[0] < 0 or used[-1] >= vocab:
+        bad = used[(used < 0) | (used >= vocab)]
+        raise ValueError(f"{_FN}: calibration tokens must be in [0, vocab={vocab}), got {bad[:5]}")
+    rows = {"embed": jnp.asarray(table[used])}
+    del table
+    return [embed(rows, np.searchsorted(used, b).astype(np.int32), config) for b in batches]
 
 
 def _rules_for(rules: Any, prefix: str) -> list[tuple[Any, Any]]:
@@ -143,7 +158,8 @@ def compress_streamed(
       progress: the memory estimate, a bar per layer, the peak RSS (stderr).
 
     Returns:
-      the ``calibrate.StreamResult`` (per layer: ``(prune_report, quant_report)`` in ``reports``).
+      the ``calibrate.StreamResult`` (per layer: ``(prune_report, quant_report)`` in ``reports``,
+      the prune report without its masks: the zeros are in the weights).
     """
     from jaxslim import checkpoints
 
@@ -163,9 +179,7 @@ def compress_streamed(
         config = Config.from_hf(src.config)
         names = set(src.names())
         n_layers = len({int(m.group(1)) for n in names if (m := _load._LAYER_RE.match(n))})
-        table = {"embed": jnp.asarray(src.read("model.embed_tokens.weight"))}
-        hidden = [embed(table, b, config) for b in batches]
-        del table
+        hidden = _embed_rows(src, batches, config)
         fn = block_fn(config)
 
         def loader(i: int):
@@ -184,9 +198,10 @@ def compress_streamed(
             def run(p: Any, hs: list[Any]) -> tuple[Any, Any]:
                 reports = [None, None]
                 if sparsity is not None:
-                    p, reports[0] = prune.oneshot(
+                    p, rep = prune.oneshot(
                         fn, p, hs, sparsity, method=prune_method, structure=structure
                     )
+                    reports[0] = dataclasses.replace(rep, masks=None)  # the zeros are in p
                 if quant_rules is not None:
                     rules = _rules_for(quant_rules, f"layers/{i}/")
                     p, reports[1] = quant.oneshot(fn, p, hs, rules, method=quant_method)
