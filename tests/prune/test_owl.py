@@ -172,3 +172,22 @@ def test_bad_stats():
         owl(params, stats, 0.5, blocks=3)
     with pytest.raises(TypeError, match="stats must be"):
         owl(params, [stats], 0.5)
+
+
+@pytest.mark.xfail(
+    raises=TypeError,
+    strict=True,
+    reason="prune.oneshot does not yet take a per-kernel dict {path: sparsity} (issue 20 sec. 3)",
+)
+def test_oneshot_prunes_each_kernel_at_its_owl_sparsity():
+    from jaxslim import prune  # noqa: PLC0415
+
+    params, _, x = _model(jax.random.key(8), n_layers=2)
+
+    def fn(p, xs):
+        return [xs @ p[f"layer{i}"]["q"] @ p[f"layer{i}"]["mlp"] for i in range(2)]
+
+    sp = owl(params, calibrate.statistics(fn, params, [x]), 0.5, lam=0.1)
+    _, report = prune.oneshot(fn, params, [x], sp, method=prune.Wanda())
+    for row in report.rows:  # every output prunes round_half_even(s K) of its K = 16 inputs
+        assert row.sparsity == round(sp[row.path] * 16) / 16
