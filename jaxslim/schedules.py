@@ -4,58 +4,19 @@ Both are thin, validated wrappers around Optax's own schedules, so they compose 
 that takes an ``optax.Schedule`` (``optax.sgd(step_decay(...))``, ``prox_l1(s, step_decay(...))``)
 and equal Optax's values exactly.
 
-The module also holds the checks every jaxslim hyper-parameter goes through (a strength, a
-learning rate, a sparsity, a temperature): a *concrete* value (a Python number, a NumPy scalar or
-0-d array, a 0-d ``jax.Array`` outside ``jit``) is checked eagerly and raises ``ValueError`` when
-out of range; only a *traced* value (inside ``jit``, e.g. from a schedule at a traced step) skips
-the check, and the function that uses it then guards it with ``jnp.where`` as its docstring says.
+Arguments are checked by ``jaxslim._checks`` like every other hyper-parameter of the library.
 """
 
 from __future__ import annotations
 
-import math
 import numbers
-from typing import Any
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from jaxslim import _checks
+
 __all__ = ["step_decay", "exponential_decay"]
-
-
-def _scalar(fn: str, name: str, value: Any) -> float | None:
-    """The float value of a concrete real scalar, or ``None`` for a traced one.
-
-    Concrete: a Python ``int``/``float``, a NumPy scalar, a 0-d NumPy array, a 0-d ``jax.Array``
-    outside ``jit``. Raises ``TypeError`` naming ``fn`` for anything else: ``bool``, strings,
-    complex numbers, arrays with more than one entry (traced ones included).
-    """
-    if isinstance(value, bool | np.bool_):
-        raise TypeError(f"{fn}: {name} must be a real number, got the bool {value!r}")
-    if isinstance(value, numbers.Real):
-        return float(value)
-    dtype, shape = getattr(value, "dtype", None), getattr(value, "shape", None)
-    if dtype is None or shape is None or not isinstance(value, np.ndarray | np.generic | jax.Array):
-        raise TypeError(f"{fn}: {name} must be a real number, got {value!r}")
-    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
-        raise TypeError(f"{fn}: {name} must be a real number, got an array of dtype {dtype}")
-    if tuple(shape) != ():
-        raise TypeError(f"{fn}: {name} must be a scalar, got an array of shape {tuple(shape)}")
-    if isinstance(value, jax.core.Tracer):
-        return None
-    return float(value)
-
-
-def _check_number(fn: str, name: str, value, *, positive: bool) -> float:
-    value = _scalar(fn, name, value)
-    if value is None:
-        raise TypeError(f"{fn}: {name} must be a concrete number, not a value traced under jit")
-    if not math.isfinite(value) or (value <= 0 if positive else value < 0):
-        need = "> 0" if positive else ">= 0"
-        raise ValueError(f"{fn}: {name} must be finite and {need}, got {value!r}")
-    return float(value)
 
 
 def step_decay(init: float, total_steps: int, power: float = 1.0) -> optax.Schedule:
@@ -80,13 +41,13 @@ def step_decay(init: float, total_steps: int, power: float = 1.0) -> optax.Sched
     (0.025, 0.0, 0.0)
     """
     fn = "schedules.step_decay"
-    init = _check_number(fn, "init", init, positive=False)
+    init = _checks.number(fn, "init", init, positive=False)
     if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral):
         raise TypeError(f"{fn}: total_steps must be an int, got {total_steps!r}")
     total_steps = int(total_steps)
     if total_steps <= 0:
         raise ValueError(f"{fn}: total_steps must be > 0, got {total_steps!r}")
-    power = _check_number(fn, "power", power, positive=True)
+    power = _checks.number(fn, "power", power, positive=True)
     poly = optax.polynomial_schedule(
         init_value=init, end_value=0.0, power=power, transition_steps=total_steps
     )
@@ -116,6 +77,6 @@ def exponential_decay(init: float, rate: float) -> optax.Schedule:
     (1.0, 0.125)
     """
     fn = "schedules.exponential_decay"
-    init = _check_number(fn, "init", init, positive=False)
-    rate = _check_number(fn, "rate", rate, positive=True)
+    init = _checks.number(fn, "init", init, positive=False)
+    rate = _checks.number(fn, "rate", rate, positive=True)
     return optax.exponential_decay(init_value=init, transition_steps=1, decay_rate=rate)

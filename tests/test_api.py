@@ -23,6 +23,9 @@ import pytest
 
 PACKAGES = [
     "jaxslim",
+    "jaxslim.calibrate",
+    "jaxslim.checkpoints",
+    "jaxslim.models",
     "jaxslim.prune",
     "jaxslim.quant",
     "jaxslim.splice",
@@ -130,3 +133,80 @@ def test_all_names_resolve():
         mod = importlib.import_module(name)
         for attr in getattr(mod, "__all__", ()):
             assert hasattr(mod, attr), f"{name}.__all__ lists {attr!r}, which is missing"
+
+
+def _modules():
+    import pathlib
+
+    import jaxslim
+
+    root = pathlib.Path(jaxslim.__file__).parent
+    return root, {
+        ".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in sorted(root.rglob("*.py"))
+    }
+
+
+def test_no_public_name_shadows_a_module():
+    """``quant.gptq`` the function must not hide a ``quant/gptq.py``: every exported name that is
+    also a submodule's name is that module."""
+    import pkgutil
+
+    for name in PACKAGES:
+        mod = importlib.import_module(name)
+        subs = {m.name for m in pkgutil.iter_modules(getattr(mod, "__path__", []))}
+        for attr in getattr(mod, "__all__", ()):
+            if attr in subs:
+                assert isinstance(getattr(mod, attr), types.ModuleType), f"{name}.{attr}"
+
+
+def test_implementation_modules_are_private_and_carry_no_all():
+    """Inside a package, implementation modules are ``_name.py`` and define no ``__all__``; the
+    package ``__init__`` is the public surface and defines nothing itself."""
+    import ast
+
+    _, mods = _modules()
+    for name, path in mods.items():
+        tree = ast.parse(path.read_text())
+        has_all = any(
+            isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "__all__" for t in n.targets)
+            for n in tree.body
+        )
+        leaf = name.rsplit(".", 1)[-1]
+        if path.name == "__init__.py":
+            defs = [n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)]
+            assert defs == [], f"{name} defines {defs}; define them in a module and re-export"
+        elif leaf.startswith("_"):
+            assert not has_all, f"{name} is private and must not carry an __all__"
+
+
+def test_no_module_imports_an_underscored_name_of_another():
+    """Helpers shared across modules have public names in a private module (``_checks``,
+    ``_rules``...); nothing imports ``_name`` from another jaxslim module."""
+    import ast
+
+    _, mods = _modules()
+    bad = []
+    for name, path in mods.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("jaxslim"):
+                for a in node.names:
+                    full = f"{node.module}.{a.name}"
+                    if a.name.startswith("_") and full not in mods:
+                        bad.append(f"{name} imports {a.name} from {node.module}")
+    assert bad == []
+
+
+def test_the_library_never_imports_the_demo_or_the_cli():
+    import ast
+
+    _, mods = _modules()
+    for name, path in mods.items():
+        if name.startswith(("jaxslim.demo", "jaxslim.cli")):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                target = node.module or ""
+                assert not target.startswith(("jaxslim.demo", "jaxslim.cli")), (name, target)
+                if target == "jaxslim":
+                    assert not {a.name for a in node.names} & {"demo", "cli"}, name

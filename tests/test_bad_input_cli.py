@@ -213,7 +213,7 @@ ROWS = [
         id="compress-bits",
     ),
     pytest.param(
-        _compress("[[quant.rules]]\nspec = {bits = 4, group_size = 3}"),
+        _compress("[[quant.rules]]\nspec = {bits = 4, axis = 3}"),
         2,
         r"quant\.rules\[0\]\.spec: .*'dense/w'",
         id="compress-spec-does-not-fit",

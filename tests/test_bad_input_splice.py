@@ -37,6 +37,19 @@ def res_fn(p, x):
 
 
 BLOCKS_P = {"blocks": [0.1 * jnp.eye(2), 0.2 * jnp.eye(2)]}
+# Block 0 owns a table every block reads (T5's relative_attention_bias).
+OWNED = {"blocks": {"0": {"w": jnp.eye(2), "bias_table": jnp.ones(2)}, "1": {"w": jnp.eye(2)}}}
+NUMBERED = {"blocks": {"0": 0.1 * jnp.eye(2), "1": 0.2 * jnp.eye(2)}}
+
+
+def fixed_depth_fn(p, x):
+    """Looks up blocks "0" and "1" by number, as a model built for two layers does."""
+    hs = [x]
+    for i in range(2):
+        hs.append(hs[-1] + hs[-1] @ p["blocks"][str(i)])
+    return jnp.mean(hs[-1] ** 2), hs
+
+
 BATCHES = [jnp.ones((3, 2))]
 STACK = {"w": jnp.ones((3, 2, 2))}
 
@@ -301,6 +314,38 @@ ROWS = [
         ValueError,
         r"splice.drop_layer: layer 3 is out of range for 'w' with shape \(3, 2, 2\)",
         id="drop_layer-scanned-out-of-range",
+    ),
+    pytest.param(
+        lambda: splice.drop_layer(OWNED, "blocks/0", renumber=True),
+        ValueError,
+        r"splice.drop_layer: 'blocks/0' holds parameters that 'blocks/1', which takes its "
+        r"number, lacks: \['bias_table'\].*Pass keep='bias_table'",
+        id="drop_layer-renumber-drops-shared-params",
+    ),
+    pytest.param(
+        lambda: splice.drop_layer(OWNED, "blocks/0", renumber=True, keep="w"),
+        ValueError,
+        r"splice.drop_layer: 'blocks/0' holds parameters .* lacks: \['bias_table'\]",
+        id="drop_layer-keep-misses-shared-params",
+    ),
+    pytest.param(
+        lambda: splice.drop_layer(OWNED, "blocks/0", keep="bias_table"),
+        ValueError,
+        r"splice.drop_layer: keep= moves .* needs renumber=True",
+        id="drop_layer-keep-without-renumber",
+    ),
+    pytest.param(
+        lambda: splice.drop_layer(OWNED, "blocks/0", renumber=True, keep=1),
+        TypeError,
+        r"splice.drop_layer: keep must be a regex string, got 1",
+        id="drop_layer-keep-not-str",
+    ),
+    pytest.param(
+        lambda: splice.block_influence(fixed_depth_fn, NUMBERED, BATCHES, ["blocks/0", "blocks/1"]),
+        ValueError,
+        r"splice.block_influence: fn cannot run without block 'blocks/0' \(KeyError.*fn must "
+        r"accept drop_layer\(params, block\).*pass renumber=True",
+        id="block_influence-fn-needs-every-block",
     ),
     pytest.param(
         lambda: splice.block_influence(res_fn, BLOCKS_P, BATCHES, ["blocks/0", "blocks/7"]),

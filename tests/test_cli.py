@@ -175,8 +175,9 @@ def test_core_imports_without_the_extras():
     project = tomllib.loads((root.parent / "pyproject.toml").read_text())["project"]
     names = {d.split(">")[0].split("=")[0].split("[")[0].strip() for d in project["dependencies"]}
     assert names == {"jax", "flax", "optax", "chex", "numpy"}
-    assert "jaxslim[demo,orbax]" in project["optional-dependencies"]["dev"]
+    assert "jaxslim[demo,orbax,models]" in project["optional-dependencies"]["dev"]
     blocked = ["mnist1d", "tqdm", "matplotlib", "sklearn", "orbax", "hypothesis", "pytest"]
+    blocked += ["safetensors", "gguf", "tokenizers", "torch", "transformers"]
     code = _BLOCK_EXTRAS.format(blocked=blocked, root=str(root))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -323,21 +324,23 @@ def test_compress_progress_bar_on_large_trees(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize(
     "argv, called, kwargs",
     [
-        (["demo", "--sweep"], "sweep_demo", {"steps": 200, "seed": 0}),
-        (["demo", "--sweep", "--steps", "7", "--seed", "2"], "sweep_demo", {"steps": 7, "seed": 2}),
-        (["demo", "--lm"], "lm_demo", {"steps": 600, "recover": 150, "seed": 0, "oneshot": False}),
+        (["demo", "--sweep"], "sweep", {"steps": 200, "seed": 0}),
+        (["demo", "--sweep", "--steps", "7", "--seed", "2"], "sweep", {"steps": 7, "seed": 2}),
+        (["demo", "--lm"], "lm", {"steps": 600, "recover": 150, "seed": 0, "oneshot": False}),
         (
             ["demo", "--lm", "--oneshot", "--steps", "30"],
-            "lm_demo",
+            "lm",
             {"steps": 30, "recover": 7, "seed": 0, "oneshot": True},
         ),
-        (["demo", "--oneshot"], "demo", {"steps": 3000, "seed": 0, "oneshot": True}),
+        (["demo", "--oneshot"], "mnist1d", {"steps": 3000, "seed": 0, "oneshot": True}),
     ],
 )
 def test_demo_flags_pick_the_section(monkeypatch, capsys, argv, called, kwargs):
+    from jaxslim.demo import reports
+
     calls = []
-    for name in ("demo", "lm_demo", "sweep_demo"):
-        monkeypatch.setattr(cli, name, lambda _n=name, **kw: calls.append((_n, kw)) or "REPORT")
+    for name in ("mnist1d", "lm", "sweep"):
+        monkeypatch.setattr(reports, name, lambda _n=name, **kw: calls.append((_n, kw)) or "REPORT")
     assert cli.main(argv) == 0
     assert calls == [(called, kwargs)]
     assert capsys.readouterr().out.startswith("REPORT\n\ntotal ")
@@ -356,7 +359,9 @@ def test_sweep_demo_prints_the_accuracy_vs_params_table_and_the_saving(monkeypat
     from jaxslim.demo import sweep
 
     monkeypatch.setattr(D, "load_mnist1d", _tiny_mnist1d)
-    text = cli.sweep_demo(steps=2, depths=(1, 2), seeds=1, width=4, loop_variants=1)
+    from jaxslim.demo import reports
+
+    text = reports.sweep(steps=2, depths=(1, 2), seeds=1, width=4, loop_variants=1)
     assert text.startswith("# jaxslim demo --sweep: activation x depth x seeds on MNIST-1D")
     table = [line for line in text.splitlines() if line.startswith("|")]
     # one column per depth with its parameter count (40*4+4 [+ 4*4+4] + 4*10+10)

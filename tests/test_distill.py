@@ -306,3 +306,15 @@ def test_attention_transfer_large_p_and_activations_are_finite(variant):
     big = float(variant(attention_transfer_loss)(a * 1e30, b * 1e25))
     np.testing.assert_allclose(big, base, rtol=1e-5)
     assert np.isfinite(float(variant(lambda a, b: attention_transfer_loss(a, b, p=200.0))(a, b)))
+
+
+@pytest.mark.parametrize("variant", [lambda f: f, jax.jit], ids=["eager", "jit"])
+def test_kd_loss_student_neg_inf_where_teacher_has_mass_is_plus_inf(variant):
+    t = jnp.array([[1.0, 0.5, -1.0], [0.0, 0.0, 0.0]])
+    s = jnp.array([[-jnp.inf, 0.0, 0.0], [0.0, 1.0, 2.0]])
+    f = variant(lambda s, t: kd_loss(s, t, temperature=2.0))
+    assert float(f(s, t)) == float("inf")
+    # the same -inf where the teacher has no mass is fine: that class contributes 0
+    t0 = t.at[0, 0].set(-jnp.inf)
+    ref = float(f(s.at[0, 0].set(0.0), t0))
+    assert np.isfinite(float(f(s, t0))) and np.isfinite(ref)

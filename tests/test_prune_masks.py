@@ -7,6 +7,7 @@ The references below re-implement ``torch.nn.utils.prune``'s published semantics
 """
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -289,6 +290,7 @@ def ref_rank_nan_lowest(w: np.ndarray, amount: float) -> np.ndarray:
     return keep.reshape(w.shape)
 
 
+@pytest.mark.filterwarnings("ignore:.*scores of .* are NaN:RuntimeWarning")
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_nan_scores_rank_lowest_and_inf_highest(variant, scope):
     w = np.arange(1.0, 13.0, dtype=np.float32).reshape(4, 3)
@@ -301,6 +303,7 @@ def test_nan_scores_rank_lowest_and_inf_highest(variant, scope):
     assert not got[0, 1] and not got[3, 0] and int(got.sum()) == 10
 
 
+@pytest.mark.filterwarnings("ignore:.*scores of .* are NaN:RuntimeWarning")
 @pytest.mark.parametrize("structure", [Channels(axis=-1), Blocks((2, 1))], ids=repr)
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_group_with_nan_ranks_lowest_group_with_inf_highest(variant, structure, scope):
@@ -321,6 +324,7 @@ def test_group_with_nan_ranks_lowest_group_with_inf_highest(variant, structure, 
         np.testing.assert_array_equal(got, expect)
 
 
+@pytest.mark.filterwarnings("ignore:.*scores of .* are NaN:RuntimeWarning")
 def test_nm_nan_never_drops_a_finite_entry(variant):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8, 6)).astype(np.float32)
@@ -348,6 +352,7 @@ def test_concrete_array_sparsity_is_checked_and_equals_float(s):
     np.testing.assert_array_equal(prune.topk_mask(w, s)["w"], prune.topk_mask(w, float(s))["w"])
 
 
+@pytest.mark.filterwarnings("ignore:.*scores of .* are NaN:RuntimeWarning")
 def test_traced_sparsity_is_clipped_and_nan_prunes_nothing():
     w = {"w": jnp.asarray(np.random.default_rng(2).standard_normal((4, 5)), jnp.float32)}
     f = jax.jit(lambda s: prune.topk_mask(w, s)["w"])
@@ -408,7 +413,7 @@ def test_nm_on_einsum_kernel_follows_the_axis_given():
 
 # --- global selection by a sample bracket (issue 12 §5) -------------------------------------------
 
-from jaxslim.prune import masks as _masks  # noqa: E402
+from jaxslim.prune import _masks  # noqa: E402
 
 SHAPE_SETS = [[(8, 16)], [(8, 16), (5, 7)], [(3, 4, 5), (33,), (2, 9)]]
 
@@ -465,8 +470,8 @@ def test_sampled_select_equals_exact(shape_set, seed, kind, specials, frac, samp
     k = round(frac * n)
     keys = [jnp.asarray(np_keys(w)) for w in ws]
     sample, margin = sampling  # margin 0: a bracket of a few sample ranks, often missed
-    got = _masks._lowest_k(keys, jnp.int32(k), sample=sample, margin=margin)
-    exact = _masks._lowest_k(keys, jnp.int32(k), exact=True)
+    got = _masks.lowest_k(keys, jnp.int32(k), sample=sample, margin=margin)
+    exact = _masks.lowest_k(keys, jnp.int32(k), exact=True)
     for g, e, r in zip(got, exact, ref_lowest_k(ws, k), strict=True):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(e))
         np.testing.assert_array_equal(np.asarray(g), r)
@@ -482,7 +487,7 @@ def test_sampled_select_reports_a_missed_bracket_and_falls_back():
     k = jnp.int32(2048)
     *_, hit = _masks._select_sampled(keys, k, sample=64)
     assert not bool(hit)
-    got = _masks._lowest_k(keys, k, sample=64)
+    got = _masks.lowest_k(keys, k, sample=64)
     np.testing.assert_array_equal(np.asarray(got[0]), ref_lowest_k([w], 2048)[0])
     # a bracket that holds the k-th key is a hit, with the exact threshold and counts
     rng = np.random.default_rng(1)
@@ -518,3 +523,13 @@ def test_global_topk_on_a_large_tree_uses_the_sample_and_matches_torch(variant):
         got = variant(lambda p, s=s: prune.topk_mask(prune.magnitude(p), s, scope="global"))(params)
         for name, ref in zip("ab", ref_global(ws, s), strict=True):
             np.testing.assert_array_equal(np.asarray(got[name]), ref)
+
+
+def test_nan_weights_warn_eagerly_naming_the_leaf_and_count():
+    w = jnp.arange(12.0).reshape(4, 3).at[1, 1].set(jnp.nan).at[2, 0].set(jnp.nan)
+    with pytest.warns(RuntimeWarning, match=r"prune\.topk_mask: 2 of the 12 scores of 'w' are NaN"):
+        mask = prune.topk_mask(prune.magnitude({"w": w}), 0.25)["w"]
+    assert not mask[1, 1] and not mask[2, 0]  # pruned first, as documented
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # traced scores: the documented rule, silently
+        jax.jit(lambda w: prune.topk_mask({"w": w}, 0.25))(w)

@@ -15,7 +15,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from jaxslim import prune
-from jaxslim.prune._oneshot import sparsegpt, wanda
+from jaxslim.prune._calibrated import sparsegpt, wanda
 from jaxslim.structures import NM, Channels, Unstructured
 
 JIT = [pytest.param(lambda f: f, id="eager"), pytest.param(jax.jit, id="jit")]

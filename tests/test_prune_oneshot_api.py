@@ -12,7 +12,7 @@ import pytest
 from jax import lax
 
 from jaxslim import calibrate, prune
-from jaxslim.prune import _oneshot
+from jaxslim.prune import _calibrated
 from jaxslim.structures import NM
 
 METHODS = ["magnitude", "wanda", "sparsegpt"]
@@ -43,14 +43,16 @@ def _batches(d=8, n=64, count=2, seed=10):
 @pytest.mark.parametrize("method", METHODS)
 def test_flax_layout_exact_per_output(method):
     params = _mlp()
-    new, masks, rep = prune.oneshot(_mlp_fn, params, _batches(), 0.5, method=method)
+    new, rep = prune.oneshot(_mlp_fn, params, _batches(), 0.5, method=method)
+    masks = rep.masks
     for p, w in params.items():
         k = w.shape[0]
         assert masks[p].sum(axis=0).tolist() == [k // 2] * w.shape[1]
         assert bool(jnp.all(new[p][~masks[p]] == 0))
         assert new[p].dtype == w.dtype
-    assert [r["path"] for r in rep["layers"]] == ["w0", "w1", "w2"]
-    assert all(r["sparsity"] == 0.5 for r in rep["layers"]) and rep["sparsity"] == 0.5
+    assert [r.path for r in rep.rows] == ["w0", "w1", "w2"]
+    assert all(r.sparsity == 0.5 for r in rep.rows) and rep.sparsity == 0.5
+    assert all(r.method == getattr(method, "name", method) for r in rep.rows)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -58,9 +60,9 @@ def test_equinox_layout_prunes_along_inputs(method):
     w = jax.random.normal(_key(1), (6, 8))  # (out, in)
     params = {"weight": w}
     fn = lambda p, x: x @ p["weight"].T  # noqa: E731
-    new, masks, _ = prune.oneshot(fn, params, _batches(), 0.5, method=method)
+    masks = prune.oneshot(fn, params, _batches(), 0.5, method=method)[1].masks
     assert masks["weight"].sum(axis=1).tolist() == [4] * 6  # per output (row), over inputs
-    _, m24, _ = prune.oneshot(fn, params, _batches(), 0.5, method=method, structure=NM(2, 4))
+    m24 = prune.oneshot(fn, params, _batches(), 0.5, method=method, structure=NM(2, 4))[1].masks
     groups = m24["weight"].reshape(6, 2, 4).sum(axis=-1)
     assert bool(jnp.all(groups == 2))
 
@@ -77,10 +79,10 @@ def test_head_layout(method):
         h = jnp.einsum("bd,dkgh->bkgh", x, p["q"])
         return jnp.einsum("bkgh,kghd->bd", jnp.tanh(h), p["o"])
 
-    _, masks, _ = prune.oneshot(fn, params, _batches(), 0.5, method=method)
+    masks = prune.oneshot(fn, params, _batches(), 0.5, method=method)[1].masks
     assert bool(jnp.all(masks["q"].sum(axis=0) == d // 2))  # each (kv, g, hd) output
     assert bool(jnp.all(masks["o"].sum(axis=(0, 1, 2)) == kv * g * hd // 2))
-    _, m48, _ = prune.oneshot(fn, params, _batches(), 0.5, method=method, structure=NM(4, 8))
+    m48 = prune.oneshot(fn, params, _batches(), 0.5, method=method, structure=NM(4, 8))[1].masks
     flat = m48["o"].reshape(kv * g * hd // 8, 8, d).sum(axis=1)  # runs of 8 flattened inputs
     assert bool(jnp.all(flat == 4))
 
@@ -92,8 +94,9 @@ def test_scanned_stack_gets_per_layer_stats():
         return lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["ws"])[0]
 
     stats = calibrate.statistics(fn, {"ws": ws}, _batches())
-    new, masks, rep = prune.oneshot(fn, {"ws": ws}, _batches(), 0.5, sequential=False)
-    assert [r["slice"] for r in rep["layers"]] == [(0,), (1,), (2,)]
+    new, rep = prune.oneshot(fn, {"ws": ws}, _batches(), 0.5, sequential=False)
+    masks = rep.masks
+    assert [r.slice for r in rep.rows] == [(0,), (1,), (2,)]
     for i in range(3):
         w_i, m_i = prune.sparsegpt(ws[i], stats["ws"].xtx[i], 0.5)
         np.testing.assert_array_equal(masks["ws"][i], m_i)
@@ -104,15 +107,23 @@ def test_scanned_stack_gets_per_layer_stats():
 def test_masks_equal_methods_called_by_hand(structure):
     params = _mlp()
     stats = calibrate.statistics(_mlp_fn, params, _batches())
-    _, m_wanda, _ = prune.oneshot(
-        _mlp_fn, params, _batches(), 0.5, method="wanda", structure=structure, sequential=False
-    )
+    m_wanda = prune.oneshot(
+        _mlp_fn,
+        params,
+        _batches(),
+        0.5,
+        method=prune.Wanda(),
+        structure=structure,
+        sequential=False,
+    )[1].masks
     by_hand = prune.wanda(params, stats, 0.5, structure=structure)
     for p in params:
         np.testing.assert_array_equal(m_wanda[p], by_hand[p])
-    new, m_sgpt, _ = prune.oneshot(
-        _mlp_fn, params, _batches(), 0.5, structure=structure, sequential=False, block_size=8
+    sgpt = prune.SparseGPT(block_size=8)
+    new, rep = prune.oneshot(
+        _mlp_fn, params, _batches(), 0.5, method=sgpt, structure=structure, sequential=False
     )
+    m_sgpt = rep.masks
     for p, w in params.items():
         w_h, m_h = prune.sparsegpt(w, stats[p].xtx, 0.5, structure=structure, block_size=8)
         np.testing.assert_array_equal(m_sgpt[p], m_h)
@@ -121,7 +132,7 @@ def test_masks_equal_methods_called_by_hand(structure):
 
 def test_magnitude_is_per_output_lowest_abs():
     params = _mlp()
-    _, masks, _ = prune.oneshot(_mlp_fn, params, _batches(), 0.25, method="magnitude")
+    masks = prune.oneshot(_mlp_fn, params, _batches(), 0.25, method="magnitude")[1].masks
     for p, w in params.items():
         k = w.shape[0]
         order = np.argsort(np.abs(np.asarray(w)), axis=0, kind="stable")
@@ -133,14 +144,20 @@ def test_magnitude_is_per_output_lowest_abs():
 def test_report_error_matches_definition():
     params = _mlp()
     xs = _batches()
-    new, _, rep = prune.oneshot(_mlp_fn, params, xs, 0.5, method="wanda", sequential=False)
+    new, rep = prune.oneshot(_mlp_fn, params, xs, 0.5, method="wanda", sequential=False)
     x = jnp.concatenate(xs)
     ref = np.linalg.norm(x @ params["w0"] - x @ new["w0"]) / np.linalg.norm(x @ params["w0"])
-    assert rep["layers"][0]["error"] == pytest.approx(float(ref), rel=1e-4)
-    errs = {m: prune.oneshot(_mlp_fn, params, xs, 0.5, method=m, sequential=False)[2]
+    assert rep.rows[0].error == pytest.approx(float(ref), rel=1e-4)
+    base = jnp.where(prune.oneshot(_mlp_fn, params, xs, 0.5, method="magnitude")[1].masks["w0"],
+                     params["w0"], 0)  # fmt: skip
+    ref_base = np.linalg.norm(x @ (params["w0"] - base)) / np.linalg.norm(x @ params["w0"])
+    assert rep.rows[0].baseline == pytest.approx(float(ref_base), rel=1e-4)
+    errs = {m: prune.oneshot(_mlp_fn, params, xs, 0.5, method=m, sequential=False)[1]
             for m in METHODS}  # fmt: skip
-    first = {m: e["layers"][0]["error"] for m, e in errs.items()}
+    first = {m: e.rows[0].error for m, e in errs.items()}
     assert first["sparsegpt"] < min(first["wanda"], first["magnitude"])
+    assert errs["magnitude"].rows[0].baseline == errs["magnitude"].rows[0].error
+    assert "w0" in errs["wanda"].table() and "sparsity 0.500" in errs["wanda"].table()
 
 
 def test_sequential_fits_the_pruned_inputs():
@@ -148,8 +165,10 @@ def test_sequential_fits_the_pruned_inputs():
     pruned; so on the input it actually sees, its layer error is lower than one-pass's."""
     params = _mlp()
     xs = _batches(count=3)
-    seq, m_seq, _ = prune.oneshot(_mlp_fn, params, xs, 0.5, block_size=8)
-    one, _, _ = prune.oneshot(_mlp_fn, params, xs, 0.5, sequential=False, block_size=8)
+    sgpt = prune.SparseGPT(block_size=8)
+    seq, rep = prune.oneshot(_mlp_fn, params, xs, 0.5, method=sgpt)
+    m_seq = rep.masks
+    one, _ = prune.oneshot(_mlp_fn, params, xs, 0.5, sequential=False, method=sgpt)
     np.testing.assert_array_equal(seq["w0"], one["w0"])  # the first layer sees the same input
     assert not np.array_equal(np.asarray(seq["w1"]), np.asarray(one["w1"]))
     partial = {**params, "w0": seq["w0"]}
@@ -168,7 +187,8 @@ def test_sequential_fits_the_pruned_inputs():
 def test_keep_mask_finetuning_keeps_zeros():
     params = _mlp()
     xs = _batches()
-    new, masks, _ = prune.oneshot(_mlp_fn, params, xs, 0.5)
+    new, rep = prune.oneshot(_mlp_fn, params, xs, 0.5)
+    masks = rep.masks
     tx = optax.chain(optax.sgd(0.1), prune.keep_mask(masks))
     state = tx.init(new)
 
@@ -189,10 +209,10 @@ def test_keep_mask_finetuning_keeps_zeros():
 def test_top_level_eager_inner_work_jitted():
     params = _mlp()
     prune.oneshot(_mlp_fn, params, _batches(), 0.5, sequential=False)
-    before = _oneshot._sparsegpt._cache_size()
+    before = _calibrated._sparsegpt._cache_size()
     params2 = jax.tree.map(lambda w: w * 2.0, params)
     prune.oneshot(_mlp_fn, params2, _batches(seed=3), 0.5, sequential=False)
-    assert _oneshot._sparsegpt._cache_size() == before  # compiled once per shape, reused
+    assert _calibrated._sparsegpt._cache_size() == before  # compiled once per shape, reused
     with pytest.raises(TypeError, match=r"prune\.oneshot: params leaf 'w0' is traced"):
         jax.jit(lambda p: prune.oneshot(_mlp_fn, p, _batches(), 0.5)[0])(params)
 
@@ -204,7 +224,8 @@ def test_joint_quant_callable():
     def quant(path, w):
         return lambda row, k: jnp.round(row / grid) * grid
 
-    new, masks, _ = prune.oneshot(_mlp_fn, params, _batches(), 0.5, quant=quant)
+    new, rep = prune.oneshot(_mlp_fn, params, _batches(), 0.5, method=prune.SparseGPT(quant=quant))
+    masks = rep.masks
     for p in params:
         v = np.asarray(new[p]) / grid
         np.testing.assert_allclose(v, np.round(v), atol=1e-4)
@@ -252,7 +273,7 @@ BAD = [
     pytest.param(
         lambda: prune.oneshot(_mlp_fn, _mlp(), _batches(), 0.5, method="obs"),
         ValueError,
-        r"prune\.oneshot: method must be one of .*got 'obs'",
+        r"prune\.oneshot: method must be Magnitude\(\), Wanda\(\), SparseGPT\(\.\.\.\) .*got 'obs'",
         id="bad-method",
     ),
     pytest.param(
@@ -262,10 +283,22 @@ BAD = [
         id="nm-inputs-not-multiple",
     ),
     pytest.param(
-        lambda: prune.oneshot(_mlp_fn, _mlp(), _batches(), 0.5, method="wanda", quant=print),
+        lambda: prune.oneshot(_mlp_fn, _mlp(), _batches(), 0.5, method=prune.SparseGPT(quant=3)),
         TypeError,
-        r"prune\.oneshot: quant must be None or, with method='sparsegpt'",
-        id="quant-with-wanda",
+        r"prune\.SparseGPT: quant must be None or a callable",
+        id="quant-not-callable",
+    ),
+    pytest.param(
+        lambda: prune.SparseGPT(damp=-1.0),
+        ValueError,
+        r"prune\.SparseGPT: damp must be finite and >= 0, got -1\.0",
+        id="sparsegpt-negative-damp",
+    ),
+    pytest.param(
+        lambda: prune.SparseGPT(block_size=0),
+        ValueError,
+        r"prune\.SparseGPT: block_size must be an int >= 1, got 0",
+        id="sparsegpt-block-size",
     ),
 ]
 
@@ -274,3 +307,22 @@ BAD = [
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def _tied():
+    k = jax.random.split(_key(9), 2)
+    p = {"embed": jax.random.normal(k[0], (16, 8)), "w": jax.random.normal(k[1], (8, 8))}
+    fn = lambda p, ids: jnp.tanh(p["embed"][ids] @ p["w"]) @ p["embed"].T  # noqa: E731
+    ids = [jax.random.randint(_key(b), (4, 6), 0, 16) for b in range(2)]
+    return p, fn, ids
+
+
+def test_tied_embedding_stays_dense_by_default_and_prunes_when_named():
+    p, fn, ids = _tied()
+    new, rep = prune.oneshot(fn, p, ids, 0.5, method="wanda")
+    assert [r.path for r in rep.rows] == ["w"] and "embed" in rep.skipped
+    np.testing.assert_array_equal(new["embed"], p["embed"])
+    assert rep.masks["embed"] is None and "skipped embed: gathered" in rep.table()
+    new, rep = prune.oneshot(fn, p, ids, 0.5, method="wanda", where="embed|w")
+    assert sorted(r.path for r in rep.rows) == ["embed", "w"] and not rep.skipped
+    assert float(jnp.mean(new["embed"] == 0)) == 0.5

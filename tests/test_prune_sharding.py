@@ -91,14 +91,14 @@ def _collective_sizes(compiled_text: str, op: str) -> list[int]:
 
 
 def test_sampled_global_selection_on_shards_is_exact_and_gathers_only_the_sample(mesh):
-    from jaxslim.prune import masks
+    from jaxslim.prune import _masks as masks
     from jaxslim.structures import float_keys
 
     sharded = _shard(_params(), mesh)
     leaves = [sharded["a"]["kernel"], sharded["b"]["kernel"]]
-    f = jax.jit(lambda ws, k: masks._lowest_k([float_keys(jnp.abs(w)) for w in ws], k, sample=64))
+    f = jax.jit(lambda ws, k: masks.lowest_k([float_keys(jnp.abs(w)) for w in ws], k, sample=64))
     exact = jax.jit(
-        lambda ws, k: masks._lowest_k([float_keys(jnp.abs(w)) for w in ws], k, exact=True)
+        lambda ws, k: masks.lowest_k([float_keys(jnp.abs(w)) for w in ws], k, exact=True)
     )
     for k in (0, 1, 1000, 1792, 2559, 2560):
         got, ref = f(leaves, k), exact(leaves, k)

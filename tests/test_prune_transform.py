@@ -262,8 +262,8 @@ def test_pruner_per_leaf_sparsities_equal_topk_mask(variant):
 @pytest.mark.parametrize("shape", [(7,), (8, 16), (3, 5, 4), (260, 256)])
 def test_lowest_k_leaf_equals_lowest_k_with_ties(shape):
     # the 4x8-bit path (< 65536 keys) and the 2x16-bit path (260 * 256 keys)
-    from jaxslim.prune.masks import _lowest_k
-    from jaxslim.prune.transform import _lowest_k_leaf
+    from jaxslim.prune._masks import lowest_k
+    from jaxslim.prune._transform import lowest_k_leaf
 
     rng = np.random.default_rng(0)
     n = int(np.prod(shape))
@@ -272,11 +272,11 @@ def test_lowest_k_leaf_equals_lowest_k_with_ties(shape):
         rng.integers(0, 2**32, shape, dtype=np.uint64).astype(np.uint32),
         rng.choice(pool, shape),  # mostly ties
     ]
-    f = jax.jit(_lowest_k_leaf)
+    f = jax.jit(lowest_k_leaf)
     for key in map(jnp.asarray, keys):
         for k in sorted({0, 1, n // 3, n - 1, n}):
             got = np.asarray(f(key, jnp.int32(k)))
-            want = np.asarray(_lowest_k([key], jnp.int32(k))[0])
+            want = np.asarray(lowest_k([key], jnp.int32(k))[0])
             np.testing.assert_array_equal(got, want)
             assert got.sum() == k
 

@@ -2,7 +2,7 @@
 against ``x @ dequantize(q)`` for every format, layout of scales and block split; gradients;
 what ``impl="auto"`` picks; no float copy of the kernel; bad input (one row per case).
 
-Block sizes are shrunk (``quant.dot.BLOCK_ELEMS``) so that tiny kernels span several blocks.
+Block sizes are shrunk (``quant._dot.BLOCK_ELEMS``) so that tiny kernels span several blocks.
 """
 
 from unittest import mock
@@ -15,8 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from jaxslim import quant
-from jaxslim.quant import QuantSpec, dot
-from jaxslim.quant.qarray import _unpack
+from jaxslim.quant import QuantSpec
+from jaxslim.quant import _dot as dot
+from jaxslim.quant._qarray import unpack_codes
 
 JIT = [lambda f: f, jax.jit]
 DN = (((1,), (0,)), ((), ()))
@@ -99,7 +100,7 @@ def test_planes_are_the_unpacked_codes(spec):
     per = 8 // spec.storage_bits
     assert len(planes) == per and all(p.shape == (64, 32 // per) for p in planes)
     got = jnp.stack(planes, -1).reshape(64, 32)
-    want = _unpack(q.values, spec, (64, 32))
+    want = unpack_codes(q.values, spec, (64, 32))
     assert got.dtype == want.dtype
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 

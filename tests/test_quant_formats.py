@@ -10,7 +10,7 @@ import pytest
 
 from jaxslim import quant
 from jaxslim.quant import QuantSpec, formats
-from jaxslim.quant.dot import blocked_path_applies
+from jaxslim.quant._dot import blocked_path_applies
 
 JIT = [lambda f: f, jax.jit]
 NF4 = QuantSpec(fmt="nf4", axis=-1, group_size=64)  # QLoRA: absmax blocks of 64

@@ -13,8 +13,8 @@ from jax import lax
 from jaxslim import quant
 from jaxslim.flax.quant import conv_patches, quantize_model
 from jaxslim.quant import QArray, QuantSpec
-from jaxslim.quant.dot import INT_MIN_ROWS, blocked_path_applies
-from jaxslim.quant.spec import layout
+from jaxslim.quant._dot import INT_MIN_ROWS, blocked_path_applies
+from jaxslim.quant._spec import layout
 
 JIT = [lambda f: f, jax.jit]
 
@@ -125,8 +125,14 @@ def test_gptq_dead_inputs_and_bad_input():
         quant.gptq(w, h, "int4")
     with pytest.raises(ValueError, match="ndim >= 2"):
         quant.gptq(w[:, 0], h, QuantSpec(4))
-    with pytest.raises(ValueError, match="does not divide.*'layer'"):
-        quant.gptq(w, h, QuantSpec(4, axis=-1, group_size=5), path="layer")
+    # A group size that does not divide K = 32 is a shorter last group (32 = 6 x 5 + 2), not an
+    # error: 7 scale rows; with H = I, GPTQ is round-to-nearest on the same groups.
+    q5 = quant.gptq(w, jnp.eye(32), QuantSpec(4, axis=-1, group_size=5), path="layer")
+    assert q5.scale.shape[0] == 7
+    r5 = quant.quantize(w, QuantSpec(4, axis=-1, group_size=5))
+    np.testing.assert_array_equal(np.asarray(q5.dequantize()), np.asarray(r5.dequantize()))
+    with pytest.raises(ValueError, match=r"group_axis 3 is out of range.*'layer'"):
+        quant.gptq(w, h, QuantSpec(4, axis=-1, group_size=5, group_axis=3), path="layer")
     with pytest.raises(ValueError, match="clip_candidates"):
         quant.gptq(w, h, QuantSpec(4), clip_candidates=0)
     with pytest.raises(ValueError, match="floating"):
@@ -185,7 +191,7 @@ def test_quantize_model_with_calibration_beats_round_to_nearest():
     with pytest.raises(ValueError, match="not both"):
         quantize_model(nnx.clone(net), rules, calibration=x, observer=quant.mse_observer)
     with pytest.raises(ValueError, match="without calibration"):
-        quantize_model(nnx.clone(net), rules, gptq_options={"damp": 0.1})
+        quantize_model(nnx.clone(net), rules, method=quant.GPTQ(damp=0.1))
 
 
 class _Stack(nnx.Module):
@@ -233,14 +239,14 @@ def test_calibrated_quantize_model_is_gptq_on_the_inputs_of_the_quantized_model(
 
 def test_calibrated_conv_kernel_is_gptq_on_its_im2col_patches():
     """A Conv kernel's Hessian is that of its patches (``conv_patches``), the head's that of the
-    quantized conv's output; ``gptq_options`` reach ``quant.gptq``."""
+    quantized conv's output; ``method``'s options reach ``quant.gptq``."""
     net = _Net(nnx.Rngs(0))
     wc, wh = net.conv.kernel[...], net.head.kernel[...]
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(48, 8, 2)), jnp.float32)
     rules = [("conv", QuantSpec(3, axis=(0, -1))), (None, QuantSpec(3, axis=-1, group_size=32))]
     opts = {"damp": 0.05, "block_size": 16}
-    quantize_model(net, rules, calibration=x, gptq_options=opts)
+    quantize_model(net, rules, calibration=x, method=quant.GPTQ(**opts))
     dn = lax.conv_dimension_numbers(x.shape, wc.shape, ("NWC", "WIO", "NWC"))
     patches = conv_patches(x, wc.shape, (1,), "SAME", dimension_numbers=dn)
     want = quant.gptq(wc, _hessian(patches), rules[0][1], **opts)

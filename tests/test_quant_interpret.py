@@ -94,7 +94,7 @@ def f32_kernel_copies(g, *args, shape):
 
 
 def test_no_full_float_copy_of_a_large_kernel():
-    k, n = 2048, 1024  # larger than one block (quant.dot.BLOCK_ELEMS entries)
+    k, n = 2048, 1024  # larger than one block (quant._dot.BLOCK_ELEMS entries)
     qp = {"w": quant.quantize(normal(k, n), QuantSpec(4, axis=-1, group_size=128))}
     f = lambda p, x: x @ p["w"]  # noqa: E731
     dequantize_all = lambda p, x: f(quant.dequantize_params(p), x)  # noqa: E731

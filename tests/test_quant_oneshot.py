@@ -8,7 +8,7 @@ import pytest
 
 from jaxslim import calibrate, quant
 from jaxslim.quant import QuantSpec, dequantize
-from jaxslim.quant.awq import as_matrix, matrix_spec
+from jaxslim.quant._awq import as_matrix, matrix_spec
 
 SPEC = QuantSpec(4, axis=-1, group_size=8)
 
@@ -54,9 +54,15 @@ def test_layouts_per_output_channel_groups_along_contracted(name, method):
     assert row.bytes_after == q["w"].nbytes
     d = w2 - deq2
     h = calibrate.statistics(fn, p, xs)["w"].xtx
-    assert row.rel_error == pytest.approx(
-        float(jnp.sum(d * (h @ d)) / jnp.sum(w2 * (h @ w2))), rel=1e-4
+    assert row.error == pytest.approx(
+        float(jnp.sqrt(jnp.sum(d * (h @ d)) / jnp.sum(w2 * (h @ w2)))), rel=1e-4
     )
+    r2 = as_matrix(quant.quantize(w, q["w"].spec).dequantize(), c, o)  # RTN on the same layout
+    d = w2 - r2
+    assert row.baseline == pytest.approx(
+        float(jnp.sqrt(jnp.sum(d * (h @ d)) / jnp.sum(w2 * (h @ w2)))), rel=1e-4
+    )
+    assert row.seconds >= 0 and rep.method.name == method
 
 
 def _two_layers():
@@ -87,7 +93,9 @@ def test_rules_first_match_and_leaves_without_matmul():
     assert isinstance(q["b"], jax.Array) and isinstance(q["a"], quant.QArray)
     rows = {r.path: r for r in rep.rows}
     assert set(rows) == {"a", "table"} and rows["table"].method == "rtn (no matmul)"
-    assert np.isnan(rows["table"].rel_error)
+    assert np.isnan(rows["table"].error)
+    assert rows["a"].baseline >= rows["a"].error  # GPTQ at least as good as RTN on its inputs
+    assert "rtn (no matmul)" in rep.table()
 
 
 def _nan_batch():
@@ -105,7 +113,8 @@ _P, _FN = _two_layers()
 BAD = [
     pytest.param(
         lambda: quant.oneshot(_FN, _P, [_x()], SPEC, method="awesome"),
-        ValueError, r"quant\.oneshot: method must be one of .*'awesome'", id="unknown-method",
+        ValueError, r"quant\.oneshot: method must be RTN\(\), GPTQ\(\.\.\.\).*'awesome'",
+        id="unknown-method",
     ),
     pytest.param(
         lambda: quant.oneshot(_FN, _P, _nan_batch(), SPEC, method="gptq"),
@@ -121,8 +130,8 @@ BAD = [
         id="smoothquant-zero-channel",
     ),
     pytest.param(
-        lambda: quant.oneshot(_NORM_FN, _NORM, [_x()], SPEC, method="smoothquant", alpha=1.5),
-        ValueError, r"quant\.oneshot: alpha .* must be a number in \[0, 1\], got 1\.5",
+        lambda: quant.oneshot(_NORM_FN, _NORM, [_x()], SPEC, method=quant.SmoothQuant(alpha=1.5)),
+        ValueError, r"quant\.SmoothQuant: alpha .* must be a number in \[0, 1\], got 1\.5",
         id="alpha-above-1",
     ),
     pytest.param(
@@ -148,6 +157,22 @@ BAD = [
         ValueError, r"quant\.hqq: 'k' has 1 non-finite", id="hqq-nan-weight",
     ),
     pytest.param(
+        lambda: quant.GPTQ(damp=float("nan")), ValueError,
+        r"quant\.GPTQ: damp must be finite and >= 0, got nan", id="gptq-nan-damp",
+    ),
+    pytest.param(
+        lambda: quant.GPTQ(block_size=1.5), TypeError,
+        r"quant\.GPTQ: block_size must be an int, got 1\.5", id="gptq-float-block",
+    ),
+    pytest.param(
+        lambda: quant.AWQ(act="mean"), ValueError,
+        r"quant\.AWQ: act must be 'rms' or 'absmax', got 'mean'", id="awq-act",
+    ),
+    pytest.param(
+        lambda: quant.HQQ(iters=0), ValueError,
+        r"quant\.HQQ: iters must be an int >= 1, got 0", id="hqq-iters",
+    ),
+    pytest.param(
         lambda: quant.oneshot(_FN, _P, [], SPEC), ValueError, r"quant\.oneshot: batches is empty",
         id="no-batches",
     ),
@@ -163,3 +188,16 @@ BAD = [
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_tied_embedding_stays_float_by_default_and_quantizes_when_named():
+    k = jax.random.split(jax.random.key(9), 2)
+    p = {"embed": jax.random.normal(k[0], (16, 8)), "w": jax.random.normal(k[1], (8, 8))}
+    fn = lambda p, ids: jnp.tanh(p["embed"][ids] @ p["w"]) @ p["embed"].T  # noqa: E731
+    ids = [jax.random.randint(jax.random.key(b), (4, 6), 0, 16) for b in range(2)]
+    spec = QuantSpec(8, axis=-1)
+    q, rep = quant.oneshot(fn, p, ids, spec, method="gptq")
+    assert isinstance(q["w"], quant.QArray) and isinstance(q["embed"], jax.Array)
+    assert [r.path for r in rep.rows] == ["w"] and "gathered" in rep.skipped["embed"]
+    q, rep = quant.oneshot(fn, p, ids, [("embed|w", spec)], method="gptq")
+    assert isinstance(q["embed"], quant.QArray) and not rep.skipped

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxslim import calibrate, quant
-from jaxslim.quant.smoothquant import W8_SPEC
+from jaxslim.quant._smoothquant import W8_SPEC
 
 JIT = [lambda f: f, jax.jit]
 
@@ -35,7 +35,7 @@ def test_smoothquant_migration_preserves_function_and_flattens_outliers():
     p = {"norm": jnp.ones(32), "w": jax.random.normal(k[0], (32, 16)) / 6}
     fn = lambda p, x: (x * p["norm"][None]) @ p["w"]
     xs = [_inputs(seed=i) for i in range(2)]
-    q, rep = quant.oneshot(fn, p, xs, W8_SPEC, method="smoothquant", alpha=0.5)
+    q, rep = quant.oneshot(fn, p, xs, W8_SPEC, method=quant.SmoothQuant(alpha=0.5))
     assert rep.absorbers == {"w": "norm"} and rep.alphas == {"w": 0.5}
     assert q["w"].spec.axis == (1,) and q["w"].spec.bits == 8 and q["w"].scale.shape == (1, 16)
     a = jnp.max(jnp.stack([jnp.max(jnp.abs(x), 0) for x in xs]), 0)

@@ -10,7 +10,7 @@ from flax import nnx
 from jaxslim import quant
 from jaxslim.flax.quant import fake_quant_dot_general, qat_model, quantize_model
 from jaxslim.quant import QArray, QuantSpec
-from jaxslim.quant.dot import INT_MIN_ROWS
+from jaxslim.quant._dot import INT_MIN_ROWS
 
 JIT = [lambda f: f, jax.jit]
 

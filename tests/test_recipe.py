@@ -176,7 +176,7 @@ BAD = [
         "only leaves earlier rules already take",
     ),
     pytest.param(
-        _bad("[[quant.rules]]\nwhere = 'kernel'\nspec = {bits = 4, axis = -1, group_size = 7}"),
+        _bad("[[quant.rules]]\nwhere = 'kernel'\nspec = {bits = 4, axis = 5}"),
         r"quant\.rules\[0\]\.spec",
         "Conv_0/kernel",
     ),

@@ -238,7 +238,7 @@ def test_bad_input_raises():
 def test_fold_found_inside_jit_and_through_a_registered_vector_primitive():
     from jax.interpreters import mlir
 
-    from jaxslim.splice import rules
+    from jaxslim.splice import _rules as rules
 
     name = "jaxslim_test_softplus_fold"
     prim = jax.extend.core.Primitive(name)

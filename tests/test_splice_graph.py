@@ -446,7 +446,7 @@ def _scale_primitive(name):
 
 
 def test_register_rule_teaches_trace_and_count_flops_a_custom_primitive():
-    from jaxslim.splice import rules
+    from jaxslim.splice import _rules as rules
 
     name = "jaxslim_test_scale_graph"
     prim = _scale_primitive(name)

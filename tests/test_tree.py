@@ -218,3 +218,14 @@ def test_invalid_where_raises_value_or_type_error_naming_the_function(call):
     # a bad `where` raises even on a tree with no float leaf
     with pytest.raises(TypeError, match="where must be"):
         _tree.is_selected(3, "a", 1)
+
+
+def test_a_raising_where_predicate_names_the_leaf():
+    from jaxslim import prune
+
+    params = {"dense": {"kernel": jnp.ones((4, 4))}, "scale": jnp.ones((3, 3))}
+    where = lambda path, leaf: leaf.kernel_size > 1  # noqa: E731 - a user's mistaken predicate
+    with pytest.raises(ValueError, match=r"prune\.topk_mask: the where= predicate raised "
+                       r"AttributeError: .*kernel_size.* for the leaf 'dense/kernel' \(shape "
+                       r"\(4, 4\), dtype float32\)"):  # fmt: skip
+        prune.topk_mask(prune.magnitude(params), 0.5, where=where)

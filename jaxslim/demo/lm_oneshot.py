@@ -58,18 +58,13 @@ def int4_rtn(path: str, w: jax.Array):
 
 
 def _oneshot(fn, params, calib, sparsity, structure, method, where):
-    base = "sparsegpt" if method.startswith("sparsegpt") else method
+    if method.startswith("sparsegpt"):
+        record = prune.SparseGPT(quant=int4_rtn if method.endswith("int4") else None)
+    else:
+        record = method
     seq = method.endswith("seq")
     return prune.oneshot(
-        fn,
-        params,
-        calib,
-        sparsity,
-        method=base,
-        structure=structure,
-        where=where,
-        sequential=seq,
-        quant=int4_rtn if method.endswith("int4") else None,
+        fn, params, calib, sparsity, method=record, structure=structure, where=where, sequential=seq
     )
 
 
@@ -81,14 +76,14 @@ def _grid(fn, params, calib, where, score, methods, settings, seq_settings):
                 continue
             t0 = time.perf_counter()
             w = where(structure) if callable(where) else where
-            new, _, rep = _oneshot(fn, params, calib, sparsity, structure, method, w)
-            errs = [r["error"] for r in rep["layers"]]
+            new, rep = _oneshot(fn, params, calib, sparsity, structure, method, w)
+            errs = [r.error for r in rep.rows]
             rows.append(
                 {
                     "method": method,
                     "setting": label,
                     "score": score(new),
-                    "sparsity": rep["sparsity"],
+                    "sparsity": rep.sparsity,
                     "mean_error": float(np.mean(errs)),
                     "seconds": time.perf_counter() - t0,
                 }

@@ -10,11 +10,12 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxslim import quant
 from jaxslim.demo.data import accuracy, train
 from jaxslim.flax.quant import qat_model, quantize_model
 from jaxslim.quant import QuantSpec
 
-__all__ = ["run", "INT8", "INT4_G32", "GPTQ_OPTIONS"]
+__all__ = ["run", "INT8", "INT4_G32", "GPTQ_METHOD"]
 
 INT8 = [(None, QuantSpec(8, axis=-1))]
 """int8, one scale per output channel, every Linear/Conv kernel."""
@@ -38,7 +39,7 @@ INT4_G32 = [
 channels per tap and output channel. A kernel whose contraction 32 does not divide gets one scale
 per output channel (the first conv: 5 weights per scale)."""
 
-GPTQ_OPTIONS = {"clip_candidates": 20}
+GPTQ_METHOD = quant.GPTQ(clip_candidates=20)
 """GPTQ with the MSE-optimal clip of each group searched over 20 ratios."""
 
 
@@ -84,7 +85,7 @@ def run(
         INT4_G32,
         f"GPTQ on {len(calibration)} training inputs, MSE-optimal clip per group",
         calibration=calibration,
-        gptq_options=GPTQ_OPTIONS,
+        method=GPTQ_METHOD,
     )
 
     t0 = time.perf_counter()

@@ -14,7 +14,8 @@ import jax
 from flax import nnx
 from jax import lax
 
-from jaxslim.distill import _hyper, kd_loss
+from jaxslim._checks import hyper
+from jaxslim.distill import kd_loss
 
 __all__ = ["distill_step"]
 
@@ -96,9 +97,9 @@ def distill_step(
                 f"{fn}: {name} must be a Python number (it is static), got {value!r}"
             ) from None
     # static hyper-parameters: checked here, in Python, with this function's name
-    _hyper(fn, "temperature", temperature, positive=True)
-    _hyper(fn, "soft_weight", soft_weight)
-    _hyper(fn, "hard_weight", hard_weight)
+    hyper(fn, "temperature", temperature, positive=True)
+    hyper(fn, "soft_weight", soft_weight)
+    hyper(fn, "hard_weight", hard_weight)
     if labels is None and hard_weight != 0:
         raise ValueError(f"{fn}: labels are required when hard_weight={hard_weight!r} != 0")
     return _step(

@@ -44,12 +44,14 @@ from flax.nnx.nn import dtypes
 from jax import lax
 
 from jaxslim import _jaxpr, _tree, calibrate
-from jaxslim.quant.dot import qdot_general
-from jaxslim.quant.gptq import gptq
-from jaxslim.quant.observers import Observer
-from jaxslim.quant.params import LeafSize, SizeReport, _normalize_rules
-from jaxslim.quant.qarray import QArray, check_finite, dequantize, fake_quant, quantize
-from jaxslim.quant.spec import QuantSpec
+from jaxslim.quant._dot import qdot_general
+from jaxslim.quant._gptq import gptq
+from jaxslim.quant._methods import GPTQ, as_method
+from jaxslim.quant._observers import Observer
+from jaxslim.quant._params import LeafSize, SizeReport
+from jaxslim.quant._qarray import QArray, check_finite, dequantize, fake_quant, quantize
+from jaxslim.quant._rules import match, normalize
+from jaxslim.quant._spec import QuantSpec
 
 __all__ = [
     "quantize_model",
@@ -151,20 +153,16 @@ def quantized_layers(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
 def _plan(model, rules, default, fn):
     if not isinstance(model, nnx.Module):
         raise TypeError(f"{fn}: model must be an nnx.Module, got {type(model).__name__}")
-    rules = _normalize_rules(rules, fn)
+    rules = normalize(rules, fn)
     if default is not None and not isinstance(default, QuantSpec):
         raise TypeError(f"{fn}: default must be a QuantSpec or None, got {default!r}")
     plan = []
     for path, m in quantized_layers(model):
         kernel = m.kernel[...]
         name = f"{path}/kernel" if path else "kernel"
-        spec = default
         if isinstance(kernel, QArray) or not _tree.is_float_array(kernel):
             continue
-        for where, s in rules:
-            if _tree.is_selected(where, name, kernel):
-                spec = s
-                break
+        spec = match(rules, name, kernel, default=default, fn=fn)
         plan.append((name, m, kernel, spec))
     if not any(spec is not None for *_, spec in plan):
         raise ValueError(
@@ -268,7 +266,7 @@ def quantize_model(
     act_bits: int | None = None,
     observer: Callable[[QuantSpec], Observer] | None = None,
     calibration: Any = None,
-    gptq_options: dict[str, Any] | None = None,
+    method: GPTQ | str | None = None,
 ) -> SizeReport:
     """Quantizes an NNX model's Linear/Conv/Einsum kernels in place (post-training).
 
@@ -288,8 +286,8 @@ def quantize_model(
         feed no matmul of ``model(x)``, round to nearest). Not with ``observer``. A batch with
         NaN or inf raises ``ValueError`` (so does a kernel with NaN or inf, and a kernel in a
         branch no batch runs).
-      gptq_options: keyword arguments for ``quant.gptq`` (``damp``, ``block_size``,
-        ``clip_candidates``).
+      method: the ``quant.GPTQ(damp=..., block_size=..., clip_candidates=...)`` record used with
+        ``calibration`` (``None``: ``GPTQ()``).
 
     Returns:
       A ``quant.SizeReport`` of the kernels (bytes before/after).
@@ -306,16 +304,17 @@ def quantize_model(
     fn = "flax.quantize_model"
     if calibration is not None and observer is not None:
         raise ValueError(f"{fn}: pass calibration (GPTQ) or observer, not both")
-    if gptq_options is not None and calibration is None:
-        raise ValueError(f"{fn}: gptq_options given without calibration inputs")
+    if method is not None and calibration is None:
+        raise ValueError(f"{fn}: method={method!r} given without calibration inputs")
+    method = as_method("gptq" if method is None else method, fn)
+    if not isinstance(method, GPTQ):
+        raise ValueError(
+            f"{fn}: method must be quant.GPTQ(...) (the calibrated method of quantize_model; for "
+            f"AWQ, HQQ or SmoothQuant use quant.oneshot), got {method!r}"
+        )
     if observer is not None and not callable(observer):
         raise TypeError(f"{fn}: observer must be a function spec -> Observer, got {observer!r}")
     _check_act_bits(act_bits, fn)
-    unknown = set(gptq_options or {}) - {"damp", "block_size", "clip_candidates"}
-    if unknown:
-        raise ValueError(
-            f"{fn}: gptq_options takes damp, block_size and clip_candidates, got {sorted(unknown)}"
-        )
     reached: set[str] = set()
     if calibration is not None:
         batches = [calibration] if hasattr(calibration, "shape") else list(calibration)
@@ -336,7 +335,15 @@ def quantize_model(
         check_finite(kernel, name, fn)
         if name in reached and _gptq_applies(m):
             h = _calibrated_hessian(model, name, batches)
-            q = gptq(kernel, h, spec, path=name, **(gptq_options or {}))
+            q = gptq(
+                kernel,
+                h,
+                spec,
+                damp=method.damp,
+                block_size=method.block_size,
+                clip_candidates=method.clip_candidates,
+                path=name,
+            )
         else:
             jax.eval_shape(partial(quantize, spec=spec, path=name), kernel)  # names the leaf
             q = _rtn(kernel, spec, observer)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxslim import _tree, splice
-from jaxslim.splice.remove import Plan, _apply_plan, make_plan
+from jaxslim.splice._remove import Plan, apply_plan_for, make_plan
 
 __all__ = [
     "model_fn",
@@ -149,10 +149,10 @@ def _apply_plan_model(model, plan, optimizer, fn_name: str) -> None:
     _check_model(model, fn_name)
     _check_optimizer(optimizer, fn_name)
     _, state = nnx.split(model)
-    new = _apply_plan(state, plan, suffix=False, fn_name=fn_name)
+    new = apply_plan_for(state, plan, suffix=False, fn_name=fn_name)
     new_opt = None
     if optimizer is not None:  # computed before anything changes: all or nothing
-        new_opt = _apply_plan(nnx.state(optimizer), plan, suffix=True, fn_name=fn_name)
+        new_opt = apply_plan_for(nnx.state(optimizer), plan, suffix=True, fn_name=fn_name)
     nnx.update(model, new)
     sync_features(model)
     if new_opt is not None:

@@ -1,19 +1,21 @@
 """Pruning: scores -> masks -> sparsity schedules -> an Optax transform; one-shot pruning from
 calibration statistics (Wanda, SparseGPT)."""
 
-from jaxslim.prune._oneshot import sparsegpt, wanda
-from jaxslim.prune.lottery import LotteryRound, lottery
-from jaxslim.prune.masks import apply_mask, topk_mask
-from jaxslim.prune.oneshot import oneshot
-from jaxslim.prune.schedules import (
+from jaxslim._oneshot import KernelRow, OneshotReport
+from jaxslim.prune._calibrated import sparsegpt, wanda
+from jaxslim.prune._lottery import LotteryRound, lottery
+from jaxslim.prune._masks import apply_mask, topk_mask
+from jaxslim.prune._methods import Magnitude, SparseGPT, Wanda
+from jaxslim.prune._oneshot import oneshot
+from jaxslim.prune._schedules import (
     constant_schedule,
     erk,
     one_shot_schedule,
     polynomial_schedule,
     uniform,
 )
-from jaxslim.prune.scores import magnitude, random, saliency
-from jaxslim.prune.sparse_training import (
+from jaxslim.prune._scores import magnitude, random, saliency
+from jaxslim.prune._sparse_training import (
     rigl,
     set_sparse,
     sr_ste,
@@ -21,7 +23,14 @@ from jaxslim.prune.sparse_training import (
     ste,
     straight_through,
 )
-from jaxslim.prune.transform import MaskState, PrunerState, SparseState, keep_mask, masks_of, pruner
+from jaxslim.prune._transform import (
+    MaskState,
+    PrunerState,
+    SparseState,
+    keep_mask,
+    masks_of,
+    pruner,
+)
 from jaxslim.structures import NM, Blocks, Channels, Unstructured
 
 __all__ = [
@@ -43,6 +52,11 @@ __all__ = [
     "wanda",
     "sparsegpt",
     "oneshot",
+    "Magnitude",
+    "Wanda",
+    "SparseGPT",
+    "OneshotReport",
+    "KernelRow",
     "PrunerState",
     "MaskState",
     "SparseState",

@@ -2,21 +2,21 @@
 packing, observers, tree-wide mixed-precision rules, GPTQ, AWQ, SmoothQuant, HQQ, ``oneshot`` and a
 quantized ``dot_general``.
 
-The names below are the public surface. Tunables and helpers stay in their modules
-(``quant.spec.layout``, ``quant.numerics.EPS``, ``quant.dot.INT_MIN_ROWS``, ...): importable, but
-not part of the API.
+The names below are the public surface; the implementation modules (``quant/_gptq.py``, ...) are
+private, and their tunables (block sizes, the scale floor) are not part of the API.
 """
 
+from jaxslim._oneshot import KernelRow, OneshotReport
 from jaxslim.quant import formats, storage
-from jaxslim.quant.awq import ScaleGroup, apply_scales, awq_scales, find_absorbers
-from jaxslim.quant.dot import qdot_general
-from jaxslim.quant.formats import Format
-from jaxslim.quant.gptq import gptq, gptq_hessian
-from jaxslim.quant.hqq import hqq
-from jaxslim.quant.interpret import quantized
-from jaxslim.quant.lsq import fake_quant_lsq, lsq_init_scale
-from jaxslim.quant.numerics import fake_quant_affine, qparams, qparams_from_range
-from jaxslim.quant.observers import (
+from jaxslim.quant._awq import ScaleGroup, apply_scales, awq_scales, find_absorbers
+from jaxslim.quant._dot import qdot_general
+from jaxslim.quant._gptq import gptq, gptq_hessian
+from jaxslim.quant._hqq import hqq
+from jaxslim.quant._interpret import quantized
+from jaxslim.quant._lsq import fake_quant_lsq, lsq_init_scale
+from jaxslim.quant._methods import AWQ, GPTQ, HQQ, RTN, SmoothQuant
+from jaxslim.quant._numerics import fake_quant_affine, qparams, qparams_from_range
+from jaxslim.quant._observers import (
     Observer,
     RangeState,
     minmax_observer,
@@ -24,12 +24,14 @@ from jaxslim.quant.observers import (
     mse_observer,
     percentile_observer,
 )
-from jaxslim.quant.oneshot import KernelReport, OneshotReport, oneshot
-from jaxslim.quant.packing import pack, packed_shape, unpack
-from jaxslim.quant.params import LeafSize, SizeReport, dequantize_params, quantize_params
-from jaxslim.quant.qarray import QArray, dequantize, fake_quant, is_qarray, quantize
-from jaxslim.quant.smoothquant import smooth_scales, w8a8_dot
-from jaxslim.quant.spec import QuantSpec, qrange
+from jaxslim.quant._oneshot import oneshot
+from jaxslim.quant._packing import pack, packed_shape, unpack
+from jaxslim.quant._params import LeafSize, SizeReport, dequantize_params, quantize_params
+from jaxslim.quant._qarray import QArray, dequantize, fake_quant, is_qarray, quantize
+from jaxslim.quant._rules import Rule
+from jaxslim.quant._smoothquant import smooth_scales, w8a8_dot
+from jaxslim.quant._spec import QuantSpec, qrange
+from jaxslim.quant.formats import Format
 
 __all__ = [
     "QuantSpec",
@@ -56,6 +58,7 @@ __all__ = [
     "moving_average_observer",
     "percentile_observer",
     "mse_observer",
+    "Rule",
     "quantize_params",
     "dequantize_params",
     "SizeReport",
@@ -73,5 +76,10 @@ __all__ = [
     "w8a8_dot",
     "oneshot",
     "OneshotReport",
-    "KernelReport",
+    "KernelRow",
+    "RTN",
+    "GPTQ",
+    "AWQ",
+    "HQQ",
+    "SmoothQuant",
 ]

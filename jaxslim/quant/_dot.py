@@ -57,7 +57,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxslim.quant import formats
-from jaxslim.quant._qarray import QArray, _unpack, check_finite, dequantize, quantize
+from jaxslim.quant._qarray import QArray, check_finite, dequantize, quantize, unpack_codes
 from jaxslim.quant._spec import QuantSpec, layout
 
 IMPLS = ("auto", "int", "blocked", "columns", "dequantize")
@@ -238,7 +238,7 @@ def _blocked(x: jax.Array, q: QArray, dimension_numbers, compute, precision) -> 
         )
         vstart, vsize = (start // g, kb // g) if a == ga else (start, kb)
         s, z = per_block(scale, vstart, vsize), per_block(zero, vstart, vsize)
-        c = blay.to_view(_unpack(vb, q.spec, bshape))
+        c = blay.to_view(unpack_codes(vb, q.spec, bshape))
         w = blay.from_view(q.spec.format.decode(c, z) * s).astype(compute)
         xb = _slice(x, start, kb, xa).astype(compute)
         y = lax.dot_general(xb, w, dn, precision=precision, preferred_element_type=jnp.float32)

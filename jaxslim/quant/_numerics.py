@@ -275,10 +275,10 @@ def qparams(x: jax.Array, spec: QuantSpec, *, path: str = "") -> tuple[jax.Array
     >>> s.shape, (s * 127.5).tolist()
     ((1, 2), [[1.0, 4.0]])
     """
-    return _qparams(x, spec, path=path, fn_name="quant.qparams")
+    return compute_qparams(x, spec, path=path, fn_name="quant.qparams")
 
 
-def _qparams(x, spec: QuantSpec, *, path: str, fn_name: str) -> tuple[jax.Array, jax.Array]:
+def compute_qparams(x, spec: QuantSpec, *, path: str, fn_name: str) -> tuple[jax.Array, jax.Array]:
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"{fn_name}: spec must be a QuantSpec, got {spec!r} for {path!r}")
     x = jnp.asarray(x)

@@ -42,10 +42,10 @@ import numpy as np
 from jaxslim.quant import _packing as packing
 from jaxslim.quant import formats
 from jaxslim.quant._numerics import (
-    _qparams,
     check_scale,
     check_zero_point,
     compute_dtype,
+    compute_qparams,
     is_concrete,
     saturate,
     valid_scale,
@@ -105,7 +105,7 @@ class QArray:
     def codes(self) -> jax.Array:
         """The unpacked codes, shape ``shape``: integer codes (``int8``, ``uint8`` when unsigned),
         codebook indices (``uint8``) or fp8 values."""
-        return _unpack(self.values, self.spec, self.shape)
+        return unpack_codes(self.values, self.spec, self.shape)
 
     def float_scale(self) -> jax.Array:
         """The scales as float32, ``scale``'s shape (decodes a double-quantized scale)."""
@@ -277,7 +277,7 @@ def _params(x, spec, scale, zero_point, lay):
     stored scale. A given traced scale that is not finite and > 0 becomes NaN (loud, not zero).
     """
     if scale is None:
-        scale, zp = _qparams(x, spec, path="", fn_name="quant.quantize")
+        scale, zp = compute_qparams(x, spec, path="", fn_name="quant.quantize")
         scale = jax.lax.stop_gradient(scale)
     else:
         scale = valid_scale(jnp.broadcast_to(jnp.asarray(scale, jnp.float32), lay.scale_shape))
@@ -303,7 +303,7 @@ def fake_values(v, scale, zp, spec):
     return jnp.where(jnp.isnan(v), v, y), inside
 
 
-def _unpack(values, spec: QuantSpec, shape) -> jax.Array:
+def unpack_codes(values, spec: QuantSpec, shape) -> jax.Array:
     """The codes of ``values`` (packed or not), shape ``shape``, dtype ``spec.code_dtype``."""
     cd = jnp.dtype(spec.code_dtype)
     if spec.storage_bits == 8:

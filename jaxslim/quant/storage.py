@@ -43,8 +43,8 @@ import numpy as np
 
 from jaxslim import _tree
 from jaxslim.quant import formats
-from jaxslim.quant.qarray import QArray, is_qarray, quantize
-from jaxslim.quant.spec import QuantSpec, layout
+from jaxslim.quant._qarray import QArray, is_qarray, quantize
+from jaxslim.quant._spec import QuantSpec, layout
 
 __all__ = ["to_checkpoint", "from_checkpoint", "save_npz", "load_npz"]
 

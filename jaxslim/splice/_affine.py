@@ -9,7 +9,7 @@ variable, one of
 * :class:`Affine` — ``layer_output * s + t`` along the layer's output axis, ``s`` and ``t``
   expressions over parameter paths (``valid``: every value on the way had one use).
 
-The roles of primitives come from the rule table (:func:`jaxslim.splice.rules.fold_role`):
+The roles of primitives come from the rule table (:func:`jaxslim.splice._rules.fold_role`):
 ``"linear"`` starts a chain at a Dense/Conv with a parameter kernel, ``"affine"`` (add, sub, mul,
 div, neg with a private per-channel vector) extends it, ``"layout"`` and ``"cast"`` carry values
 through, ``"vector"`` combines per-channel vectors. :func:`affine_values` evaluates ``s`` and
@@ -31,9 +31,7 @@ import numpy as np
 from jax.extend import core as jex_core
 
 from jaxslim import _jaxpr
-from jaxslim.splice import rules
-
-__all__ = ["Param", "Vec", "Affine", "Finder", "affine_values"]
+from jaxslim.splice import _rules as rules
 
 
 @dataclasses.dataclass(frozen=True)

@@ -73,6 +73,27 @@ class Axes:
         self.segments[n] = list(nodes)
         return n
 
+    def copy(self, n: int, memo: dict[int, int]) -> int:
+        """A fresh node with the structure (products, concatenations) and the reasons, hazards
+        and roles of ``n``, united with nothing; ``memo`` maps the classes already copied, so
+        classes shared within one value stay shared in its copy."""
+        r = self.find(n)
+        if r in memo:
+            return memo[r]
+        kids = self.children.get(r)
+        segs = self.segments.get(r)
+        c = self.new(self.size[r])
+        if kids:
+            self.children[c] = [self.copy(k, memo) for k in kids]
+        elif segs:
+            self.segments[c] = [self.copy(k, memo) for k in segs]
+        else:
+            self._inherit(r, c)
+        if r in self.hidden:
+            self.hidden.add(c)
+        memo[r] = c
+        return c
+
     def pieces(self, n: int) -> list[tuple[int, int]] | None:
         """``(atom, offset)`` of the segments of ``n`` (nested concatenations flattened), or None
         when some segment (or ``n``) is a product."""

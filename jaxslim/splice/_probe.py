@@ -14,12 +14,14 @@ checks its parameters' shapes against its own config (a Linen module raises
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 
-from jaxslim import _jaxpr
+from jaxslim import _jaxpr, _tree
 
 _SHAPE_PARAMS = (
     "new_sizes",
@@ -44,9 +46,54 @@ class _Shapes(_jaxpr.Walker):
         return [None] * len(eqn.outvars)
 
 
+_SHAPE_CHECK = re.compile(
+    r'parameter "(?P<name>[^"]+)" in "(?P<scope>[^"]*)".*?shape \((?P<a>[^)]*)\).*?'
+    r"shape \((?P<b>[^)]*)\)",
+    re.S,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rebuild:
+    """``fn`` checks a parameter's shape against its own config (Linen's
+    ``ScopeParamShapeError``): which leaf (``None`` when the message cannot be read) and the
+    shape the module builds it with."""
+
+    leaf: int | None
+    path: str
+    expected: tuple[int, ...]
+
+
 def _rebuilds(e: BaseException) -> bool:
     """A Linen module checking a parameter's shape against its config: rebuild, not a pin."""
     return type(e).__name__ in ("ScopeParamShapeError",)
+
+
+def _shape_check(e: BaseException, paths: Sequence[str], shapes: Sequence[Any]) -> _Rebuild:
+    """The leaf a ``ScopeParamShapeError`` names (its message: ``parameter "kernel" in
+    "/model/layers/0/mlp/up_proj" ... shape (32, 48) ... shape (32, 96)``)."""
+    m = _SHAPE_CHECK.search(str(e))
+    if m is None:
+        return _Rebuild(None, "", ())
+    tail = "/".join(x for x in (m["scope"].strip("/"), m["name"]) if x)
+    dims = [tuple(int(x) for x in g.replace(",", " ").split()) for g in (m["a"], m["b"])]
+    for i, (path, shape) in enumerate(zip(paths, shapes, strict=True)):
+        if (path == tail or path.endswith("/" + tail)) and shape in dims:
+            return _Rebuild(i, path, shape)
+    return _Rebuild(None, tail, ())
+
+
+def _unprobed(r: _Rebuild) -> str:
+    where = f"{r.path!r} to {r.expected}" if r.path and r.expected else "its parameters"
+    return (
+        f"the size probe could not run: fn fixes {where} from its own config "
+        "(ScopeParamShapeError when the group is wider), so sizes the code pins were not "
+        "checked. The smaller params run only in a module rebuilt from a config with the new "
+        "widths (report.sizes): a width a config field sets (intermediate_size; heads where "
+        "head_dim is a field of its own, Gemma's head_dim or T5's d_kv) can be; a width "
+        "derived from another (head_dim = hidden_size / num_heads) or fixed to another "
+        "(a convolution stem's width = d_model) cannot"
+    )
 
 
 def _describe(eqn: Any, d: int, expected: int, actual: int) -> str:
@@ -72,15 +119,23 @@ def probe(
     param_nodes: Sequence[Sequence[int]],
     roots: Sequence[int],
     fn_name: str,
-) -> dict[int, str]:
-    """``{root: reason}`` for the classes in ``roots`` whose sizes ``fn`` pins (see the module
-    docstring); ``{}`` when every size follows the parameters or ``fn`` cannot be probed."""
-    if not roots:
-        return {}
-    axes = walker.axes
-    leaves, treedef = jax.tree.flatten(params)
+) -> tuple[dict[int, str], dict[int, str]]:
+    """``({root: reason}, {root: hazard})``: the classes in ``roots`` whose sizes ``fn`` pins
+    (see the module docstring), and those it could not probe because ``fn`` checks their
+    parameters against its own config (a Linen/HF module's ``ScopeParamShapeError``).
 
-    def once(grow: dict[int, int]) -> str | None:
+    Every root is widened at once; a shape check names its leaf, whose widened classes get the
+    hazard and leave the set, and the rest is probed again; a pin found with several roots
+    widened is attributed by probing each alone."""
+    if not roots:
+        return {}, {}
+    axes = walker.axes
+    flat = _tree.leaves_with_paths(params)
+    leaves, treedef = jax.tree.flatten(params)
+    paths = [p for p, _ in flat]
+    shapes = [tuple(getattr(x, "shape", ())) for x in leaves]
+
+    def once(grow: dict[int, int]) -> str | _Rebuild | None:
         new = []
         for leaf, nodes in zip(leaves, param_nodes, strict=True):
             if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
@@ -92,7 +147,7 @@ def probe(
         except Exception as e:  # noqa: BLE001 - fn's own error is the finding
             cause = e.__cause__ if e.__cause__ is not None else e
             if _rebuilds(cause) or _rebuilds(e):
-                return ""
+                return _shape_check(cause if _rebuilds(cause) else e, paths, shapes)
             msg = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
             return (
                 f"the code pins its size: fn fails when the group is wider "
@@ -105,6 +160,8 @@ def probe(
             if other is None or other[0] != prim:
                 return None  # the program changed shape-dependently: the final check decides
             for nodes, actual in zip(outs, other[1], strict=True):
+                if getattr(nodes, "made", False):
+                    continue  # made from literals: each use is a copy, checked where it is used
                 for d, n in enumerate(nodes):
                     expected = axes.probe_size(n, grow)
                     if d < len(actual) and actual[d] != expected:
@@ -114,12 +171,29 @@ def probe(
     def doubled(rs) -> dict[int, int]:
         return {r: axes.size[r] for r in rs}
 
-    found = once(doubled(roots))
-    if found is None or found == "":
-        return {}
-    pinned = {}
-    for r in roots:
-        reason = once(doubled([r]))
-        if reason:
-            pinned[r] = reason
-    return pinned
+    def grown(leaf: int) -> set[int]:
+        return {axes.find(a) for n in param_nodes[leaf] for a in axes.atoms(n)}
+
+    pinned: dict[int, str] = {}
+    unprobed: dict[int, str] = {}
+    left = list(roots)
+    while left:
+        found = once(doubled(left))
+        if found is None:
+            break
+        blamed = set()
+        if isinstance(found, _Rebuild) and found.leaf is not None:
+            blamed = grown(found.leaf) & set(left)
+        if blamed:
+            for r in blamed:
+                unprobed[r] = _unprobed(found)
+            left = [r for r in left if r not in blamed]
+            continue
+        for r in left:  # one at a time: which of them is pinned (or checked by the module)
+            reason = once(doubled([r]))
+            if isinstance(reason, _Rebuild):
+                unprobed[r] = _unprobed(reason)
+            elif reason:
+                pinned[r] = reason
+        break
+    return pinned, unprobed

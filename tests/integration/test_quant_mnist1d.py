@@ -49,7 +49,7 @@ def test_int4_group32_gptq_loses_at_most_two_points(trained):
         data,
         demo.INT4_G32,
         calibration=np.asarray(data[0][:1024]),
-        gptq_options=demo.GPTQ_OPTIONS,
+        method=demo.GPTQ_METHOD,
     )
     assert acc >= base - 0.02
 

@@ -47,6 +47,14 @@ IOTA = (
     "an iota runs along it: values computed from channel positions (RoPE frequencies, position "
     "masks) change for the kept channels unless the last ones are removed"
 )
+STACKED = (
+    "values are stacked along it ({prim}): its size is the number of values (the (..., 2) of "
+    "interleaved RoPE pairs), so it is not a channel axis"
+)
+STRIDED = (
+    "its entries are taken one by one by a stride-{stride} slice (the even and odd entries of "
+    "interleaved RoPE pairs), so it is not a channel axis"
+)
 SPATIAL = "it is a spatial axis whose size follows the input's (a convolution or pooling output)"
 
 AxesRule = Callable[..., list]
@@ -195,6 +203,20 @@ for _name in ELEMENTWISE:
     _set(_name, axes=elementwise)
 
 
+@rule("add", "sub")
+def _offset(w, eqn, ins):
+    """Element-wise; a parameter vector plus or minus a literal (a value computed from the
+    parameters alone, neither from fn's inputs nor made from literals) is flagged: it is the
+    ``1 + w`` of a Gemma-style norm, which a norm correction must scale as a whole."""
+    outs = elementwise(w, eqn, ins)
+    if any(x is None for x in ins):
+        for x in ins:
+            if x is not None and len(x) == 1 and not getattr(x, "dep", True):
+                if not getattr(x, "made", True):
+                    w.axes.tag(x[0], OFFSET.format(prim=eqn.primitive.name), hazard=True)
+    return outs
+
+
 @rule("optimization_barrier", "device_put")
 def _pairwise(w, eqn, ins):
     return [
@@ -272,8 +294,18 @@ def _reduce_like(w, eqn, ins, axes, note: str | None) -> list:
 
 _REDUCED = (
     "reduced over by {prim}: if that is a mean, a norm or a softmax (LayerNorm, RMSNorm), "
-    "removing channels changes its statistics even when they are zero; an RMSNorm can be "
-    "corrected by scaling its scale by sqrt(d_old / d_new), a LayerNorm or softmax cannot"
+    "removing channels changes the function even where they are zero (the mean now divides by "
+    "the new width). An RMSNorm is corrected only by multiplying whatever multiplies its "
+    "normalized value by sqrt(d_old / d_new): the scale w of x * w, but the whole 1 + w of "
+    "Gemma's x * (1 + w) (w' = (1 + w) * sqrt(d_old / d_new) - 1); a constant computed from "
+    "the width (Gemma's sqrt(hidden_size) embedding factor, a 1 / sqrt(d) scale) changes when "
+    "a config rebuilds the model and needs its own correction; a LayerNorm or softmax cannot "
+    "be corrected. Compare the rebuilt model's outputs"
+)
+OFFSET = (
+    "a parameter on these channels is offset by a constant before it is used ({prim} of a "
+    "literal: Gemma's RMSNorm x * (1 + w)): a correction that scales the norm's factor scales "
+    "1 + w, not w"
 )
 
 
@@ -421,6 +453,12 @@ def _slice(w, eqn, ins):
             w.axes.unite(out[d], n)
         elif limit - start == 1:  # w[0], w[1] of a fused (2, ...) gate/up or k/v axis
             w.axes.tag(n, INDEXED.format(prim="slice"))
+        elif stride != 1 and _every_stride(shape[d], start, limit, stride):
+            # x[..., ::2], x[..., 1::2] of interleaved RoPE: the axis is (n / stride, stride),
+            # the output its outer factor, the stride index taken one by one.
+            inner = w.axes.new(stride)
+            w.axes.tag(inner, STRIDED.format(stride=stride))
+            w.axes.unite(n, w.axes.product([out[d], inner]), f"sliced with stride {stride}")
         elif stride != 1:
             w.axes.tag(n, f"sliced with stride {stride} by slice")
             w.axes.tag(out[d], f"sliced with stride {stride} by slice")
@@ -428,6 +466,12 @@ def _slice(w, eqn, ins):
             parts = [w.axes.new(start), out[d], w.axes.new(shape[d] - limit)]
             w.axes.unite(n, w.axes.concat(parts), "sliced by slice")
     return [out]
+
+
+def _every_stride(n: int, start: int, limit: int, stride: int) -> bool:
+    """Whether ``x[start:limit:stride]`` of an axis of ``n`` takes one entry of every ``stride``:
+    ``n`` a multiple of ``stride``, ``start < stride`` and the slice running to the end."""
+    return n % stride == 0 and start < stride and -(-(limit - start) // stride) == n // stride
 
 
 @rule("dynamic_slice")
@@ -474,6 +518,8 @@ def _concatenate(w, eqn, ins):
     """The output's concatenated axis is the concatenation of the operands' axes (segments at
     offsets); the other axes are united position by position."""
     dim = eqn.params["dimension"]
+    if all(_shape(v)[dim] == 1 for v in eqn.invars):  # jnp.stack as expand_dims + concatenate
+        return _stack_along(w, eqn, ins, dim, keep_dim=True)
     (out,) = [w.fresh(v) for v in eqn.outvars]
     segs = []
     for v, nodes in zip(eqn.invars, ins, strict=True):
@@ -487,6 +533,28 @@ def _concatenate(w, eqn, ins):
         segs.append(nodes[dim])
     w.axes.unite(out[dim], w.axes.concat(segs), "concatenated along it")
     return [out]
+
+
+def _stack_along(w, eqn, ins, dim: int, keep_dim: bool) -> list:
+    """Operands placed side by side along a new axis ``dim`` (size: their count): the other
+    axes unite position by position; the new axis is tagged (it is not a channel axis)."""
+    (out,) = [w.fresh(v) for v in eqn.outvars]
+    rest = [n for d, n in enumerate(out) if d != dim]
+    for nodes in ins:
+        if nodes is None:
+            continue
+        if keep_dim:
+            nodes = [n for d, n in enumerate(nodes) if d != dim]
+        for a, b in zip(rest, nodes, strict=True):
+            w.axes.unite(a, b)
+    w.axes.tag(out[dim], STACKED.format(prim=eqn.primitive.name))
+    return [out]
+
+
+@rule("stack")
+def _stack(w, eqn, ins):
+    """``jnp.stack(xs, axis)`` (one primitive in jax >= 0.10): a new axis of ``len(xs)``."""
+    return _stack_along(w, eqn, ins, eqn.params["axis"] % len(_shape(eqn.outvars[0])), False)
 
 
 @rule("split")

@@ -2,7 +2,7 @@
 
 ``trace(fn, params, *args)`` runs ``jax.make_jaxpr`` on shapes only (``jax.ShapeDtypeStruct``
 inputs: nothing is computed) and walks the equations with one rule per primitive
-(:mod:`jaxslim.splice.rules`), uniting the axes that carry the same channel. Sub-jaxprs of
+(:mod:`jaxslim.splice._rules`), uniting the axes that carry the same channel. Sub-jaxprs of
 ``jit``, ``custom_jvp``/``custom_vjp``, ``remat``, ``cond``, ``scan`` and ``while`` are walked too,
 by the walker shared with the FLOP count and fold detection (:class:`jaxslim._jaxpr.Walker`).
 The result is a list of :class:`Group`: the ``(path, axis)`` pairs of one channel family, whether
@@ -18,10 +18,9 @@ from typing import Any
 import jax
 
 from jaxslim import _jaxpr, _tree
-from jaxslim.splice import _probe, rules
+from jaxslim.splice import _probe
+from jaxslim.splice import _rules as rules
 from jaxslim.splice._axes import Axes
-
-__all__ = ["Member", "Group", "trace", "count_flops"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,16 +89,22 @@ class Group:
 
 
 class _Nodes(list):
-    """The axis nodes of one value, and whether the value depends on ``fn``'s non-parameter
-    inputs (``dep``): a matmul of two such values is an attention-like product."""
+    """The axis nodes of one value, whether the value depends on ``fn``'s non-parameter inputs
+    (``dep``: a matmul of two such values is an attention-like product), and whether it is
+    *made* inside ``fn`` from literals alone (``jnp.ones((layers, heads))``, an ``iota``)."""
 
-    def __init__(self, nodes=(), dep: bool = False) -> None:
+    def __init__(self, nodes=(), dep: bool = False, made: bool = False) -> None:
         super().__init__(nodes)
         self.dep = dep
+        self.made = made
 
 
 def _dep(values) -> bool:
     return any(getattr(x, "dep", False) for x in values if x is not None)
+
+
+def _made(values) -> bool:
+    return all(x is None or getattr(x, "made", False) for x in values)
 
 
 class _Walker(_jaxpr.Walker):
@@ -131,15 +136,26 @@ class _Walker(_jaxpr.Walker):
         ]
 
     def equation(self, eqn, ins: list) -> list:
+        made = _made(ins)
+        if not made:
+            # A value made inside fn from literals (BERT's head_mask = jnp.ones((layers,
+            # heads)), a RoPE table from iota) is a fresh copy at each use: it couples nothing,
+            # so the heads of different layers stay different groups. Its size is still checked
+            # by trace's re-trace (a literal size pins the groups it meets).
+            ins = [self._copy(x) if getattr(x, "made", False) else x for x in ins]
         r = rules.RULES.get(eqn.primitive.name)
         if r is not None and r.axes is not None:
             outs = r.axes(self, eqn, ins)
         else:
             outs = rules.unsupported(self, eqn, ins)
         dep = _dep(ins)
-        outs = [_Nodes(o, dep) for o in outs]
+        outs = [_Nodes(o, dep, made) for o in outs]
         self.records[self.site] = (eqn.primitive.name, outs, eqn)
         return outs
+
+    def _copy(self, nodes: _Nodes) -> _Nodes:
+        memo: dict[int, int] = {}
+        return _Nodes([self.axes.copy(n, memo) for n in nodes], nodes.dep)
 
     def _unite_all(self, a: list, b: list) -> None:
         for x, y in zip(a, b, strict=True):
@@ -319,10 +335,12 @@ def trace(
         ]
         args = tuple(_jaxpr.abstract(a) for a in jax.tree.leaves(example_args))
         args = jax.tree.unflatten(jax.tree.structure(example_args), list(args))
-        pinned = _probe.probe(fn, params, args, w, ins[:n_params], roots, fn_name)
+        pinned, unprobed = _probe.probe(fn, params, args, w, ins[:n_params], roots, fn_name)
         found = [
             (r, dataclasses.replace(g, removable=False, reasons=(*g.reasons, pinned[r])))
             if r in pinned
+            else (r, dataclasses.replace(g, hazards=(*g.hazards, unprobed[r])))
+            if r in unprobed
             else (r, g)
             for r, g in found
         ]

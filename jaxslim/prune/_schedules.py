@@ -8,41 +8,14 @@ included) raises ``ValueError``, also as a NumPy or 0-d jax array; a wrong type 
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-from jaxslim.schedules import _scalar
-
-__all__ = [
-    "SparsitySchedule",
-    "polynomial_schedule",
-    "constant_schedule",
-    "one_shot_schedule",
-    "uniform",
-    "erk",
-]
+from jaxslim._checks import fraction, integer, scalar
 
 SparsitySchedule = Callable[[jax.typing.ArrayLike], jax.Array]
-
-
-def _check_fraction(name: str, value: float, what: str = "sparsity") -> float:
-    v = _scalar(f"prune.{name}", what, value)
-    if v is None:
-        raise TypeError(f"prune.{name}: {what} must be a concrete number, not a traced value")
-    if not 0.0 <= v <= 1.0:  # NaN fails too
-        raise ValueError(f"prune.{name}: {what} must be a number in [0, 1], got {value!r}")
-    return v
-
-
-def _check_int(name: str, what: str, value, *, low: int | None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"prune.{name}: {what} must be an int, got {value!r}")
-    if low is not None and value < low:
-        raise ValueError(f"prune.{name}: {what} must be an int >= {low}, got {value!r}")
-    return int(value)
 
 
 def polynomial_schedule(
@@ -65,17 +38,17 @@ def polynomial_schedule(
     [0.0, 0.0, 0.2439, 0.7875, 0.9, 0.9]
     """
     fn = "polynomial_schedule"
-    final = _check_fraction(fn, final, "final sparsity")
-    initial = _check_fraction(fn, initial, "initial sparsity")
-    begin_step = _check_int(fn, "begin_step", begin_step, low=None)
-    end_step = _check_int(fn, "end_step", end_step, low=None)
+    final = fraction(f"prune.{fn}", final, "final sparsity")
+    initial = fraction(f"prune.{fn}", initial, "initial sparsity")
+    begin_step = integer(f"prune.{fn}", "begin_step", begin_step, low=None)
+    end_step = integer(f"prune.{fn}", "end_step", end_step, low=None)
     if end_step <= begin_step:
         raise ValueError(
             f"prune.polynomial_schedule: need integers end_step > begin_step, got "
             f"begin_step={begin_step!r}, end_step={end_step!r}"
         )
-    frequency = _check_int(fn, "frequency", frequency, low=1)
-    p = _scalar(f"prune.{fn}", "power", power)
+    frequency = integer(f"prune.{fn}", "frequency", frequency, low=1)
+    p = scalar(f"prune.{fn}", "power", power)
     if p is None or not (math.isfinite(p) and p > 0):
         raise ValueError(f"prune.polynomial_schedule: power must be finite and > 0, got {power!r}")
     power = p
@@ -97,7 +70,7 @@ def constant_schedule(sparsity: float) -> SparsitySchedule:
     >>> float(constant_schedule(0.5)(7))
     0.5
     """
-    s = _check_fraction("constant_schedule", sparsity)
+    s = fraction("prune.constant_schedule", sparsity)
     return lambda step: jnp.full((), s, jnp.float32)
 
 
@@ -108,8 +81,8 @@ def one_shot_schedule(sparsity: float, at_step: int) -> SparsitySchedule:
     >>> float(sched(9)), float(sched(10))
     (0.0, 0.75)
     """
-    s = _check_fraction("one_shot_schedule", sparsity)
-    at_step = _check_int("one_shot_schedule", "at_step", at_step, low=0)
+    s = fraction("prune.one_shot_schedule", sparsity)
+    at_step = integer("prune.one_shot_schedule", "at_step", at_step, low=0)
     return lambda step: jnp.where(jnp.asarray(step) >= at_step, s, 0.0).astype(jnp.float32)
 
 
@@ -118,9 +91,9 @@ def one_shot_schedule(sparsity: float, at_step: int) -> SparsitySchedule:
 
 def _dist_args(fn: str, params, sparsity, where):
     from jaxslim import _tree  # noqa: PLC0415 (keeps this module's top imports minimal)
-    from jaxslim.prune.masks import check_where  # noqa: PLC0415
+    from jaxslim.prune._masks import check_where  # noqa: PLC0415
 
-    s = _check_fraction(fn, sparsity)
+    s = fraction(f"prune.{fn}", sparsity)
     check_where(f"prune.{fn}", where)
     paths = _tree.selected_paths(params, where, fn_name=f"prune.{fn}")
     shapes = {p: tuple(leaf.shape) for p, leaf in _tree.leaves_with_paths(params) if p in paths}

@@ -14,8 +14,6 @@ import optax
 
 from jaxslim import _tree
 
-__all__ = ["magnitude", "random", "saliency"]
-
 
 def _none(*_):
     return None

@@ -24,11 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxslim import _jaxpr, _tree
-from jaxslim.splice.graph import Group, count_flops, trace
-from jaxslim.splice.remove import Plan, _apply_plan, make_plan, member_view
+from jaxslim.splice._graph import Group, count_flops, trace
+from jaxslim.splice._remove import Plan, apply_plan_for, make_plan, member_view
 from jaxslim.structures import Channels
-
-__all__ = ["GroupReport", "SpliceReport", "score_group", "prune_channels", "feature_sizes"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +213,7 @@ def _shape_sizes(before: Any, after: Any) -> dict[str, dict[str, tuple[int, ...]
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _apply_jit(params: Any, plan: Plan, fn_name: str) -> Any:
-    return _apply_plan(params, plan, suffix=False, fn_name=fn_name)
+    return apply_plan_for(params, plan, suffix=False, fn_name=fn_name)
 
 
 def _concrete_fraction(sparsity: Any, fn_name: str) -> float:

@@ -20,12 +20,10 @@ import numpy as np
 import optax
 
 from jaxslim import _tree
-from jaxslim.splice.surgery import _check_index, _split_block, _stack_size, drop_layer
-
-__all__ = ["Influence", "block_influence"]
+from jaxslim.splice._surgery import check_index, drop_layer, split_block, stack_size
 
 
-def _check_blocks(
+def check_blocks(
     params: Any, blocks: Sequence[Any], fn_name: str, axis: int = 0
 ) -> tuple[Any, ...]:
     """Validates :func:`drop_layer` specs up front: each path must be in ``params``, and a
@@ -37,16 +35,16 @@ def _check_blocks(
             f"pairs, got {type(blocks).__name__} {blocks!r}"
         )
     for blk in blocks:
-        path, index = _split_block(blk, fn_name)
+        path, index = split_block(blk, fn_name)
         _tree.get_path(params, path, fn_name=fn_name)
         if index is not None:
-            n, inside = _stack_size(params, path, axis, fn_name)
+            n, inside = stack_size(params, path, axis, fn_name)
             shape = _tree.get_path(params, inside[0], fn_name=fn_name).shape
-            _check_index(path, index, n, inside[0], shape, axis, fn_name)
+            check_index(path, index, n, inside[0], shape, axis, fn_name)
     return tuple(blocks)
 
 
-def _loss_and_hiddens(out: Any, i: int, fn_name: str) -> tuple[float, list[jax.Array]]:
+def loss_and_hiddens(out: Any, i: int, fn_name: str) -> tuple[float, list[jax.Array]]:
     """Checks ``fn(params, batch_i) -> (loss, hiddens)``; hiddens in float32."""
     if not (isinstance(out, tuple | list) and len(out) == 2):
         raise TypeError(
@@ -92,6 +90,8 @@ def block_influence(
     blocks: Sequence[str | tuple[str, int]],
     *,
     axis: int = 0,
+    renumber: bool = False,
+    keep: str | None = None,
 ) -> Influence:
     """Scores residual blocks for removal: ShortGPT Block Influence and the ablation loss gap.
 
@@ -110,6 +110,19 @@ def block_influence(
     hidden states: ``hiddens`` may be a list or one array ``(len(blocks) + 1, ..., d)``, e.g.
     ``jnp.concatenate([x[None], ys])`` for the scan's stacked outputs ``ys``
     (``jaxslim.demo.lm.apply_fn`` and ``lm.block_specs`` do this for the LM workbench).
+
+    Hugging Face Flax and Linen models look their blocks up by number and check them against
+    the config, so ``fn`` must build the model for the layers ``params`` holds, and the
+    ablations renumber the blocks left (``renumber=True``, ``keep=`` as for
+    :func:`drop_layer`)::
+
+        def fn(p, tokens):
+            n = len(p["model"]["layers"])
+            model = FlaxLlamaForCausalLM(config_with(num_hidden_layers=n), _do_init=False)
+            out = model(tokens, params=p, output_hidden_states=True)
+            return loss(out.logits, tokens), out.hidden_states
+
+    An ``fn`` that fails on the smaller params raises ``ValueError`` saying so.
 
     Raises ``ValueError`` for a block path not in ``params``, a ``(path, index)`` whose path
     is not a scanned stack (a list of blocks, leaves with different sizes on ``axis``) or
@@ -147,7 +160,7 @@ def block_influence(
     ((('blocks', 0), ('blocks', 1)), [0.0, -3.0])
     """
     fn_name = "splice.block_influence"
-    blocks = _check_blocks(params, blocks, fn_name, axis)
+    blocks = check_blocks(params, blocks, fn_name, axis)
     batches = list(batches)
     if not batches:
         raise ValueError("splice.block_influence: batches is empty")
@@ -155,7 +168,7 @@ def block_influence(
     cos = np.zeros(len(blocks))
     base = 0.0
     for n, batch in enumerate(batches):
-        loss, hiddens = _loss_and_hiddens(jfn(params, batch), n, fn_name)
+        loss, hiddens = loss_and_hiddens(jfn(params, batch), n, fn_name)
         if len(hiddens) != len(blocks) + 1:
             raise ValueError(
                 f"splice.block_influence: fn returned {len(hiddens)} hidden states for "
@@ -169,7 +182,32 @@ def block_influence(
     base /= len(batches)
     ablation = np.zeros(len(blocks))
     for i, blk in enumerate(blocks):
-        smaller = drop_layer(params, blk, axis=axis)
-        losses = [_loss_and_hiddens(jfn(smaller, b), n, fn_name)[0] for n, b in enumerate(batches)]
+        if isinstance(blk, tuple):
+            smaller = drop_layer(params, blk, axis=axis)
+        else:
+            smaller = drop_layer(params, blk, axis=axis, renumber=renumber, keep=keep)
+        losses = []
+        for n, b in enumerate(batches):
+            try:
+                out = jfn(smaller, b)
+            except Exception as e:  # noqa: BLE001 - fn's own error, explained
+                raise ValueError(_cannot_run(blk, renumber, e)) from e
+            losses.append(loss_and_hiddens(out, n, fn_name)[0])
         ablation[i] = np.mean(losses) - base
     return Influence(blocks, 1.0 - cos, ablation)
+
+
+def _cannot_run(block: Any, renumber: bool, e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    fix = (
+        "build the model inside fn for the layers the params hold (a Hugging Face or Linen "
+        "model made for n layers looks up every one: its config's num_hidden_layers = "
+        "len(params[...]['layers']))"
+    )
+    if not renumber:
+        fix += " and pass renumber=True so the blocks left are numbered 0 .. n - 2"
+    return (
+        f"splice.block_influence: fn cannot run without block {block!r} ({type(e).__name__}: "
+        f"{msg}); fn must accept drop_layer(params, block{', renumber=True' if renumber else ''})"
+        f": {fix}"
+    )

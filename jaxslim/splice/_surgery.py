@@ -18,8 +18,6 @@ import numpy as np
 
 from jaxslim import _tree
 
-__all__ = ["fold_batchnorm", "fuse_linear", "drop_layer", "widen", "widen_map", "deepen"]
-
 _HI = jax.lax.Precision.HIGHEST
 
 
@@ -380,7 +378,7 @@ def deepen(
     return w, jnp.zeros((width,), dtype)
 
 
-def _split_block(
+def split_block(
     block: Any, fn_name: str = "splice.drop_layer", index: Any = None
 ) -> tuple[str, int | None]:
     """``(path, index)`` of a block spec: a path, ``(path, index)``, or a path and ``index=``."""
@@ -420,7 +418,7 @@ def _is_block_list(node: Any) -> bool:
     return False
 
 
-def _stack_size(params: Any, path: str, axis: int, fn_name: str) -> tuple[int, list[str]]:
+def stack_size(params: Any, path: str, axis: int, fn_name: str) -> tuple[int, list[str]]:
     """``(layers, leaf paths)`` of the scanned stack at ``path``: every array leaf under it has
     the same size ``layers`` on ``axis``. Raises ``ValueError`` naming the path otherwise."""
     if isinstance(axis, bool) or not isinstance(axis, int) or axis < 0:
@@ -461,7 +459,7 @@ def _stack_size(params: Any, path: str, axis: int, fn_name: str) -> tuple[int, l
     return next(iter(sizes)), [n for n, _ in leaves]
 
 
-def _check_index(path: str, index: int, n: int, name: str, shape: Any, axis: int, fn_name: str):
+def check_index(path: str, index: int, n: int, name: str, shape: Any, axis: int, fn_name: str):
     if not 0 <= index < n:
         raise ValueError(
             f"{fn_name}: layer {index} is out of range for {name!r} with shape {tuple(shape)} "
@@ -495,6 +493,65 @@ def _renumbered(params: Any, path: str, fn_name: str) -> Any:
     return _tree.set_path(params, parent, new, fn_name=fn_name) if parent else new
 
 
+def _successor(params: Any, path: str) -> str | None:
+    """The path of the string-keyed sibling that takes the number of ``path`` when it is
+    dropped with ``renumber=True`` (``".../block/1"`` for ``".../block/0"``), or ``None``."""
+    parent, _, name = path.rpartition("/")
+    m = re.fullmatch(r"(.*?)(\d+)", name)
+    node = _tree.get_path(params, parent, fn_name="splice.drop_layer") if parent else params
+    if m is None or not isinstance(node, Mapping):
+        return None
+    later = [
+        (int(k[len(m.group(1)) :]), k)
+        for k in node
+        if isinstance(k, str) and re.fullmatch(re.escape(m.group(1)) + r"\d+", k)
+    ]
+    later = sorted((n, k) for n, k in later if n > int(m.group(2)))
+    return f"{parent}/{later[0][1]}" if parent and later else (later[0][1] if later else None)
+
+
+def _relative(params: Any, path: str) -> dict[str, Any]:
+    sub = _tree.get_path(params, path, fn_name="splice.drop_layer")
+    return dict(_tree.leaves_with_paths(sub))
+
+
+def _put(tree: Any, path: str, value: Any) -> Any:
+    """``tree`` with ``value`` at ``path``, creating the missing mappings on the way."""
+    keys = path.split("/")
+    for i in range(1, len(keys)):
+        head = "/".join(keys[:i])
+        try:
+            _tree.get_path(tree, head, fn_name="splice.drop_layer")
+        except ValueError:
+            tree = _tree.set_path(tree, head, {}, create=True, fn_name="splice.drop_layer")
+    return _tree.set_path(tree, path, value, create=True, fn_name="splice.drop_layer")
+
+
+def _owned(params: Any, path: str, keep: str | None) -> dict[str, Any]:
+    """The leaves of the dropped block that the block taking its number lacks: parameters the
+    model reads at that position for every block (T5's block 0 owns the
+    ``relative_attention_bias`` all blocks use). Those ``keep`` matches are returned (to be
+    moved to the new block); any other raises ``ValueError`` naming them."""
+    nxt = _successor(params, path)
+    if nxt is None:
+        return {}
+    mine, theirs = _relative(params, path), _relative(params, nxt)
+    extra = {k: v for k, v in mine.items() if k not in theirs}
+    kept = {k: v for k, v in extra.items() if keep is not None and re.search(keep, k)}
+    lost = [k for k in extra if k not in kept]
+    if lost:
+        hint = lost[0].split("/")[-2] if "/" in lost[0] else lost[0]
+        raise ValueError(
+            f"splice.drop_layer: {path!r} holds parameters that {nxt!r}, which takes its "
+            f"number, lacks: {lost[:6]}{' ...' if len(lost) > 6 else ''}. A model rebuilt with "
+            "one layer fewer reads them at that position, often for every block (T5's block 0 "
+            "owns the relative_attention_bias all blocks share), so dropping them breaks it. "
+            f"Pass keep={hint!r} (a regex over those paths) to move them to the new "
+            f"{path.rpartition('/')[2]!r}, or drop another block"
+        )
+    return kept
+
+
 def drop_layer(
     params: Any,
     block: str | tuple[str, int],
@@ -502,6 +559,7 @@ def drop_layer(
     index: int | None = None,
     axis: int = 0,
     renumber: bool = False,
+    keep: str | None = None,
 ) -> Any:
     """Removes a residual block (the model then treats it as the identity); returns a new tree.
 
@@ -532,6 +590,12 @@ def drop_layer(
       >>> config.num_hidden_layers -= 1  # doctest: +SKIP
       >>> FlaxLlamaForCausalLM(config, _do_init=False)(tokens, params=small)  # doctest: +SKIP
 
+      A block may own parameters the block taking its number lacks: T5's block 0 holds the
+      ``relative_attention_bias`` every block reads. Dropping it with ``renumber=True`` raises
+      ``ValueError`` naming them, unless ``keep`` (a regex over their paths inside the block)
+      matches them: they then move to the block that takes the number (``keep=
+      "relative_attention_bias"`` gives the new block 0 the old one's bias, as T5 expects).
+
     >>> import jax.numpy as jnp
     >>> p = {"blocks": [{"w": jnp.ones(2)}, {"w": jnp.zeros(2)}], "head": jnp.ones(2)}
     >>> len(drop_layer(p, "blocks/0")["blocks"])
@@ -544,11 +608,11 @@ def drop_layer(
     ['layer_0', 'layer_1']
     """
     fn_name = "splice.drop_layer"
-    path, index = _split_block(block, fn_name, index)
+    path, index = split_block(block, fn_name, index)
     if index is not None:
-        n, inside = _stack_size(params, path, axis, fn_name)
+        n, inside = stack_size(params, path, axis, fn_name)
         shape = _tree.get_path(params, inside[0], fn_name=fn_name).shape
-        _check_index(path, index, n, inside[0], shape, axis, fn_name)
+        check_index(path, index, n, inside[0], shape, axis, fn_name)
         if n == 1:
             raise ValueError(
                 f"{fn_name}: the scanned stack {path!r} has a single layer left ({inside[0]!r} "
@@ -563,5 +627,18 @@ def drop_layer(
         return jax.tree_util.tree_map_with_path(cut, params)
     if not isinstance(renumber, bool):
         raise TypeError(f"splice.drop_layer: renumber must be a bool, got {renumber!r}")
+    if keep is not None and not isinstance(keep, str):
+        raise TypeError(f"splice.drop_layer: keep must be a regex string, got {keep!r}")
+    if keep is not None and not renumber:
+        raise ValueError(
+            "splice.drop_layer: keep= moves a dropped block's own parameters to the block that "
+            "takes its number, so it needs renumber=True"
+        )
+    owned = _owned(params, path, keep) if renumber else {}
     out = _tree.delete_path(params, path, fn_name="splice.drop_layer")
-    return _renumbered(out, path, "splice.drop_layer") if renumber else out
+    if not renumber:
+        return out
+    out = _renumbered(out, path, "splice.drop_layer")
+    for rel, leaf in owned.items():
+        out = _put(out, f"{path}/{rel}", leaf)
+    return out

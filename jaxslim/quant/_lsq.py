@@ -20,9 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxslim.quant.numerics import EPS, check_scale, compute_dtype, round_codes
-
-__all__ = ["fake_quant_lsq", "lsq_init_scale"]
+from jaxslim.quant._numerics import EPS, check_scale, compute_dtype, round_codes
 
 
 def _lsq_fwd_impl(x, scale, qmin, qmax):

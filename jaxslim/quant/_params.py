@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
-from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jaxslim import _tree
-from jaxslim.quant.qarray import QArray, dequantize, is_qarray, quantize
-from jaxslim.quant.spec import QuantSpec
-
-__all__ = ["quantize_params", "dequantize_params", "SizeReport", "LeafSize"]
+from jaxslim.quant._qarray import QArray, dequantize, is_qarray, quantize
+from jaxslim.quant._rules import match, normalize
+from jaxslim.quant._spec import QuantSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,41 +87,6 @@ def _nbytes(leaf: Any) -> int:
     return math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
 
 
-def _normalize_rules(rules: Any, fn: str = "quant.quantize_params") -> list[tuple[Any, Any]]:
-    """``[(where, spec or None)]``; raises naming the rule on a bad ``where`` or spec."""
-    if isinstance(rules, QuantSpec):
-        return [(None, rules)]
-    if not isinstance(rules, Sequence) or isinstance(rules, str):
-        raise TypeError(
-            f"{fn}: rules must be a QuantSpec or a list of (where, QuantSpec or None) pairs, "
-            f"got {rules!r}"
-        )
-    out = []
-    for i, rule in enumerate(rules):
-        if not (isinstance(rule, tuple | list) and len(rule) == 2):
-            raise TypeError(f"{fn}: rule {i} must be a (where, spec) pair, got {rule!r}")
-        where, spec = rule
-        if spec is not None and not isinstance(spec, QuantSpec):
-            raise TypeError(
-                f"{fn}: rule {i} ({where!r}, ...): spec must be a QuantSpec or None, got {spec!r}"
-            )
-        if isinstance(where, str):
-            try:
-                re.compile(where)
-            except re.error as e:
-                raise ValueError(
-                    f"{fn}: rule {i} has an invalid regex where={where!r} ({e}); escape special "
-                    "characters with re.escape"
-                ) from None
-        elif where is not None and not callable(where):
-            raise TypeError(
-                f"{fn}: rule {i}: where must be None, a regex string or a predicate "
-                f"(path, leaf) -> bool, got {where!r}"
-            )
-        out.append((where, spec))
-    return out
-
-
 def quantize_params(
     params: Any, rules: Any, *, default: QuantSpec | None = None
 ) -> tuple[Any, SizeReport]:
@@ -152,7 +114,7 @@ def quantize_params(
     ('QArray', 'ArrayImpl', 3584)
     """
     fn = "quant.quantize_params"
-    rules = _normalize_rules(rules, fn)
+    rules = normalize(rules, fn)
     if default is not None and not isinstance(default, QuantSpec):
         raise TypeError(f"{fn}: default must be a QuantSpec or None, got {default!r}")
     rows: list[LeafSize] = []
@@ -161,11 +123,7 @@ def quantize_params(
         if isinstance(leaf, QArray) or not _tree.is_float_array(leaf):
             return leaf
         name = _tree.path_str(path)
-        spec = default
-        for where, s in rules:
-            if _tree.is_selected(where, name, leaf):
-                spec = s
-                break
+        spec = match(rules, name, leaf, default=default, fn=fn)
         try:
             new = leaf if spec is None else quantize(leaf, spec, path=name)
         except ValueError as e:

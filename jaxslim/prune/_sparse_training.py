@@ -21,19 +21,18 @@ import optax
 from jax import lax
 
 from jaxslim import _tree
-from jaxslim.prune.masks import (
+from jaxslim._checks import fraction, integer, nonnegative
+from jaxslim.prune._masks import (
     check_leaf_structure,
     check_structure,
     check_where,
     is_sparsity_tree,
     topk_mask,
 )
-from jaxslim.prune.schedules import _check_fraction, _check_int, erk, uniform
-from jaxslim.prune.scores import magnitude, random
-from jaxslim.prune.transform import SparseState, _lowest_k_leaf
+from jaxslim.prune._schedules import erk, uniform
+from jaxslim.prune._scores import magnitude, random
+from jaxslim.prune._transform import SparseState, lowest_k_leaf
 from jaxslim.structures import Structure, Unstructured, float_keys
-
-__all__ = ["rigl", "set_sparse", "static_sparse", "ste", "sr_ste", "straight_through"]
 
 _TOP = jnp.uint32(0xFFFFFFFF)
 
@@ -54,7 +53,7 @@ def _sparsities(fn: str, params, sparsity, distribution: str, where):
     if is_sparsity_tree(sparsity):
         return sparsity
     try:
-        _check_fraction(fn.removeprefix("prune."), sparsity)
+        fraction(fn, sparsity)
         if distribution == "erk":
             return erk(params, sparsity, where=where)
         return uniform(params, sparsity, where=where)
@@ -110,10 +109,10 @@ def _drop_grow(m, p, grow_order, k):
     ``grow_order`` (``uint32``; ties by flat index). Returns the new mask; its count equals
     ``m``'s exactly (``k <= n_active <= #inactive after the drop + k``)."""
     drop_keys = jnp.where(m, jnp.minimum(float_keys(jnp.abs(p)), _TOP - 1), _TOP)
-    dropped = _lowest_k_leaf(drop_keys, k)
+    dropped = lowest_k_leaf(drop_keys, k)
     after = m & ~dropped
     grow_keys = jnp.where(after, _TOP, jnp.minimum(grow_order, _TOP - 1))
-    grown = _lowest_k_leaf(grow_keys, k)
+    grown = lowest_k_leaf(grow_keys, k)
     return after | grown
 
 
@@ -133,11 +132,10 @@ def _dynamic(
     if distribution not in ("uniform", "erk"):
         raise ValueError(f"{fn}: distribution must be 'uniform' or 'erk', got {distribution!r}")
     if not is_sparsity_tree(sparsity):
-        _check_fraction(fn.removeprefix("prune."), sparsity)
-    name = fn.removeprefix("prune.")
-    update_every = _check_int(name, "update_every", update_every, low=1)
-    end_step = _check_int(name, "end_step", end_step, low=1)
-    drop_fraction = _check_fraction(name, drop_fraction, "drop_fraction")
+        fraction(fn, sparsity)
+    update_every = integer(fn, "update_every", update_every, low=1)
+    end_step = integer(fn, "end_step", end_step, low=1)
+    drop_fraction = fraction(fn, drop_fraction, "drop_fraction")
     check_where(fn, where)
     key = _check_key(fn, key)
     if optimizer is not None and not isinstance(optimizer, optax.GradientTransformation):
@@ -406,9 +404,9 @@ def sr_ste(
     fn = "prune.sr_ste" if decay else "prune.ste"
     check_structure(fn, structure)
     check_where(fn, where)
-    d = _tree_float(fn, "decay", decay)
+    d = nonnegative(fn, "decay", decay)
     if not is_sparsity_tree(sparsity):
-        _check_fraction(fn.removeprefix("prune."), sparsity)
+        fraction(fn, sparsity)
 
     def masks_for(params):
         return topk_mask(magnitude(params), sparsity, structure=structure, where=where)
@@ -451,12 +449,3 @@ def ste(
     Array(2, dtype=int32)
     """
     return sr_ste(sparsity, structure=structure, decay=0.0, where=where)
-
-
-def _tree_float(fn: str, name: str, value) -> float:
-    from jaxslim.schedules import _scalar  # noqa: PLC0415
-
-    v = _scalar(fn, name, value)
-    if v is None or not math.isfinite(v) or v < 0:
-        raise ValueError(f"{fn}: {name} must be a finite number >= 0, got {value!r}")
-    return v

@@ -22,6 +22,7 @@ and is pruned first. This holds for every structure and both scopes.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 import jax
@@ -31,10 +32,8 @@ import optax
 from jax import lax
 
 from jaxslim import _tree
-from jaxslim.schedules import _scalar
+from jaxslim._checks import scalar
 from jaxslim.structures import NM, Blocks, Channels, Structure, Unstructured, float_keys, nm_mask
-
-__all__ = ["topk_mask", "apply_mask", "float_keys", "num_to_prune"]
 
 _FN = "prune.topk_mask"
 
@@ -45,7 +44,7 @@ def check_sparsity(sparsity: Any, *, fn: str = _FN, what: str = "") -> float | N
     Python numbers, NumPy scalars and 0-d arrays and 0-d ``jax.Array`` outside ``jit`` are
     concrete and checked; ``bool``, strings and arrays of more than one entry raise ``TypeError``.
     """
-    s = _scalar(fn, "sparsity", sparsity)
+    s = scalar(fn, "sparsity", sparsity)
     if s is not None and not 0.0 <= s <= 1.0:  # NaN fails too
         raise ValueError(f"{fn}: sparsity must be in [0, 1], got {sparsity!r}{what}")
     return s
@@ -141,7 +140,7 @@ def _select_radix(keys: list[jax.Array], k):
     return t, below1 + below2, [h[b2] for h in h2]
 
 
-def _explicitly_sharded(x: jax.Array) -> bool:
+def explicitly_sharded(x: jax.Array) -> bool:
     try:
         return any(s is not None for s in jax.typeof(x).sharding.spec)
     except AttributeError:
@@ -237,13 +236,13 @@ def _select_sampled(keys: list[jax.Array], k, *, sample: int, margin: float = 4.
 
 def _select_exact(keys: list[jax.Array], k):
     """``(t, #{key < t}, #{key == t})`` by radix select, or bisection under ``Explicit`` axes."""
-    select = _select_bisect if any(map(_explicitly_sharded, keys)) else _select_radix
+    select = _select_bisect if any(map(explicitly_sharded, keys)) else _select_radix
     t, n_lt, n_eqs = select(keys, k)
     return t, n_lt, sum(n_eqs)
 
 
 @functools.partial(jax.jit, static_argnames=("sample", "margin", "exact"))
-def _lowest_k(
+def lowest_k(
     keys: list[jax.Array], k, *, sample: int | None = None, margin: float = 4.0, exact=False
 ) -> list[jax.Array]:
     """Marks the ``k`` lowest keys overall (ties by leaf order, then flat index).
@@ -259,7 +258,7 @@ def _lowest_k(
     k = jnp.asarray(k, jnp.int32)
     k1 = jnp.maximum(k, 1)
     n = sum(key.size for key in keys)
-    explicit = any(map(_explicitly_sharded, keys))
+    explicit = any(map(explicitly_sharded, keys))
     if sample is None and n >= _SAMPLE_FROM:
         sample = _SAMPLE
     if explicit or exact or sample is None:
@@ -295,7 +294,7 @@ def _mark(keys: list[jax.Array], k, t, n_lt, n_eq) -> list[jax.Array]:
         def some_ties(key=key, take=take):
             # the `take` equal entries with the lowest flat index: bisection on the index for the
             # cut (no cumsum: it would need the array unsharded along the scanned axis)
-            flat = _flat_index(key.shape)
+            flat = flat_index(key.shape)
 
             def step(_, lohi):
                 lo, hi = lohi
@@ -312,7 +311,7 @@ def _mark(keys: list[jax.Array], k, t, n_lt, n_eq) -> list[jax.Array]:
     return out
 
 
-def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+def flat_index(shape: tuple[int, ...]) -> jax.Array:
     """Row-major flat index of every entry, built from iotas (no reshape of a sharded array)."""
     flat = jnp.zeros(shape, jnp.int32)
     stride = 1
@@ -347,6 +346,8 @@ def topk_mask(
 
     Non-finite scores: NaN ranks lowest (pruned first), ``+inf`` highest; a group holding a NaN
     has a NaN norm and is pruned first. A NaN never costs a finite entry its place in an N:M run.
+    Called eagerly on scores that hold NaN, it also warns (``RuntimeWarning``) naming the leaf and
+    the count: a NaN weight is usually an upstream bug. Under ``jit`` the rule applies silently.
 
     Args:
       scores: a tree of float arrays (e.g. ``magnitude(params)``); ``None`` leaves are skipped.
@@ -380,8 +381,9 @@ def topk_mask(
     leaves = dict(_tree.leaves_with_paths(scores))
     for path in paths:
         check_leaf_structure(fn, structure, path, leaves[path].shape)
+        warn_nan(fn, path, leaves[path])
 
-    per_leaf = _per_leaf_sparsity(fn, sparsity, scores, paths, scope)
+    per_leaf = per_leaf_sparsity(fn, sparsity, scores, paths, scope)
     if per_leaf is not None:
         return _topk_per_leaf(scores, per_leaf, structure, where)
 
@@ -405,12 +407,12 @@ def topk_mask(
     if scope == "global":
         n = sum(int(np.prod(g.shape)) for g in groups.values())
         k = num_to_prune(sparsity, n, what=f" for leaves {paths}")
-        pruned = dict(zip(paths, _lowest_k([keys[p] for p in paths], k), strict=True))
+        pruned = dict(zip(paths, lowest_k([keys[p] for p in paths], k), strict=True))
     else:
         pruned = {}
         for p in paths:
             k = num_to_prune(sparsity, int(np.prod(groups[p].shape)), what=f" for {p!r}")
-            (pruned[p],) = _lowest_k([keys[p]], k)
+            (pruned[p],) = lowest_k([keys[p]], k)
 
     def expand(path, s):
         return _tree.match_sharding(structure.expand(~pruned[path], s.shape), s)
@@ -420,6 +422,23 @@ def topk_mask(
 
 def _none(*_):
     return None
+
+
+def warn_nan(fn: str, path: str, scores: Any) -> None:
+    """Warns (``RuntimeWarning``) when concrete ``scores`` hold NaN: they rank lowest and are
+    pruned first, and a NaN weight is usually an upstream bug the user must hear about. Traced
+    scores (under ``jit``) are not inspected: the documented ranking applies silently."""
+    if isinstance(scores, jax.core.Tracer) or not jnp.issubdtype(scores.dtype, jnp.floating):
+        return
+    with jax.ensure_compile_time_eval():  # a concrete array closed over by a jit is checked too
+        n = int(jnp.count_nonzero(jnp.isnan(scores)))
+    if n:
+        warnings.warn(
+            f"{fn}: {n} of the {scores.size} scores of {path!r} are NaN (a NaN weight?); they "
+            "rank lowest and are pruned first. Check the step that produced them.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _all(path, leaf) -> bool:
@@ -433,7 +452,7 @@ def is_sparsity_tree(sparsity: Any) -> bool:
     return not jax.tree_util.treedef_is_leaf(jax.tree.structure(sparsity))
 
 
-def _per_leaf_sparsity(fn: str, sparsity: Any, scores, paths: list, scope: str) -> dict | None:
+def per_leaf_sparsity(fn: str, sparsity: Any, scores, paths: list, scope: str) -> dict | None:
     """``{path: sparsity}`` for a per-leaf sparsity tree (e.g. from ``erk``), else ``None``."""
     if not is_sparsity_tree(sparsity):
         return None

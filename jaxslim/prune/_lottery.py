@@ -14,11 +14,9 @@ import jax.numpy as jnp
 import optax
 
 from jaxslim import _tree
-from jaxslim.prune.masks import apply_mask, check_structure, check_where, topk_mask
-from jaxslim.prune.schedules import _check_fraction, _check_int
+from jaxslim._checks import fraction, integer
+from jaxslim.prune._masks import apply_mask, check_structure, check_where, topk_mask
 from jaxslim.structures import Structure, Unstructured
-
-__all__ = ["LotteryRound", "lottery"]
 
 _FN = "prune.lottery"
 
@@ -101,7 +99,7 @@ def lottery(
     if not callable(train_fn):
         raise TypeError(f"{_FN}: train_fn must be a callable (params, masks) -> (params, ckpts)")
     schedule = _schedule(rounds, sparsity_per_round, sparsities)
-    rewind_step = _check_int("lottery", "rewind_step", rewind_step, low=0)
+    rewind_step = integer("prune.lottery", "rewind_step", rewind_step, low=0)
     check_structure(_FN, structure)
     check_where(_FN, where)
     masks = _tree.map_selected(
@@ -145,7 +143,7 @@ def _schedule(rounds, sparsity_per_round, sparsities) -> list[float]:
                 f"{_FN}: sparsities must be a sequence of overall sparsities in [0, 1], "
                 f"got {type(sparsities).__name__} {sparsities!r:.60}"
             )
-        out = [_check_fraction("lottery", v, "each of sparsities") for v in sparsities]
+        out = [fraction("prune.lottery", v, "each of sparsities") for v in sparsities]
         if not out:
             raise ValueError(f"{_FN}: sparsities must hold at least one round's sparsity, got []")
         for r, (a, b) in enumerate(zip(out[:-1], out[1:], strict=True), start=2):
@@ -160,8 +158,8 @@ def _schedule(rounds, sparsity_per_round, sparsities) -> list[float]:
             f"{_FN}: give the schedule as rounds= and sparsity_per_round=, or as sparsities=[...] "
             f"(got rounds={rounds!r}, sparsity_per_round={sparsity_per_round!r})"
         )
-    rounds = _check_int("lottery", "rounds", rounds, low=1)
-    p = _check_fraction("lottery", sparsity_per_round, "sparsity_per_round")
+    rounds = integer("prune.lottery", "rounds", rounds, low=1)
+    p = fraction("prune.lottery", sparsity_per_round, "sparsity_per_round")
     return [1.0 - (1.0 - p) ** r for r in range(1, rounds + 1)]
 
 

@@ -38,9 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxslim import _jaxpr, _tree
-from jaxslim.splice.graph import Group, Member, trace
-
-__all__ = ["importance"]
+from jaxslim.splice._graph import Group, Member, trace
 
 _AGG = ("l2", "mean", "max")
 

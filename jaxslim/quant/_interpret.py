@@ -49,11 +49,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxslim import _jaxpr, _tree
-from jaxslim.quant.dot import qdot_general
-from jaxslim.quant.qarray import QArray, dequantize, fake_quant, is_qarray
-from jaxslim.quant.spec import QuantSpec
-
-__all__ = ["quantized"]
+from jaxslim.quant._dot import qdot_general
+from jaxslim.quant._qarray import QArray, dequantize, fake_quant, is_qarray
+from jaxslim.quant._spec import QuantSpec
 
 _FN = "quant.quantized"
 _PASS = frozenset({"copy", "copy_p", "optimization_barrier", "pvary", "sharding_constraint"})
@@ -366,7 +364,7 @@ def quantized(
         (``x @ W``) or the left (``W @ x``, Equinox) operand: ``QuantSpec(8)`` gives W8A8 with
         int8 x int8 products accumulated in int32 where the kernel is int8 with one scale per
         output channel (constant along the contracted axis) and the product has enough rows for
-        the int path (``quant.dot.INT_MIN_ROWS``), and simulated activation quantization
+        the int path (``quant._dot.INT_MIN_ROWS``), and simulated activation quantization
         (``fake_quant``) elsewhere. Raises ``ValueError`` when a quantized convolution kernel
         is met (convolution inputs are not quantized).
       impl: passed to ``qdot_general`` (``"auto"``, ``"blocked"``, ``"int"``, ``"dequantize"``).

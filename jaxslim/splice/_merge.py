@@ -20,10 +20,8 @@ import numpy as np
 import optax
 
 from jaxslim import _tree
-from jaxslim.splice.influence import _check_blocks, _loss_and_hiddens
-from jaxslim.splice.surgery import _split_block, drop_layer
-
-__all__ = ["MergeReport", "block_similarity", "merge_similar_blocks"]
+from jaxslim.splice._influence import check_blocks, loss_and_hiddens
+from jaxslim.splice._surgery import drop_layer, split_block
 
 
 class MergeReport(NamedTuple):
@@ -67,7 +65,7 @@ def _block_similarity(fn, params, batches, fn_name: str) -> tuple[np.ndarray, fl
     jfn = jax.jit(fn)
     total, loss = None, 0.0
     for n, batch in enumerate(batches):
-        value, hs = _loss_and_hiddens(jfn(params, batch), n, fn_name)
+        value, hs = loss_and_hiddens(jfn(params, batch), n, fn_name)
         if len(hs) < 3:
             raise ValueError(
                 f"{fn_name}: fn returned {len(hs)} hidden states; two blocks "
@@ -89,7 +87,7 @@ _FN = "splice.merge_similar_blocks"
 
 
 def _get_block(params: Any, block: str | tuple[str, int]) -> Any:
-    path, index = _split_block(block, _FN)
+    path, index = split_block(block, _FN)
     sub = _tree.get_path(params, path, fn_name=_FN)
     if index is None:
         return sub
@@ -97,7 +95,7 @@ def _get_block(params: Any, block: str | tuple[str, int]) -> Any:
 
 
 def _set_block(params: Any, block: str | tuple[str, int], value: Any) -> Any:
-    path, index = _split_block(block, _FN)
+    path, index = split_block(block, _FN)
     if index is not None:
         old = _tree.get_path(params, path, fn_name=_FN)
         value = jax.tree.map(lambda s, v: s.at[index].set(v), old, value)
@@ -165,7 +163,7 @@ def merge_similar_blocks(
     >>> len(new["blocks"]), rep.merged, new["blocks"][0]["w2"][0, 0].item()
     (1, (('blocks/0', 'blocks/1'),), 0.5)
     """
-    blocks = list(_check_blocks(params, blocks, _FN))
+    blocks = list(check_blocks(params, blocks, _FN))
     if len(blocks) < 2:
         raise ValueError(f"splice.merge_similar_blocks: need two blocks or more, got {blocks!r}")
     _tree.check_where(out, fn_name=_FN)

@@ -17,27 +17,25 @@ import optax
 from jax import lax
 
 from jaxslim import _tree
-from jaxslim.prune.masks import (
-    _explicitly_sharded,
-    _flat_index,
-    _lowest_k,
-    _per_leaf_sparsity,
+from jaxslim._checks import scalar
+from jaxslim.prune._masks import (
     apply_mask,
     check_leaf_structure,
     check_mask_leaf,
     check_sparsity,
     check_structure,
     check_where,
+    explicitly_sharded,
+    flat_index,
     is_sparsity_tree,
+    lowest_k,
     num_to_prune,
+    per_leaf_sparsity,
     topk_mask,
 )
-from jaxslim.prune.schedules import SparsitySchedule, constant_schedule
-from jaxslim.prune.scores import magnitude
-from jaxslim.schedules import _scalar
+from jaxslim.prune._schedules import SparsitySchedule, constant_schedule
+from jaxslim.prune._scores import magnitude
 from jaxslim.structures import NM, Structure, Unstructured, float_keys
-
-__all__ = ["PrunerState", "MaskState", "SparseState", "pruner", "keep_mask", "masks_of"]
 
 
 class PrunerState(NamedTuple):
@@ -78,8 +76,8 @@ def _masked_updates(fn: str, updates, params, masks):
     return jax.tree_util.tree_map_with_path(one, updates, params, masks)
 
 
-def _lowest_k_leaf(key: jax.Array, k) -> jax.Array:
-    """Marks the ``k`` lowest of one leaf's ``uint32`` keys (ties by flat index): ``_lowest_k([key],
+def lowest_k_leaf(key: jax.Array, k) -> jax.Array:
+    """Marks the ``k`` lowest of one leaf's ``uint32`` keys (ties by flat index): ``lowest_k([key],
     k)[0]``, written small.
 
     The mask update runs under ``lax.cond`` in every step's program, and on XLA:CPU each step pays
@@ -89,10 +87,10 @@ def _lowest_k_leaf(key: jax.Array, k) -> jax.Array:
     (elementwise: no reduction buffers), and the cut among keys equal to the threshold is a
     ``while_loop`` that does not run when all of them go (the usual case). Same result, no
     gather (histograms are scatter-adds into a replicated array); under a mesh with ``Explicit``
-    axes it defers to ``_lowest_k``.
+    axes it defers to ``lowest_k``.
     """
-    if _explicitly_sharded(key):
-        return _lowest_k([key], k)[0]
+    if explicitly_sharded(key):
+        return lowest_k([key], k)[0]
     k = jnp.asarray(k, jnp.int32)
     bits = 8 if key.size < 1 << 16 else 16  # 4 passes of 256 bins or 2 of 65536
     bins, digit_mask = 1 << bits, jnp.uint32((1 << bits) - 1)
@@ -111,7 +109,7 @@ def _lowest_k_leaf(key: jax.Array, k) -> jax.Array:
 
     init = (jnp.uint32(0), jnp.maximum(k, 1), jnp.int32(0))
     t, need, n_eq = lax.fori_loop(0, 32 // bits, radix, init)  # t: the k-th key; prune `need`
-    flat = _flat_index(key.shape)
+    flat = flat_index(key.shape)
 
     def cut_step(lohi):  # the smallest cut with #{key == t, flat < cut} >= need
         lo, hi = lohi
@@ -126,16 +124,16 @@ def _lowest_k_leaf(key: jax.Array, k) -> jax.Array:
 
 def _layer_masks(fn: str, scores, sparsity, structure: Structure, where) -> optax.Params:
     """``topk_mask(scores, sparsity, structure=structure, scope="layer", where=where)`` for a
-    non-``NM`` structure, each leaf selected by ``_lowest_k_leaf``: the same groups, counts and
-    order, in a smaller program (see ``_lowest_k_leaf``)."""
+    non-``NM`` structure, each leaf selected by ``lowest_k_leaf``: the same groups, counts and
+    order, in a smaller program (see ``lowest_k_leaf``)."""
     paths = _tree.selected_paths(scores, where, fn_name=fn)
-    per_leaf = _per_leaf_sparsity(fn, sparsity, scores, paths, "layer")
+    per_leaf = per_leaf_sparsity(fn, sparsity, scores, paths, "layer")
 
     def one(path, x):
         groups = structure.reduce(x)
         s = sparsity if per_leaf is None else per_leaf[path]
         k = num_to_prune(s, groups.size, what=f" for {path!r}")
-        pruned = _lowest_k_leaf(float_keys(groups), k)
+        pruned = lowest_k_leaf(float_keys(groups), k)
         return _tree.match_sharding(structure.expand(~pruned, x.shape), x)
 
     return _tree.map_selected(one, scores, where=where, fn_name=fn, unselected=lambda *_: None)
@@ -236,7 +234,7 @@ def pruner(
 
     def _scheduled(t):
         s = schedule(t)
-        c = _scalar(fn, "the scheduled sparsity", s)
+        c = scalar(fn, "the scheduled sparsity", s)
         if c is not None and not 0.0 <= c <= 1.0:
             raise ValueError(
                 f"{fn}: the schedule gave sparsity {c!r} at step {_step(t)}; it must be in [0, 1]"

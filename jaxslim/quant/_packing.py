@@ -12,8 +12,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["pack", "unpack", "packed_shape"]
-
 
 def _per_byte(bits: int, fn: str = "quant.pack") -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in (2, 4, 8):

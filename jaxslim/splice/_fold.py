@@ -28,9 +28,7 @@ import jax.numpy as jnp
 
 from jaxslim import _jaxpr, _tree
 from jaxslim.splice._affine import Finder, Param, affine_values
-from jaxslim.splice.surgery import fuse_linear
-
-__all__ = ["Fold", "Fuse", "find_foldable", "fold_all", "fuse_all"]
+from jaxslim.splice._surgery import fuse_linear
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,9 +20,7 @@ import numpy as np
 import optax
 
 from jaxslim import _tree
-from jaxslim.splice.graph import Group, Member
-
-__all__ = ["Plan", "make_plan", "apply_plan", "apply_plan_to_opt_state", "remove_channels"]
+from jaxslim.splice._graph import Group, Member
 
 
 class Plan(NamedTuple):
@@ -172,10 +170,10 @@ def apply_plan(tree: Any, plan: Plan, *, suffix: bool = False) -> Any:
         raise TypeError(
             "splice.apply_plan: the arguments are (tree, plan): the tree first, the plan second"
         )
-    return _apply_plan(tree, plan, suffix=suffix, fn_name="splice.apply_plan")
+    return apply_plan_for(tree, plan, suffix=suffix, fn_name="splice.apply_plan")
 
 
-def _apply_plan(tree: Any, plan: Plan, *, suffix: bool, fn_name: str) -> Any:
+def apply_plan_for(tree: Any, plan: Plan, *, suffix: bool, fn_name: str) -> Any:
     if not isinstance(plan, Plan):
         raise TypeError(f"{fn_name}: plan must be a splice.Plan, got {type(plan).__name__}")
     todo = _per_leaf(plan)
@@ -268,7 +266,7 @@ def remove_channels(params: Any, group: Group, keep: Sequence[int]) -> Any:
     {'b1': (2,), 'w1': (3, 2), 'w2': (2, 2)}
     """
     keep = _check_keep(group, keep, "splice.remove_channels")
-    return _apply_plan(
+    return apply_plan_for(
         params, Plan((group,), (keep,)), suffix=False, fn_name="splice.remove_channels"
     )
 

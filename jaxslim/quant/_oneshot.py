@@ -1,16 +1,17 @@
 """``quant.oneshot``: calibrated post-training quantization of any function's kernels.
 
 The twin of ``prune.oneshot``: ``fn(params, batch)`` is traced (``jaxslim.calibrate``), every
-kernel a rule quantizes gets its input statistics, and one method quantizes it:
+kernel a rule quantizes gets its input statistics, and one method (a record of
+``quant/_methods.py``) quantizes it:
 
-* ``"rtn"``: round to nearest (``quant.quantize``);
-* ``"gptq"``: ``quant.gptq`` on the kernel's ``X^T X``;
-* ``"hqq"``: ``quant.hqq`` (calibration-free; statistics only for the report);
-* ``"awq"``: ``quant.awq_scales`` per group of kernels sharing an input, folded into the absorber
-  ``quant.find_absorbers`` finds, then RTN;
-* ``"smoothquant"``: ``quant.smooth_scales`` (``alpha``), folded the same way, then int8 weights
-  per output channel (W8A8: run the activations through ``quant.w8a8_dot`` / ``qdot_general``
-  with a per-token ``lhs_spec``).
+* ``RTN()``: round to nearest (``quant.quantize``);
+* ``GPTQ(damp, block_size)``: ``quant.gptq`` on the kernel's ``X^T X``;
+* ``HQQ(iters)``: ``quant.hqq`` (calibration-free; statistics only for the report);
+* ``AWQ(grid, act, clip)``: ``quant.awq_scales`` per group of kernels sharing an input, folded
+  into the absorber ``quant.find_absorbers`` finds, then RTN;
+* ``SmoothQuant(alpha)``: ``quant.smooth_scales``, folded the same way, then int8 weights per
+  output channel (W8A8: run the activations through ``quant.w8a8_dot`` / ``qdot_general`` with a
+  per-token ``lhs_spec``).
 
 **Layouts.** Read from the jaxpr (``calibrate.Stats.contracted_axes``), never assumed: a rule's
 ``QuantSpec`` is written for a Flax ``(in, out)`` kernel (``axis=-1`` per output channel,
@@ -32,7 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxslim import _jaxpr, _tree, calibrate
-from jaxslim.quant.awq import (
+from jaxslim._oneshot import KernelRow, OneshotReport, relative_error
+from jaxslim.quant._awq import (
     apply_scales,
     as_matrix,
     awq_clip,
@@ -41,61 +43,13 @@ from jaxslim.quant.awq import (
     from_matrix,
     matrix_spec,
 )
-from jaxslim.quant.gptq import gptq
-from jaxslim.quant.hqq import hqq
-from jaxslim.quant.params import _normalize_rules
-from jaxslim.quant.qarray import QArray, dequantize, quantize
-from jaxslim.quant.smoothquant import W8_SPEC, check_alpha, smooth_scales
-from jaxslim.quant.spec import QuantSpec, layout
-
-__all__ = ["oneshot", "OneshotReport", "KernelReport", "kernel_spec"]
-
-METHODS = ("rtn", "gptq", "awq", "hqq", "smoothquant")
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelReport:
-    """One quantized leaf: ``method`` (with ``" (no absorber)"`` when AWQ/SmoothQuant found
-    nothing to fold into), its spec on the kernel's own layout, bytes before/after, and the
-    relative output error ``tr(D^T H D) / tr(W^T H W)`` on its calibration inputs (``nan`` for a
-    leaf that feeds no matmul)."""
-
-    path: str
-    shape: tuple[int, ...]
-    method: str
-    spec: QuantSpec
-    bytes_before: int
-    bytes_after: int
-    rel_error: float
-
-
-@dataclasses.dataclass(frozen=True)
-class OneshotReport:
-    """``rows`` per quantized leaf, ``absorbers`` ``{kernel path: absorber path or None}``
-    (AWQ/SmoothQuant), ``alphas`` ``{kernel path: alpha}``, ``seconds`` wall time."""
-
-    rows: tuple[KernelReport, ...]
-    absorbers: dict
-    alphas: dict
-    seconds: float
-
-    @property
-    def bytes_before(self) -> int:
-        return sum(r.bytes_before for r in self.rows)
-
-    @property
-    def bytes_after(self) -> int:
-        return sum(r.bytes_after for r in self.rows)
-
-    def __str__(self) -> str:
-        lines = [f"{'path':32} {'method':22} {'bits':>4} {'bytes':>10} {'rel err':>9}"]
-        for r in self.rows:
-            lines.append(
-                f"{r.path:32} {r.method:22} {r.spec.bits:>4} {r.bytes_after:>10} "
-                f"{r.rel_error:>9.2e}"
-            )
-        lines.append(f"total {self.bytes_before} -> {self.bytes_after} bytes, {self.seconds:.2f} s")
-        return "\n".join(lines)
+from jaxslim.quant._gptq import gptq
+from jaxslim.quant._hqq import hqq
+from jaxslim.quant._methods import AWQ, GPTQ, HQQ, RTN, Method, SmoothQuant, as_method
+from jaxslim.quant._qarray import QArray, dequantize, quantize
+from jaxslim.quant._rules import first, normalize
+from jaxslim.quant._smoothquant import W8_SPEC, smooth_scales
+from jaxslim.quant._spec import QuantSpec, layout
 
 
 def kernel_spec(spec: QuantSpec, shape, contracted, output) -> QuantSpec:
@@ -112,28 +66,14 @@ def kernel_spec(spec: QuantSpec, shape, contracted, output) -> QuantSpec:
     )
 
 
-def _rel_error(w2, q2, h) -> float:
-    d = w2 - q2
-    num = jnp.sum(d * (h @ d))
-    den = jnp.sum(w2 * (h @ w2))
-    return float(num / jnp.maximum(den, 1e-30))
-
-
 def oneshot(
     fn: Callable[..., Any],
     params: Any,
     batches: Iterable[Any],
     rules: Any,
     *,
-    method: str = "rtn",
+    method: Method | str = "rtn",
     sequential: bool = True,
-    alpha: float = 0.5,
-    n_grid: int = 20,
-    act: str = "rms",
-    damp: float = 0.01,
-    block_size: int = 128,
-    hqq_iters: int = 20,
-    clip: bool = True,
 ) -> tuple[Any, OneshotReport]:
     """Quantizes the kernels of ``fn(params, batch)`` with a calibrated method.
 
@@ -142,64 +82,68 @@ def oneshot(
       params: its parameter pytree.
       batches: calibration batches (read once into a list).
       rules: as ``quant.quantize_params``: a ``QuantSpec`` or ``[(where, spec or None)]``, first
-        match wins, ``None`` keeps the leaf float. Specs are written for a Flax ``(in, out)``
+        match wins, ``None`` keeps the leaf float. A leaf a ``gather`` reads (an embedding
+        table, also the LM head when tied) is left float unless a rule's ``where=`` names it
+        (``report.skipped`` says so). Specs are written for a Flax ``(in, out)``
         kernel and re-pointed at each kernel's own axes (:func:`kernel_spec`). A matched leaf
         that feeds no matmul (an embedding table used by a gather) is quantized round-to-nearest.
-      method: ``"rtn"``, ``"gptq"``, ``"awq"``, ``"hqq"`` or ``"smoothquant"`` (module
-        docstring). ``"smoothquant"`` ignores the rules' specs for kernels and uses int8 per
-        output channel (``quant.smoothquant.W8_SPEC``).
+      method: ``RTN()``, ``GPTQ(damp=0.01, block_size=128)``, ``AWQ(grid=20, act="rms",
+        clip=True)``, ``HQQ(iters=20)`` or ``SmoothQuant(alpha=0.5)`` (module docstring), or
+        the name of one (its defaults). ``SmoothQuant`` ignores the rules' specs for kernels and
+        uses int8 per output channel.
       sequential: calibrate each kernel on the outputs of the already-quantized earlier kernels
         (``calibrate.sequential``); else all on the float model. ``"rtn"`` and ``"hqq"`` are
         calibration-free: their weights do not depend on it, and their report's errors are
         always measured on the float model's inputs (one calibration pass).
-      alpha: SmoothQuant's migration strength in ``[0, 1]``.
-      n_grid: AWQ's grid size over ``alpha`` in ``[0, 1)``.
-      act: AWQ's activation magnitude, ``"rms"`` (``sqrt(mean x^2)``) or ``"absmax"``.
-      clip: AWQ's weight clipping after the scaling (``quant.awq.awq_clip``, the reference's
-        ``auto_clip``), for kernels whose scale was folded.
-      damp, block_size: GPTQ's. hqq_iters: HQQ's iterations.
 
     Returns:
       ``(qparams, report)``: ``params`` with ``QArray`` leaves where a rule quantized (AWQ and
       SmoothQuant also rescale their absorbers, float, so the float function is unchanged),
-      and a :class:`OneshotReport`.
+      and a ``quant.OneshotReport`` (the same type as ``prune.oneshot``'s): one row per
+      quantized leaf with its spec on the kernel's own layout, bytes before/after, the relative
+      output error ``||XW - XW'||_F / ||XW||_F`` on its calibration inputs (``nan`` for a leaf
+      that feeds no matmul), the round-to-nearest ``baseline`` error and ``seconds``;
+      ``report.absorbers`` / ``report.alphas`` for AWQ and SmoothQuant.
 
     >>> import jax, jax.numpy as jnp
     >>> params = {"norm": jnp.ones(16), "w": jax.random.normal(jax.random.key(0), (16, 8))}
     >>> f = lambda p, x: (x * p["norm"][None]) @ p["w"]
     >>> xs = [jax.random.normal(jax.random.key(1), (32, 16))]
-    >>> q, rep = oneshot(f, params, xs, QuantSpec(4, axis=-1, group_size=8), method="awq")
+    >>> q, rep = oneshot(f, params, xs, QuantSpec(4, axis=-1, group_size=8), method=AWQ(grid=10))
     >>> type(q["w"]).__name__, rep.absorbers["w"]
     ('QArray', 'norm')
     """
     name = "quant.oneshot"
     t0 = time.perf_counter()
-    if method not in METHODS:
-        raise ValueError(f"{name}: method must be one of {METHODS}, got {method!r}")
-    if act not in ("rms", "absmax"):
-        raise ValueError(f"{name}: act must be 'rms' or 'absmax', got {act!r}")
+    method = as_method(method, name)
     if not isinstance(sequential, bool):
         raise TypeError(f"{name}: sequential must be a bool, got {sequential!r}")
-    if method == "smoothquant":
-        check_alpha(alpha, name)
-    rules = _normalize_rules(rules, name)
+    rules = normalize(rules, name)
     _tree.reject_traced(params, fn_name=name, why="oneshot calibrates and checks values")
     batches = list(batches)
     if not batches:
         raise ValueError(f"{name}: batches is empty; pass at least one calibration batch")
+    traced = _jaxpr.make_jaxpr(fn, params, batches[0], fn_name=name)
+    uses = _jaxpr.kernel_uses_of(traced)
+    gathered = set(_jaxpr.gathered_of(traced))
     leaves = dict(_tree.leaves_with_paths(params))
     specs: dict[str, QuantSpec] = {}
+    skipped: dict[str, str] = {}
     for path, leaf in leaves.items():
         if not _tree.is_float_array(leaf):
             continue
-        for where, s in rules:
-            if _tree.is_selected(where, path, leaf, fn_name=name):
-                if s is not None:
-                    specs[path] = W8_SPEC if method == "smoothquant" else s
-                break
+        rule = first(rules, path, leaf, fn=name)
+        if rule is None or rule.spec is None:
+            continue
+        if rule.where is None and path in gathered:
+            skipped[path] = (
+                "gathered (an embedding table, and the LM head when tied): left float; a rule "
+                "whose where= names it quantizes it"
+            )
+            continue
+        specs[path] = W8_SPEC if isinstance(method, SmoothQuant) else rule.spec
     if not specs:
         raise ValueError(f"{name}: the rules quantize no leaf of fn {getattr(fn, '__name__', fn)}")
-    uses = _jaxpr.kernel_uses(fn, params, batches[0], fn_name=name)
     in_matmul = {p for p in specs if p in uses}
     if in_matmul:
         stats = calibrate.statistics(fn, params, batches, where=lambda p, x: p in in_matmul)
@@ -221,7 +165,7 @@ def oneshot(
     absorbers: dict = {}
     alphas: dict = {}
     unfolded: set = set()
-    if method in ("awq", "smoothquant"):
+    if isinstance(method, AWQ | SmoothQuant):
         groups = find_absorbers(fn, params, batches[0], stats, kernels)
         for g in groups:
             for p in g.kernels:
@@ -232,16 +176,18 @@ def oneshot(
             st = stats[g.kernels[0]]
             ws = [as_matrix(leaves[p], *axes(p)) for p in g.kernels]
             gname = ",".join(g.kernels)
-            if method == "awq":
+            if isinstance(method, AWQ):
                 a = (
                     jnp.sqrt(st.sq_norm / jnp.maximum(st.count.astype(jnp.float32), 1.0))
-                    if act == "rms"
+                    if method.act == "rms"
                     else st.absmax
                 )
-                s, al = awq_scales(ws, st.xtx, a, specs[g.kernels[0]], n_grid=n_grid, path=gname)
+                spec0 = specs[g.kernels[0]]
+                s, al = awq_scales(ws, st.xtx, a, spec0, n_grid=method.grid, path=gname)
                 al = float(al)
             else:
-                s, al = smooth_scales(ws, st.absmax, alpha=alpha, path=gname), alpha
+                al = float(method.alpha)
+                s = smooth_scales(ws, st.absmax, alpha=al, path=gname)
             for p in g.kernels:
                 alphas[p] = al
             params = apply_scales(params, g, s)
@@ -250,32 +196,48 @@ def oneshot(
             stats = calibrate.statistics(fn, params, batches, where=lambda p, x: p in in_matmul)
 
     qarrays: dict[str, QArray] = {}
-    errors: dict[str, float] = {}
+    errors: dict[str, tuple[float, float, float]] = {}
 
     def compress(path, w, st):
         c, o = axes(path)
         spec = kernel_spec(specs[path], w.shape, c, o)
         layout(spec, tuple(w.shape), path=path, fn_name=name)
         w2 = as_matrix(w.astype(jnp.float32), c, o)
-        if method == "awq" and clip and path not in unfolded:
+        t0 = time.perf_counter()
+        if isinstance(method, AWQ) and method.clip and path not in unfolded:
             q2 = awq_clip(w2, st.xtx, specs[path], path=path)
             deq2 = q2.dequantize().astype(jnp.float32)
             q = _requantize(q2, from_matrix(deq2, w.shape, c, o).astype(w.dtype), spec, c, o)
-        elif method == "gptq":
-            q2 = gptq(w2, st.xtx, matrix_spec(specs[path]), damp=damp,
-                      block_size=block_size, path=path)  # fmt: skip
+        elif isinstance(method, GPTQ):
+            m2 = matrix_spec(specs[path])
+            q2 = gptq(
+                w2,
+                st.xtx,
+                m2,
+                damp=method.damp,
+                block_size=method.block_size,
+                clip_candidates=method.clip_candidates,
+                path=path,
+            )
             deq2 = q2.dequantize().astype(jnp.float32)
             q = _requantize(q2, from_matrix(deq2, w.shape, c, o).astype(w.dtype), spec, c, o)
-        elif method == "hqq":
-            q = hqq(w, spec, iters=hqq_iters, path=path)
+        elif isinstance(method, HQQ):
+            q = hqq(w, spec, iters=method.iters, path=path)
         else:
             q = quantize(w, spec, path=path)
-        deq = dequantize(q).astype(w.dtype)
+        deq = jax.block_until_ready(dequantize(q).astype(w.dtype))
+        seconds = time.perf_counter() - t0
         qarrays[path] = q
-        errors[path] = _rel_error(w2, as_matrix(deq.astype(jnp.float32), c, o), st.xtx)
+        error = relative_error(w2, as_matrix(deq.astype(jnp.float32), c, o), st.xtx)
+        if isinstance(method, RTN):
+            baseline = error
+        else:
+            rtn = dequantize(quantize(w, spec, path=path)).astype(jnp.float32)
+            baseline = relative_error(w2, as_matrix(rtn, c, o), st.xtx)
+        errors[path] = (error, baseline, seconds)
         return deq
 
-    if sequential and method in ("gptq", "awq", "smoothquant") and in_matmul:
+    if sequential and isinstance(method, GPTQ | AWQ | SmoothQuant) and in_matmul:
         calibrate.sequential(fn, params, batches, compress, where=lambda p, x: p in in_matmul)
     else:
         for p in kernels:
@@ -285,31 +247,32 @@ def oneshot(
     for path, spec in specs.items():
         leaf = leaves[path]
         if path in qarrays:
-            m = method if path not in unfolded else f"{method} (no absorber)"
-            q, err = qarrays[path], errors[path]
-            spec_used = q.spec
+            m = method.name if path not in unfolded else f"{method.name} (no absorber)"
+            q, (err, base, sec) = qarrays[path], errors[path]
         else:  # not a kernel: round to nearest
-            q, err, m, spec_used = (
-                quantize(leaf, spec, path=path),
-                math.nan,
-                "rtn (no matmul)",
-                spec,
-            )
+            q, m = quantize(leaf, spec, path=path), "rtn (no matmul)"
+            err = base = sec = math.nan
             qarrays[path] = q
         rows.append(
-            KernelReport(
-                path,
-                tuple(leaf.shape),
-                m,
-                spec_used,
-                math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize,
-                q.nbytes,
-                err,
-            )  # fmt: skip
+            KernelRow(
+                path=path,
+                method=m,
+                shape=tuple(leaf.shape),
+                error=err,
+                baseline=base,
+                seconds=sec,
+                spec=q.spec,
+                bytes_before=math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize,
+                bytes_after=q.nbytes,
+            )
         )
     flat, tree = jax.tree_util.tree_flatten_with_path(params)
     out = jax.tree.unflatten(tree, [qarrays.get(_tree.path_str(p), x) for p, x in flat])
-    return out, OneshotReport(tuple(rows), absorbers, alphas, time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    report = OneshotReport(
+        method, tuple(rows), seconds, absorbers=absorbers, alphas=alphas, skipped=skipped
+    )
+    return out, report
 
 
 def _requantize(q2: QArray, w: jax.Array, spec: QuantSpec, c, o) -> QArray:
@@ -319,8 +282,8 @@ def _requantize(q2: QArray, w: jax.Array, spec: QuantSpec, c, o) -> QArray:
     lay = layout(spec, tuple(w.shape))
 
     def per_element(a):
-        full = jnp.broadcast_to(a, lay2.view_shape).reshape(q2.shape)
-        full = from_matrix(full, w.shape, c, o).reshape(lay.view_shape)
+        full = lay2.expand(a)
+        full = lay.to_view(from_matrix(full, w.shape, c, o))
         idx = tuple(slice(0, 1) if i in lay.reduce_axes else slice(None) for i in range(full.ndim))
         return full[idx]
 

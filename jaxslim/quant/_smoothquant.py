@@ -21,12 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxslim.quant.awq import check_activations
-from jaxslim.quant.dot import qdot_general
-from jaxslim.quant.qarray import QArray
-from jaxslim.quant.spec import QuantSpec
-
-__all__ = ["smooth_scales", "check_alpha", "w8a8_dot", "W8_SPEC"]
+from jaxslim.quant._awq import check_activations
+from jaxslim.quant._dot import qdot_general
+from jaxslim.quant._qarray import QArray
+from jaxslim.quant._spec import QuantSpec
 
 W8_SPEC = QuantSpec(8, axis=-1)
 """SmoothQuant's weights: int8, symmetric, one scale per output channel (Flax ``(in, out)``)."""

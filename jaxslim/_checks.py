@@ -1,0 +1,106 @@
+"""The argument checks every public function shares: scalars, fractions, ints, hyper-parameters.
+
+One home for them, like ``optax/_src/numerics.py``: a public function passes its own public name
+(``fn="prune.lottery"``) and the argument's name, and the error says both with the bad value.
+
+A *concrete* value (a Python number, a NumPy scalar or 0-d array, a 0-d ``jax.Array`` outside
+``jit``) is checked eagerly and raises ``ValueError`` when out of range (``TypeError`` when it is
+not a real number at all). Only a *traced* value (inside ``jit``, e.g. from a schedule at a traced
+step) skips the range check; :func:`hyper` then returns a traced flag the caller uses to turn its
+term off with ``jnp.where``, as its docstring says.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def scalar(fn: str, name: str, value: Any) -> float | None:
+    """The float value of a concrete real scalar, or ``None`` for a traced one.
+
+    Concrete: a Python ``int``/``float``, a NumPy scalar, a 0-d NumPy array, a 0-d ``jax.Array``
+    outside ``jit``. Raises ``TypeError`` naming ``fn`` for anything else: ``bool``, strings,
+    complex numbers, arrays with more than one entry (traced ones included).
+
+    >>> scalar("f", "x", np.float32(0.5))
+    0.5
+    """
+    if isinstance(value, bool | np.bool_):
+        raise TypeError(f"{fn}: {name} must be a real number, got the bool {value!r}")
+    if isinstance(value, numbers.Real):
+        return float(value)
+    dtype, shape = getattr(value, "dtype", None), getattr(value, "shape", None)
+    if dtype is None or shape is None or not isinstance(value, np.ndarray | np.generic | jax.Array):
+        raise TypeError(f"{fn}: {name} must be a real number, got {value!r}")
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        raise TypeError(f"{fn}: {name} must be a real number, got an array of dtype {dtype}")
+    if tuple(shape) != ():
+        raise TypeError(f"{fn}: {name} must be a scalar, got an array of shape {tuple(shape)}")
+    if isinstance(value, jax.core.Tracer):
+        return None
+    return float(value)
+
+
+def number(fn: str, name: str, value: Any, *, positive: bool) -> float:
+    """A concrete finite number, ``> 0`` (``positive=True``) or ``>= 0``; traced values raise."""
+    v = scalar(fn, name, value)
+    if v is None:
+        raise TypeError(f"{fn}: {name} must be a concrete number, not a value traced under jit")
+    if not math.isfinite(v) or (v <= 0 if positive else v < 0):
+        need = "> 0" if positive else ">= 0"
+        raise ValueError(f"{fn}: {name} must be finite and {need}, got {v!r}")
+    return v
+
+
+def fraction(fn: str, value: Any, what: str = "sparsity") -> float:
+    """A concrete number in ``[0, 1]`` (NaN fails); traced values raise ``TypeError``.
+
+    >>> fraction("prune.f", 0.25)
+    0.25
+    """
+    v = scalar(fn, what, value)
+    if v is None:
+        raise TypeError(f"{fn}: {what} must be a concrete number, not a traced value")
+    if not 0.0 <= v <= 1.0:  # NaN fails too
+        raise ValueError(f"{fn}: {what} must be a number in [0, 1], got {value!r}")
+    return v
+
+
+def integer(fn: str, what: str, value: Any, *, low: int | None) -> int:
+    """A Python or NumPy int (not a bool), at least ``low`` when given."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{fn}: {what} must be an int, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{fn}: {what} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def hyper(fn: str, name: str, value: Any, *, positive: bool = False):
+    """``(value, ok)``: a concrete value is checked (``ValueError``) and ``ok`` is ``True``.
+
+    A traced value cannot be checked: ``ok`` is the traced test and the returned value is a safe
+    stand-in (1 or 0) where it fails; the caller turns its term off where ``ok`` is ``False``.
+    """
+    v = scalar(fn, name, value)
+    need = "> 0" if positive else ">= 0"
+    if v is not None:
+        if not math.isfinite(v) or (v <= 0 if positive else v < 0):
+            raise ValueError(f"{fn}: {name} must be finite and {need}, got {value!r}")
+        return v, True
+    x = jnp.asarray(value, jnp.float32)
+    ok = jnp.isfinite(x) & ((x > 0) if positive else (x >= 0))
+    return jnp.where(ok, x, jnp.float32(1.0 if positive else 0.0)), ok
+
+
+def nonnegative(fn: str, name: str, value: Any) -> float:
+    """A concrete finite number ``>= 0``; traced values and negatives raise ``ValueError``."""
+    v = scalar(fn, name, value)
+    if v is None or not math.isfinite(v) or v < 0:
+        raise ValueError(f"{fn}: {name} must be a finite number >= 0, got {value!r}")
+    return v
