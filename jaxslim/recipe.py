@@ -1,14 +1,28 @@
 """Data-free compression recipes: a TOML file that mirrors the prune / quant API one to one.
 
 A recipe is what ``jaxslim compress CKPT --recipe R.toml -o OUT`` applies to a saved parameter
-tree. It needs no data and no model code: magnitude or N:M pruning, then round-to-nearest (RTN)
-quantization (integer, fp8 or NF4 codes) by rules. Each table is one call of the Python API::
+tree. Without calibration data and model code: magnitude or N:M pruning, then round-to-nearest
+(RTN) or HQQ quantization (integer, fp8 or NF4 codes) by rules. Each table is one call of the
+Python API::
 
     [[prune]]  where, sparsity, structure, scope
         -> params = prune.apply_mask(params, prune.topk_mask(prune.magnitude(params), sparsity,
                                      structure=structure, scope=scope, where=where))
     [quant]    default + [[quant.rules]] where, spec
         -> params, _ = quant.quantize_params(params, [(where, spec), ...], default=default)
+
+**Methods.** A ``method`` key names a one-shot method record and its options, one to one:
+``method = "gptq"`` is ``quant.GPTQ()``, ``method = {name = "gptq", damp = 0.01, block_size =
+128}`` is ``quant.GPTQ(damp=0.01, block_size=128)``; prune steps take ``magnitude`` (the default),
+``wanda``, ``sparsegpt`` (``prune.Magnitude/Wanda/SparseGPT``), quant rules ``rtn`` (the default),
+``hqq``, ``gptq``, ``awq``, ``smoothquant`` (``quant.RTN/HQQ/GPTQ/AWQ/SmoothQuant``); ``[quant]
+method`` is the method of rules (and ``default``) that name none. Calibrated methods (all but
+magnitude, RTN and HQQ) need the model function and calibration batches: ``apply(recipe, params,
+fn=fn, batches=batches)`` runs ``prune.oneshot`` / ``quant.oneshot(..., sequential=True)``
+(``fn(params, batch)``) on the floating leaves of ndim >= 2 that ``where`` selects, and without
+them raises ``RecipeError`` naming the method. Ready recipes
+by name: :func:`named` (``w4a16-gptq``, ``w4a16-awq``, ``w8a8-smoothquant``,
+``sparse-2of4-sparsegpt``, ``sparse50-wanda``).
 
 ``[[prune]]`` tables run in order, then ``[quant]``. "Global / local / mixed" are the same knobs as
 in Python: a prune ``scope = "global"`` ranks all selected leaves together (``"layer"``: each leaf
@@ -49,7 +63,18 @@ from jaxslim import _tree, prune, quant, report
 from jaxslim.quant import QuantSpec
 from jaxslim.structures import NM, Blocks, Channels, Structure, Unstructured
 
-__all__ = ["Recipe", "PruneStep", "QuantRule", "RecipeError", "parse", "load", "apply", "EXAMPLE"]
+__all__ = [
+    "Recipe",
+    "PruneStep",
+    "QuantRule",
+    "RecipeError",
+    "parse",
+    "load",
+    "apply",
+    "named",
+    "NAMED",
+    "EXAMPLE",
+]
 
 EXAMPLE = """\
 # jaxslim compress recipe: data-free pruning, then quantization. Each table is one call of the
@@ -108,32 +133,74 @@ class RecipeError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class PruneStep:
-    """One ``[[prune]]`` table: magnitude scores, ``topk_mask``, ``apply_mask``."""
+    """One ``[[prune]]`` table. ``method=prune.Magnitude()``: magnitude scores, ``topk_mask``,
+    ``apply_mask``; ``prune.Wanda()`` / ``prune.SparseGPT(...)``: ``prune.oneshot`` on the
+    calibration data (``scope`` must be ``"layer"``)."""
 
     sparsity: float
     where: str | None = None
     structure: Structure = Unstructured()
     scope: str = "layer"
+    method: Any = prune.Magnitude()
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantRule:
     """One ``[[quant.rules]]`` table: ``(where, spec, method)``; ``spec=None`` keeps the leaf
-    float. ``method`` is ``"rtn"`` (``quant.quantize``, round to nearest) or ``"hqq"``
-    (``quant.hqq``: half-quadratic zero points and scales, still data-free)."""
+    float. ``method`` is a ``quant`` method record (``quant.RTN()``, ``quant.HQQ(iters=20)``,
+    ``quant.GPTQ(...)``, ...) or ``None`` for the ``[quant]`` table's ``method``."""
 
     spec: QuantSpec | None
     where: str | None = None
-    method: str = "rtn"
+    method: Any = None
+
+
+_RTN = quant.RTN()  # (inside Recipe, `quant` is the field)
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """A parsed recipe: prune steps in order, then quant rules (``quant=None``: no quantization)."""
+    """A parsed recipe: prune steps in order, then quant rules (``quant=None``: no quantization);
+    ``method`` is the quant method of rules (and ``default``) that name none."""
 
     prune: tuple[PruneStep, ...] = ()
     quant: tuple[QuantRule, ...] | None = None
     default: QuantSpec | None = None
+    method: Any = _RTN
+
+
+_PRUNE_METHODS = {"magnitude": prune.Magnitude, "wanda": prune.Wanda, "sparsegpt": prune.SparseGPT}
+_QUANT_METHODS = {
+    "rtn": quant.RTN,
+    "hqq": quant.HQQ,
+    "gptq": quant.GPTQ,
+    "awq": quant.AWQ,
+    "smoothquant": quant.SmoothQuant,
+}
+_DATA_FREE = (prune.Magnitude, quant.RTN, quant.HQQ)
+_NOT_IN_TOML = {"quant"}  # prune.SparseGPT(quant=...) takes a Python callable
+
+
+def _method(key: str, v: Any, table: Mapping[str, type]) -> Any:
+    """A method record from ``"name"`` or ``{name = "...", option = value, ...}``."""
+    short = isinstance(v, str)
+    if short:
+        v = {"name": v}
+    if not isinstance(v, Mapping):
+        raise RecipeError(key, f"must be a method name or a table with 'name', got {v!r}")
+    name = v.get("name")
+    if name not in table:
+        where = f"{key}.name" if "name" in v and not short else key
+        raise RecipeError(where, f"must be one of {list(table)}, got {name!r}")
+    cls = table[name]
+    fields = [f.name for f in dataclasses.fields(cls) if f.name not in _NOT_IN_TOML]
+    _keys(key, v, ["name", *fields])
+    kwargs = {k: tuple(x) if isinstance(x, list) else x for k, x in v.items() if k != "name"}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        msg = str(e).split(": ", 1)[-1]
+        raise RecipeError(_named(key, kwargs, msg), str(e)) from None
 
 
 _STRUCTURES: dict[str, type[Structure]] = {
@@ -215,7 +282,8 @@ def _spec(key: str, v: Any) -> QuantSpec | None:
 
 
 def _prune_step(key: str, t: Any) -> PruneStep:
-    _keys(key, t, ["where", "sparsity", "structure", "scope"])
+    _keys(key, t, ["where", "sparsity", "structure", "scope", "method"])
+    method = _method(f"{key}.method", t.get("method", "magnitude"), _PRUNE_METHODS)
     structure = _structure(f"{key}.structure", t.get("structure", "unstructured"))
     if "sparsity" in t:
         s = _number(f"{key}.sparsity", t["sparsity"])
@@ -228,7 +296,15 @@ def _prune_step(key: str, t: Any) -> PruneStep:
     scope = t.get("scope", "layer")
     if scope not in ("layer", "global"):
         raise RecipeError(f"{key}.scope", f"must be 'layer' or 'global', got {scope!r}")
-    return PruneStep(s, _where(f"{key}.where", t.get("where")), structure, scope)
+    if not isinstance(method, prune.Magnitude):
+        if scope != "layer":
+            raise RecipeError(f"{key}.scope", f"must be 'layer' for method {method.name!r}")
+        if not isinstance(structure, Unstructured | NM):
+            raise RecipeError(
+                f"{key}.structure",
+                f"must be unstructured or nm for method {method.name!r} (prune.oneshot)",
+            )
+    return PruneStep(s, _where(f"{key}.where", t.get("where")), structure, scope, method)
 
 
 def parse(source: str | Mapping[str, Any]) -> Recipe:
@@ -252,8 +328,9 @@ def parse(source: str | Mapping[str, Any]) -> Recipe:
     if "quant" not in source:
         return Recipe(tuple(out))
     q = source["quant"]
-    _keys("quant", q, ["default", "rules"])
+    _keys("quant", q, ["default", "rules", "method"])
     default = _spec("quant.default", q.get("default", "float"))
+    table_method = _method("quant.method", q.get("method", "rtn"), _QUANT_METHODS)
     rules = q.get("rules", [])
     if not isinstance(rules, list):
         raise RecipeError("quant.rules", "must be an array of tables: write [[quant.rules]]")
@@ -262,13 +339,11 @@ def parse(source: str | Mapping[str, Any]) -> Recipe:
         key = f"quant.rules[{i}]"
         _keys(key, t, ["where", "spec", "method"], required=["spec"])
         spec = _spec(f"{key}.spec", t["spec"])
-        method = t.get("method", "rtn")
-        if method not in ("rtn", "hqq"):
-            raise RecipeError(f"{key}.method", f"must be 'rtn' or 'hqq', got {method!r}")
+        method = _method(f"{key}.method", t["method"], _QUANT_METHODS) if "method" in t else None
         parsed.append(QuantRule(spec, _where(f"{key}.where", t.get("where")), method))
     if default is None and all(r.spec is None for r in parsed):
         raise RecipeError("quant", "quantizes nothing: give a rule with a spec or a default")
-    return Recipe(tuple(out), tuple(parsed), default)
+    return Recipe(tuple(out), tuple(parsed), default, table_method)
 
 
 def load(path: str) -> Recipe:
@@ -293,6 +368,15 @@ def _pred(where: str | None) -> Callable[[str, Any], bool] | None:
         return None
     rx = re.compile(where)
     return lambda path, leaf: rx.search(path.removesuffix("/value")) is not None
+
+
+def _kernels(where: str | None) -> Callable[[str, Any], bool] | None:
+    """``where`` for calibrated methods: only floating leaves of ndim >= 2 (the kernels; a
+    regex alone also selects a norm's scale)."""
+    pred = _pred(where)
+    if pred is None:
+        return None
+    return lambda path, leaf: _tree.is_float_array(leaf) and leaf.ndim >= 2 and pred(path, leaf)
 
 
 def _leaves(params: Any) -> list[tuple[str, Any]]:
@@ -334,43 +418,112 @@ def check(recipe: Recipe, params: Any) -> None:
             )
 
 
+def _calibrated(key: str, method: Any, fn: Any, batches: Any) -> None:
+    if fn is None or batches is None:
+        raise RecipeError(
+            key,
+            f"method {method.name!r} is calibrated: it needs the model function and calibration "
+            "data (recipe.apply(..., fn=fn, batches=batches); on the command line --calib TEXT); "
+            "data-free methods are magnitude, rtn and hqq",
+        )
+
+
 def apply(
     recipe: Recipe,
     params: Any,
     *,
+    fn: Callable[[Any, Any], Any] | None = None,
+    batches: Iterable[Any] | None = None,
     progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
 ) -> tuple[Any, list[dict[str, Any]]]:
     """Applies ``recipe`` to ``params``: ``(compressed tree, per-leaf rows)``.
 
-    The result equals the Python API calls in the module docstring bit for bit. ``rows`` has one
-    dict per array leaf: ``path, shape, before, after`` (dtype or format), ``nonzeros_before``,
+    The result equals the Python API calls in the module docstring bit for bit: data-free steps
+    as written there, calibrated ones as ``prune.oneshot(fn, params, batches, sparsity,
+    method=..., structure=..., where=...)`` and ``quant.oneshot(fn, params, batches, rules,
+    method=...)`` (one call per distinct calibrated quant method, with the rules of other methods
+    as ``None``, so the first matching rule still decides each leaf). ``rows`` has one dict per
+    array leaf: ``path, shape, before, after`` (dtype or format), ``nonzeros_before``,
     ``nonzeros_after``, ``bytes_before``, ``bytes_after``. ``progress`` wraps the iteration over
-    leaves during quantization (e.g. ``tqdm.tqdm``).
+    leaves during data-free quantization (e.g. ``tqdm.tqdm``).
 
-    Raises ``RecipeError`` naming the key for a rule that selects nothing (``check``) or a spec
-    that does not fit a leaf it selects.
+    Args:
+      recipe: a parsed recipe (``parse``, ``load``, ``named``).
+      params: the parameter tree.
+      fn: ``fn(params, batch)``, the model (needed by calibrated methods only).
+      batches: calibration batches for ``fn`` (needed by calibrated methods only).
+      progress: wraps the leaf iteration.
+
+    Raises ``RecipeError`` naming the key for a rule that selects nothing (``check``), a spec
+    that does not fit a leaf it selects, or a calibrated method without ``fn`` and ``batches``.
     """
     check(recipe, params)
+    if batches is not None:
+        batches = list(batches)
     before = params
     for i, step in enumerate(recipe.prune):
         try:
-            mask = prune.topk_mask(
-                prune.magnitude(params),
+            if isinstance(step.method, prune.Magnitude):
+                mask = prune.topk_mask(
+                    prune.magnitude(params),
+                    step.sparsity,
+                    structure=step.structure,
+                    scope=step.scope,
+                    where=_pred(step.where),
+                )
+                params = prune.apply_mask(params, mask)
+                continue
+            _calibrated(f"prune[{i}].method", step.method, fn, batches)
+            params, _ = prune.oneshot(
+                fn,
+                params,
+                batches,
                 step.sparsity,
+                method=step.method,
                 structure=step.structure,
-                scope=step.scope,
-                where=_pred(step.where),
+                where=_kernels(step.where),
             )
+        except RecipeError:
+            raise
         except (TypeError, ValueError) as e:
             raise RecipeError(f"prune[{i}]", str(e)) from None
-        params = prune.apply_mask(params, mask)
     if recipe.quant is not None:
+        params = _quantize_calibrated(recipe, params, fn, batches)
         params = _quantize(recipe, params, progress)
     return params, _rows(before, params)
 
 
+def _method_of(recipe: Recipe, rule: QuantRule | None) -> Any:
+    return recipe.method if rule is None or rule.method is None else rule.method
+
+
+def _quantize_calibrated(recipe: Recipe, params: Any, fn: Any, batches: Any) -> Any:
+    """``quant.oneshot`` once per calibrated method, on the leaves whose first rule names it."""
+    rules = [*recipe.quant, QuantRule(recipe.default, None, None)]
+    keys = [f"quant.rules[{i}]" for i in range(len(recipe.quant))] + ["quant.default"]
+    methods = []
+    for rule in rules:
+        m = _method_of(recipe, rule)
+        if rule.spec is not None and not isinstance(m, _DATA_FREE) and m not in methods:
+            methods.append(m)
+    for m in methods:
+        key = next(
+            f"{k}.method" if r.method is not None else "quant.method"
+            for k, r in zip(keys, rules, strict=True)
+            if r.spec is not None and _method_of(recipe, r) == m
+        )
+        _calibrated(key, m, fn, batches)
+        mine = [(_kernels(r.where), r.spec if _method_of(recipe, r) == m else None) for r in rules]
+        try:
+            params, _ = quant.oneshot(fn, params, batches, mine, method=m)
+        except (TypeError, ValueError) as e:
+            raise RecipeError(key, str(e)) from None
+    return params
+
+
 def _quantize(recipe: Recipe, params: Any, progress: Any) -> Any:
-    """``quant.quantize_params(params, rules, default=...)`` one leaf at a time (for progress)."""
+    """``quant.quantize_params(params, rules, default=...)`` one leaf at a time (for progress),
+    for the leaves whose first rule has a data-free method (QArrays pass through)."""
     import jax
 
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=quant.is_qarray)
@@ -378,20 +531,24 @@ def _quantize(recipe: Recipe, params: Any, progress: Any) -> Any:
     out, any_quantized = [], False
     for path, leaf in items:
         name = _name(path)
-        if quant.is_qarray(leaf) or not _tree.is_float_array(leaf):
+        if quant.is_qarray(leaf):
+            out.append(leaf)
+            any_quantized = True
+            continue
+        if not _tree.is_float_array(leaf):
             out.append(leaf)
             continue
-        spec, key, method = recipe.default, "quant.default", "rtn"
+        spec, key, method = recipe.default, "quant.default", _method_of(recipe, None)
         for i, rule in enumerate(recipe.quant):
             if _selects(rule.where, name, leaf):
-                spec, key, method = rule.spec, f"quant.rules[{i}].spec", rule.method
+                spec, key, method = rule.spec, f"quant.rules[{i}].spec", _method_of(recipe, rule)
                 break
-        if spec is None:
+        if spec is None or not isinstance(method, _DATA_FREE):
             out.append(leaf)
             continue
         try:
-            if method == "hqq":
-                out.append(quant.hqq(leaf, spec, path=name))
+            if isinstance(method, quant.HQQ):
+                out.append(quant.hqq(leaf, spec, iters=method.iters, path=name))
             else:
                 out.append(quant.quantize(leaf, spec, path=name))
         except (TypeError, ValueError) as e:
@@ -400,6 +557,65 @@ def _quantize(recipe: Recipe, params: Any, progress: Any) -> Any:
     if not any_quantized:
         raise RecipeError("quant", "the rules quantize no leaf")
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+_W4 = "{bits = 4, axis = -1, group_size = 128}"
+_NOT_EMBED = "^(?!.*(embed|lm_head))"  # every kernel but the embedding and the output head
+
+NAMED = {
+    "w4a16-gptq": f"""\
+# int4 weights (one scale per output and 128 inputs), 16-bit activations; GPTQ.
+[quant]
+method = "gptq"
+[[quant.rules]]
+where = '{_NOT_EMBED}'
+spec = {_W4}
+""",
+    "w4a16-awq": f"""\
+# int4 weights (one scale per output and 128 inputs), 16-bit activations; AWQ.
+[quant]
+method = "awq"
+[[quant.rules]]
+where = '{_NOT_EMBED}'
+spec = {_W4}
+""",
+    "w8a8-smoothquant": f"""\
+# int8 weights per output channel, int8 activations per token (quant.w8a8_dot); SmoothQuant.
+[quant]
+method = "smoothquant"
+[[quant.rules]]
+where = '{_NOT_EMBED}'
+spec = {{bits = 8, axis = -1}}
+""",
+    "sparse-2of4-sparsegpt": f"""\
+# 2:4 sparsity along the inputs of every kernel; SparseGPT.
+[[prune]]
+where = '{_NOT_EMBED}'
+structure = {{kind = "nm", n = 2, m = 4}}
+method = "sparsegpt"
+""",
+    "sparse50-wanda": f"""\
+# 50 % unstructured sparsity per output; Wanda.
+[[prune]]
+where = '{_NOT_EMBED}'
+sparsity = 0.5
+method = "wanda"
+""",
+}
+"""Ready recipes by name, as TOML text (``named(name)`` parses one)."""
+
+
+def named(name: str) -> Recipe:
+    """A ready recipe by name (:data:`NAMED`): ``w4a16-gptq``, ``w4a16-awq``,
+    ``w8a8-smoothquant``, ``sparse-2of4-sparsegpt``, ``sparse50-wanda``. Each leaves the
+    embedding and ``lm_head`` alone and needs calibration data (``apply(..., fn=, batches=)``).
+
+    >>> named("w4a16-gptq").method
+    GPTQ(damp=0.01, block_size=128, clip_candidates=1)
+    """
+    if name not in NAMED:
+        raise RecipeError("recipe", f"no ready recipe {name!r}; the names are {list(NAMED)}")
+    return parse(NAMED[name])
 
 
 def _rows(before: Any, after: Any) -> list[dict[str, Any]]:

@@ -1,5 +1,6 @@
 """Recipes: TOML parses to the Python API's objects, and applying one equals those calls exactly."""
 
+import dataclasses
 import re
 
 import jax
@@ -239,6 +240,119 @@ def test_hqq_rule_equals_quant_hqq_and_lowers_the_error():
 
 
 def test_unknown_quant_method_names_the_key():
-    text = '[quant]\n[[quant.rules]]\nspec = {bits = 8}\nmethod = "awq"\n'
-    with pytest.raises(recipe.RecipeError, match=r"quant.rules\[0\].method"):
+    text = '[quant]\n[[quant.rules]]\nspec = {bits = 8}\nmethod = "awk"\n'
+    with pytest.raises(recipe.RecipeError, match=r"quant.rules\[0\].method: .*'gptq'"):
         recipe.parse(text)
+
+
+RECORDS = [
+    ("prune", prune.Magnitude),
+    ("prune", prune.Wanda),
+    ("prune", prune.SparseGPT),
+    ("quant", quant.RTN),
+    ("quant", quant.HQQ),
+    ("quant", quant.GPTQ),
+    ("quant", quant.AWQ),
+    ("quant", quant.SmoothQuant),
+]
+
+
+def _method_recipe(where, method):
+    if where == "prune":
+        return f"[[prune]]\nsparsity = 0.5\nmethod = {method}\n"
+    return f"[quant]\nmethod = {method}\n[[quant.rules]]\nspec = {{bits = 8, axis = -1}}\n"
+
+
+def _method_of(r, where):
+    return r.prune[0].method if where == "prune" else r.method
+
+
+@pytest.mark.parametrize("where, cls", RECORDS, ids=[c.name for _, c in RECORDS])
+def test_method_records_mirror_the_api_one_to_one(where, cls):
+    assert _method_of(recipe.parse(_method_recipe(where, f'"{cls.name}"')), where) == cls()
+    fields = [f for f in dataclasses.fields(cls) if f.name != "quant"]
+    values = {int: 3, float: 0.25, bool: False, str: "absmax"}
+    kw = {f.name: values[type(f.default)] for f in fields}
+    table = "".join(
+        f", {k} = {str(v).lower() if isinstance(v, bool) else repr(v)}" for k, v in kw.items()
+    )
+    got = _method_of(recipe.parse(_method_recipe(where, f'{{name = "{cls.name}"{table}}}')), where)
+    assert got == cls(**kw)
+    with pytest.raises(recipe.RecipeError, match=r"method\.bogus: unknown key"):
+        recipe.parse(_method_recipe(where, f'{{name = "{cls.name}", bogus = 1}}'))
+
+
+def test_bad_method_option_names_the_option():
+    with pytest.raises(recipe.RecipeError, match=r"^quant\.method\.block_size: .*block_size"):
+        recipe.parse(_method_recipe("quant", '{name = "gptq", block_size = 0}'))
+    with pytest.raises(recipe.RecipeError, match=r"^prune\[0\]\.scope: must be 'layer'"):
+        recipe.parse("[[prune]]\nsparsity = 0.5\nscope = 'global'\nmethod = 'wanda'\n")
+
+
+def _mlp():
+    k = jax.random.split(jax.random.key(3), 4)
+    params = {
+        "embed": jax.random.normal(k[0], (20, 16)),
+        "norm": jnp.ones(16),
+        "up": jax.random.normal(k[1], (16, 64)),
+        "down": jax.random.normal(k[2], (64, 16)),
+        "lm_head": jax.random.normal(k[3], (16, 20)),
+    }
+
+    def fn(p, ids):
+        h = jnp.take(p["embed"], ids, axis=0) * p["norm"][None, None]
+        h = h + jax.nn.relu(h @ p["up"]) @ p["down"]
+        return h @ p["lm_head"]
+
+    ids = [jax.random.randint(jax.random.key(5 + i), (4, 8), 0, 20, jnp.int32) for i in range(2)]
+    return params, fn, ids
+
+
+KERNELS = r"^(up|down)$"
+
+
+@pytest.mark.parametrize("name", sorted(recipe.NAMED))
+def test_named_recipes_equal_the_python_api(name):
+    params, fn, ids = _mlp()
+    r = recipe.named(name)
+    with pytest.raises(recipe.RecipeError, match=r"method '\w+' is calibrated"):
+        recipe.apply(r, params)
+    out, rows = recipe.apply(r, params, fn=fn, batches=ids)
+    if r.prune:
+        step = r.prune[0]
+        ref, _ = prune.oneshot(fn, params, ids, step.sparsity, method=step.method,
+                               structure=step.structure, where=KERNELS)  # fmt: skip
+    else:
+        spec = r.quant[0].spec
+        ref, _ = quant.oneshot(fn, params, ids, [(KERNELS, spec)], method=r.method)
+    _leaves_equal(out, ref)
+    for k in ("embed", "lm_head", "norm"):
+        np.testing.assert_array_equal(out[k], params[k])
+    assert {row["path"] for row in rows} == set(params)
+
+
+def test_mixed_methods_first_rule_decides():
+    """gptq for ``up``, hqq for ``down``: one quant.oneshot for gptq, quant.hqq for the rest."""
+    params, fn, ids = _mlp()
+    text = """
+    [quant]
+    method = {name = "gptq", damp = 0.05}
+    [[quant.rules]]
+    where = "^up$"
+    spec = {bits = 4, axis = -1, group_size = 8}
+    [[quant.rules]]
+    where = "^down$"
+    spec = {bits = 4, signed = false, symmetric = false, axis = -1, group_size = 16}
+    method = "hqq"
+    """
+    r = recipe.parse(text)
+    assert r.method == quant.GPTQ(damp=0.05) and r.quant[1].method == quant.HQQ()
+    with pytest.raises(recipe.RecipeError, match=r"^quant\.method: method 'gptq' is calibrated"):
+        recipe.apply(r, params)
+    out, _ = recipe.apply(r, params, fn=fn, batches=ids)
+    up_spec, down_spec = r.quant[0].spec, r.quant[1].spec
+    ref, _ = quant.oneshot(fn, params, ids, [("^up$", up_spec), ("^down$", None)],
+                           method=quant.GPTQ(damp=0.05))  # fmt: skip
+    _leaves_equal(out["up"], ref["up"])
+    _leaves_equal(out["down"], quant.hqq(params["down"], down_spec, path="down"))
+    np.testing.assert_array_equal(out["embed"], params["embed"])
