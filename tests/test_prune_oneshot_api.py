@@ -289,6 +289,18 @@ BAD = [
         id="quant-not-callable",
     ),
     pytest.param(
+        lambda: prune.oneshot(_mlp_fn, _mlp(), _batches(), {"w0": 0.5, "nope": 0.5}),
+        ValueError,
+        r"prune\.oneshot: .*'nope'",
+        id="sparsity-dict-unknown-path",
+    ),
+    pytest.param(
+        lambda: prune.oneshot(_mlp_fn, _mlp(), _batches(), {"w0": 1.5}),
+        ValueError,
+        r"prune\.oneshot: sparsity must be in \[0, 1\).*1\.5.*'w0'",
+        id="sparsity-dict-out-of-range",
+    ),
+    pytest.param(
         lambda: prune.SparseGPT(damp=-1.0),
         ValueError,
         r"prune\.SparseGPT: damp must be finite and >= 0, got -1\.0",

@@ -7,6 +7,7 @@ from jaxslim.prune._lottery import LotteryRound, lottery
 from jaxslim.prune._masks import apply_mask, topk_mask
 from jaxslim.prune._methods import Magnitude, SparseGPT, Wanda
 from jaxslim.prune._oneshot import oneshot
+from jaxslim.prune._owl import owl
 from jaxslim.prune._schedules import (
     constant_schedule,
     erk,
@@ -61,6 +62,7 @@ __all__ = [
     "MaskState",
     "SparseState",
     "erk",
+    "owl",
     "uniform",
     "rigl",
     "set_sparse",

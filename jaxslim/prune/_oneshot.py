@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -158,13 +158,18 @@ def _check_args(sparsity, structure, sequential) -> None:
             f"{structure!r}; for channels use splice.prune_channels"
         )
     real = int | float | np.integer | np.floating
-    if isinstance(sparsity, bool) or not isinstance(sparsity, real):
-        raise TypeError(f"{_FN}: sparsity must be a float in [0, 1), got {sparsity!r}")
-    if not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(
-            f"{_FN}: sparsity must be in [0, 1) (the fraction of each output's inputs to prune), "
-            f"got {sparsity!r}"
-        )
+    per_kernel = sparsity.items() if isinstance(sparsity, Mapping) else [(None, sparsity)]
+    for path, s in per_kernel:
+        at = "" if path is None else f" for {path!r}"
+        if isinstance(s, bool) or not isinstance(s, real):
+            raise TypeError(
+                f"{_FN}: sparsity must be a float in [0, 1) or a dict path -> float, got {s!r}{at}"
+            )
+        if not 0.0 <= float(s) < 1.0:
+            raise ValueError(
+                f"{_FN}: sparsity must be in [0, 1) (the fraction of each output's inputs to "
+                f"prune), got {s!r}{at}"
+            )
     if not isinstance(sequential, bool):
         raise TypeError(f"{_FN}: sequential must be a bool, got {sequential!r}")
 
@@ -173,7 +178,7 @@ def oneshot(
     fn: Callable[..., Any],
     params: optax.Params,
     batches: Iterable[Any],
-    sparsity: float,
+    sparsity: float | Mapping[str, float],
     *,
     method: Method | str = "sparsegpt",
     structure: Structure = Unstructured(),
@@ -188,7 +193,9 @@ def oneshot(
       params: the parameter pytree ``fn`` reads.
       batches: calibration batches (e.g. a few hundred sequences), read into a list once.
       sparsity: the fraction of each output's inputs to prune, in ``[0, 1)``. With ``NM(n, m)``
-        any ``sparsity > 0`` applies the pattern (``0`` leaves kernels dense).
+        any ``sparsity > 0`` applies the pattern (``0`` leaves kernels dense). A dict
+        ``{path: sparsity}`` (``prune.owl``, ``prune.erk`` flattened) gives each kernel its own;
+        only the kernels it names are pruned (and ``where=`` still filters them).
       method: ``SparseGPT(block_size=128, damp=0.01, quant=None)`` (mask selection with weight
         reconstruction), ``Wanda()`` (``|W| * ||X||``, no update) or ``Magnitude()`` (``|W|``
         per output; calibration is still run, for the report); the strings ``"sparsegpt"``,
@@ -250,11 +257,24 @@ def oneshot(
                 if p not in skipped and _tree.is_float_array(leaves[p]) and leaves[p].ndim >= 2
             )
             where = lambda p, _, keep=keep: p in keep  # noqa: E731
+    if isinstance(sparsity, Mapping):  # per-kernel sparsities (prune.owl): only those kernels
+        leaves = dict(_tree.leaves_with_paths(params))
+        unknown = [p for p in sparsity if p not in leaves]
+        if unknown:
+            raise ValueError(f"{_FN}: sparsity names {unknown}, which are not leaves of params")
+        outer = where
+        where = lambda p, x, outer=outer: (
+            p in sparsity
+            and (  # noqa: E731
+                outer is None or _tree.is_selected(outer, p, x, fn_name=_FN)
+            )
+        )
     done: dict[str, jax.Array] = {}
     rows: list[KernelRow] = []
 
     def compress(path: str, w: jax.Array, stats: calibrate.Stats) -> jax.Array:
-        w_new, mask, r = _prune_kernel(path, w, stats, sparsity, method, structure)
+        s = float(sparsity[path]) if isinstance(sparsity, Mapping) else sparsity
+        w_new, mask, r = _prune_kernel(path, w, stats, s, method, structure)
         done[path] = mask
         rows.extend(r)
         return w_new

@@ -8,6 +8,7 @@ private, and their tunables (block sizes, the scale floor) are not part of the A
 
 from jaxslim._oneshot import KernelRow, OneshotReport
 from jaxslim.quant import formats, storage
+from jaxslim.quant._allocate import allocate, sensitivities
 from jaxslim.quant._awq import ScaleGroup, apply_scales, awq_scales, find_absorbers
 from jaxslim.quant._dot import qdot_general
 from jaxslim.quant._gptq import gptq, gptq_hessian
@@ -75,6 +76,8 @@ __all__ = [
     "smooth_scales",
     "w8a8_dot",
     "oneshot",
+    "allocate",
+    "sensitivities",
     "OneshotReport",
     "KernelRow",
     "RTN",

@@ -174,11 +174,6 @@ def test_bad_stats():
         owl(params, [stats], 0.5)
 
 
-@pytest.mark.xfail(
-    raises=TypeError,
-    strict=True,
-    reason="prune.oneshot does not yet take a per-kernel dict {path: sparsity} (issue 20 sec. 3)",
-)
 def test_oneshot_prunes_each_kernel_at_its_owl_sparsity():
     from jaxslim import prune  # noqa: PLC0415
 
