@@ -125,7 +125,9 @@ def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
 def selected_paths(tree: Any, where: Where, *, fn_name: str, allow_empty: bool = False) -> list:
     """Paths of the leaves ``where`` selects; raises ``ValueError`` if it selects none."""
     check_where(where, fn_name=fn_name)
-    paths = [p for p, leaf in leaves_with_paths(tree) if is_selected(where, p, leaf, fn_name=fn_name)]
+    paths = [
+        p for p, leaf in leaves_with_paths(tree) if is_selected(where, p, leaf, fn_name=fn_name)
+    ]
     if not paths and not allow_empty:
         names = [p for p, _ in leaves_with_paths(tree)][:8]
         raise ValueError(
