@@ -488,13 +488,13 @@ ROWS = [
     pytest.param(
         lambda: quant.quantize_params({"w": X}, [("enc(", S8)]),
         ValueError,
-        r"quant.quantize_params: rule 0 has an invalid regex where='enc\('",
+        r"quant.quantize_params: rule 0: where='enc\(' is not a valid regular expression",
         id="params-regex",
     ),
     pytest.param(
         lambda: quant.quantize_params({"w": X}, [(3, S8)]),
         TypeError,
-        r"quant.quantize_params: rule 0: where must be .* got 3",
+        r"quant.quantize_params: rule 0: where must be .* got int 3",
         id="params-where-type",
     ),
     pytest.param(
@@ -677,7 +677,7 @@ ROWS = [
     pytest.param(
         lambda: quantize_model(_model(), [("layers/[", S8)]),
         ValueError,
-        r"flax.quantize_model: rule 0 has an invalid regex where='layers/\['",
+        r"flax.quantize_model: rule 0: where='layers/\[' is not a valid regular expression",
         id="model-regex",
     ),
     pytest.param(
@@ -745,7 +745,7 @@ ROWS = [
     pytest.param(
         lambda: qat_model(_model(), [("(", S8)]),
         ValueError,
-        r"flax.qat_model: rule 0 has an invalid regex",
+        r"flax.qat_model: rule 0: where=.* is not a valid regular expression",
         id="qat-regex",
     ),
     pytest.param(

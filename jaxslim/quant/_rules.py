@@ -9,7 +9,6 @@ to keep them float (mixed precision). ``quantize_params``, ``quant.oneshot``, th
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,19 +64,7 @@ def normalize(rules: Any, fn: str) -> tuple[Rule, ...]:
             raise TypeError(
                 f"{fn}: rule {i} ({where!r}, ...): spec must be a QuantSpec or None, got {spec!r}"
             )
-        if isinstance(where, str):
-            try:
-                re.compile(where)
-            except re.error as e:
-                raise ValueError(
-                    f"{fn}: rule {i} has an invalid regex where={where!r} ({e}); escape special "
-                    "characters with re.escape"
-                ) from None
-        elif where is not None and not callable(where):
-            raise TypeError(
-                f"{fn}: rule {i}: where must be None, a regex string or a predicate "
-                f"(path, leaf) -> bool, got {where!r}"
-            )
+        _tree.check_where(where, fn_name=f"{fn}: rule {i}")
         out.append(Rule(where, spec))
     return tuple(out)
 
