@@ -25,8 +25,13 @@ group has more rows than ``block_size`` (per-tensor and per-channel scales, or g
 a block), scales come from the original kernel.
 
 Any format of ``quant.formats`` works: rows are rounded with the format's own rounding (an fp8
-cast, the nearest nf4 codebook entry). A double-quantized format (nf4) stores its scales as int8
-codes at the end; the codes are those of the GPTQ-corrected kernel on the stored scales.
+cast, the nearest nf4 codebook entry, E2M1 round-half-even) and each group's scale comes from the
+format's rule (the MX power of two). A format whose stored scales share one second level (E8M0:
+none; NVFP4: one float32 per-tensor scale, taken from the original kernel as round-to-nearest
+does) rounds every group scale to what it stores before the group's rows are rounded, so the
+errors fed back are those of the stored grid. A double-quantized format with blocks of scales
+(nf4 with more than 256 scales) stores its scales as int8 codes at the end; the codes are those
+of the GPTQ-corrected kernel on the stored scales.
 
 Non-finite input: a concrete kernel or Hessian with NaN or inf, or a Hessian that is not positive
 definite after damping, raises ``ValueError`` naming the kernel. Under ``jit`` nothing can raise:
@@ -47,7 +52,7 @@ from jax import lax
 
 from jaxslim import _obs
 from jaxslim.quant._numerics import is_concrete, qparams_from_range
-from jaxslim.quant._qarray import QArray, check_finite, fake_values, quantize
+from jaxslim.quant._qarray import QArray, check_finite, fake_values, quantize, quantize_on
 from jaxslim.quant._spec import QuantSpec, layout
 
 _HI = lax.Precision.HIGHEST
@@ -207,6 +212,14 @@ def _gptq(w, h, spec, damp, block_size, clip_candidates):
         else _largest_divisor(k, block_size)
     )
     col_key = jnp.asarray(col_key)
+    rtn = quantize(w, spec)  # the fallback, and the second-level scales of the stored scales
+    codec = spec.format.scales
+    n_scales = math.prod(lay.scale_shape)
+    shared = codec is not None and (codec.second_size is None or codec.second_size(n_scales) == 1)
+    second = rtn.scale_scale if shared else None
+
+    def stored(s):  # a group's scales as stored, when every scale shares the second level
+        return codec.round(s, second) if shared else s
 
     def group_qparams(rows):  # rows (R, N) -> scale, zero point per column (N,)
         lo = jax.ops.segment_min(jnp.min(rows, axis=0), col_key, n_col)
@@ -217,11 +230,13 @@ def _gptq(w, h, spec, damp, block_size, clip_candidates):
 
             def err(ratio):
                 s_, z_ = qparams_from_range(ratio * lo, ratio * hi, spec)
+                s_ = stored(s_)
                 d = _round(rows, s_[col_key][None], z_[col_key].astype(jnp.float32)[None]) - rows
                 return jax.ops.segment_sum(jnp.sum(d * d, axis=0), col_key, n_col)
 
             best = ratios[jnp.argmin(lax.map(err, ratios), axis=0)]
             s, z = qparams_from_range(best * lo, best * hi, spec)
+        s = stored(s)
         return s[col_key], z[col_key].astype(jnp.float32)
 
     def _round(x, s, z):
@@ -281,19 +296,19 @@ def _gptq(w, h, spec, damp, block_size, clip_candidates):
     qs = lay.from_view(qs.reshape(lay.view_shape))  # the kernel's own shape, padding dropped
     # Gather the per-weight scales into the spec's scale layout (all writes to an entry agree).
     flat = jnp.asarray(ids.reshape(-1))
-    n_scales = math.prod(lay.scale_shape)
     s_out = jnp.zeros(n_scales, jnp.float32).at[flat].set(scale.reshape(-1))
     z_out = jnp.zeros(n_scales, jnp.float32).at[flat].set(zp.reshape(-1))
     s_out = s_out.reshape(lay.scale_shape)
     z_out = jnp.round(z_out).astype(jnp.int32).reshape(lay.scale_shape)
     # A Hessian or Cholesky factor that is not finite: round to nearest instead of garbage.
     ok = jnp.all(jnp.isfinite(u)) & jnp.all(jnp.isfinite(qs))
-    rtn = quantize(w, spec)
     qs = jnp.where(ok, qs, rtn.dequantize().astype(jnp.float32))
     rtn_zp = rtn.zero_point if rtn.zero_point is not None else jnp.zeros((), jnp.int32)
     s_out = jnp.where(ok, s_out, rtn.float_scale())
     z_out = jnp.where(ok, z_out, rtn_zp.astype(jnp.int32))
-    q = quantize(
-        qs, spec, scale=s_out, zero_point=z_out if spec.stores_zero_point else None, path=path
-    )
+    zp_out = z_out if spec.stores_zero_point else None
+    if shared:  # the scales are already stored ones: keep rtn's second level, so they stay
+        q = quantize_on(qs, spec, s_out, zp_out, second)
+    else:
+        q = quantize(qs, spec, scale=s_out, zero_point=zp_out, path=path)
     return dataclasses.replace(q, dtype=jnp.dtype(w.dtype)), ok

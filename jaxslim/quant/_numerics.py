@@ -232,7 +232,8 @@ def qparams_from_range(
     Concrete ``lo``/``hi`` must be finite (``ValueError``); traced non-finite ends count as 0.
     ``scale`` is float32 and floored at float32 eps; ``zero_point`` is int32 (0 for symmetric
     signed specs and formats without a zero point). The symmetric divisor is half the format's
-    code range (127.5 for int8, 448 for e4m3, 1 for nf4: its absmax scale).
+    code range (127.5 for int8, 448 for e4m3, 1 for nf4: its absmax scale); a format with a
+    ``scale_rule`` takes it instead (MX: ``2^(floor(log2 amax) - emax)``, NVFP4: ``amax / 6``).
 
     >>> import numpy as np
     >>> s, z = qparams_from_range(-1.0, 2.0, QuantSpec(8, signed=False, symmetric=False))
@@ -250,6 +251,10 @@ def qparams_from_range(
     lo = jnp.minimum(jnp.where(jnp.isfinite(lo), lo, 0.0), 0.0)
     hi = jnp.maximum(jnp.where(jnp.isfinite(hi), hi, 0.0), 0.0)
     qmin, qmax = spec.qmin, spec.qmax
+    rule = spec.format.scale_rule
+    if rule is not None:  # the format's own rule (MX: a power of two; NVFP4: amax / 6)
+        scale = rule(jnp.maximum(-lo, hi))
+        return scale, jnp.zeros(scale.shape, jnp.int32)
     if spec.symmetric:
         scale = jnp.maximum(_div(jnp.maximum(-lo, hi), (qmax - qmin) / 2), EPS)
         return scale, jnp.full(scale.shape, spec.symmetric_zero_point, jnp.int32)

@@ -40,7 +40,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxslim.quant import _packing as packing
-from jaxslim.quant import formats
 from jaxslim.quant._numerics import (
     check_scale,
     check_zero_point,
@@ -108,11 +107,12 @@ class QArray:
         return unpack_codes(self.values, self.spec, self.shape)
 
     def float_scale(self) -> jax.Array:
-        """The scales as float32, ``scale``'s shape (decodes a double-quantized scale)."""
-        block = self.spec.format.scale_block
-        if block is None:
+        """The scales as float32, ``scale``'s shape (decodes stored scales: nf4's int8 codes,
+        an E8M0 byte, NVFP4's E4M3 code times its per-tensor scale)."""
+        codec = self.spec.format.scales
+        if codec is None:
             return self.scale.astype(jnp.float32)
-        return formats.dequantize_scale(self.scale, self.scale_scale, block)
+        return codec.decode(self.scale, self.scale_scale)
 
     def __getitem__(self, idx):
         # ``variable[...]`` (how Flax NNX layers read their kernel) returns the QArray itself.
@@ -141,13 +141,14 @@ def _expected(spec: QuantSpec, shape: tuple[int, ...]) -> dict[str, Any]:
     f = spec.format
     lay = layout(spec, shape)
     values = shape if f.storage_bits == 8 else packing.packed_shape(shape, f.storage_bits)
-    block = f.scale_block
+    codec = f.scales
     n = math.prod(lay.scale_shape)
+    second = None if codec is None or codec.second_size is None else codec.second_size(n)
     return {
         "values": (tuple(values), jnp.dtype(spec.storage_dtype)),
-        "scale": (lay.scale_shape, jnp.dtype(jnp.float32 if block is None else jnp.int8)),
+        "scale": (lay.scale_shape, jnp.dtype(jnp.float32 if codec is None else codec.dtype)),
         "zero_point": (lay.scale_shape, jnp.dtype(spec.code_dtype)) if f.affine else None,
-        "scale_scale": None if block is None else ((-(-n // block),), jnp.dtype(jnp.float32)),
+        "scale_scale": None if second is None else ((second,), jnp.dtype(jnp.float32)),
     }
 
 
@@ -270,11 +271,13 @@ def _check_params(scale, zero_point, lay, spec, path, fn_name):
     check_zero_point(zero_point, spec.qmin, spec.qmax, fn_name, path)
 
 
-def _params(x, spec, scale, zero_point, lay):
+def _params(x, spec, scale, zero_point, lay, second=None):
     """``(scale, zero_point, stored scale, second-level scale)``, all of the scale shape.
 
-    ``scale`` is the float32 scale quantization uses: for a double-quantized format, the decoded
-    stored scale. A given traced scale that is not finite and > 0 becomes NaN (loud, not zero).
+    ``scale`` is the float32 scale quantization uses: for a format with stored scales (nf4's
+    int8 codes, E8M0, NVFP4's E4M3), the decoded stored scale; ``second`` fixes the second-level
+    scales instead of computing them. A given traced scale that is not finite and > 0 becomes
+    NaN (loud, not zero).
     """
     if scale is None:
         scale, zp = compute_qparams(x, spec, path="", fn_name="quant.quantize")
@@ -283,17 +286,21 @@ def _params(x, spec, scale, zero_point, lay):
         scale = valid_scale(jnp.broadcast_to(jnp.asarray(scale, jnp.float32), lay.scale_shape))
         zp = jnp.zeros((), jnp.int32) if zero_point is None else jnp.asarray(zero_point)
         zp = jnp.broadcast_to(zp, lay.scale_shape)
-    block = spec.format.scale_block
-    if block is None:
+    codec = spec.format.scales
+    if codec is None:
         return scale, zp, scale, None
-    codes, second = formats.quantize_scale(scale, block)
-    return formats.dequantize_scale(codes, second, block), zp, codes, second
+    if second is None and codec.second is not None:
+        second = codec.second(scale)
+    stored = codec.encode(scale, second)
+    return codec.decode(stored, second), zp, stored, second
 
 
 def _encode(v, scale, zp, spec):
-    """Float codes and the in-grid mask of ``v`` (compute dtype, statistics view)."""
-    y = v * (jnp.asarray(1, v.dtype) / scale.astype(v.dtype))
-    return spec.format.encode(y, zp, spec.qmin, spec.qmax)
+    """Float codes and the in-grid mask of ``v`` (compute dtype, statistics view). A zero scale
+    (an NVFP4 block whose E4M3 scale rounds to 0) gives zero codes."""
+    s = scale.astype(v.dtype)
+    inv = jnp.where(s == 0, jnp.zeros((), v.dtype), jnp.asarray(1, v.dtype) / s)
+    return spec.format.encode(v * inv, zp, spec.qmin, spec.qmax)
 
 
 def fake_values(v, scale, zp, spec):
@@ -347,11 +354,25 @@ def quantize(
     return _quantize(x, spec, scale, zero_point)
 
 
+def quantize_on(
+    x: jax.Array,
+    spec: QuantSpec,
+    scale: jax.Array,
+    zero_point: jax.Array | None,
+    second: jax.Array | None,
+) -> QArray:
+    """``quantize(x, spec, scale=scale, zero_point=zero_point)`` with the second-level scales
+    fixed to ``second`` (``QArray.scale_scale``; ``None``: computed from ``scale``), unchecked:
+    for methods (GPTQ) whose float scales are already ``codec.round(s, second)``, so the stored
+    scales decode to exactly ``scale``."""
+    return _quantize(x, spec, scale, zero_point, second)
+
+
 @partial(jax.jit, static_argnums=(1,))
-def _quantize(x, spec, scale, zero_point):
+def _quantize(x, spec, scale, zero_point, second=None):
     # One compiled program per spec and shape (also when called eagerly).
     lay = layout(spec, x.shape)
-    scale, zp, stored, second = _params(x, spec, scale, zero_point, lay)
+    scale, zp, stored, second = _params(x, spec, scale, zero_point, lay, second)
     v = lay.to_view(x.astype(compute_dtype(x.dtype)))
     c, _ = _encode(v, scale, zp, spec)
     codes = lay.from_view(c).astype(spec.code_dtype)  # the filler's codes are dropped

@@ -76,7 +76,12 @@ class QuantSpec:
       fmt: a format family of the registry ``quant.formats.FORMATS``: ``"int"``, ``"e4m3"``
         (``float8_e4m3fn``, max 448), ``"e5m2"`` (max 57344) or ``"nf4"`` (QLoRA's NormalFloat-4
         codebook with absmax scales, double-quantized; QLoRA's setting is
-        ``QuantSpec(fmt="nf4", axis=-1, group_size=64)``).
+        ``QuantSpec(fmt="nf4", axis=-1, group_size=64)``), or a block format: ``"mxfp8"``,
+        ``"mxfp4"`` (OCP Microscaling: blocks of 32 E4M3 / E2M1 values sharing an E8M0
+        power-of-two scale) and ``"nvfp4"`` (blocks of 16 E2M1 values, an E4M3 scale each and a
+        float32 per-tensor scale). A block format's ``group_size`` defaults to its block, and
+        with ``axis=None`` every axis but the group axis keeps its own scale (the OCP block of
+        consecutive values along ``group_axis``).
       group_axis: the axis ``group_size`` cuts; ``None`` means ``-2`` (``-1`` for a vector).
 
     Every option but ``bits`` is keyword-only. Codes of 2, 3 and 4 bits are packed into
@@ -85,6 +90,8 @@ class QuantSpec:
     >>> s = QuantSpec(4, axis=-1, group_size=32)
     >>> s.qmin, s.qmax, s.storage_bits, s.format.name
     (-8, 7, 4, 'int4')
+    >>> QuantSpec(fmt="mxfp4").group_size, QuantSpec(fmt="nvfp4", axis=-1).group_size
+    (32, 16)
     """
 
     bits: int | None = None
@@ -135,6 +142,8 @@ class QuantSpec:
                 raise ValueError(f"QuantSpec: {name} must be an int or None, got {v!r}")
             if v is not None:
                 object.__setattr__(self, name, int(v))
+        if self.group_size is None and f.block_size is not None:
+            object.__setattr__(self, "group_size", f.block_size)
         if self.group_size is not None and self.group_size < 1:
             raise ValueError(
                 f"QuantSpec: group_size must be a positive int or None, got {self.group_size!r}"
@@ -304,6 +313,8 @@ def layout(
     (2, 1, 3)
     >>> layout(QuantSpec(4, axis=-1, group_size=128), (576, 3)).scale_shape
     (5, 1, 3)
+    >>> layout(QuantSpec(fmt="mxfp4"), (64, 3)).scale_shape  # a block format: per block
+    (2, 1, 3)
     """
     shape = tuple(int(d) for d in shape)
     try:
@@ -330,6 +341,7 @@ def _layout(spec: QuantSpec, shape: tuple[int, ...], path: str, fn_name: str) ->
         return Layout(shape, shape, reduce, scale_shape)
     if ndim == 0:
         raise ValueError(f"{fn_name}: group_size given for the scalar {path!r}")
+    block_format = spec.format.block_size is not None and spec.axis is None
     g = spec.group_size
     if isinstance(g, bool) or not isinstance(g, int | np.integer) or g < 1:
         raise ValueError(
@@ -342,6 +354,8 @@ def _layout(spec: QuantSpec, shape: tuple[int, ...], path: str, fn_name: str) ->
             f"{fn_name}: the group axis {ga} of {path or 'the input'!r} is also in "
             f"axis={spec.axis}; a per-channel axis cannot be cut into groups"
         )
+    if block_format:  # a block format: one scale per block of consecutive values
+        keep = set(range(ndim)) - {ga}
     n = shape[ga]
     g = int(g) if n == 0 else min(int(g), n)  # a group longer than the axis: the whole axis
     groups = -(-n // g)
