@@ -33,7 +33,6 @@ biases); other leaves' updates pass through untouched.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -338,17 +337,8 @@ def prox_elastic_net(
 _UNSET: Any = object()
 
 
-def _structure_arg(fn: str, structure: Any, groups: Any) -> Structure:
-    """Resolves ``structure=`` and its deprecated alias ``groups=``; checks the structure."""
-    if groups is not _UNSET:
-        if structure is not _UNSET:
-            raise TypeError(f"{fn}: pass structure= only (groups= is its deprecated alias)")
-        warnings.warn(
-            f"{fn}: groups= is deprecated, use structure= (the name prune.topk_mask uses)",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-        structure = groups
+def _structure_arg(fn: str, structure: Any) -> Structure:
+    """Checks ``structure=`` (default ``Channels(axis=-1)``)."""
     if structure is _UNSET:
         structure = Channels(axis=-1)
     if isinstance(structure, NM) or not isinstance(structure, Unstructured | Channels | Blocks):
@@ -397,7 +387,6 @@ def prox_group_lasso(
     *,
     structure: Structure = _UNSET,
     where: _tree.Where = None,
-    groups: Structure = _UNSET,
 ) -> optax.GradientTransformation:
     """Proximal group-lasso step (block soft threshold), last in chain: whole groups reach zero.
 
@@ -420,7 +409,6 @@ def prox_group_lasso(
       structure: ``Channels(axis)`` (default ``axis=-1``), ``Blocks(shape)`` or
         ``Unstructured()`` (which is ``prox_l1``); 2-norm groups only.
       where: which leaves (default: float leaves with ``ndim >= 2``).
-      groups: deprecated alias of ``structure`` (``DeprecationWarning``).
 
     >>> import jax.numpy as jnp, optax
     >>> p = {"w": jnp.array([[2.0, 0.1], [2.0, -0.1], [2.0, 0.1], [2.0, 0.1]])}  # (in=4, out=2)
@@ -431,7 +419,7 @@ def prox_group_lasso(
            [0., 0., 0., 0.]], dtype=float32)
     """
     fn = "regularize.prox_group_lasso"
-    structure = _structure_arg(fn, structure, groups)
+    structure = _structure_arg(fn, structure)
     strength = _schedule(fn, "strength", strength)
     learning_rate = _schedule(fn, "learning_rate", learning_rate)
 
@@ -505,12 +493,11 @@ def group_lasso_penalty(
     *,
     structure: Structure = _UNSET,
     where: _tree.Where = None,
-    groups: Structure = _UNSET,
 ) -> jax.Array:
     """``sum_g sqrt(|g|) * ||p_g||_2`` over the groups of the selected leaves (Yuan & Lin 2006).
 
     ``structure`` as in ``prox_group_lasso`` (whose step is the proximal operator of
-    ``strength * group_lasso_penalty``); ``groups=`` is its deprecated alias. The norms use
+    ``strength * group_lasso_penalty``). The norms use
     ``optax.safe_norm``: the gradient of an all-zero group is ``0``, not ``NaN``. NaN entries are
     left out of their group's norm (gradient 0 there), so one NaN does not turn its whole group's
     gradient into NaN.
@@ -523,7 +510,7 @@ def group_lasso_penalty(
     Array([0., 0.], dtype=float32)
     """
     fn = "regularize.group_lasso_penalty"
-    structure = _structure_arg(fn, structure, groups)
+    structure = _structure_arg(fn, structure)
 
     def term(path, p):
         _check_leaf(fn, structure, path, p.shape)

@@ -528,17 +528,12 @@ def test_group_lasso_penalty_skips_nan_entries(variant):
     np.testing.assert_allclose(g[[0, 2], 0], np.sqrt(3) * clean[[0, 2], 0] / 5.0, rtol=1e-6)
 
 
-def test_groups_is_a_deprecated_alias_of_structure():
-    params, u = _params(), _grads(_params())
-    with pytest.warns(DeprecationWarning, match="groups= is deprecated, use structure="):
-        old = R.prox_group_lasso(0.5, 0.1, groups=Channels(axis=-2))
-    new = R.prox_group_lasso(0.5, 0.1, structure=Channels(axis=-2))
-    a, _ = old.update(u, old.init(params), params)
-    b, _ = new.update(u, new.init(params), params)
-    chex.assert_trees_all_equal(a, b)
-    with pytest.warns(DeprecationWarning, match="group_lasso_penalty: groups= is deprecated"):
-        pa = R.group_lasso_penalty(params, groups=Blocks((2, 1)))
-    assert float(pa) == float(R.group_lasso_penalty(params, structure=Blocks((2, 1))))
+def test_groups_is_not_an_alias_of_structure_any_more():
+    """``groups=`` finished its deprecation cycle: only ``structure=`` says how weights group."""
+    with pytest.raises(TypeError, match="groups"):
+        R.prox_group_lasso(0.5, 0.1, groups=Channels(axis=-2))
+    with pytest.raises(TypeError, match="groups"):
+        R.group_lasso_penalty(_params(), groups=Blocks((2, 1)))
 
 
 def test_concrete_array_strengths_equal_floats():

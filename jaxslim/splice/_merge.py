@@ -11,6 +11,7 @@ Pruning via Layer Collapse"; block similarity as in ShortGPT, Men et al., 2024).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -36,6 +37,9 @@ class MergeReport(NamedTuple):
     merged: tuple[tuple[Any, ...], ...]
     loss_before: float
     loss_after: float
+
+
+_UNSET: Any = object()
 
 
 def block_similarity(
@@ -127,8 +131,9 @@ def merge_similar_blocks(
     blocks: Sequence[str | tuple[str, int]],
     *,
     threshold: float = 0.99,
-    out: _tree.Where,
+    where: _tree.Where = None,
     how: str = "average",
+    out: Any = _UNSET,
 ) -> tuple[Any, MergeReport]:
     """Replaces each run of adjacent blocks with near-identical updates by one block.
 
@@ -137,15 +142,16 @@ def merge_similar_blocks(
     blocks present). Adjacent blocks ``i, i+1`` are *similar* when :func:`block_similarity` is
     ``>= threshold``; every maximal run of ``k`` similar blocks becomes one block at the run's
     first position with parameters ``mean_j theta_j`` (``how="average"``) or ``theta_first``
-    (``how="first"``), and the leaves selected by ``out`` (the block's output projection, whose
+    (``how="first"``), and the leaves selected by ``where`` (the block's output projection, whose
     update is linear in them: ``"w2|b2"``, a regex or predicate on the path *inside* the block)
     multiplied by ``k``. The other blocks of the run are removed (:func:`drop_layer`).
 
     Args:
       fn, params, batches, blocks: as for :func:`block_influence`; ``blocks`` in order.
       threshold: cosine in ``[-1, 1]`` above which two adjacent blocks merge.
-      out: selects the block's output leaves (required: the update must be scaled by ``k``).
+      where: selects the block's output leaves (required: the update must be scaled by ``k``).
       how: ``"average"`` or ``"first"``.
+      out: the deprecated name of ``where`` (``DeprecationWarning``).
 
     Returns:
       ``(new_params, MergeReport)``.
@@ -159,19 +165,29 @@ def merge_similar_blocks(
     >>> b = {"w1": jnp.eye(2), "w2": 0.25 * jnp.eye(2)}
     >>> p = {"blocks": [b, b]}
     >>> new, rep = merge_similar_blocks(fn, p, [jnp.ones((1, 2))], ["blocks/0", "blocks/1"],
-    ...                                 out="w2")
+    ...                                 where="w2")
     >>> len(new["blocks"]), rep.merged, new["blocks"][0]["w2"][0, 0].item()
     (1, (('blocks/0', 'blocks/1'),), 0.5)
     """
     blocks = list(check_blocks(params, blocks, _FN))
     if len(blocks) < 2:
         raise ValueError(f"splice.merge_similar_blocks: need two blocks or more, got {blocks!r}")
-    _tree.check_where(out, fn_name=_FN)
-    if out is None:
+    if out is not _UNSET:
+        if where is not None:
+            raise TypeError(f"{_FN}: pass where= only (out= is its deprecated name)")
+        warnings.warn(
+            f"{_FN}: out= is deprecated, use where= (the leaves it selects)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        where = out
+    _tree.check_where(where, fn_name=_FN)
+    if where is None:
         raise ValueError(
-            f"{_FN}: out=None; pass the block's output leaves (a regex such as 'w2|b2' or a "
+            f"{_FN}: where=None; pass the block's output leaves (a regex such as 'w2|b2' or a "
             "predicate): the merged update is scaled through them"
         )
+    out = where
     if isinstance(threshold, bool) or not isinstance(threshold, int | float | np.floating):
         raise TypeError(f"{_FN}: threshold must be a float, got {type(threshold).__name__}")
     if not -1.0 <= threshold <= 1.0:

@@ -387,7 +387,7 @@ ROWS = [
     ),
     pytest.param(
         lambda: splice.merge_similar_blocks(
-            res_fn, BLOCKS_P, BATCHES, ["blocks/0", "blocks/1"], threshold=np.nan, out="."
+            res_fn, BLOCKS_P, BATCHES, ["blocks/0", "blocks/1"], threshold=np.nan, where="."
         ),
         ValueError,
         r"splice.merge_similar_blocks: threshold must be a cosine in \[-1, 1\], got nan",
@@ -395,7 +395,7 @@ ROWS = [
     ),
     pytest.param(
         lambda: splice.merge_similar_blocks(
-            res_fn, BLOCKS_P, BATCHES, ["blocks/0", "blocks/1"], threshold="0.9", out="."
+            res_fn, BLOCKS_P, BATCHES, ["blocks/0", "blocks/1"], threshold="0.9", where="."
         ),
         TypeError,
         r"splice.merge_similar_blocks: threshold must be a float, got str",
@@ -403,23 +403,21 @@ ROWS = [
     ),
     pytest.param(
         lambda: splice.merge_similar_blocks(
-            res_fn, BLOCKS_P, BATCHES, ["blocks/0", "blocks/1"], out="w2["
+            res_fn, BLOCKS_P, BATCHES, ["blocks/0", "blocks/1"], where="w2["
         ),
         ValueError,
         r"splice.merge_similar_blocks: where='w2\[' is not a valid regular expression",
         id="merge-out-invalid-regex",
     ),
     pytest.param(
-        lambda: splice.merge_similar_blocks(
-            res_fn, BLOCKS_P, BATCHES, ["blocks/0", "blocks/1"], out=None
-        ),
+        lambda: splice.merge_similar_blocks(res_fn, BLOCKS_P, BATCHES, ["blocks/0", "blocks/1"]),
         ValueError,
-        r"splice.merge_similar_blocks: out=None; pass the block's output leaves",
+        r"splice.merge_similar_blocks: where=None; pass the block's output leaves",
         id="merge-out-None",
     ),
     pytest.param(
         lambda: splice.merge_similar_blocks(
-            res_fn, STATE, BATCHES, ["blocks/0", "blocks/5"], out="kernel"
+            res_fn, STATE, BATCHES, ["blocks/0", "blocks/5"], where="kernel"
         ),
         ValueError,
         r"splice.merge_similar_blocks: 'blocks/5' is not in the tree \(no key '5'",

@@ -298,7 +298,7 @@ def test_merge_similar_blocks_on_integer_keyed_blocks(net, form):
     blocks = similar_blocks()
     params, fn, prefix = setup(net, form, blocks)
     paths = [f"{prefix}/{i}" for i in range(N_BLOCKS)]
-    new, rep = splice.merge_similar_blocks(fn, params, XS, paths, threshold=0.99, out="l2")
+    new, rep = splice.merge_similar_blocks(fn, params, XS, paths, threshold=0.99, where="l2")
     assert rep.similarity[0] < 0.99 <= rep.similarity[1]
     assert rep.merged == ((paths[1], paths[2]),)
     # reference: block 1 with its output projection doubled, block 2 replaced by the identity

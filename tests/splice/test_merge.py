@@ -1,5 +1,6 @@
 """merge_similar_blocks: adjacent residual blocks with near-identical updates become one block."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,7 +54,7 @@ def np_cos(a, b):
 
 def test_similar_pair_is_merged_and_dissimilar_blocks_are_not():
     new, rep = splice.merge_similar_blocks(
-        res_fn, PARAMS, BATCHES, BLOCKS, threshold=0.99, out="w2|b2"
+        res_fn, PARAMS, BATCHES, BLOCKS, threshold=0.99, where="w2|b2"
     )
     ref = np.zeros(3)
     for x in BATCHES:
@@ -83,11 +84,11 @@ def test_similar_pair_is_merged_and_dissimilar_blocks_are_not():
 
 def test_threshold_one_merges_nothing_and_first_mode_keeps_the_first():
     new, rep = splice.merge_similar_blocks(
-        res_fn, PARAMS, BATCHES, BLOCKS, threshold=1.0, out="w2|b2"
+        res_fn, PARAMS, BATCHES, BLOCKS, threshold=1.0, where="w2|b2"
     )
     assert rep.merged == () and new is PARAMS and rep.loss_after == rep.loss_before
     new, _ = splice.merge_similar_blocks(
-        res_fn, PARAMS, BATCHES, BLOCKS, threshold=0.99, out="w2|b2", how="first"
+        res_fn, PARAMS, BATCHES, BLOCKS, threshold=0.99, where="w2|b2", how="first"
     )
     np.testing.assert_array_equal(new["blocks"][1]["w1"], PARAMS["blocks"][1]["w1"])
     np.testing.assert_array_equal(new["blocks"][1]["b2"], 2 * np.asarray(PARAMS["blocks"][1]["b2"]))
@@ -99,7 +100,7 @@ def test_scanned_stack_run_of_three_becomes_one_layer():
     stack = {"stack": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
     blocks = [("stack", i) for i in range(4)]
     new, rep = splice.merge_similar_blocks(
-        scan_fn, stack, BATCHES, blocks, threshold=0.99, out="w2|b2"
+        scan_fn, stack, BATCHES, blocks, threshold=0.99, where="w2|b2"
     )
     assert rep.merged == ((("stack", 1), ("stack", 2), ("stack", 3)),)
     assert new["stack"]["w1"].shape == (2, 6, 8)
@@ -123,14 +124,23 @@ def test_block_similarity_of_known_updates(transform):
 
 def test_bad_input_raises():
     with pytest.raises(ValueError, match=r"threshold must be a cosine in \[-1, 1\], got 1.5"):
-        splice.merge_similar_blocks(res_fn, PARAMS, BATCHES, BLOCKS, threshold=1.5, out="w2")
+        splice.merge_similar_blocks(res_fn, PARAMS, BATCHES, BLOCKS, threshold=1.5, where="w2")
     with pytest.raises(ValueError, match="how must be"):
-        splice.merge_similar_blocks(res_fn, PARAMS, BATCHES, BLOCKS, out="w2", how="sum")
+        splice.merge_similar_blocks(res_fn, PARAMS, BATCHES, BLOCKS, where="w2", how="sum")
     with pytest.raises(ValueError, match="expected 4"):
-        splice.merge_similar_blocks(res_fn, PARAMS, BATCHES, BLOCKS[:3], out="w2")
+        splice.merge_similar_blocks(res_fn, PARAMS, BATCHES, BLOCKS[:3], where="w2")
     with pytest.raises(ValueError, match="need two blocks"):
-        splice.merge_similar_blocks(res_fn, PARAMS, BATCHES, BLOCKS[:1], out="w2")
+        splice.merge_similar_blocks(res_fn, PARAMS, BATCHES, BLOCKS[:1], where="w2")
     with pytest.raises(ValueError, match="batches is empty"):
-        splice.merge_similar_blocks(res_fn, PARAMS, [], BLOCKS, out="w2")
+        splice.merge_similar_blocks(res_fn, PARAMS, [], BLOCKS, where="w2")
     with pytest.raises(ValueError, match="where=.nope. selects no"):
-        splice.merge_similar_blocks(res_fn, PARAMS, BATCHES, BLOCKS, threshold=0.99, out="nope")
+        splice.merge_similar_blocks(res_fn, PARAMS, BATCHES, BLOCKS, threshold=0.99, where="nope")
+
+
+def test_out_is_the_deprecated_name_of_where():
+    with pytest.warns(DeprecationWarning, match=r"out= is deprecated, use where="):
+        old, _ = splice.merge_similar_blocks(res_fn, PARAMS, BATCHES, BLOCKS, out="w2|b2")
+    new, _ = splice.merge_similar_blocks(res_fn, PARAMS, BATCHES, BLOCKS, where="w2|b2")
+    chex.assert_trees_all_equal(old, new)
+    with pytest.raises(TypeError, match=r"pass where= only"):
+        splice.merge_similar_blocks(res_fn, PARAMS, BATCHES, BLOCKS, where="w2", out="w2")
