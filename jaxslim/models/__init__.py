@@ -22,6 +22,7 @@ from jaxslim.models._generate import generate
 from jaxslim.models._llama import block, embed, forward, head, init_cache, rms_norm
 from jaxslim.models._load import from_hf_tensors, load, to_hf_tensors
 from jaxslim.models._params import LayerSizes, Sizes, init, sizes
+from jaxslim.models._stream import compress_streamed, load_streamed
 from jaxslim.models._tokenizer import Tokenizer
 
 __all__ = [
@@ -43,5 +44,7 @@ __all__ = [
     "from_hf_tensors",
     "to_hf_tensors",
     "load",
+    "compress_streamed",
+    "load_streamed",
     "Tokenizer",
 ]

@@ -26,7 +26,7 @@ from jaxslim.models._config import Config
 from jaxslim.models._params import sizes
 from jaxslim.models._tokenizer import Tokenizer
 
-_LAYER = {
+LAYER_TENSORS = {
     "attn_norm": ("input_layernorm.weight", False),
     "q": ("self_attn.q_proj.weight", True),
     "k": ("self_attn.k_proj.weight", True),
@@ -43,10 +43,10 @@ _LAYER = {
     "up": ("mlp.up_proj.weight", True),
     "down": ("mlp.down_proj.weight", True),
 }
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-def _layer_leaves(config: Config) -> list[str]:
+def layer_leaves(config: Config) -> list[str]:
     names = ["attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down"]
     if config.attention_bias:
         names += ["q_bias", "k_bias", "v_bias"]
@@ -94,7 +94,7 @@ def from_hf_tensors(
     fn = "models.from_hf_tensors"
     cfg = Config.from_hf(config)
     names = set(names)
-    found = sorted({int(m.group(1)) for n in names if (m := _LAYER_RE.match(n))})
+    found = sorted({int(m.group(1)) for n in names if (m := LAYER_RE.match(n))})
     if found != list(range(len(found))):
         raise ValueError(f"{fn}: layer indices are not contiguous from 0: {found}")
 
@@ -115,9 +115,12 @@ def from_hf_tensors(
     params: dict[str, Any] = {
         "embed": read("model.embed_tokens.weight", False),
         "layers": [
-            {leaf: read(f"model.layers.{i}.{_LAYER[leaf][0]}", _LAYER[leaf][1]) for leaf in keys}
+            {
+                leaf: read(f"model.layers.{i}.{LAYER_TENSORS[leaf][0]}", LAYER_TENSORS[leaf][1])
+                for leaf in keys
+            }
             for i in found
-            for keys in [_layer_leaves(cfg)]
+            for keys in [layer_leaves(cfg)]
         ],
         "norm": read("model.norm.weight", False),
     }
@@ -141,8 +144,8 @@ def to_hf_tensors(params: Mapping[str, Any], config: Config) -> dict[str, np.nda
 
     out = {"model.embed_tokens.weight": np_(params["embed"], False)}
     for i, lp in enumerate(params["layers"]):
-        for leaf in _layer_leaves(config):
-            name, transpose = _LAYER[leaf]
+        for leaf in layer_leaves(config):
+            name, transpose = LAYER_TENSORS[leaf]
             out[f"model.layers.{i}.{name}"] = np_(lp[leaf], transpose)
     out["model.norm.weight"] = np_(params["norm"], False)
     if not config.tie_word_embeddings:

@@ -178,15 +178,15 @@ def compress_streamed(
     with checkpoints.open(source) as src:
         config = Config.from_hf(src.config)
         names = set(src.names())
-        n_layers = len({int(m.group(1)) for n in names if (m := _load._LAYER_RE.match(n))})
+        n_layers = len({int(m.group(1)) for n in names if (m := _load.LAYER_RE.match(n))})
         hidden = _embed_rows(src, batches, config)
         fn = block_fn(config)
 
         def loader(i: int):
             def load() -> dict[str, Any]:
                 leaves = {}
-                for leaf in _load._layer_leaves(config):
-                    suffix, transpose = _load._LAYER[leaf]
+                for leaf in _load.layer_leaves(config):
+                    suffix, transpose = _load.LAYER_TENSORS[leaf]
                     a = src.read(f"model.layers.{i}.{suffix}")
                     a = jnp.asarray(np.ascontiguousarray(a.T) if transpose else a)
                     leaves[leaf] = a if dtype is None else a.astype(dtype)
