@@ -37,7 +37,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["main", "inspect", "compress", "evaluate", "generate", "InputError"]
+__all__ = ["main", "inspect", "compress", "compress_model", "evaluate", "generate", "InputError"]
 
 DEMO_EXTRA = "pip install 'jaxslim[demo]'"
 ORBAX_EXTRA = "pip install 'jaxslim[orbax]'"
@@ -379,6 +379,144 @@ def generate(
     return tok.decode([int(i) for i in new])
 
 
+def _is_model(path: str) -> bool:
+    """A Hugging Face model directory (``config.json``) or a GGUF file."""
+    p = pathlib.Path(path)
+    return (p.is_dir() and (p / "config.json").exists()) or p.suffix == ".gguf"
+
+
+def _recipe(arg: str) -> Any:
+    from jaxslim import recipe as R
+
+    try:
+        return R.named(arg) if arg in R.NAMED else R.load(arg)
+    except FileNotFoundError:
+        raise InputError(arg, f"no such file (ready recipes: {', '.join(R.NAMED)})") from None
+    except OSError as e:
+        raise InputError(arg, f"cannot read the recipe ({_one_line(e)})") from None
+    except R.RecipeError as e:
+        raise InputError(arg, str(e)) from None
+
+
+def compress_model(
+    model: str,
+    recipe_arg: str,
+    out: str,
+    *,
+    calib: str | None,
+    samples: int = 32,
+    seq: int = 512,
+    fmt: str = "npz",
+    force: bool = False,
+) -> str:
+    """``jaxslim compress MODEL``: a Llama-family checkpoint (HF directory or GGUF) compressed
+    block by block (``models.compress_streamed``: one layer in memory, resumable) on ``samples``
+    sequences of ``seq`` tokens of the text ``calib``, written to ``out`` (per-layer ``.npz`` and
+    a manifest; ``fmt`` ``"gguf"``, ``"hf"`` or ``"compressed-tensors"`` also exports there)."""
+    import shutil
+
+    import numpy as np
+
+    from jaxslim import checkpoints, models
+
+    rec = _recipe(recipe_arg)
+    if calib is None:
+        raise InputError(
+            None, f"compress {model} needs --calib TEXT: a model is compressed on text"
+        )
+    for name, v in (("--samples", samples), ("--seq", seq)):
+        if v < 1:
+            raise InputError(None, f"{name} must be a positive int, got {v}")
+    if len(rec.prune) > 1:
+        raise InputError(recipe_arg, "a model recipe takes one [[prune]] step")
+    step = rec.prune[0] if rec.prune else None
+    if step is not None and step.scope != "layer":
+        raise InputError(recipe_arg, "prune[0].scope: a model is pruned layer by layer ('layer')")
+    rules, methods = None, set()
+    if rec.quant is not None:
+        rules = [(r.where, r.spec) for r in rec.quant]
+        if rec.default is not None:
+            rules.append((None, rec.default))
+        methods = {r.method or rec.method for r in rec.quant if r.spec is not None}
+        if rec.default is not None:
+            methods.add(rec.method)
+        if len(methods) > 1:
+            raise InputError(recipe_arg, "a model recipe uses one quant method for every rule")
+    try:
+        text = pathlib.Path(calib).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(calib, f"cannot read it as UTF-8 text: {_one_line(e)}") from None
+    try:
+        with checkpoints.open(model) as src:
+            tok_json = src.tokenizer_json()
+    except (ValueError, KeyError, OSError, ImportError) as e:
+        raise InputError(model, _one_line(e)) from None
+    if tok_json is None:
+        raise InputError(model, "the checkpoint has no tokenizer (tokenizer.json or GGUF vocab)")
+    ids = models.Tokenizer.from_str(tok_json).encode(text)
+    if len(ids) < samples * seq:
+        raise InputError(
+            calib,
+            f"has {len(ids):,} tokens; --samples {samples} x --seq {seq} needs {samples * seq:,} "
+            "(give more text or lower --samples / --seq)",
+        )
+    target = pathlib.Path(out)
+    if force and target.exists():
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    calib_ids = np.asarray(ids[: samples * seq], np.int32).reshape(samples, seq)
+    try:
+        res = models.compress_streamed(
+            model,
+            out,
+            calib_ids,
+            sparsity=None if step is None else step.sparsity,
+            prune_method="sparsegpt" if step is None else step.method,
+            structure=_structure_of(step),
+            quant_rules=rules,
+            quant_method=methods.pop() if methods else "rtn",
+        )
+    except ValueError as e:
+        raise InputError(out, _one_line(e)) from None
+    lines = [f"{len(res.names)} layers ({len(res.resumed)} resumed) written to {out}"]
+    for name in res.names:
+        for rep in res.reports.get(name, ()) or ():
+            if rep is not None:
+                lines += [f"## {name}", "", rep.table(), ""]
+    if fmt != "npz":
+        params, config, tok = models.load_streamed(out)
+        _export(fmt, out, params, config, tok_json)
+        lines.append(f"exported as {fmt} in {out}")
+    lines.append(f"peak RSS {res.peak_rss / 2**30:.2f} GiB")
+    return "\n".join(lines)
+
+
+def _export(fmt: str, out: str, params: Any, config: Any, tok_json: str | None) -> None:
+    """Writes the compressed tree in ``fmt`` inside ``out``; a leaf the format cannot hold is one
+    ``InputError`` line naming it (the streamed result in ``out`` stays)."""
+    from jaxslim import checkpoints
+
+    try:
+        if fmt == "gguf":
+            checkpoints.export_gguf(
+                os.path.join(out, "model.gguf"), params, config, tokenizer_json=tok_json
+            )
+        elif fmt == "hf":
+            checkpoints.export_hf(os.path.join(out, "hf"), params, config, tokenizer_json=tok_json)
+        else:
+            checkpoints.export_compressed_tensors(
+                os.path.join(out, "compressed-tensors"), params, config, tokenizer_json=tok_json
+            )
+    except ValueError as e:
+        raise InputError(out, f"--format {fmt}: {_one_line(e, 600)}") from None
+
+
+def _structure_of(step: Any) -> Any:
+    """The prune step's structure (``Unstructured()`` when there is no step)."""
+    from jaxslim.structures import Unstructured
+
+    return Unstructured() if step is None else step.structure
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="jaxslim", description="Model compression for JAX: prune, quantize, splice, distill."
@@ -439,10 +577,25 @@ def _parser() -> argparse.ArgumentParser:
     p_inspect = sub.add_parser("inspect", help="per-leaf table of a saved parameter tree")
     p_inspect.add_argument("path", help="an Orbax checkpoint directory or a .npz file")
     p_c = sub.add_parser(
-        "compress", help="prune and quantize a saved parameter tree by a TOML recipe (no data)"
+        "compress",
+        help="prune and quantize a model (HF directory or GGUF, with --calib) or a saved tree",
     )
-    p_c.add_argument("path", nargs="?", help="an Orbax checkpoint directory or a .npz file")
-    p_c.add_argument("--recipe", help="the TOML recipe (see --print-recipe)")
+    p_c.add_argument(
+        "path",
+        nargs="?",
+        help="a HF model directory or .gguf (block by block, with --calib), or an Orbax "
+        "checkpoint directory / .npz file",
+    )
+    p_c.add_argument("--recipe", help="a TOML recipe or a ready recipe's name (--print-recipe)")
+    p_c.add_argument("--calib", help="calibration text (UTF-8) for a model")
+    p_c.add_argument("--samples", type=int, default=32, help="calibration sequences (model)")
+    p_c.add_argument("--seq", type=int, default=512, help="tokens per calibration sequence")
+    p_c.add_argument(
+        "--format",
+        choices=["npz", "gguf", "hf", "compressed-tensors"],
+        default="npz",
+        help="also export a compressed model in this format (model)",
+    )
     p_c.add_argument("-o", "--output", help="output: Orbax directory, or a file ending in .npz")
     p_c.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     p_c.add_argument(
@@ -476,7 +629,20 @@ def _run(argv: list[str] | None) -> int:
         for name, flag in (("path", "CKPT"), ("recipe", "--recipe"), ("output", "-o/--output")):
             if getattr(args, name) is None:
                 raise InputError(None, f"compress needs {flag} (see 'jaxslim compress --help')")
-        print(compress(args.path, args.recipe, args.output, force=args.force))
+        if _is_model(args.path):
+            text = compress_model(
+                args.path,
+                args.recipe,
+                args.output,
+                calib=args.calib,
+                samples=args.samples,
+                seq=args.seq,
+                fmt=args.format,
+                force=args.force,
+            )
+        else:
+            text = compress(args.path, args.recipe, args.output, force=args.force)
+        print(text)
     elif args.command == "demo":
         if args.steps is not None and args.steps < 1:
             raise InputError(None, f"--steps must be a positive int, got {args.steps}")

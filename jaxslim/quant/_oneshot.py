@@ -135,6 +135,12 @@ def oneshot(
         rule = first(rules, path, leaf, fn=name)
         if rule is None or rule.spec is None:
             continue
+        if leaf.ndim < 2:
+            skipped[path] = (
+                "a vector (a norm scale or a bias) feeds no matmul: left float; "
+                "quant.quantize_params quantizes it round-to-nearest"
+            )
+            continue
         if rule.where is None and path in gathered:
             skipped[path] = (
                 "gathered (an embedding table, and the LM head when tied): left float; a rule "
