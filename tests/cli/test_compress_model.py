@@ -6,7 +6,6 @@ import importlib.util
 import json
 import re
 
-import jax
 import numpy as np
 import pytest
 
@@ -40,7 +39,7 @@ def test_compress_model_with_a_ready_recipe_streams_and_exports(tmp_path, capsys
     assert text.startswith("2 layers (0 resumed) written to") and "## layers.0" in text
     assert "gptq" in text and "exported as hf" in text
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["done"] == ["layers.0", "layers.1"] or len(manifest) > 0
+    assert manifest["done"] == ["layers.0", "layers.1"]
     q, c, tok = models.load_streamed(out)
     assert isinstance(q["layers"][0]["q"], quant.QArray) and q["layers"][0]["q"].spec.bits == 4
     np.testing.assert_array_equal(q["embed"], params["embed"])  # the tied embedding stays float
@@ -94,7 +93,3 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, extra, match):
     errors = [ln for ln in err.splitlines() if ln.startswith("jaxslim:")]  # (after progress bars)
     assert len(errors) == 1 and errors[0] == err.splitlines()[-1], err
     assert errors[0].startswith("jaxslim: error: ") and re.search(match, errors[0]), err
-
-
-def test_jax_is_importable():  # keeps the module's jax import honest for linters
-    assert jax.numpy.ones(1).shape == (1,)
