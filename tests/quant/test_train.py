@@ -111,7 +111,7 @@ def test_quantize_params_rules_first_match_wins():
     with pytest.raises(ValueError, match="quantize no leaf"):
         quant.quantize_params(params, [(None, None)])
     with pytest.raises(ValueError, match="dense/kernel"):
-        quant.quantize_params(params, [("dense/kernel", QuantSpec(4, group_size=5))])
+        quant.quantize_params(params, [("dense/kernel", QuantSpec(4, group_size=5, group_axis=5))])
     with pytest.raises(TypeError, match="rule"):
         quant.quantize_params(params, [QuantSpec(8)])
 
