@@ -321,6 +321,15 @@ def _rel_close(a: Any, b: Any, tol: float) -> bool:
     return num <= tol * max(den, 1e-30)
 
 
+def _first_example(batch: Any) -> Any:
+    """``batch`` cut to its first example when all its arrays share a leading size > 1."""
+    leaves = jax.tree_util.tree_leaves(batch)
+    sizes = {getattr(x, "shape", (None,))[:1] for x in leaves}
+    if len(sizes) != 1 or sizes == {()} or next(iter(sizes))[0] in (None, 1):
+        return batch
+    return jax.tree.map(lambda x: x[:1], batch)
+
+
 def find_absorbers(
     fn: Callable[..., Any],
     params: Any,
@@ -330,6 +339,7 @@ def find_absorbers(
     *,
     tol: float = 1e-5,
     seed: int = 0,
+    max_candidates: int = 8,
 ) -> list[ScaleGroup]:
     """Groups ``kernels`` by their common input and finds, for each group, an absorber.
 
@@ -339,7 +349,11 @@ def find_absorbers(
     output channels number ``K``, nearest in the tree first. A candidate is kept when scaling it
     by ``1/r`` and the group's kernels by ``r`` (``r`` random in ``[0.5, 2]``) leaves
     ``fn(params, batch)`` unchanged to relative ``tol``: a traced, exact check, whatever the
-    framework or layout.
+    framework or layout. The check runs on the batch's first example when every array of
+    ``batch`` has the same leading (batch) size, and tries the ``max_candidates`` nearest
+    candidates of each group (a group whose absorber is farther gets none: its kernels are
+    quantized without folding, and the report says so). Cost: at most ``max_candidates`` forward
+    passes of one example per group.
     """
     import jaxslim._jaxpr as _jaxpr
 
@@ -362,6 +376,7 @@ def find_absorbers(
         else:
             groups.append([p])
     run = jax.jit(fn)
+    batch = _first_example(batch)
     ref = run(params, batch)
     rng = np.random.default_rng(seed)
     out = []
@@ -388,6 +403,7 @@ def find_absorbers(
                 if not u.batch and math.prod(leaf.shape[a] for a in u.output) == k:
                     cands.append((-closeness(path), first - order[path], path, tuple(u.output)))
         cands.sort()
+        cands = cands[:max_candidates]
         r = jnp.asarray(rng.uniform(0.5, 2.0, k), jnp.float32)
         found = ScaleGroup(tuple(g), contracted, None, (), k)
         for _, _, path, axes in cands:
