@@ -454,8 +454,8 @@ ROWS = [
     pytest.param(
         lambda: regularize.prox_group_lasso(0.1, 0.1, structure=Channels(), groups=Channels()),
         TypeError,
-        r"regularize\.prox_group_lasso: pass structure= only",
-        id="prox_group_lasso-structure-and-groups",
+        r"unexpected keyword argument 'groups'",
+        id="prox_group_lasso-groups-is-gone",
     ),
     pytest.param(
         lambda: regularize.prox_group_lasso(0.1, 0.1, structure=Channels(ord=1)),
