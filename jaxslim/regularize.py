@@ -241,12 +241,13 @@ def add_l2(
 def _soft_threshold(z: jax.Array, tau: jax.Array, shrink: Any = None) -> jax.Array:
     """``S_tau(z) = sign(z) * max(|z| - tau, 0)`` (``/ shrink``): exact zeros where ``|z| <= tau``.
 
-    A NaN entry of ``z`` stays NaN. (The NaN select comes after the division: placed before
-    it, XLA fuses the division differently under ``jit`` and jit and eager differ by 1 ulp.)
+    A NaN entry of ``z`` stays NaN. The division by the scalar ``shrink`` is a multiplication
+    by its reciprocal, written out: XLA rewrites ``x / broadcast(c)`` differently inside and
+    outside a fusion, so a plain division made ``jit`` and eager differ by 1 ulp.
     """
     out = jnp.where(jnp.abs(z) > tau, z - jnp.sign(z) * tau, jnp.zeros_like(z))
     if shrink is not None:
-        out = out / shrink
+        out = out * (jnp.ones((), out.dtype) / shrink)
     return jnp.where(jnp.isnan(z), z, out)
 
 
