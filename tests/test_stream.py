@@ -90,7 +90,7 @@ def test_quantized_blocks_feed_their_dequantized_weights_forward():
 
 
 class Stop(Exception):
-    pass
+    """Raised by a compress callback to interrupt a run."""
 
 
 def _run(out, compress=_gptq, **kw):

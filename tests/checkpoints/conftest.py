@@ -193,7 +193,7 @@ def helpers():
     """The writers above, for tests (conftest modules are not importable under importlib mode)."""
 
     class H:
-        pass
+        """A namespace for the writers."""
 
     for f in (hf_weights, llama_cpp_permute, gguf_name, stored, write_gguf, write_hf):
         setattr(H, f.__name__, staticmethod(f))

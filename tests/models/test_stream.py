@@ -119,7 +119,7 @@ def test_gptq_streamed_equals_in_memory_sequential(ckpt, tmp_path):
 
 
 class Stop(Exception):
-    pass
+    """Raised by a compress callback to interrupt a run."""
 
 
 def test_interrupted_run_resumes_to_identical_files(ckpt, pruned, tmp_path, monkeypatch):
