@@ -290,14 +290,15 @@ def compress(path: str, recipe_path: str, out: str, *, force: bool = False) -> s
     )
 
 
-def _load_model(path: str) -> tuple[Any, Any, Any]:
-    """``models.load(path)`` with its errors as one ``InputError`` line naming the file."""
+def _load_model(path: str, *, dequantize: bool = True) -> tuple[Any, Any, Any]:
+    """``models.load(path, dequantize=)`` with its errors as one ``InputError`` line naming the
+    file."""
     if not pathlib.Path(path).exists():
         raise InputError(path, "no such file or directory (a HF model directory or a .gguf file)")
     try:
         from jaxslim import models
 
-        return models.load(path)
+        return models.load(path, dequantize=dequantize)
     except ImportError as e:
         raise InputError(path, _one_line(e)) from None
     except (ValueError, KeyError, OSError) as e:
@@ -309,9 +310,11 @@ def evaluate(
 ) -> str:
     """``jaxslim eval``: perplexity, bits per byte and tokens per second of a model on a text.
 
-    ``model`` is a HF safetensors directory or a GGUF file (``models.load``); the text is read as
-    UTF-8 and tokenized with the model's own tokenizer; windows of ``seq`` tokens every
-    ``stride`` (``models.perplexity``).
+    ``model`` is a HF safetensors directory (plain or compressed-tensors), a GGUF file or a
+    directory ``jaxslim compress`` wrote (``models.load``); quantized weights stay quantized
+    (``dequantize=False``: GGUF Q8_0/Q4_0 codes and scales as stored) and run through
+    ``quant.quantized``. The text is read as UTF-8 and tokenized with the model's own tokenizer;
+    windows of ``seq`` tokens every ``stride`` (``models.perplexity``).
     """
     from jaxslim import models
 
@@ -319,7 +322,7 @@ def evaluate(
         text = pathlib.Path(text_file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(text_file, f"cannot read it as UTF-8 text: {_one_line(e)}") from None
-    params, config, tok = _load_model(model)
+    params, config, tok = _load_model(model, dequantize=False)
     if tok is None:
         raise InputError(model, "the checkpoint has no tokenizer (tokenizer.json or GGUF vocab)")
     ids = tok.encode(text)
@@ -412,7 +415,9 @@ def compress_model(
     """``jaxslim compress MODEL``: a Llama-family checkpoint (HF directory or GGUF) compressed
     block by block (``models.compress_streamed``: one layer in memory, resumable) on ``samples``
     sequences of ``seq`` tokens of the text ``calib``, written to ``out`` (per-layer ``.npz`` and
-    a manifest; ``fmt`` ``"gguf"``, ``"hf"`` or ``"compressed-tensors"`` also exports there)."""
+    a manifest; ``fmt`` ``"gguf"``, ``"hf"`` or ``"compressed-tensors"`` also exports there).
+    With ``fmt="gguf"`` and ``out`` ending in ``.gguf``, ``out`` is the GGUF file and the layers
+    go to ``out + ".layers"``; a GGUF source's tokenizer is copied as it is."""
     import shutil
 
     import numpy as np
@@ -460,14 +465,16 @@ def compress_model(
             f"has {len(ids):,} tokens; --samples {samples} x --seq {seq} needs {samples * seq:,} "
             "(give more text or lower --samples / --seq)",
         )
-    target = pathlib.Path(out)
-    if force and target.exists():
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    gguf_file = fmt == "gguf" and out.endswith(".gguf")
+    work = out + ".layers" if gguf_file else out
+    for target in {pathlib.Path(out), pathlib.Path(work)}:
+        if force and target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
     calib_ids = np.asarray(ids[: samples * seq], np.int32).reshape(samples, seq)
     try:
         res = models.compress_streamed(
             model,
-            out,
+            work,
             calib_ids,
             sparsity=None if step is None else step.sparsity,
             prune_method="sparsegpt" if step is None else step.method,
@@ -477,28 +484,42 @@ def compress_model(
         )
     except ValueError as e:
         raise InputError(out, _one_line(e)) from None
-    lines = [f"{len(res.names)} layers ({len(res.resumed)} resumed) written to {out}"]
+    lines = [f"{len(res.names)} layers ({len(res.resumed)} resumed) written to {work}"]
     for name in res.names:
         for rep in res.reports.get(name, ()) or ():
             if rep is not None:
                 lines += [f"## {name}", "", rep.table(), ""]
     if fmt != "npz":
-        params, config, tok = models.load_streamed(out)
-        _export(fmt, out, params, config, tok_json)
+        params, config, tok = models.load_streamed(work)
+        tok_gguf = model if pathlib.Path(model).suffix == ".gguf" else None
+        _export(fmt, work, params, config, tok_json, out if gguf_file else None, tok_gguf)
         lines.append(f"exported as {fmt} in {out}")
     lines.append(f"peak RSS {res.peak_rss / 2**30:.2f} GiB")
     return "\n".join(lines)
 
 
-def _export(fmt: str, out: str, params: Any, config: Any, tok_json: str | None) -> None:
-    """Writes the compressed tree in ``fmt`` inside ``out``; a leaf the format cannot hold is one
-    ``InputError`` line naming it (the streamed result in ``out`` stays)."""
+def _export(
+    fmt: str,
+    out: str,
+    params: Any,
+    config: Any,
+    tok_json: str | None,
+    gguf_path: str | None = None,
+    tok_gguf: str | None = None,
+) -> None:
+    """Writes the compressed tree in ``fmt`` inside ``out`` (a GGUF file at ``gguf_path`` when
+    given, its tokenizer copied from the GGUF file ``tok_gguf`` when given); a leaf the format
+    cannot hold is one ``InputError`` line naming it (the streamed result in ``out`` stays)."""
     from jaxslim import checkpoints
 
     try:
         if fmt == "gguf":
             checkpoints.export_gguf(
-                os.path.join(out, "model.gguf"), params, config, tokenizer_json=tok_json
+                gguf_path or os.path.join(out, "model.gguf"),
+                params,
+                config,
+                tokenizer_json=None if tok_gguf else tok_json,
+                tokenizer_gguf=tok_gguf,
             )
         elif fmt == "hf":
             checkpoints.export_hf(os.path.join(out, "hf"), params, config, tokenizer_json=tok_json)

@@ -278,6 +278,58 @@ class GGUFSource(Source):
             out = _names.unpermute_qk(out, heads)
         return out
 
+    def read_qarray(self, name: str, *, transpose: bool = False):
+        """`name` as a `quant.QArray` holding the file's own codes and scales, or `None` when its
+        GGUF type is not Q8_0 or Q4_0 (read it with `read`: dequantized).
+
+        A GGUF row of `C` entries is `C / 32` blocks of an f16 scale `d` and 32 codes: Q8_0 int8
+        codes `q`, value `q * d`; Q4_0 nibbles `n` (byte `j` of a block holds entry `j` low and
+        `j + 16` high), value `(n - 8) * d`. The QArray is int8 / int4 symmetric signed with one
+        float32 scale (`d` exactly) per 32 entries of a row, so `quant.dequantize` equals
+        `gguf.quants.dequantize` of the bytes bit for bit. Layout: HF `(R, C)` with
+        `gguf_spec(type, embedding=True)` (blocks along the last axis), or with `transpose=True`
+        a Flax kernel `(C, R)` with `gguf_spec(type)`. The q/k row permutation is undone on
+        codes and scales together.
+        """
+        from jaxslim.checkpoints._export_gguf import gguf_spec
+        from jaxslim.quant import QArray, pack
+
+        self._check_name(name, "read_qarray")
+        t = self._tensors[name]
+        if t is None:
+            raise ValueError(f"checkpoints.Source.read: {self.path!r} was closed; open it again")
+        kind = t.tensor_type.name
+        if kind not in ("Q8_0", "Q4_0"):
+            return None
+        shape = self.shape(name)
+        if len(shape) != 2 or shape[1] % 32:
+            return None
+        rows, cols = shape
+        _, type_size = self._gguf.GGML_QUANT_SIZES[t.tensor_type]
+        blocks = np.asarray(t.data).reshape(rows, cols // 32, type_size)
+        scale = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+        if kind == "Q8_0":
+            codes = blocks[..., 2:].copy().view(np.int8)
+        else:
+            qs = blocks[..., 2:]
+            codes = np.concatenate([qs & 0xF, qs >> 4], axis=-1).astype(np.int8) - np.int8(8)
+        codes = codes.reshape(rows, cols)
+        heads = _names.qk_heads(name, self._config)
+        if heads is not None and self._arch in _names.QK_PERMUTED_ARCHS:
+            codes, scale = _names.unpermute_qk(codes, heads), _names.unpermute_qk(scale, heads)
+        bits = 8 if kind == "Q8_0" else 4
+        if transpose:
+            spec = gguf_spec(kind, embedding=False)
+            codes, scale = codes.T, scale.T[:, None, :]  # (C, R); (C / 32, 1, R)
+        else:
+            spec = gguf_spec(kind, embedding=True)
+            scale = scale[:, :, None]  # (R, C / 32, 1)
+        codes = np.ascontiguousarray(codes)
+        values = codes if bits == 8 else np.asarray(pack(codes, 4))
+        return QArray(
+            values, np.ascontiguousarray(scale), None, spec, tuple(codes.shape), np.float32
+        )
+
     def tokenizer_json(self) -> str | None:
         if self._reader is None:
             raise ValueError(f"checkpoints.Source.tokenizer_json: {self.path!r} was closed")

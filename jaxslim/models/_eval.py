@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxslim import quant
 from jaxslim.models._config import Config
 from jaxslim.models._llama import forward
 from jaxslim.models._params import sizes
@@ -58,7 +59,11 @@ def windows(n: int, seq: int, stride: int) -> list[tuple[int, int, int]]:
 
 @functools.partial(jax.jit, static_argnames="config")
 def _nll_sum(params, inputs, targets, weights, *, config: Config):
-    logits = forward(params, inputs, config)
+    leaves = jax.tree.leaves(params, is_leaf=quant.is_qarray)
+    if any(quant.is_qarray(x) for x in leaves):  # on the codes: no float copy of the tree
+        logits = quant.quantized(lambda p, x: forward(p, x, config))(params, inputs)
+    else:
+        logits = forward(params, inputs, config)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[:, :, None], axis=-1)[:, :, 0]
     return jnp.sum((lse - picked) * weights)
@@ -83,7 +88,9 @@ def perplexity(
     Windows run ``batch`` at a time, padded to ``seq`` (one compilation).
 
     Args:
-      params, config: the model.
+      params, config: the model; ``params`` may hold ``quant.QArray`` leaves (``models.load(...,
+        dequantize=False)``, ``quant.oneshot``): it then runs as ``quant.quantized(forward)``,
+        each quantized kernel multiplied from its codes.
       token_ids: ``(N,)`` integer ids, ``N >= 2`` (e.g. ``tokenizer.encode(text)``).
       seq: window length.
       stride: window step, ``1 <= stride <= seq``.

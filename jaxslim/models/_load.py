@@ -14,6 +14,8 @@ HF name (``(out, in)`` PyTorch layout)                  -> tree leaf (Flax ``(in
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -22,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxslim import quant
 from jaxslim.models._config import Config
 from jaxslim.models._params import sizes
 from jaxslim.models._tokenizer import Tokenizer
@@ -63,6 +66,7 @@ def from_hf_tensors(
     names: Iterable[str],
     *,
     dtype: Any = None,
+    get_quantized: Callable[[str, bool], Any] | None = None,
 ) -> tuple[dict[str, Any], Config]:
     """Builds the params tree and ``Config`` from HF tensors (``(out, in)`` kernels).
 
@@ -77,6 +81,9 @@ def from_hf_tensors(
         ``state_dict`` lookup, ...).
       names: the tensor names available.
       dtype: cast every leaf to this dtype; default keeps each tensor's dtype.
+      get_quantized: ``get_quantized(name, transpose) -> QArray | None``: a tensor stored
+        quantized, as a ``quant.QArray`` in the leaf's layout (``transpose``: a Flax kernel),
+        or ``None`` to read it with ``get``; such leaves are kept as they are (no ``dtype``).
 
     Returns:
       ``(params, config)``.
@@ -98,7 +105,9 @@ def from_hf_tensors(
     if found != list(range(len(found))):
         raise ValueError(f"{fn}: layer indices are not contiguous from 0: {found}")
 
-    def read(name: str, transpose: bool) -> jax.Array:
+    def read(name: str, transpose: bool) -> Any:
+        if get_quantized is not None and (q := get_quantized(name, transpose)) is not None:
+            return q
         if name not in names:
             hint = ""
             if name.endswith(".bias") or "_norm." in name:
@@ -153,29 +162,145 @@ def to_hf_tensors(params: Mapping[str, Any], config: Config) -> dict[str, np.nda
     return out
 
 
-def load(source: Any, *, dtype: Any = None) -> tuple[dict[str, Any], Config, Tokenizer | None]:
+def load(
+    source: Any, *, dtype: Any = None, dequantize: bool = True
+) -> tuple[dict[str, Any], Config, Tokenizer | None]:
     """Loads a Llama-family checkpoint: ``(params, config, tokenizer)``.
 
     Args:
-      source: a path (a HF safetensors directory or a GGUF file) opened with
-        ``jaxslim.checkpoints.open``, or an already opened source (anything with ``names()``,
-        ``read(name)``, ``config`` and ``tokenizer_json()``).
-      dtype: cast every leaf to this dtype (e.g. ``jnp.bfloat16``); default keeps the stored one
-        (GGUF tensors arrive dequantized to float32).
+      source: a path opened with ``jaxslim.checkpoints.open`` (a HF safetensors directory, plain
+        or in the compressed-tensors layout, or a GGUF file), a directory
+        ``models.compress_streamed`` (``jaxslim compress``) wrote (it holds ``manifest.json``),
+        or an already opened source (anything with ``names()``, ``read(name)``, ``config`` and
+        ``tokenizer_json()``).
+      dtype: cast every float leaf to this dtype (e.g. ``jnp.bfloat16``); default keeps the
+        stored one (GGUF tensors arrive dequantized to float32).
+      dequantize: ``False`` keeps quantized tensors as ``quant.QArray`` leaves with the stored
+        codes and scales: GGUF Q8_0 / Q4_0 tensors (int8 / int4 symmetric, one scale per 32
+        inputs: ``checkpoints.gguf_spec``; other GGUF block types arrive dequantized),
+        compressed-tensors ``pack-quantized`` / ``int-quantized`` weights and a streamed
+        directory's QArrays. Run such a tree with ``quant.quantized(models.forward)``
+        (``models.perplexity`` does); ``quant.dequantize`` of a leaf equals the stored model's
+        values bit for bit (GGUF: gguf-py's ``dequantize``). ``True`` (default): float leaves.
 
     Returns:
       ``(params, config, tokenizer)``; ``tokenizer`` is ``None`` when the checkpoint has no
       ``tokenizer.json``.
     """
     if all(hasattr(source, a) for a in ("names", "read", "config")):
-        return _load(source, dtype)
+        return _load(source, dtype, dequantize)
+    if isinstance(source, str | os.PathLike) and os.path.isfile(
+        os.path.join(source, "manifest.json")
+    ):
+        from jaxslim.models._stream import load_streamed
+
+        params, config, tok = load_streamed(source)
+        if dequantize:
+            params = quant.dequantize_params(params)
+        if dtype is not None:
+            params = jax.tree.map(
+                lambda x: x if quant.is_qarray(x) else x.astype(dtype),
+                params,
+                is_leaf=quant.is_qarray,
+            )
+        return params, config, tok
     from jaxslim import checkpoints
 
     with checkpoints.open(source) as src:
-        return _load(src, dtype)
+        return _load(src, dtype, dequantize)
 
 
-def _load(src: Any, dtype: Any) -> tuple[dict[str, Any], Config, Tokenizer | None]:
-    params, config = from_hf_tensors(src.config, src.read, src.names(), dtype=dtype)
+def _load(
+    src: Any, dtype: Any, dequantize: bool = True
+) -> tuple[dict[str, Any], Config, Tokenizer | None]:
+    get_q = _quantized_reader(src, dequantize)
+    if get_q is not None and dequantize:
+        read_q = get_q
+
+        def get_q(name: str, transpose: bool) -> Any:
+            q = read_q(name, transpose)
+            if q is None:
+                return None
+            x = quant.dequantize(q)
+            return x if dtype is None else x.astype(dtype)
+
+    params, config = from_hf_tensors(
+        src.config, src.read, src.names(), dtype=dtype, get_quantized=get_q
+    )
     text = src.tokenizer_json() if hasattr(src, "tokenizer_json") else None
     return params, config, (Tokenizer.from_str(text) if text else None)
+
+
+def _quantized_reader(src: Any, dequantize: bool) -> Callable[[str, bool], Any] | None:
+    """``get_quantized`` for ``from_hf_tensors``: GGUF Q8_0/Q4_0 (only when not dequantizing:
+    the source dequantizes the others itself) or compressed-tensors weights; else ``None``."""
+    names = set(src.names())
+    if hasattr(src, "read_qarray"):
+        if dequantize:
+            return None
+        return lambda name, t: src.read_qarray(name, transpose=t) if name in names else None
+    qc = src.config.get("quantization_config") or {}
+    if qc.get("quant_method") != "compressed-tensors":
+        return None
+    return functools.partial(_ct_qarray, src, names, qc)
+
+
+def _ct_weights(qc: Mapping[str, Any], stem: str) -> Mapping[str, Any]:
+    """The ``weights`` args of the compressed-tensors config group that targets module ``stem``."""
+    for group in (qc.get("config_groups") or {}).values():
+        for t in group.get("targets", []):
+            if t == "Linear" or (t.startswith("re:") and re.match(t[3:], stem)):
+                return group.get("weights") or {}
+    raise ValueError(
+        f"models.load: no compressed-tensors config group targets {stem!r}; the checkpoint's "
+        "quantization_config does not describe its tensors"
+    )
+
+
+def _unpack_int32(words: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """Unsigned ``bits``-bit codes ``(R, n)`` from compressed-tensors' int32 rows: element ``k`` at
+    bit ``k * bits`` of the row's little-endian bit string (``checkpoints`` ``pack_int32``)."""
+    w = np.asarray(words).view(np.uint32).astype(np.uint64)
+    w = np.concatenate([w, np.zeros((w.shape[0], 1), np.uint64)], axis=1)
+    pos = np.arange(n, dtype=np.int64) * bits
+    both = w[:, pos // 32] | (w[:, pos // 32 + 1] << np.uint64(32))
+    return ((both >> (pos % 32).astype(np.uint64)) & np.uint64(2**bits - 1)).astype(np.int16)
+
+
+def _ct_qarray(src: Any, names: set, qc: Mapping[str, Any], name: str, transpose: bool) -> Any:
+    """A compressed-tensors weight as a Flax-layout ``QArray`` (codes on jaxslim's signed grid,
+    scales as float32), or ``None`` for a tensor stored as a plain float."""
+    stem = name.removesuffix(".weight")
+    if not (transpose and name.endswith(".weight") and f"{stem}.weight_scale" in names):
+        return None
+    scale = np.asarray(src.read(f"{stem}.weight_scale"), np.float32)
+    zp = None
+    if f"{stem}.weight_packed" in names:
+        bits = int(_ct_weights(qc, stem).get("num_bits", 4))
+        out_, in_ = (int(v) for v in np.asarray(src.read(f"{stem}.weight_shape")))
+        half = 2 ** (bits - 1)
+        codes = _unpack_int32(src.read(f"{stem}.weight_packed"), bits, in_) - half
+        if f"{stem}.weight_zero_point" in names:
+            packed = np.asarray(src.read(f"{stem}.weight_zero_point"))
+            zp = _unpack_int32(np.ascontiguousarray(packed.T), bits, out_).T - half
+    else:
+        bits, codes = 8, np.asarray(src.read(name)).astype(np.int16)
+        out_, in_ = codes.shape
+    per_tensor = scale.size == 1
+    groups = 1 if per_tensor else scale.size // out_
+    kw: dict[str, Any] = {} if per_tensor else {"axis": -1}
+    if groups > 1:
+        kw["group_size"] = in_ // groups
+    spec = quant.QuantSpec(bits, symmetric=zp is None, **kw)
+
+    def kernel(a: np.ndarray) -> np.ndarray:  # (out, groups) -> the scale_shape of (in, out)
+        if per_tensor:
+            return a.reshape(1, 1)
+        a = a.reshape(out_, groups)
+        return a.T[:, None, :] if groups > 1 else a.T
+
+    c = np.ascontiguousarray(codes.T).astype(np.int8)
+    values = c if spec.storage_bits == 8 else np.asarray(quant.pack(c, spec.storage_bits))
+    z = None if zp is None else np.ascontiguousarray(kernel(zp)).astype(spec.code_dtype)
+    s = np.ascontiguousarray(kernel(scale))
+    return quant.QArray(values, s, z, spec, (in_, out_), np.float32)

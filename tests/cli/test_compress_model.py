@@ -93,3 +93,117 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, extra, match):
     errors = [ln for ln in err.splitlines() if ln.startswith("jaxslim:")]  # (after progress bars)
     assert len(errors) == 1 and errors[0] == err.splitlines()[-1], err
     assert errors[0].startswith("jaxslim: error: ") and re.search(match, errors[0]), err
+
+
+# ---------------------------------------------------------------------------------------------
+# `jaxslim eval OUT` on what `jaxslim compress` wrote: quantized leaves stay QArrays
+
+G32 = """\
+[quant]
+method = "gptq"
+[[quant.rules]]
+where = '^layers/'
+spec = {bits = 4, axis = -1, group_size = 32}
+"""
+
+
+def _gguf_sized(tmp_path):
+    """A tiny HF model whose kernels' input widths are multiples of 32 (GGUF blocks)."""
+    import jax
+    from safetensors.numpy import save_file
+
+    hf = {"model_type": "llama", "head_dim": 16, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+          "bos_token_id": 0, "eos_token_id": 1}  # fmt: skip
+    cfg = models.Config.from_hf(hf)
+    params = models.init(
+        jax.random.key(1), cfg, vocab=12, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=96
+    )
+    params = jax.tree.map(lambda x: x * 8.0 if x.ndim == 2 else x, params)
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(cfg.to_hf(params)))
+    save_file(models.to_hf_tensors(params, cfg), str(d / "model.safetensors"))
+    (d / "tokenizer.json").write_text(_eg._tokenizer_json())
+    (tmp_path / "calib.txt").write_text(TEXT)
+    (tmp_path / "g32.toml").write_text(G32)
+    return d
+
+
+def _f16_scales(q):
+    """The streamed tree with each QArray's scales rounded to float16, as a GGUF file holds it."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    def f(x):
+        if not isinstance(x, quant.QArray):
+            return x
+        s = x.scale.astype(jnp.float16).astype(jnp.float32)
+        return dataclasses.replace(x, scale=s)
+
+    return jax.tree.map(f, q, is_leaf=quant.is_qarray)
+
+
+def _qarrays(tree):
+    import jax
+
+    leaves = jax.tree.leaves(tree, is_leaf=quant.is_qarray)
+    return [x for x in leaves if isinstance(x, quant.QArray)]
+
+
+def test_eval_of_every_output_format_equals_the_compressed_params(tmp_path, capsys):
+    pytest.importorskip("gguf", reason="the models extra (pip install 'jaxslim[models]')")
+    import jax
+
+    d = _gguf_sized(tmp_path)
+    out = tmp_path / "out"
+    base = ["compress", str(d), "--recipe", str(tmp_path / "g32.toml"), "--calib",
+            str(tmp_path / "calib.txt"), "--samples", "4", "--seq", "16"]  # fmt: skip
+    for fmt in ("npz", "hf", "compressed-tensors", "gguf"):
+        assert cli.main([*base, "-o", str(out), "--format", fmt]) == 0
+    gguf_file = tmp_path / "m.gguf"  # -o FILE.gguf: the file, layers in FILE.gguf.layers
+    assert cli.main([*base, "-o", str(gguf_file), "--format", "gguf"]) == 0
+    text = capsys.readouterr().out
+    assert f"written to {gguf_file}.layers" in text and f"exported as gguf in {gguf_file}" in text
+    q, cfg, tok = models.load_streamed(out)
+    assert len(_qarrays(q)) == 14  # 7 kernels x 2 layers, all int4 g32
+    eval_text = "bad cafe hag " * 12
+    (tmp_path / "e.txt").write_text(eval_text)
+    ids = tok.encode(eval_text)
+    ref = models.perplexity(q, cfg, ids, seq=32, progress=False).perplexity
+    # The same tree dequantized: quant.quantized's products equal the float ones to rounding
+    dense = models.perplexity(quant.dequantize_params(q), cfg, ids, seq=32, progress=False)
+    assert dense.perplexity == pytest.approx(ref, rel=1e-6)
+
+    gq, _, gtok = models.load(str(gguf_file), dequantize=False)
+    cases = {  # path: (reference perplexity, tokenizer, number of QArray leaves loaded)
+        out: (ref, tok, 14),
+        out / "compressed-tensors": (ref, tok, 14),
+        out / "hf": (ref, tok, 0),  # a plain HF checkpoint: dequantized floats
+        out / "model.gguf": (None, gtok, 14),
+        gguf_file: (None, gtok, 14),
+    }
+    for path, (want, t, n_q) in cases.items():
+        p, c, _ = models.load(str(path), dequantize=False)
+        assert c == cfg, path
+        assert len(_qarrays(p)) == n_q, path
+        pids = t.encode(eval_text)
+        if want is None:  # GGUF: f16 scales; codes as GPTQ made them
+            want = models.perplexity(_f16_scales(q), cfg, pids, seq=32, progress=False).perplexity
+            for a, b in zip(_qarrays(p), _qarrays(q), strict=True):
+                np.testing.assert_array_equal(a.codes(), b.codes())
+                np.testing.assert_array_equal(a.scale, _f16_scales(b).scale)
+        got = models.perplexity(p, c, pids, seq=32, progress=False).perplexity
+        assert got == pytest.approx(want, rel=1e-6), path
+        assert cli.main(["eval", str(path), "--text", str(tmp_path / "e.txt"), "--seq", "32"]) == 0
+        assert f"perplexity {want:.3f}" in capsys.readouterr().out, path
+    # dequantize=True (the default): float leaves, the same values
+    for path in (out, out / "compressed-tensors", gguf_file):
+        p, _, _ = models.load(str(path))
+        assert not _qarrays(p)
+        ql, _, _ = models.load(str(path), dequantize=False)
+        for a, b in zip(
+            jax.tree.leaves(p), jax.tree.leaves(quant.dequantize_params(ql)), strict=True
+        ):
+            np.testing.assert_array_equal(a, b)
