@@ -12,6 +12,7 @@ from jaxslim.quant._allocate import allocate, sensitivities
 from jaxslim.quant._awq import ScaleGroup, apply_scales, awq_scales, find_absorbers
 from jaxslim.quant._dot import qdot_general
 from jaxslim.quant._gptq import gptq, gptq_hessian
+from jaxslim.quant._hadamard import hadamard, hadamard_matrix, random_hadamard
 from jaxslim.quant._hqq import hqq
 from jaxslim.quant._interpret import quantized
 from jaxslim.quant._lsq import fake_quant_lsq, lsq_init_scale
@@ -85,4 +86,7 @@ __all__ = [
     "AWQ",
     "HQQ",
     "SmoothQuant",
+    "hadamard",
+    "hadamard_matrix",
+    "random_hadamard",
 ]
