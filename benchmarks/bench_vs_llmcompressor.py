@@ -45,11 +45,12 @@ def prepare(directory: str, eval_tokens: int) -> None:
     import smollm2_data
 
     from jaxslim import models
-    from jaxslim.checkpoints._export_safetensors import export_hf  # not re-exported yet
+    from jaxslim.checkpoints import export_hf
 
     params, cfg, tok = models.load(smollm2_data.gguf_path())
     os.makedirs(directory, exist_ok=True)
-    export_hf(directory, params, cfg, dtype="float32")
+    # the GGUF's tokenizer as tokenizer.json: oneshot wants a processor alongside a dataset
+    export_hf(directory, params, cfg, dtype="float32", tokenizer_json=tok._tok.to_str())
     calib = np.concatenate(smollm2_data.calibration_batches(tok, n=64, seq=256, batch=8))
     ids, n_bytes = smollm2_data.evaluation_ids(tok, eval_tokens)
     n = (ids.size // 512) * 512
@@ -109,64 +110,101 @@ def _perplexity(model, windows) -> tuple[float, float, float]:
     return total, count, windows.size / sec
 
 
-def run(directory: str, rows: list[str], threads: int) -> None:
+def _load() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def run(directory: str, rows: list[str], threads: int, jaxslim_json: str) -> None:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     torch.set_num_threads(threads)
     calib = np.load(os.path.join(directory, "calib.npy"))
     windows = np.load(os.path.join(directory, "eval.npy"))
     with open(os.path.join(directory, "data.json")) as f:
-        n_bytes = json.load(f)["n_bytes"]
+        data = json.load(f)
+    n_bytes = data["n_bytes"]
     import llmcompressor
 
-    print(
-        f"llm-compressor {llmcompressor.__version__}, torch {torch.__version__}, "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} threads"
-    )
-    print(f"calibration {calib.shape[0]} x {calib.shape[1]}, evaluation {windows.size} tokens")
+    info = {
+        "library": f"llm-compressor {llmcompressor.__version__}, torch {torch.__version__}",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch.set_num_threads({threads})",
+        "text": data["text"],
+        "calibration": f"{calib.shape[0]} x {calib.shape[1]} tokens",
+        "evaluation": f"{windows.shape[0]} disjoint windows of {windows.shape[1]} tokens, "
+        f"{windows.shape[0] * (windows.shape[1] - 1)} scored, {n_bytes} UTF-8 bytes",
+        "dtype": "float32 (model, calibration and evaluation)",
+        "pipeline": "llm-compressor defaults (sequential pipeline, layer by layer)",
+    }
+    print("\n".join(f"{k}: {v}" for k, v in info.items()), flush=True)
+    out = os.path.join(HERE, "results", "smollm2_llmcompressor.json")
+    # only to satisfy oneshot (the dataset is already token ids): the GGUF's tokenizer
+    processor = PreTrainedTokenizerFast(tokenizer_file=os.path.join(directory, "tokenizer.json"))
     results = {}
+    if os.path.exists(out):  # rows run separately accumulate
+        with open(out) as f:
+            results = json.load(f).get("rows", {})
     for row in rows:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+        load_before = _load()
         t0 = time.perf_counter()
-        if row != "dense":
-            from llmcompressor import oneshot
+        try:
+            if row != "dense":
+                from llmcompressor import oneshot
 
-            ds = Dataset.from_dict(
-                {"input_ids": calib.tolist(), "attention_mask": np.ones_like(calib).tolist()}
-            )
-            oneshot(
-                model=model,
-                dataset=ds,
-                recipe=_recipe(row),
-                max_seq_length=calib.shape[1],
-                num_calibration_samples=calib.shape[0],
-                shuffle_calibration_samples=False,
-            )
+                ds = Dataset.from_dict(
+                    {"input_ids": calib.tolist(), "attention_mask": np.ones_like(calib).tolist()}
+                )
+                oneshot(
+                    model=model,
+                    dataset=ds,
+                    processor=processor,
+                    recipe=_recipe(row),
+                    max_seq_length=calib.shape[1],
+                    num_calibration_samples=calib.shape[0],
+                    shuffle_calibration_samples=False,
+                )
+        except Exception as e:  # the table reports a failing row with its error
+            results[row] = {
+                "error": f"{type(e).__name__}: {e}",
+                "compress_seconds": time.perf_counter() - t0,
+                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            print(row, "FAILED", results[row], flush=True)
+            del model
+            continue
         sec = time.perf_counter() - t0 if row != "dense" else 0.0
+        load_after = _load()
         total, count, tps = _perplexity(model, windows)
         results[row] = {
             "perplexity": math.exp(total / count),
             "bits_per_byte": total / (math.log(2) * n_bytes),
             "compress_seconds": sec,
             "tokens_per_second": tps,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "loadavg_before_after": [load_before, load_after],
         }
         print(row, results[row], flush=True)
         del model
-    with open(os.path.join(HERE, "results", "smollm2.json")) as f:
+        with open(out, "w") as f:  # after every row, so a run cut short keeps what it measured
+            json.dump({**info, "rows": results}, f, indent=1)
+    with open(out, "w") as f:
+        json.dump({**info, "rows": results}, f, indent=1)
+    with open(jaxslim_json) as f:
         ours = {r["row"]: r for r in json.load(f)["rows"]}
     print()
     print("| row | jaxslim ppl | llm-compressor ppl | jaxslim s | llm-compressor s |")
     print("|---|---:|---:|---:|---:|")
+    nan = float("nan")
     for row, r in results.items():
         j = ours.get(JAXSLIM_ROW[row], {})
         print(
-            f"| {row} | {j.get('perplexity', float('nan')):.2f} | {r['perplexity']:.2f} | "
-            f"{j.get('compress_seconds', float('nan')):.0f} | {r['compress_seconds']:.0f} |"
+            f"| {row} | {j.get('perplexity', nan):.2f} | {r.get('perplexity', nan):.2f} | "
+            f"{j.get('compress_seconds', nan):.0f} | {r['compress_seconds']:.0f} |"
         )
-    with open(os.path.join(HERE, "results", "smollm2_llmcompressor.json"), "w") as f:
-        json.dump({"rows": results}, f, indent=1)
 
 
 def main() -> None:
@@ -174,13 +212,18 @@ def main() -> None:
     ap.add_argument("step", choices=["prepare", "run"])
     ap.add_argument("directory")
     ap.add_argument("--rows", default=",".join(ROWS))
-    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--jaxslim",
+        default=os.path.join(HERE, "results", "smollm2.json"),
+        help="bench_smollm2.py result json whose rows are printed alongside",
+    )
     args = ap.parse_args()
     if args.step == "prepare":
         prepare(args.directory, args.eval_tokens)
     else:
-        run(args.directory, args.rows.split(","), args.threads)
+        run(args.directory, args.rows.split(","), args.threads, args.jaxslim)
 
 
 if __name__ == "__main__":
