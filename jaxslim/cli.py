@@ -15,12 +15,14 @@ a Llama-family model (a Hugging Face safetensors directory or a GGUF file) on a 
 
 ``jaxslim inspect PATH`` prints the per-leaf table (shape, dtype, bits, nonzeros, sparsity, bytes)
 of a parameter tree saved as an Orbax checkpoint directory or a ``.npz`` file; quantized leaves
-stored with ``jaxslim.quant.storage`` show their real bits and bytes (a packed int4 kernel: 4 bits
-a value). ``jaxslim compress CKPT --recipe R.toml -o OUT`` applies a data-free recipe
+stored with ``jaxslim.checkpoints`` show their real bits and bytes (a packed int4 kernel: 4 bits
+a value), and so do QArrays saved with plain Orbax where their layout tells the width
+(``checkpoints.plain_qarray_bits``). Files written by jaxslim carry a CRC-32 per leaf, checked on
+every read. ``jaxslim compress CKPT --recipe R.toml -o OUT`` applies a data-free recipe
 (``jaxslim.recipe``: magnitude / N:M pruning, RTN quantization by rules) to the tree in ``CKPT``
 and writes ``OUT`` (an Orbax checkpoint directory, or ``.npz`` when ``OUT`` ends in ``.npz``) that
-restores without a target: ``quant.storage.from_checkpoint(restore(OUT))``. ``jaxslim compress
---print-recipe`` prints an annotated example recipe.
+restores without a target: ``checkpoints.load(OUT)``. ``jaxslim compress --print-recipe`` prints
+an annotated example recipe.
 
 Every error is one line on stderr, ``jaxslim: error: FILE: CAUSE``, and exit code 2 for bad input
 (a missing, unreadable or corrupted file, a pickled ``.npz``, a wrong argument); 1 for an internal
@@ -133,67 +135,106 @@ def _load_orbax(p: pathlib.Path, path: str) -> Any:
     if not _is_orbax_dir(p):
         raise _not_a_checkpoint(p, path)
     try:
-        import orbax.checkpoint as ocp
+        import orbax.checkpoint  # noqa: F401
     except ImportError:
         raise InputError(
             path, f"reading an Orbax checkpoint needs orbax-checkpoint: {ORBAX_EXTRA}"
         ) from None
+    from jaxslim import checkpoints
+
     _ignore_closed_loop()
     try:
-        with ocp.StandardCheckpointer() as ckpt:
-            return ckpt.restore(p.resolve())
-    except Exception as e:  # Orbax and tensorstore raise many types for damaged data
-        cause = f"corrupted or unreadable Orbax checkpoint: {_one_line(e)}"
+        return checkpoints.load_orbax(p)
+    except ValueError as e:
+        cause = str(e).removeprefix("checkpoints.load_orbax: ").removeprefix(f"{p}: ")
         raise InputError(path, cause) from None
 
 
 def _load(path: str) -> Any:
-    """The tree stored at ``path`` (Orbax directory or ``.npz``), QArrays restored.
+    """The tree stored at ``path`` (Orbax directory or ``.npz``), QArrays restored, every leaf
+    checked against the CRC-32 written with it (files written by jaxslim).
 
     Raises ``InputError`` (a ``ValueError``) naming the file and the cause.
     """
-    from jaxslim.quant import storage
+    from jaxslim import checkpoints
 
     p = pathlib.Path(path)
     if not p.exists():
         raise InputError(path, "no such file or directory")
     if p.is_dir():
-        tree = _load_orbax(p, path)
-    elif p.suffix == ".npz":
+        return _load_orbax(p, path)
+    if p.suffix == ".npz":
         try:
-            return storage.load_npz(p)
+            return checkpoints.load_npz(p)
         except (ValueError, TypeError) as e:
-            msg = str(e).removeprefix("quant.storage.load_npz: ").removeprefix(f"{p}: ")
+            msg = str(e).removeprefix("checkpoints.load_npz: ").removeprefix(f"{p}: ")
             raise InputError(path, msg) from None
-    else:
-        kind = f"a {p.suffix} file" if p.suffix else "a file without a suffix"
-        raise InputError(path, f"expected an Orbax checkpoint directory or a .npz file, got {kind}")
-    try:
-        return storage.from_checkpoint(tree)
-    except (ValueError, TypeError) as e:
-        raise InputError(path, str(e)) from None
+    kind = f"a {p.suffix} file" if p.suffix else "a file without a suffix"
+    raise InputError(path, f"expected an Orbax checkpoint directory or a .npz file, got {kind}")
 
 
 def inspect(path: str) -> str:
     """Per-leaf table of the tree stored at ``path`` (Orbax checkpoint directory or ``.npz``).
 
-    Ends with the totals: leaves, entries, nonzeros and bytes. Raises ``InputError`` naming the
-    file and the cause when ``path`` cannot be read.
+    Ends with the totals: leaves, entries, nonzeros and bytes. A QArray saved with plain Orbax
+    (no spec in the checkpoint) is one row with the storage bits its layout tells, ``?`` where it
+    does not tell, and no nonzero count. Raises ``InputError`` naming the file and the cause when
+    ``path`` cannot be read.
     """
     from jaxslim import report
 
-    rows = report.summary(_load(path))
-    size = sum(r["size"] for r in rows)
-    nonzeros = sum(r["nonzeros"] for r in rows)
+    rows = _rows(_load(path))
+    counted = [r for r in rows if r["nonzeros"] != "?"]
+    size = sum(r["size"] for r in counted)
+    nonzeros = sum(r["nonzeros"] for r in counted)
     nbytes = sum(r["bytes"] for r in rows)
+    plain = len(rows) - len(counted)
+    note = (
+        f"; {plain} QArrays saved without their spec (not counted in entries and nonzeros: "
+        "rebuild them with jaxslim.checkpoints.restore_qarrays(tree, like=...))"
+        if plain
+        else ""
+    )
     return "\n".join(
         [
             report.format_table(rows),
             "",
             f"{len(rows)} leaves, {size:,} entries, {nonzeros:,} nonzero "
-            f"({(size - nonzeros) / size if size else 0.0:.1%} zeros), {nbytes:,} bytes",
+            f"({(size - nonzeros) / size if size else 0.0:.1%} zeros), {nbytes:,} bytes{note}",
         ]
     )
+
+
+def _rows(tree: Any) -> list[dict[str, Any]]:
+    """``report.summary`` rows, a QArray saved with plain Orbax as one row (bits from its
+    layout, ``checkpoints.plain_qarray_bits``)."""
+    import math
+
+    import jax
+
+    from jaxslim import _tree, checkpoints, quant, report
+
+    whole = lambda x: quant.is_qarray(x) or checkpoints.is_plain_qarray(x)  # noqa: E731
+    rows = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=whole):
+        if not checkpoints.is_plain_qarray(leaf):
+            rows += [{**r, "path": _tree.path_str(path)} for r in report.summary(leaf)]
+            continue
+        bits, shape = checkpoints.plain_qarray_bits(leaf)
+        parts = [a for a in leaf.values() if a is not None]
+        rows.append(
+            {
+                "path": _tree.path_str(path),
+                "shape": shape or tuple(leaf["values"].shape),
+                "dtype": f"{f'int{bits}' if bits else 'packed'} codes (spec not saved)",
+                "bits": bits or "?",
+                "size": math.prod(shape) if shape else "?",
+                "nonzeros": "?",
+                "sparsity": "?",
+                "bytes": sum(report.nbytes(a) for a in parts),
+            }
+        )
+    return rows
 
 
 PROGRESS_MIN_LEAVES = 64
@@ -211,12 +252,11 @@ def _progress(n: int) -> Any:
 def _save(tree: Any, out: str) -> None:
     import jax
 
-    from jaxslim import quant
-    from jaxslim.quant import storage
+    from jaxslim import checkpoints, quant
 
-    stored = storage.to_checkpoint(tree)
+    stored = checkpoints.to_checkpoint(tree)
     try:  # never write what cannot be restored: decode the stored form and trace dequantize
-        jax.eval_shape(quant.dequantize_params, storage.from_checkpoint(stored))
+        jax.eval_shape(quant.dequantize_params, checkpoints.from_checkpoint(stored))
     except (TypeError, ValueError) as e:
         cause = f"this jaxslim cannot store the result so that it restores: {e}"
         raise InputError(out, cause) from None
@@ -226,17 +266,16 @@ def _save(tree: Any, out: str) -> None:
     if not p.parent.exists():
         raise InputError(out, f"the directory {str(p.parent)!r} does not exist")
     if p.suffix == ".npz":
-        storage.save_npz(p, tree)
+        checkpoints.save_npz(p, tree)
         return
     try:
-        import orbax.checkpoint as ocp
+        import orbax.checkpoint  # noqa: F401
     except ImportError:
         raise InputError(
             out,
             f"writing an Orbax checkpoint needs orbax-checkpoint: {ORBAX_EXTRA} (or write a .npz)",
         ) from None
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(p.resolve(), stored)
+    checkpoints.save_orbax(p, tree)
 
 
 def compress(path: str, recipe_path: str, out: str, *, force: bool = False) -> str:
@@ -261,9 +300,11 @@ def compress(path: str, recipe_path: str, out: str, *, force: bool = False) -> s
     except R.RecipeError as e:
         raise InputError(recipe_path, str(e)) from None
     tree = _load(path)
+    from jaxslim.checkpoints import is_plain_qarray
     from jaxslim.quant import is_qarray
 
-    done = [q for q in jax.tree_util.tree_leaves(tree, is_leaf=is_qarray) if is_qarray(q)]
+    quantized = lambda x: is_qarray(x) or is_plain_qarray(x)  # noqa: E731
+    done = [q for q in jax.tree_util.tree_leaves(tree, is_leaf=quantized) if quantized(q)]
     if done:
         raise InputError(path, f"holds {len(done)} quantized leaves; compress a float checkpoint")
     n = len(jax.tree_util.tree_leaves(tree))

@@ -1,4 +1,6 @@
-"""quant.storage: QArrays survive Orbax and .npz without a restore target; tampering raises."""
+"""The stored form of QArrays (``checkpoints.to_checkpoint`` / ``from_checkpoint``, ``save_npz`` /
+``load_npz``, formerly ``quant.storage``): QArrays survive Orbax and .npz without a restore target;
+tampering raises; the deprecated ``quant.storage`` forwards with a ``DeprecationWarning``."""
 
 import json
 import warnings
@@ -14,9 +16,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxslim import _tree
-from jaxslim.quant import QArray, QuantSpec, dequantize, quantize, quantize_params
-from jaxslim.quant import storage as S
+from jaxslim import checkpoints as S
+from jaxslim.quant import QArray, QuantSpec, dequantize, quantize, quantize_params, storage
 
+MARKER = storage.MARKER
 X = jnp.asarray(np.random.default_rng(0).normal(size=(8, 6)).astype(np.float32))
 
 SPECS = {
@@ -77,8 +80,8 @@ def _tree_of_all():
 def test_stored_form_is_plain_arrays_with_metadata(variant):
     q = _q("int4_group")
     stored = variant(S.to_checkpoint)({"w": q})["w"]
-    assert sorted(stored) == [S.MARKER, "scale", "values"]  # symmetric signed: no zero point
-    meta = json.loads(np.asarray(stored[S.MARKER]).tobytes())
+    assert sorted(stored) == [MARKER, "scale", "values"]  # symmetric signed: no zero point
+    meta = json.loads(np.asarray(stored[MARKER]).tobytes())
     assert meta["spec"]["bits"] == 4 and meta["spec"]["group_size"] == 2
     assert meta["shape"] == [8, 6] and meta["dtype"] == "float32"
     assert stored["values"].shape == (8, 3) and stored["values"].dtype == jnp.uint8  # packed
@@ -206,9 +209,9 @@ def _stored(name="int4_group_affine"):
 
 def _with_meta(edit, name="int4_group_affine"):
     tree = _stored(name)
-    meta = json.loads(np.asarray(tree["a"]["w"][S.MARKER]).tobytes())
+    meta = json.loads(np.asarray(tree["a"]["w"][MARKER]).tobytes())
     edit(meta)
-    tree["a"]["w"][S.MARKER] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    tree["a"]["w"][MARKER] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     return tree
 
 
@@ -224,12 +227,12 @@ def _set(d, k, v):
 
 TAMPERED = [
     pytest.param(
-        lambda: _with(S.MARKER, lambda m: np.frombuffer(b"{not json", np.uint8)),
+        lambda: _with(MARKER, lambda m: np.frombuffer(b"{not json", np.uint8)),
         "metadata is not JSON",
         id="meta-not-json",
     ),
     pytest.param(
-        lambda: _with(S.MARKER, lambda m: np.asarray(m, np.float32)),
+        lambda: _with(MARKER, lambda m: np.asarray(m, np.float32)),
         "1-D uint8",
         id="meta-float",
     ),
@@ -321,7 +324,7 @@ TAMPERED = [
 
 @pytest.mark.parametrize("make, cause", TAMPERED)
 def test_tampered_stored_qarray_raises_naming_the_path(make, cause):
-    with pytest.raises(ValueError, match=rf"quant.storage.from_checkpoint: .*'a/w'.*{cause}"):
+    with pytest.raises(ValueError, match=rf"checkpoints.from_checkpoint: .*'a/w'.*{cause}"):
         S.from_checkpoint(make())
 
 
@@ -330,3 +333,31 @@ def test_save_npz_rejects_objects_and_name_clashes(tmp_path):
         S.save_npz(tmp_path / "x.npz", {"a": object()})
     with pytest.raises(ValueError, match=r"save_npz: two leaves are both named 'a/b'"):
         S.save_npz(tmp_path / "x.npz", {"a/b": jnp.ones(1), "a": {"b": jnp.ones(1)}})
+
+
+@pytest.mark.parametrize("name", ["to_checkpoint", "from_checkpoint", "save_npz", "load_npz"])
+def test_quant_storage_is_a_deprecated_alias(name, tmp_path):
+    """Each function of the old module warns once per call and gives what checkpoints gives."""
+    tree = {"w": _q("int4_group"), "b": jnp.ones(3)}
+    args = {
+        "to_checkpoint": (tree,),
+        "from_checkpoint": (S.to_checkpoint(tree),),
+        "save_npz": (tmp_path / "a.npz", tree),
+        "load_npz": (tmp_path / "b.npz",),
+    }[name]
+    S.save_npz(tmp_path / "b.npz", tree)
+    with pytest.warns(
+        DeprecationWarning,
+        match=rf"quant.storage.{name} is deprecated.*"
+        rf"use jaxslim.checkpoints.{name}",
+    ) as record:
+        got = getattr(storage, name)(*args)
+    assert len(record) == 1
+    want = getattr(S, name)(*(args if name != "save_npz" else (tmp_path / "c.npz", tree)))
+    if name == "save_npz":
+        got, want = S.load_npz(tmp_path / "a.npz"), S.load_npz(tmp_path / "c.npz")
+    _assert_same_tree(
+        got if name != "to_checkpoint" else S.from_checkpoint(got),
+        want if name != "to_checkpoint" else S.from_checkpoint(want),
+    )
+    assert storage.MARKER == "__jaxslim_qarray__"
