@@ -46,6 +46,7 @@ them.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import math
@@ -351,14 +352,23 @@ def _statistics(
     plans: dict[str, _Plan] | None = None
     acc = None
     b = -1
+    shapes = _param_signature(params)
     for b, batch in enumerate(batches):
         sig = _signature(batch)
         if sig not in compiled:
-            c = _trace(fn, params, batch, b, fn_name)
+            key = _step_key(fn, shapes, sig, selected, strict, dtype)
+            hit = _STEPS.get(key) if key is not None else None
+            if hit is not None:
+                _STEPS.move_to_end(key)
+            else:
+                c = _trace(fn, params, batch, b, fn_name)
+                own = _make_plans(c.uses, selected, leaves, strict, fn_name)
+                hit = (c, _jit_step(c.traced, _make_hook(own, dtype, fn_name)), own)
+                _remember(key, hit)
+            c, step, own = hit
             if plans is None:
-                plans = _make_plans(c.uses, selected, leaves, strict, fn_name)
+                plans = own
             _check_uses(c.uses, plans, leaves, fn_name)
-            step = _jit_step(c.traced, _make_hook(plans, dtype, fn_name))
             compiled[sig] = (c, step)
         c, step = compiled[sig]
         if acc is None:
@@ -383,6 +393,42 @@ def _statistics(
             )
         out[p] = Stats(xtx, sq, am, n, pl.contracted, pl.lead, tuple(np.shape(leaves[p])))
     return out
+
+
+# Compiled accumulation steps, reused across calls: `sequential` (and `stream`, block after block
+# of the same shapes) asks for the same kernel of the same function many times; each new jit of
+# the hooked jaxpr would compile again. Keyed by the function object itself (as `jax.jit`
+# caches: a function is assumed to trace the same for the same shapes), the parameter and batch
+# shapes / dtypes / shardings, the kernels and the dtype; a few entries, least recently used
+# dropped first.
+_STEPS: collections.OrderedDict[Any, tuple[_Compiled, Any, dict]] = collections.OrderedDict()
+_STEPS_MAX = 16
+
+
+def _param_signature(params: Any) -> Any:
+    leaves, tree = jax.tree.flatten(params)
+    return tree, tuple(
+        (np.shape(x), str(getattr(x, "dtype", type(x))), getattr(x, "sharding", None))
+        for x in leaves
+    )
+
+
+def _step_key(fn, shapes, sig, selected, strict, dtype) -> Any:
+    key = (fn, shapes, sig, tuple(selected), strict, jnp.dtype(dtype).name)
+    try:
+        hash(key)
+    except TypeError:  # an unhashable callable or sharding: compile for this call only
+        return None
+    return key
+
+
+def _remember(key: Any, entry: tuple[_Compiled, Any, dict]) -> None:
+    if key is None:
+        return
+    _STEPS[key] = entry
+    _STEPS.move_to_end(key)
+    while len(_STEPS) > _STEPS_MAX:
+        _STEPS.popitem(last=False)
 
 
 def _make_plans(uses, selected, leaves, strict, fn_name) -> dict[str, _Plan]:

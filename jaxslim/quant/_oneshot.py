@@ -151,20 +151,20 @@ def oneshot(
     if not specs:
         raise ValueError(f"{name}: the rules quantize no leaf of fn {getattr(fn, '__name__', fn)}")
     in_matmul = {p for p in specs if p in uses}
-    if in_matmul:
-        stats = calibrate.statistics(fn, params, batches, where=lambda p, x: p in in_matmul)
-    else:
-        stats = {}
+    kernels = [p for p in uses if p in in_matmul]  # execution order
+    # GPTQ with sequential=True calibrates every kernel inside calibrate.sequential: no pass
+    # over the float model first (it would cost one forward and every kernel's Hessian, held
+    # in memory for the whole run).
+    upfront = bool(in_matmul) and not (sequential and isinstance(method, GPTQ))
+    stats = (
+        calibrate.statistics(fn, params, batches, where=lambda p, x: p in in_matmul)
+        if upfront
+        else {}
+    )
     for path, st in stats.items():
-        if st.lead_axes:
-            raise ValueError(
-                f"{name}: kernel {path!r} has batch/layer axes {st.lead_axes} (shape {st.shape}); "
-                "per-slice quantization is not supported: exclude it with a rule (where, None)"
-            )
-    kernels = [p for p in stats]
+        _check_lead(path, st, name)
 
-    def axes(path):
-        st = stats[path]
+    def axes(st):
         c = tuple(st.contracted_axes)
         return c, tuple(a for a in range(len(st.shape)) if a not in c)
 
@@ -180,7 +180,7 @@ def oneshot(
                 unfolded.update(g.kernels)
                 continue
             st = stats[g.kernels[0]]
-            ws = [as_matrix(leaves[p], *axes(p)) for p in g.kernels]
+            ws = [as_matrix(leaves[p], *axes(stats[p])) for p in g.kernels]
             gname = ",".join(g.kernels)
             if isinstance(method, AWQ):
                 a = (
@@ -200,12 +200,15 @@ def oneshot(
         leaves = dict(_tree.leaves_with_paths(params))
         if not sequential:  # statistics of the rescaled float model
             stats = calibrate.statistics(fn, params, batches, where=lambda p, x: p in in_matmul)
+        else:  # calibrate.sequential computes each kernel's own: free these now
+            stats = {}
 
     qarrays: dict[str, QArray] = {}
     errors: dict[str, tuple[float, float, float]] = {}
 
     def compress(path, w, st):
-        c, o = axes(path)
+        _check_lead(path, st, name)
+        c, o = axes(st)
         spec = kernel_spec(specs[path], w.shape, c, o)
         layout(spec, tuple(w.shape), path=path, fn_name=name)
         w2 = as_matrix(w.astype(jnp.float32), c, o)
@@ -279,6 +282,14 @@ def oneshot(
         method, tuple(rows), seconds, absorbers=absorbers, alphas=alphas, skipped=skipped
     )
     return out, report
+
+
+def _check_lead(path: str, st: calibrate.Stats, name: str) -> None:
+    if st.lead_axes:
+        raise ValueError(
+            f"{name}: kernel {path!r} has batch/layer axes {st.lead_axes} (shape {st.shape}); "
+            "per-slice quantization is not supported: exclude it with a rule (where, None)"
+        )
 
 
 def _requantize(q2: QArray, w: jax.Array, spec: QuantSpec, c, o) -> QArray:
