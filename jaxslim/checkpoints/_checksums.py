@@ -59,7 +59,7 @@ def verify(stored: Any, record: Mapping[str, Any], error: Any) -> None:
     """Raises ``error(what)`` for the first leaf of ``record`` that is missing from ``stored``
     or whose shape, dtype or CRC-32 differs. ``stored`` is the tree as read (stored form)."""
     found = {_tree.path_str(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(stored)}
-    fix = "restore the file from a good copy or write it again"
+    fix = "restore it from a good copy or write it again"
     for name, want in record.items():
         if name not in found:
             raise error(f"leaf {name!r} is missing (it was written with the file); {fix}")

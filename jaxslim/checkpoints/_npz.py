@@ -196,18 +196,18 @@ def load_npz(file: str | os.PathLike) -> Any:
     """
     mismatch = None
     try:
-        with open(file, "rb") as fh:
+        with open(file, "rb") as fh:  # np.load(path) leaks its handle on a bad zip
             head = fh.read(6)
-        if head.startswith(b"\x93NUMPY"):
-            raise _npz_error(file, "is a single .npy array, not an .npz archive")
-        if not head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-            raise _npz_error(file, f"not a .npz file (no zip header; starts with {head!r})")
-        f = np.load(file, allow_pickle=False)
-        with f:
-            if _NPZ_MANIFEST in f.files:
-                tree, mismatch = _from_manifest(file, f, _entry(file, f, _NPZ_MANIFEST))
-            else:
-                tree = {n: _plain_dtype(file, n, f[n]) for n in f.files}
+            if head.startswith(b"\x93NUMPY"):
+                raise _npz_error(file, "is a single .npy array, not an .npz archive")
+            if not head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+                raise _npz_error(file, f"not a .npz file (no zip header; starts with {head!r})")
+            fh.seek(0)
+            with np.load(fh, allow_pickle=False) as f:
+                if _NPZ_MANIFEST in f.files:
+                    tree, mismatch = _from_manifest(file, f, _entry(file, f, _NPZ_MANIFEST))
+                else:
+                    tree = {n: _plain_dtype(file, n, f[n]) for n in f.files}
     except ValueError as e:
         if str(e).startswith("checkpoints.load_npz"):
             raise

@@ -9,8 +9,10 @@ not at all. Needs ``orbax-checkpoint`` (``pip install 'jaxslim[orbax]'``).
 
 from __future__ import annotations
 
+import gc
 import os
 import pathlib
+import sys
 from typing import Any
 
 from jaxslim.checkpoints import _checksums
@@ -37,6 +39,21 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _drop_pending_reads() -> None:
+    """Collects the read coroutines a failed Orbax restore leaves behind, without their noise.
+
+    When one array fails to read, Orbax abandons the reads of the others; collected later, each
+    reports ``GeneratorExit`` through ``sys.unraisablehook`` (a traceback on stderr, far from
+    the error). They are collected here, the one error already in hand.
+    """
+    prev = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = prev
 
 
 def save_orbax(path: str | os.PathLike, tree: Any, *, force: bool = False) -> None:
@@ -125,14 +142,17 @@ def load_orbax(path: str | os.PathLike, *, like: Any = None) -> Any:
     if not (target / "_METADATA").is_file():
         raise error("not an Orbax checkpoint directory (no _METADATA file)")
     ocp = _ocp("load_orbax")
+    failure = None
     with ocp.StandardCheckpointer() as ckpt:
         try:
             stored = ckpt.restore(target)
         except Exception as e:  # Orbax and tensorstore raise many types for damaged data
-            raise error(
-                f"corrupted or unreadable Orbax checkpoint: {_one_line(e)}; {_FIX}"
-            ) from None
-        record = _record(ckpt, target, error)
+            failure = f"corrupted or unreadable Orbax checkpoint: {_one_line(e)}; {_FIX}"
+        if failure is None:
+            record = _record(ckpt, target, error)
+    if failure is not None:
+        _drop_pending_reads()
+        raise error(failure)
     try:
         tree = from_checkpoint(stored)
     except ValueError as e:
