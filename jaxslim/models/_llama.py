@@ -8,6 +8,13 @@ A decoder layer (``block``), with ``RMS(x) = x / sqrt(mean(x^2) + eps) * w`` in 
 
 RoPE is HF's non-interleaved ``rotate_half`` form: ``q * cos + rotate_half(q) * sin`` with
 ``cos = cos(pos * [inv_freq, inv_freq])``.
+
+Online Hadamard transforms (``quant.rotate_model``): a layer with a leaf ``down_hadamard`` (F,)
+of signs ``s`` computes ``(silu(m @ Wgate) * (m @ Wup)) -> H_F(. * s)`` before ``Wdown``; one with
+``qk_hadamard`` (hd,) maps ``q, k -> H_hd(. * s)`` per head after RoPE (``q k^T`` is unchanged),
+``H`` the orthonormal ``quant.hadamard``. Dynamic quantization (``activations=`` /
+``kv=``, ``quant.TokenQuant``) quantizes every kernel's input of the layers per token (the head's
+input stays float) and the keys (after RoPE) and values per head and token.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import numpy as np
 
 from jaxslim.models._config import Config, inv_freq
 from jaxslim.models._params import layer_sizes, sizes
+from jaxslim.quant import TokenQuant, hadamard
 
 
 def _cast(x: jax.Array, dtype: Any) -> jax.Array:
@@ -92,6 +100,8 @@ def block(
     *,
     positions: jax.Array,
     cache: Mapping[str, Any] | None = None,
+    activations: TokenQuant | None = None,
+    kv: TokenQuant | None = None,
 ) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
     """One decoder layer ``(B, T, d) -> (B, T, d)``: the ``block_fn`` of block-streamed calibration.
 
@@ -103,6 +113,10 @@ def block(
       cache: ``None`` (causal attention within ``hidden``) or this layer's cache ``{"k": (B, S,
         KV, hd), "v": (B, S, KV, hd), "index": int32 ()}``: the new keys and values are written at
         slots ``index .. index + T - 1`` and query ``t`` attends to slots ``<= index + t``.
+      activations: ``None`` or a ``quant.TokenQuant``: the input of every kernel (q/k/v, o,
+        gate/up, down) quantized per token on the fly.
+      kv: ``None`` or a ``quant.TokenQuant``: keys (after RoPE and ``qk_hadamard``) and values
+        quantized per head and token before attention and the cache.
 
     Returns:
       ``hidden`` out, or ``(hidden, new_cache)`` when a cache is given (its ``index`` advanced by
@@ -129,8 +143,12 @@ def block(
         raise ValueError(f"{fn}: positions must be (B, T) = {(b, t)}, got {positions.shape}")
     p = block_params
     eps = config.rms_norm_eps
+    for name, opt in (("activations", activations), ("kv", kv)):
+        if opt is not None and not isinstance(opt, TokenQuant):
+            raise TypeError(f"{fn}: {name} must be None or a quant.TokenQuant, got {opt!r}")
+    aq = (lambda x: x) if activations is None else activations
 
-    a = rms_norm(hidden, p["attn_norm"], eps)
+    a = aq(rms_norm(hidden, p["attn_norm"], eps))
     bias = config.attention_bias
     q = _linear(a, p["q"], p["q_bias"] if bias else None).reshape(b, t, ls.heads, hd)
     k = _linear(a, p["k"], p["k_bias"] if bias else None).reshape(b, t, ls.kv_heads, hd)
@@ -140,6 +158,10 @@ def block(
         k = rms_norm(k, p["k_norm"], eps)
     cos, sin = rope_tables(positions, config, hidden.dtype)
     q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    if "qk_hadamard" in p:
+        q, k = _online_hadamard(q, p["qk_hadamard"], fn), _online_hadamard(k, p["qk_hadamard"], fn)
+    if kv is not None:
+        k, v = kv(k), kv(v)
 
     new_cache = None
     if cache is None:
@@ -164,12 +186,24 @@ def block(
         mask = mask & (ki > qi - config.sliding_window)
     mask = jnp.broadcast_to(mask[None], (b, *mask.shape))
     attn = _attend(q, keys, values, mask)
-    hidden = hidden + _linear(attn, p["o"], p["o_bias"] if config.o_bias else None)
+    hidden = hidden + _linear(aq(attn), p["o"], p["o_bias"] if config.o_bias else None)
 
-    m = rms_norm(hidden, p["mlp_norm"], eps)
+    m = aq(rms_norm(hidden, p["mlp_norm"], eps))
     mlp = jax.nn.silu(_linear(m, p["gate"])) * _linear(m, p["up"])
-    hidden = hidden + _linear(mlp, p["down"])
+    if "down_hadamard" in p:
+        mlp = _online_hadamard(mlp, p["down_hadamard"], fn)
+    hidden = hidden + _linear(aq(mlp), p["down"])
     return hidden if cache is None else (hidden, new_cache)
+
+
+def _online_hadamard(x: jax.Array, signs: Any, fn: str) -> jax.Array:
+    """``H(x * s)`` along the last axis (``quant.hadamard``); ``signs`` ``(n,)``."""
+    if tuple(np.shape(signs)) != x.shape[-1:]:
+        raise ValueError(
+            f"{fn}: an online Hadamard leaf has shape {tuple(np.shape(signs))}, expected "
+            f"{x.shape[-1:]} (quant.rotate_model writes it; rotate the tree again)"
+        )
+    return hadamard(x * _cast(signs, x.dtype).reshape((1,) * (x.ndim - 1) + x.shape[-1:]))
 
 
 def _check_tokens(tokens: Any, vocab: int, fn: str) -> jax.Array:
@@ -257,6 +291,8 @@ def forward(
     *,
     cache: Mapping[str, Any] | None = None,
     positions: jax.Array | None = None,
+    activations: TokenQuant | None = None,
+    kv: TokenQuant | None = None,
 ) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
     """Logits of a Llama-family decoder: tokens ``(B, T)`` int -> ``(B, T, V)`` float32.
 
@@ -274,6 +310,10 @@ def forward(
       positions: ``(B, T)`` (or ``(T,)``) RoPE positions; default ``index + arange(T)`` (``index
         = 0`` without a cache). They only feed RoPE: the mask is causal in sequence (cache slot)
         order.
+      activations, kv: ``None`` or ``quant.TokenQuant`` records: dynamic per-token quantization of
+        every layer kernel's input, and of the keys (after RoPE) and values per head and token
+        (``models.block``); W4A4 is ``quant.dequantize_params`` of int4 weights with
+        ``activations=quant.TokenQuant(4)``.
 
     Returns:
       ``logits`` ``(B, T, V)``, or ``(logits, new_cache)`` when a cache is given.
@@ -311,10 +351,12 @@ def forward(
     new_layers = []
     for i, lp in enumerate(params["layers"]):
         if cache is None:
-            x = block(lp, x, config, positions=positions)
+            x = block(lp, x, config, positions=positions, activations=activations, kv=kv)
         else:
             lc = {**cache["layers"][i], "index": index}
-            x, nc = block(lp, x, config, positions=positions, cache=lc)
+            x, nc = block(
+                lp, x, config, positions=positions, cache=lc, activations=activations, kv=kv
+            )
             new_layers.append({"k": nc["k"], "v": nc["v"]})
     logits = head(params, x, config)
     if cache is None:

@@ -30,9 +30,11 @@ from jaxslim.quant._oneshot import oneshot
 from jaxslim.quant._packing import pack, packed_shape, unpack
 from jaxslim.quant._params import LeafSize, SizeReport, dequantize_params, quantize_params
 from jaxslim.quant._qarray import QArray, dequantize, fake_quant, is_qarray, quantize
+from jaxslim.quant._rotate import rotate_model
 from jaxslim.quant._rules import Rule
 from jaxslim.quant._smoothquant import smooth_scales, w8a8_dot
 from jaxslim.quant._spec import QuantSpec, qrange
+from jaxslim.quant._tokens import TokenQuant
 from jaxslim.quant.formats import Format
 
 __all__ = [
@@ -89,4 +91,6 @@ __all__ = [
     "hadamard",
     "hadamard_matrix",
     "random_hadamard",
+    "TokenQuant",
+    "rotate_model",
 ]
