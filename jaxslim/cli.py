@@ -532,11 +532,37 @@ def compress_model(
                 lines += [f"## {name}", "", rep.table(), ""]
     if fmt != "npz":
         params, config, tok = models.load_streamed(work)
-        tok_gguf = model if pathlib.Path(model).suffix == ".gguf" else None
-        _export(fmt, work, params, config, tok_json, out if gguf_file else None, tok_gguf)
+        if fmt == "gguf" and pathlib.Path(model).suffix == ".gguf":
+            with checkpoints.open(model) as src:  # its tokenizer and stored types, kept
+                params = _as_stored(src, params)
+                _export(fmt, work, params, config, tok_json, out if gguf_file else None, src)
+        else:
+            _export(fmt, work, params, config, tok_json)
         lines.append(f"exported as {fmt} in {out}")
     lines.append(f"peak RSS {res.peak_rss / 2**30:.2f} GiB")
     return "\n".join(lines)
+
+
+def _as_stored(src: Any, params: dict) -> dict:
+    """``params`` with the embedding / output head that the run left float put back as the GGUF
+    source ``src`` stores them, when that is Q8_0 / Q4_0 (its codes and scales, exactly the
+    float values the run copied): a GGUF export then keeps their type instead of F32."""
+    import numpy as np
+
+    from jaxslim import quant
+
+    out = dict(params)
+    names = set(src.names())
+    for leaf, name, kernel in (
+        ("embed", "model.embed_tokens.weight", False),
+        ("lm_head", "lm_head.weight", True),
+    ):
+        if leaf not in out or quant.is_qarray(out[leaf]) or name not in names:
+            continue
+        q = src.read_qarray(name, transpose=kernel)
+        if q is not None and np.array_equal(quant.dequantize(q), np.asarray(out[leaf])):
+            out[leaf] = q
+    return out
 
 
 def _export(
@@ -546,10 +572,10 @@ def _export(
     config: Any,
     tok_json: str | None,
     gguf_path: str | None = None,
-    tok_gguf: str | None = None,
+    tok_gguf: Any = None,
 ) -> None:
     """Writes the compressed tree in ``fmt`` inside ``out`` (a GGUF file at ``gguf_path`` when
-    given, its tokenizer copied from the GGUF file ``tok_gguf`` when given); a leaf the format
+    given, its tokenizer copied from the GGUF source ``tok_gguf`` when given); a leaf the format
     cannot hold is one ``InputError`` line naming it (the streamed result in ``out`` stays)."""
     from jaxslim import checkpoints
 

@@ -290,12 +290,13 @@ def _copy_tokenizer(writer, source: Any, fn: str) -> int | None:
     from gguf import GGUFReader, GGUFValueType
 
     path = getattr(source, "path", source)
-    if not (isinstance(path, str | os.PathLike) and os.path.isfile(path)):
+    reader = getattr(source, "gguf_reader", None)  # an open GGUF Source: no second parse
+    if reader is None and not (isinstance(path, str | os.PathLike) and os.path.isfile(path)):
         raise ValueError(
             f"{fn}: tokenizer_gguf must be a GGUF file path or a checkpoints Source opened on "
             f"one, got {source!r}"
         )
-    reader = GGUFReader(path)
+    reader = reader if reader is not None else GGUFReader(path)
     n = None
     for key, field in reader.fields.items():
         if not (key.startswith("tokenizer.ggml.") or key == "tokenizer.chat_template"):

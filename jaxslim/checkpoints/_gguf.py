@@ -240,6 +240,11 @@ class GGUFSource(Source):
         return self._config
 
     @property
+    def gguf_reader(self):
+        """The open `gguf.GGUFReader` of the file (`None` once closed)."""
+        return self._reader
+
+    @property
     def metadata(self) -> dict:
         if self._metadata is None:
             self._metadata = {k: f.contents() for k, f in self._reader.fields.items()}
