@@ -11,20 +11,31 @@ just rules::
              ("embed", QuantSpec(8, axis=-1)),                 # int8 per channel
              (None, QuantSpec(4, axis=-1, group_size=32))]     # other kernels int4, groups of 32
     qtree, report = quantize_params(params, rules)
+
+**Grouped specs and the default ``where``.** A rule ``(None, QuantSpec(..., group_size=g))`` (or a
+bare grouped ``QuantSpec``) selects only contracted 2-D kernels: with ``fn`` and
+``example_args``, the 2-D leaves that feed a ``dot_general`` in ``fn(params, *example_args)`` and
+are not gathered (embedding and position tables, a tied LM head); without them, by shape: 2-D
+leaves with two axes longer than 1 whose group axis (``group_axis``, default -2) holds at least
+one whole group of ``g``. So a BERT token-type table ``(2, 64)``, a BART ``final_logits_bias``
+``(1, N)``, conv kernels and per-head 3-D kernels stay float (and, with ``fn``, also OPT's position
+table and every embedding); a rule whose ``where`` names a leaf quantizes it whatever its shape.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jaxslim import _tree
+from jaxslim import _jaxpr, _tree, structures
 from jaxslim.quant._qarray import QArray, dequantize, is_qarray, quantize
-from jaxslim.quant._rules import match, normalize
+from jaxslim.quant._rules import first, normalize
 from jaxslim.quant._spec import QuantSpec
 
 
@@ -87,8 +98,32 @@ def _nbytes(leaf: Any) -> int:
     return math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
 
 
+def _grouped_kernels(params: Any, fn: Callable | None, example_args: tuple) -> Callable:
+    """``(path, leaf, spec) -> bool``: whether the default ``where`` of a grouped spec selects
+    the leaf (module docstring): contracted, not gathered, 2-D (with ``fn``), else by shape."""
+    if fn is not None:
+        traced = _jaxpr.make_jaxpr(fn, params, *example_args)
+        contracted = set(_jaxpr.kernel_uses_of(traced)) - set(_jaxpr.gathered_of(traced))
+        return lambda path, leaf, spec: leaf.ndim == 2 and path in contracted
+
+    def by_shape(path, leaf, spec):
+        if leaf.ndim != 2 or not structures.kernel_like(path, leaf):
+            return False
+        ga = -2 if spec.group_axis is None else spec.group_axis
+        if not isinstance(ga, int) or not -2 <= ga < 2:
+            return True  # a bad group axis: let quantize name it
+        return leaf.shape[ga] >= spec.group_size
+
+    return by_shape
+
+
 def quantize_params(
-    params: Any, rules: Any, *, default: QuantSpec | None = None
+    params: Any,
+    rules: Any,
+    *,
+    default: QuantSpec | None = None,
+    fn: Callable | None = None,
+    example_args: tuple = (),
 ) -> tuple[Any, SizeReport]:
     """Quantizes the leaves of ``params`` by rules; returns ``(tree, report)``.
 
@@ -97,15 +132,19 @@ def quantize_params(
       rules: a ``QuantSpec`` (applied to ``where=None``) or a list of ``(where, spec or None)``;
         first match wins, ``None`` keeps the leaf float.
       default: the spec for floating-point leaves no rule selects (``None``: keep float).
+      fn: optional ``fn(params, *example_args)``, traced on shapes only, so that a grouped spec
+        with the default ``where`` selects exactly the contracted 2-D kernels (module docstring);
+        without it a shape rule decides.
+      example_args: the example inputs of ``fn`` (arrays or ``jax.ShapeDtypeStruct``).
 
     Returns:
       The tree with ``QArray`` leaves where a spec applied (other leaves untouched, ``QArray``
       leaves already present kept as they are) and a ``SizeReport`` of every floating-point leaf.
 
-    Raises ``ValueError`` naming the leaf when a spec does not fit it, when a concrete leaf to
-    quantize holds NaN or inf, and when nothing is quantized; naming the rule when its ``where``
-    is not a valid regex. Integer-keyed trees (an ``nnx.List`` state, a list of layers) are named
-    ``"layers/0/kernel"``.
+    Raises ``ValueError`` naming the leaf when a spec does not fit it (with the rule that keeps it
+    float), when a concrete leaf to quantize holds NaN or inf, and when nothing is quantized;
+    naming the rule when its ``where`` is not a valid regex. Integer-keyed trees (an ``nnx.List``
+    state, a list of layers) are named ``"layers/0/kernel"``.
 
     >>> import jax.numpy as jnp
     >>> params = {"w": jnp.ones((64, 32)), "b": jnp.zeros(32), "head": jnp.ones((32, 10))}
@@ -113,21 +152,40 @@ def quantize_params(
     >>> type(q["w"]).__name__, type(q["head"]).__name__, report.bytes_after
     ('QArray', 'ArrayImpl', 3584)
     """
-    fn = "quant.quantize_params"
-    rules = normalize(rules, fn)
+    fn_name = "quant.quantize_params"
+    rules = normalize(rules, fn_name)
     if default is not None and not isinstance(default, QuantSpec):
-        raise TypeError(f"{fn}: default must be a QuantSpec or None, got {default!r}")
+        raise TypeError(f"{fn_name}: default must be a QuantSpec or None, got {default!r}")
+    if not isinstance(example_args, tuple):
+        raise TypeError(f"{fn_name}: example_args must be a tuple, got {example_args!r}")
+    if fn is None and example_args:
+        raise ValueError(f"{fn_name}: example_args given without fn; pass fn=")
+    grouped_kernel = None
+    if any(r.where is None and r.spec is not None and r.spec.group_size for r in rules):
+        try:
+            grouped_kernel = _grouped_kernels(params, fn, example_args)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{fn_name}: tracing fn for the grouped default where: {e}") from None
     rows: list[LeafSize] = []
+    skipped: list[str] = []
 
     def visit(path, leaf):
         if isinstance(leaf, QArray) or not _tree.is_float_array(leaf):
             return leaf
         name = _tree.path_str(path)
-        spec = match(rules, name, leaf, default=default, fn=fn)
+        rule = first(rules, name, leaf, fn=fn_name)
+        spec = default if rule is None else rule.spec
+        if spec is not None and rule is not None and rule.where is None and spec.group_size:
+            if not grouped_kernel(name, leaf, spec):
+                spec = None  # not a contracted 2-D kernel: a grouped default leaves it float
+                skipped.append(name)
         try:
             new = leaf if spec is None else quantize(leaf, spec, path=name)
         except ValueError as e:
-            raise ValueError(f"{fn}: {e}") from None
+            keep = f"(r'^{re.escape(name)}$', None)"
+            raise ValueError(
+                f"{fn_name}: {e}; to leave {name!r} in float, put the rule {keep} first"
+            ) from None
         rows.append(LeafSize(name, tuple(leaf.shape), spec, _nbytes(leaf), _nbytes(new)))
         return new
 
@@ -135,8 +193,14 @@ def quantize_params(
     if not any(r.spec is not None for r in rows):
         names = [r.path for r in rows][:8]
         raise ValueError(
-            f"{fn}: the rules quantize no leaf; floating-point leaves are {names}"
+            f"{fn_name}: the rules quantize no leaf; floating-point leaves are {names}"
             f"{' ...' if len(rows) > 8 else ''}"
+            + (
+                f"; a grouped spec with where=None left {skipped[:4]} float (not contracted 2-D "
+                "kernels holding a whole group): name them in a rule's where= to quantize them"
+                if skipped
+                else ""
+            )
         )
     return out, SizeReport(tuple(rows))
 

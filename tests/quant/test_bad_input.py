@@ -539,6 +539,48 @@ ROWS = [
         r"quant.quantize_params: default must be a QuantSpec",
         id="params-default",
     ),
+    pytest.param(
+        lambda: quant.quantize_params({"enc": {"w": X}}, QuantSpec(4, axis=0, group_size=4)),
+        ValueError,
+        r"quant.quantize_params: .*'enc/w'.*; to leave 'enc/w' in float, put the rule "
+        r"\(r'\^enc/w\$', None\) first$",
+        id="params-refused-names-the-float-rule",
+    ),
+    pytest.param(
+        lambda: quant.quantize_params({"tt": jnp.ones((2, 64))}, QuantSpec(4, group_size=32)),
+        ValueError,
+        r"quant.quantize_params: the rules quantize no leaf; .*\['tt'\]; a grouped spec with "
+        r"where=None left \['tt'\] float .*name them in a rule's where=",
+        id="params-grouped-default-skips-a-table",
+    ),
+    pytest.param(
+        lambda: quant.quantize_params({"w": X}, S8, example_args=(X,)),
+        ValueError,
+        r"quant.quantize_params: example_args given without fn; pass fn=",
+        id="params-args-without-fn",
+    ),
+    pytest.param(
+        lambda: quant.quantize_params({"w": X}, S8, fn=lambda p, x: x @ p["w"], example_args=X),
+        TypeError,
+        r"quant.quantize_params: example_args must be a tuple, got Array",
+        id="params-args-not-tuple",
+    ),
+    pytest.param(
+        lambda: quant.quantize_params({"w": X}, QuantSpec(4, group_size=4), fn=3),
+        TypeError,
+        r"quant.quantize_params: tracing fn for the grouped default where: .*fn must be a "
+        r"callable fn\(params, \*args\), got int",
+        id="params-fn-not-callable",
+    ),
+    pytest.param(
+        lambda: quant.quantize_params(
+            {"w": X}, QuantSpec(4, group_size=4), fn=lambda p, x: x @ p["w"], example_args=(X,)
+        ),
+        TypeError,
+        r"quant.quantize_params: tracing fn for the grouped default where: .*raised TypeError "
+        r"while traced on shapes .*contracting dimensions",
+        id="params-fn-fails-on-example-args",
+    ),
     # --- qdot_general ---
     pytest.param(
         lambda: quant.qdot_general(X, Q4, DN, impl="fast"),
