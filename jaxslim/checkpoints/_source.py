@@ -5,6 +5,7 @@ import abc
 import builtins
 import importlib
 import os
+import zipfile
 
 import numpy as np
 
@@ -166,6 +167,20 @@ class Source(abc.ABC):
         return cached
 
 
+def _is_tree(path: str) -> bool:
+    """An Orbax checkpoint directory (no ``config.json``) or a ``.npz`` written by jaxslim."""
+    if os.path.isdir(path):
+        meta = os.path.isfile(os.path.join(path, "_METADATA"))
+        return meta and not os.path.isfile(os.path.join(path, "config.json"))
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as z:
+            return "__jaxslim__.npy" in z.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def open(path: str | os.PathLike, *, check: bool = True) -> Source:  # noqa: A001
     """Open a pretrained checkpoint for lazy, per-tensor reading in Hugging Face naming.
 
@@ -180,8 +195,10 @@ def open(path: str | os.PathLike, *, check: bool = True) -> Source:  # noqa: A00
         `tie_word_embeddings` when there is no `output.weight`). `tokenizer_json()` builds a
         `tokenizers` byte-level BPE from `tokenizer.ggml.tokens` / `tokenizer.ggml.merges`.
 
-    Nothing is unpickled: a directory with only `pytorch_model.bin` is refused. With
-    `check=True` every tensor's shape is compared to the config (headers only).
+    Orbax checkpoint directories and `.npz` files written by jaxslim (parameter trees, what
+    `checkpoints.save` writes) are recognized and refused with a pointer to `checkpoints.load`,
+    which reads them whole. Nothing is unpickled: a directory with only `pytorch_model.bin` is
+    refused. With `check=True` every tensor's shape is compared to the config (headers only).
 
     Args:
       path: a model directory or a `.gguf` file.
@@ -207,6 +224,12 @@ def open(path: str | os.PathLike, *, check: bool = True) -> Source:  # noqa: A00
         raise ValueError(
             f"jaxslim.checkpoints.open: {path!r} does not exist; pass a Hugging Face model "
             f"directory (config.json + *.safetensors) or a .gguf file"
+        )
+    if _is_tree(path):
+        raise ValueError(
+            f"jaxslim.checkpoints.open: {path!r} is a parameter tree (an Orbax checkpoint "
+            f"directory or a .npz file), not a model checkpoint: read it whole with "
+            f"checkpoints.load(path)"
         )
     if os.path.isdir(path):
         from jaxslim.checkpoints._safetensors import SafetensorsSource

@@ -217,3 +217,15 @@ def test_save_refuses_an_existing_path(tmp_path):
         checkpoints.save(tmp_path / "p.npz", {"w": jnp.ones(2)})
     checkpoints.save(tmp_path / "p.npz", {"w": jnp.zeros(2)}, force=True)
     assert float(checkpoints.load(tmp_path / "p.npz")["w"].sum()) == 0.0
+
+
+@pytest.mark.parametrize("name", ["ck", "p.npz"])
+def test_open_recognizes_parameter_trees_and_points_to_load(tmp_path, name):
+    """checkpoints.open reads models one tensor at a time; a saved tree is read with load."""
+    checkpoints.save(tmp_path / name, _tree())
+    with pytest.raises(
+        ValueError,
+        match=rf"open: '.*{name}' is a parameter tree \(an Orbax checkpoint directory or a \.npz "
+        r"file\), not a model checkpoint: read it whole with checkpoints.load\(path\)$",
+    ):
+        checkpoints.open(tmp_path / name)
