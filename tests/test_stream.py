@@ -148,7 +148,7 @@ def test_mismatched_manifest_names_the_directory_and_the_difference(tmp_path):
         _run(tmp_path / "other")
 
 
-def test_bad_arguments():
+def test_bad_arguments(tmp_path):
     hs = [(x, SCALE) for x in XS]
     with pytest.raises(TypeError, match=r"return \(new_params, report\)"):
         calibrate.stream(_block, _blocks(), hs, lambda p, h: p, progress=False)
@@ -157,7 +157,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="hidden is empty"):
         calibrate.stream(_block, _blocks(), [], _gptq, progress=False)
     with pytest.raises(TypeError, match="needs save"):
-        calibrate.stream(_block, _blocks(), hs, _gptq, out="/tmp/x", progress=False)
+        calibrate.stream(_block, _blocks(), hs, _gptq, out=tmp_path / "x", progress=False)
 
 
 def test_progress_prints_the_estimate_and_peak_rss(capsys):

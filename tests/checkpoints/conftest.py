@@ -198,3 +198,52 @@ def helpers():
     for f in (hf_weights, llama_cpp_permute, gguf_name, stored, write_gguf, write_hf):
         setattr(H, f.__name__, staticmethod(f))
     return H
+
+
+def tiny_llama(key, *, vocab, d, layers, heads, kv, f, head_dim=8, tied=False):
+    """A random jaxslim Llama tree ((in, out) kernels, `head_dim` per head) for the exporters."""
+    import jax
+    import jax.numpy as jnp
+
+    ks = iter(jax.random.split(key, 64))
+
+    def w(*shape, scale=0.2):
+        return scale * jax.random.normal(next(ks), shape, jnp.float32)
+
+    params = {
+        "embed": w(vocab, d),
+        "layers": [
+            {
+                "attn_norm": 1.0 + w(d, scale=0.1),
+                "q": w(d, heads * head_dim),
+                "k": w(d, kv * head_dim),
+                "v": w(d, kv * head_dim),
+                "o": w(heads * head_dim, d),
+                "mlp_norm": 1.0 + w(d, scale=0.1),
+                "gate": w(d, f),
+                "up": w(d, f),
+                "down": w(f, d),
+            }
+            for _ in range(layers)
+        ],
+        "norm": 1.0 + w(d, scale=0.1),
+    }
+    if not tied:
+        params["lm_head"] = w(d, vocab)
+    return params
+
+
+@pytest.fixture
+def tiny_sizes():
+    """The default sizes of `tiny` (a test module overrides this fixture to change them)."""
+    return dict(vocab=64, d=64, layers=2, heads=4, kv=2, f=96)
+
+
+@pytest.fixture
+def tiny(tiny_sizes):
+    """tiny(key, **sizes) -> a random Llama tree; sizes not given come from `tiny_sizes`."""
+
+    def build(key, **sizes):
+        return tiny_llama(key, **{**tiny_sizes, **sizes})
+
+    return build

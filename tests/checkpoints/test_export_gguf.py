@@ -33,35 +33,6 @@ HF = {
 }
 
 
-def tiny(key, *, vocab=64, d=64, layers=2, heads=4, kv=2, f=96, tied=False):
-    ks = iter(jax.random.split(key, 64))
-
-    def w(*shape, scale=0.2):
-        return scale * jax.random.normal(next(ks), shape, jnp.float32)
-
-    params = {
-        "embed": w(vocab, d),
-        "layers": [
-            {
-                "attn_norm": 1.0 + w(d, scale=0.1),
-                "q": w(d, heads * HD),
-                "k": w(d, kv * HD),
-                "v": w(d, kv * HD),
-                "o": w(heads * HD, d),
-                "mlp_norm": 1.0 + w(d, scale=0.1),
-                "gate": w(d, f),
-                "up": w(d, f),
-                "down": w(f, d),
-            }
-            for _ in range(layers)
-        ],
-        "norm": 1.0 + w(d, scale=0.1),
-    }
-    if not tied:
-        params["lm_head"] = w(d, vocab)
-    return params
-
-
 KERNELS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
@@ -107,7 +78,7 @@ def leaf_of(params, name):
 
 
 @pytest.mark.parametrize("type_name", ["q8_0", "q4_0", "q4_1"])
-def test_gguf_quantize_is_bit_exact(tmp_path, type_name):
+def test_gguf_quantize_is_bit_exact(tmp_path, type_name, tiny):
     params = tiny(jax.random.key(0))
     qp = quantize_tree(params, lambda x: gguf_quantize(x, type_name))
     qp["embed"] = gguf_quantize(params["embed"], type_name, embedding=True)
@@ -138,7 +109,7 @@ def test_gguf_quantize_is_bit_exact(tmp_path, type_name):
         (quant.QuantSpec(8, axis=-1, group_size=32, signed=False), "Q8_0"),  # z = 128
     ],
 )
-def test_float32_scales_differ_by_exactly_the_f16_rounding(tmp_path, spec, gtype):
+def test_float32_scales_differ_by_exactly_the_f16_rounding(tmp_path, spec, gtype, tiny):
     params = tiny(jax.random.key(1), layers=1)
     qp = quantize_tree(params, lambda x: quant.quantize(x, spec))
     out = export_gguf(tmp_path / "m.gguf", qp, HF)
@@ -190,7 +161,7 @@ def _suffix(k):
     }[k]
 
 
-def test_q4_0_nibble_layout_matches_gguf_quants(tmp_path):
+def test_q4_0_nibble_layout_matches_gguf_quants(tmp_path, tiny):
     # gguf-py's own Q4_0 quantizer on data whose block max is -8 * d: same codes, same bytes.
     x = np.zeros((64, 32), np.float32)  # Flax (in=64, out=32): HF rows of 64
     rng = np.random.default_rng(0)
@@ -208,7 +179,7 @@ def test_q4_0_nibble_layout_matches_gguf_quants(tmp_path):
     np.testing.assert_array_equal(np.asarray(tensors["blk.0.attn_v.weight"].data), ref)
 
 
-def test_metadata_and_pruned_sizes(tmp_path):
+def test_metadata_and_pruned_sizes(tmp_path, tiny):
     params = tiny(jax.random.key(3), vocab=64, d=64, layers=3, heads=2, kv=1, f=40, tied=True)
     tok = {
         "model": {
@@ -245,7 +216,7 @@ def test_metadata_and_pruned_sizes(tmp_path):
     assert tensors["output_norm.weight"].tensor_type.name == "F32"
 
 
-def test_copies_tokenizer_from_gguf(tmp_path):
+def test_copies_tokenizer_from_gguf(tmp_path, tiny):
     params = tiny(jax.random.key(4), vocab=61, layers=1)
     tok = {"model": {"type": "BPE", "vocab": {chr(65 + i): i for i in range(61)}, "merges": []}}
     export_gguf(tmp_path / "a.gguf", params, HF, tokenizer_json=json.dumps(tok))
@@ -261,7 +232,7 @@ def test_copies_tokenizer_from_gguf(tmp_path):
     assert not (tmp_path / "c.gguf").exists() and not (tmp_path / "c.gguf.partial").exists()
 
 
-def test_f16_and_qwen2_arch(tmp_path):
+def test_f16_and_qwen2_arch(tmp_path, tiny):
     params = tiny(jax.random.key(5), layers=1)
     lp = params["layers"][0]
     lp["q_bias"], lp["k_bias"], lp["v_bias"] = jnp.ones(32), jnp.ones(16), jnp.ones(16)
@@ -285,14 +256,14 @@ def test_f16_and_qwen2_arch(tmp_path):
         (quant.QuantSpec(8, axis=0), r"input axis.*Q8_0"),  # a scale per input channel
     ],
 )
-def test_unsupported_spec_names_leaf_and_nearest(tmp_path, spec, match):
+def test_unsupported_spec_names_leaf_and_nearest(tmp_path, spec, match, tiny):
     params = tiny(jax.random.key(6), layers=1)
     params["layers"][0]["up"] = quant.quantize(params["layers"][0]["up"], spec)
     with pytest.raises(ValueError, match="'layers/0/up'.*" + match):
         export_gguf(tmp_path / "m.gguf", params, HF)
 
 
-def test_bad_input(tmp_path):
+def test_bad_input(tmp_path, tiny):
     params = tiny(jax.random.key(7), layers=1)
     with pytest.raises(ValueError, match="does not exist"):
         export_gguf(tmp_path / "nope" / "m.gguf", params, HF)

@@ -38,33 +38,10 @@ def load_json(path):
     return json.loads(pathlib.Path(path).read_text())
 
 
-def tiny(key, *, vocab=48, d=256, layers=2, heads=16, kv=8, f=384, tied=False):
-    ks = iter(jax.random.split(key, 64))
-
-    def w(*shape, scale=0.2):
-        return scale * jax.random.normal(next(ks), shape, jnp.float32)
-
-    params = {
-        "embed": w(vocab, d),
-        "layers": [
-            {
-                "attn_norm": 1.0 + w(d, scale=0.1),
-                "q": w(d, heads * HD),
-                "k": w(d, kv * HD),
-                "v": w(d, kv * HD),
-                "o": w(heads * HD, d),
-                "mlp_norm": 1.0 + w(d, scale=0.1),
-                "gate": w(d, f),
-                "up": w(d, f),
-                "down": w(f, d),
-            }
-            for _ in range(layers)
-        ],
-        "norm": 1.0 + w(d, scale=0.1),
-    }
-    if not tied:
-        params["lm_head"] = w(d, vocab)
-    return params
+@pytest.fixture
+def tiny_sizes():
+    """Wide enough for the 128-column groups of compressed-tensors."""
+    return dict(vocab=48, d=256, layers=2, heads=16, kv=8, f=384)
 
 
 def quantize_tree(params, spec):
@@ -75,7 +52,7 @@ def quantize_tree(params, spec):
     return out
 
 
-def test_export_hf_names_layout_and_pruned_config(tmp_path):
+def test_export_hf_names_layout_and_pruned_config(tmp_path, tiny):
     params = tiny(jax.random.key(0), heads=2, kv=1, f=40, layers=3)  # a "pruned" tree
     params["layers"][1]["up"] = quant.quantize(params["layers"][1]["up"], quant.QuantSpec(8))
     d = export_hf(tmp_path / "hf", params, dict(HF, hidden_size=999, num_attention_heads=9))
@@ -97,7 +74,7 @@ def test_export_hf_names_layout_and_pruned_config(tmp_path):
     np.testing.assert_array_equal(t["model.norm.weight"], params["norm"])
 
 
-def test_export_hf_with_models_config_and_f16(tmp_path):
+def test_export_hf_with_models_config_and_f16(tmp_path, tiny):
     config_mod = pytest.importorskip("jaxslim.models._config")
     cfg = config_mod.Config(head_dim=HD, tie_word_embeddings=True)
     params = tiny(jax.random.key(1), tied=True, layers=1)
@@ -109,7 +86,7 @@ def test_export_hf_with_models_config_and_f16(tmp_path):
     assert pathlib.Path(f"{d}/tokenizer.json").read_text() == '{"x": 1}'
 
 
-def test_export_hf_bfloat16(tmp_path):
+def test_export_hf_bfloat16(tmp_path, tiny):
     from safetensors import safe_open
 
     params = tiny(jax.random.key(2), layers=1)
@@ -137,7 +114,7 @@ def unpack4(packed, cols):
         quant.QuantSpec(4, axis=-1),
     ],
 )
-def test_pack_quantized_w4a16(tmp_path, spec):
+def test_pack_quantized_w4a16(tmp_path, spec, tiny):
     params = quantize_tree(tiny(jax.random.key(3)), spec)
     d = export_compressed_tensors(tmp_path / "ct", params, HF)
     t = load_file(f"{d}/model.safetensors")
@@ -172,7 +149,7 @@ def test_pack_quantized_w4a16(tmp_path, spec):
     np.testing.assert_array_equal(t["lm_head.weight"], np.asarray(params["lm_head"]).T)
 
 
-def test_int_quantized_w8a8(tmp_path):
+def test_int_quantized_w8a8(tmp_path, tiny):
     params = quantize_tree(tiny(jax.random.key(4), layers=1), quant.QuantSpec(8, axis=-1))
     d = export_compressed_tensors(tmp_path / "ct", params, HF, scale_dtype="float16")
     t = load_file(f"{d}/model.safetensors")
@@ -195,7 +172,7 @@ def test_int_quantized_w8a8(tmp_path):
     assert np.abs(got - want).max() <= 2.0**-11 * np.abs(want).max()
 
 
-def test_mixed_precision_and_float_kernels(tmp_path):
+def test_mixed_precision_and_float_kernels(tmp_path, tiny):
     params = tiny(jax.random.key(5), layers=2)
     lp0, lp1 = params["layers"]
     for k in ("q", "k", "v", "o"):
@@ -235,7 +212,7 @@ def test_pack_int32_matches_general_bit_layout():
         (quant.QuantSpec(8, axis=-1, symmetric=False), "W8A8"),
     ],
 )
-def test_unsupported_spec(tmp_path, spec, match):
+def test_unsupported_spec(tmp_path, spec, match, tiny):
     params = tiny(jax.random.key(6), layers=1)
     for k in ("gate", "up"):
         params["layers"][0][k] = quant.quantize(params["layers"][0][k], spec)
@@ -243,7 +220,7 @@ def test_unsupported_spec(tmp_path, spec, match):
         export_compressed_tensors(tmp_path / "ct", params, HF)
 
 
-def test_bad_input(tmp_path):
+def test_bad_input(tmp_path, tiny):
     params = tiny(jax.random.key(7), layers=1)
     params["layers"][0]["q"] = quant.quantize(params["layers"][0]["q"], quant.QuantSpec(8, axis=-1))
     with pytest.raises(ValueError, match=r"layers/0/\{q,k,v\}.*one scheme"):
