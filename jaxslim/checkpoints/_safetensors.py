@@ -42,6 +42,15 @@ class _Entry(NamedTuple):
     stop: int
 
 
+def _read_range(file: str, start: int, stop: int) -> np.ndarray:
+    out = np.empty(stop - start, np.uint8)
+    with open(file, "rb") as f:
+        f.seek(start)
+        if f.readinto(memoryview(out)) != stop - start:
+            raise _error(file, "is truncated (a tensor ends past the end of the file)")
+    return out
+
+
 def _error(path: str, what: str) -> ValueError:
     return ValueError(f"jaxslim.checkpoints.open: {path!r}: {what}")
 
@@ -176,7 +185,6 @@ class SafetensorsSource(Source):
                         "checkpoint: download it again",
                     )
         self._names = sorted(self._entries, key=_names.natural_key)
-        self._maps: dict[str, np.memmap] = {}
 
     @property
     def config(self) -> dict:
@@ -198,11 +206,34 @@ class SafetensorsSource(Source):
         return self._entries[name].dtype
 
     def _read(self, name: str) -> np.ndarray:
+        # A plain read into a fresh buffer, not a memory map: pages of a mapped file stay
+        # resident in the process (and count in its RSS) after the tensor is freed, so a
+        # block-by-block pass over a large checkpoint would keep every block's bytes mapped.
         e = self._entries[name]
-        mm = self._maps.get(e.file)
-        if mm is None:
-            mm = self._maps[e.file] = np.memmap(e.file, dtype=np.uint8, mode="r")
-        return np.array(mm[e.start : e.stop].view(e.dtype).reshape(e.shape))
+        return _read_range(e.file, e.start, e.stop).view(e.dtype).reshape(e.shape)
+
+    def read_rows(self, name: str, rows, dtype=None) -> np.ndarray:
+        """Rows ``rows`` (sorted or not, repeats allowed) of a tensor, reading only those rows'
+        bytes (an embedding table's used tokens without reading the table)."""
+        self._check_name(name, "read_rows")
+        e = self._entries[name]
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        n = e.shape[0] if e.shape else 0
+        if rows.size and (rows.min() < 0 or rows.max() >= n):
+            raise _error(
+                e.file,
+                f"read_rows({name!r}): rows must be in [0, {n}), got "
+                f"{rows[(rows < 0) | (rows >= n)][:5].tolist()}",
+            )
+        row_bytes = (e.stop - e.start) // max(n, 1)
+        out = np.empty((rows.size, row_bytes), np.uint8)
+        with open(e.file, "rb") as f:
+            for i, r in enumerate(rows):
+                f.seek(e.start + int(r) * row_bytes)
+                if f.readinto(memoryview(out[i])) != row_bytes:
+                    raise _error(e.file, f"is truncated inside tensor {name!r}; download it again")
+        res = out.view(e.dtype).reshape(rows.size, *e.shape[1:])
+        return res if dtype is None else res.astype(dtype, copy=False)
 
     def tokenizer_json(self) -> str | None:
         file = os.path.join(self.path, "tokenizer.json")
@@ -212,4 +243,4 @@ class SafetensorsSource(Source):
             return f.read()
 
     def close(self) -> None:
-        self._maps.clear()
+        pass  # every read opens and closes its file

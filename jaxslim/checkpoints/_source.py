@@ -102,6 +102,14 @@ class Source(abc.ABC):
             out = out.astype(dtype, copy=False)
         return out
 
+    def read_rows(self, name: str, rows, dtype=None) -> np.ndarray:
+        """Rows ``rows`` (an integer array) of tensor ``name``: ``read(name, dtype)[rows]``.
+
+        A Hugging Face directory reads only those rows' bytes (the calibration tokens' rows of
+        an embedding table, without the table); other sources read the tensor first.
+        """
+        return self.read(name, dtype)[np.asarray(rows)]
+
     def tokenizer_json(self) -> str | None:
         """The text of a Hugging Face `tokenizer.json` for this checkpoint, or None.
 

@@ -66,16 +66,14 @@ def _batches(calib_ids: Any, batch_size: int) -> list[np.ndarray]:
 
 
 def _embed_rows(src: Any, batches: list[np.ndarray], config: Config) -> list[jax.Array]:
-    """``models.embed`` of every batch with only the rows the tokens use on the device (the
-    table itself is read once on the host and dropped)."""
-    table = src.read("model.embed_tokens.weight")
-    vocab = table.shape[0]
+    """``models.embed`` of every batch with only the rows the tokens use read and on the device
+    (a Hugging Face checkpoint's table is never read whole)."""
+    vocab = src.shape("model.embed_tokens.weight")[0]
     used = np.unique(np.concatenate([b.ravel() for b in batches]))
     if used[0] < 0 or used[-1] >= vocab:
         bad = used[(used < 0) | (used >= vocab)]
         raise ValueError(f"{_FN}: calibration tokens must be in [0, vocab={vocab}), got {bad[:5]}")
-    rows = {"embed": jnp.asarray(table[used])}
-    del table
+    rows = {"embed": jnp.asarray(src.read_rows("model.embed_tokens.weight", used))}
     return [embed(rows, np.searchsorted(used, b).astype(np.int32), config) for b in batches]
 
 
