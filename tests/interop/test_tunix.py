@@ -16,12 +16,14 @@ standard dtype promotion and rank promotion allowed.
 import dataclasses
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxslim import prune, quant, splice
+from jaxslim.flax import splice as flax_splice
 
 llama3 = pytest.importorskip("tunix.models.llama3.model")
 qwen3 = pytest.importorskip("tunix.models.qwen3.model")
@@ -194,6 +196,31 @@ def test_kv_head_group_removed_equals_its_heads_zeroed(model):
     assert np.abs(cut_logits - model.y).max() > 0.1  # the heads did matter
 
 
+def test_half_the_heads_removed_with_prune_channels(model):
+    """``where="attn"``: the key/value head group loses one head with its query heads, and the
+    query-head group one query head of every key/value head: 4 query heads over 2 -> 1 over 1."""
+    cut, report = splice.prune_channels(model.fn, model.state, model.x, sparsity=0.5, where="attn")
+    assert [(g.size_before, g.size_after) for g in report.groups] == [(2, 1)] * (2 * LAYERS)
+    small = dataclasses.replace(model.cfg, num_heads=1, num_kv_heads=1)
+    new_fn = logits_fn(model.family.graphdef(small, like=cut))
+    zeroed = {}
+    for i in range(LAYERS):
+        pre = f"layers/{i}/attn"
+        kv, q = report.groups[2 * i : 2 * i + 2]
+        assert f"{pre}/k_proj/w" in kv.paths and f"{pre}/k_proj/w" not in q.paths
+        kept_kv, kept_j = 1 - kv.removed[0], 1 - q.removed[0]
+        head = kept_kv * GROUP + kept_j  # query head j of key/value head k is k * GROUP + j
+        np.testing.assert_array_equal(
+            value(cut, f"{pre}/q_proj/w"), value(model.state, f"{pre}/q_proj/w")[:, [head]]
+        )
+        o = value(model.state, f"{pre}/o_proj/w").copy()
+        o[[h for h in range(HEADS) if h != head]] = 0.0
+        zeroed[f"{pre}/o_proj/w"] = o
+    cut_logits = np.asarray(model.jit(cut, model.x))
+    assert_runs_as(new_fn, cut, cut_logits, model.x, eager=False)
+    assert_runs_as(model.fn, replaced(model.state, zeroed), cut_logits, model.x, eager=False)
+
+
 def test_mlp_channels_removed_with_prune_channels(model):
     cut, report = splice.prune_channels(model.fn, model.state, model.x, sparsity=0.25, where="mlp")
     kept = HIDDEN - 12  # round_half_even(0.25 * 48) channels go
@@ -221,6 +248,17 @@ def test_mlp_channels_removed_with_prune_channels(model):
     assert_runs_as(new_fn, cut, cut_logits, model.x, eager=False)
     assert_runs_as(model.fn, replaced(model.state, zeroed), cut_logits, model.x, eager=False)
     assert np.abs(cut_logits - model.y).max() > 0.1
+
+    # the same in place on the tunix module (jaxslim.flax): its nnx.Linear widths follow
+    m = nnx.merge(model.graphdef, jax.tree.map(lambda a: a, model.state))  # fresh Variables
+    positions, mask = causal(model.x)
+    flax_splice.prune_channels_model(m, model.x, positions, None, mask, sparsity=0.25, where="mlp")
+    assert m.layers[1].mlp.down_proj.in_features == hidden
+    chex.assert_trees_all_equal(nnx.state(m), cut)
+    np.testing.assert_allclose(
+        np.asarray(m(model.x, positions, None, mask)[0]), cut_logits, atol=1e-5
+    )
+    assert value(model.state, "layers/0/mlp/up_proj/kernel").shape == (D, HIDDEN)
 
 
 def test_drop_layer_equals_the_remaining_blocks_run_by_hand(model):
