@@ -155,3 +155,22 @@ def test_restore_qarrays_with_the_wrong_template_names_the_leaf(tmp_path, like, 
     raw = _plain_restore(tmp_path / "ck")
     with pytest.raises(ValueError, match=r"^checkpoints.restore_qarrays: " + match):
         checkpoints.restore_qarrays(raw, like=like(state))
+
+
+def test_flax_train_state_with_qarrays_through_plain_orbax(tmp_path, capsys):
+    """A flax TrainState saved as is: restored without a target, rebuilt with like=state."""
+    train_state = pytest.importorskip("flax.training.train_state")
+    params = {"w4": quantize(W1, INT4), "w8": quantize(W2, INT8), "head": jnp.ones((32, 4))}
+    state = train_state.TrainState.create(apply_fn=None, params=params, tx=optax.identity())
+    _plain_save(tmp_path / "ck", state)
+    assert cli.main(["inspect", str(tmp_path / "ck")]) == 0
+    out = capsys.readouterr().out
+    assert "| params/w4 | (64, 96) | int4 codes (spec not saved) | 4 |" in out
+    assert "| params/w8 | (96, 32) | int8 codes (spec not saved) | 8 |" in out
+    back = checkpoints.restore_qarrays(_plain_restore(tmp_path / "ck"), like=state)
+    for k in ("w4", "w8"):
+        q, r = params[k], back["params"][k]
+        assert isinstance(r, QArray) and r.spec == q.spec
+        assert np.asarray(r.values).tobytes() == np.asarray(q.values).tobytes()
+        assert np.asarray(r.scale).tobytes() == np.asarray(q.scale).tobytes()
+    assert int(back["step"]) == 0
