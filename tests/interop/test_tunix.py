@@ -2,11 +2,12 @@
 
 tunix builds its decoders from its own ``ModelConfig`` classes: ``Einsum`` attention kernels
 ``q (D, N, H)``, ``k``/``v`` ``(D, K, H)``, ``o (N, H, D)``, ``nnx.Linear`` MLP kernels, an
-``nnx.List`` of decoder layers (its state is keyed ``0 .. n-1``). Every test works on the state of
-``nnx.split(model)`` with jaxslim's public API and rebuilds the tunix model from an updated config
-(``num_heads`` / ``num_kv_heads``, ``hidden_dim``, ``num_layers``) with ``nnx.merge``. Tiny random
-models (2 layers, width 32, 4 query heads over 2 key/value heads of size 8, MLP width 48); nothing
-is downloaded.
+``nnx.List`` of decoder layers (its state is keyed ``0 .. n-1``). The tests work on the state of
+``nnx.split(model)`` with jaxslim's public API (``jaxslim.flax`` once, in place on the module) and
+rebuild the tunix model from an updated config (``num_heads`` / ``num_kv_heads``, ``hidden_dim``,
+``num_layers``) with ``nnx.merge``; each cut model equals the original with the removed parts
+zeroed (or, for a dropped layer, the remaining blocks run by hand). Tiny random models (2 layers,
+width 32, 4 query heads over 2 key/value heads of size 8, MLP width 48); nothing is downloaded.
 
 tunix divides its int32 positions by float32 RoPE timescales and multiplies ``(D,)`` norm scales
 into ``(B, T, D)`` activations, which strict dtype and rank promotion reject: these tests run with
@@ -21,14 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxslim import prune, quant, splice
 from jaxslim.flax import splice as flax_splice
 
 llama3 = pytest.importorskip("tunix.models.llama3.model")
 qwen3 = pytest.importorskip("tunix.models.qwen3.model")
-
-from flax import nnx  # noqa: E402
 
 pytestmark = pytest.mark.standard_promotion
 
@@ -144,6 +144,7 @@ def tokens(seed, batch=2, length=8):
 
 
 def value(state, path):
+    """The array at ``path`` (``"layers/0/attn/q_proj/w"``) of a state or mask tree, as NumPy."""
     node = state
     for key in path.split("/"):
         node = node[int(key) if key.isdigit() else key]
