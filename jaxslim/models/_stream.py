@@ -2,13 +2,13 @@
 and ``load_streamed``.
 
 ``compress_streamed(source, out, calib_ids, ...)`` embeds the calibration tokens, then for each
-decoder layer reads only that layer's tensors from the checkpoint (``checkpoints.open``, memory
-mapped), prunes and/or quantizes it with ``prune.oneshot`` / ``quant.oneshot`` on ``models.block``
-(kernels calibrated sequentially inside the layer, on the outputs of the already-compressed
-layers before it), writes it to ``out/layers.<i>.npz`` (``quant.storage.save_npz``: QArrays kept)
-and frees it. The driver is ``calibrate.stream``: resumable, with a manifest in ``out``. The
-embedding, final norm and ``lm_head`` are copied as they are (``out/rest.npz``), with
-``config.json`` and ``tokenizer.json``.
+decoder layer reads only that layer's tensors from the checkpoint (``checkpoints.open``, one
+tensor at a time), prunes and/or quantizes it with ``prune.oneshot`` / ``quant.oneshot`` on
+``models.block`` (kernels calibrated sequentially inside the layer, on the outputs of the
+already-compressed layers before it), writes it to ``out/layers.<i>.npz``
+(``checkpoints.save_npz``: QArrays kept) and frees it. The driver is ``calibrate.stream``:
+resumable, with a manifest in ``out``. The embedding, final norm and ``lm_head`` are copied as
+they are (``out/rest.npz``), with ``config.json`` and ``tokenizer.json``.
 
 The result equals ``prune.oneshot`` / ``quant.oneshot(..., sequential=True)`` on the whole model
 with ``where`` / rules restricted to the layers' kernels (``tests/models/test_stream.py``).
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxslim import calibrate, prune, quant
+from jaxslim import calibrate, checkpoints, prune, quant
 from jaxslim.models import _load
 from jaxslim.models._config import Config
 from jaxslim.models._llama import block, embed
@@ -237,8 +237,8 @@ def compress_streamed(
             hidden,
             lambda p, hs: compress(loaded[-1])(p, hs),
             out=out,
-            save=quant.storage.save_npz,
-            load=quant.storage.load_npz,
+            save=checkpoints.save_npz,
+            load=checkpoints.load_npz,
             recipe=recipe,
             progress=progress,
         )
@@ -248,7 +248,7 @@ def compress_streamed(
         }
         if not config.tie_word_embeddings:
             rest["lm_head"] = np.ascontiguousarray(src.read("lm_head.weight").T)
-        _write_atomic(os.path.join(out, _REST), lambda f: quant.storage.save_npz(f, rest))
+        _write_atomic(os.path.join(out, _REST), lambda f: checkpoints.save_npz(f, rest))
         _write_text(os.path.join(out, "config.json"), json.dumps(src.config, indent=1))
         tok = src.tokenizer_json()
         if tok is not None:
@@ -281,8 +281,8 @@ def load_streamed(out: str | os.PathLike) -> tuple[dict[str, Any], Config, Token
         )
     with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
         config = Config.from_hf(json.load(f))
-    rest = quant.storage.load_npz(rest_file)
-    layers = [quant.storage.load_npz(calibrate.block_file(out, n)) for n in blocks]
+    rest = checkpoints.load_npz(rest_file)
+    layers = [checkpoints.load_npz(calibrate.block_file(out, n)) for n in blocks]
     params: dict[str, Any] = {"embed": rest["embed"], "layers": layers, "norm": rest["norm"]}
     if "lm_head" in rest:
         params["lm_head"] = rest["lm_head"]
