@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxslim._checks import public
 from jaxslim.checkpoints import _names
 from jaxslim.checkpoints._export_safetensors import (
     Leaf,
@@ -83,6 +84,7 @@ def _type(type_name: str, fn: str) -> _Type:
     return t
 
 
+@public("checkpoints.gguf_spec")
 def gguf_spec(type_name: str, *, embedding: bool = False) -> QuantSpec:
     """The jaxslim `QuantSpec` that a GGUF block type stores exactly.
 
@@ -112,6 +114,7 @@ def _round_up(s: np.ndarray, mantissa: int) -> np.ndarray:
     return h.astype(np.float32)
 
 
+@public("checkpoints.gguf_quantize")
 def gguf_quantize(
     x: jax.typing.ArrayLike, type_name: str, *, embedding: bool = False, path: str = ""
 ) -> QArray:
@@ -132,7 +135,7 @@ def gguf_quantize(
     t = _type(type_name, fn)
     spec = gguf_spec(type_name, embedding=embedding)
     x = jnp.asarray(x)
-    lay = layout(spec, x.shape, path=path, fn_name=fn)
+    lay = layout(spec, x.shape, path=path)
     v = np.asarray(jax.device_get(lay.to_view(x)), np.float32)
     lo = v.min(axis=lay.reduce_axes, keepdims=True)
     hi = v.max(axis=lay.reduce_axes, keepdims=True)
@@ -360,6 +363,7 @@ def _tokenizer_from_json(writer, text: str, hf: Mapping[str, Any], vocab: int, p
     return vocab
 
 
+@public("checkpoints.export_gguf")
 def export_gguf(
     path: str | os.PathLike,
     params: Any,

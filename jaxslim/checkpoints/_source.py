@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 
+from jaxslim._checks import public
 from jaxslim.checkpoints import _names
 
 
@@ -166,6 +167,7 @@ class Source(abc.ABC):
         return cached
 
 
+@public("checkpoints.open")
 def open(path: str | os.PathLike, *, check: bool = True) -> Source:  # noqa: A001
     """Open a pretrained checkpoint for lazy, per-tensor reading in Hugging Face naming.
 
@@ -233,6 +235,7 @@ def open(path: str | os.PathLike, *, check: bool = True) -> Source:  # noqa: A00
     return src
 
 
+@public("checkpoints.read_tree")
 def read_tree(src: Source, *, dtype=None) -> dict[str, np.ndarray]:
     """Every tensor of `src`, by Hugging Face name, in memory (for small models).
 

@@ -44,6 +44,7 @@ from flax.nnx.nn import dtypes
 from jax import lax
 
 from jaxslim import _jaxpr, _tree, calibrate
+from jaxslim._checks import public
 from jaxslim.quant._dot import qdot_general
 from jaxslim.quant._gptq import gptq
 from jaxslim.quant._methods import GPTQ, as_method
@@ -141,6 +142,7 @@ def _qat_einsum(eq, lhs, rhs, *, spec, path="", **kw):
     return jnp.einsum(eq, lhs, fake_quant(rhs, spec, path=path), **kw)
 
 
+@public("flax.quant.quantized_layers")
 def quantized_layers(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
     """``[(path, module)]`` of the ``nnx.Linear``, ``nnx.Conv`` and ``nnx.Einsum`` layers."""
     return [
@@ -162,7 +164,7 @@ def _plan(model, rules, default, fn):
         name = f"{path}/kernel" if path else "kernel"
         if isinstance(kernel, QArray) or not _tree.is_float_array(kernel):
             continue
-        spec = match(rules, name, kernel, default=default, fn=fn)
+        spec = match(rules, name, kernel, default=default)
         plan.append((name, m, kernel, spec))
     if not any(spec is not None for *_, spec in plan):
         raise ValueError(
@@ -171,6 +173,7 @@ def _plan(model, rules, default, fn):
     return plan
 
 
+@public("flax.conv_patches")
 def conv_patches(
     lhs,
     rhs_shape,
@@ -241,7 +244,7 @@ def _calibrated_hessian(model: nnx.Module, name: str, batches: list) -> jax.Arra
 def _reached(model: nnx.Module, batch: Any) -> set[str]:
     """The kernel paths that feed a ``dot_general`` / convolution of ``model(batch)``."""
     fn, state = _as_fn(model)
-    return set(_jaxpr.kernel_uses(fn, state, batch, fn_name="flax.quantize_model"))
+    return set(_jaxpr.kernel_uses(fn, state, batch))
 
 
 @partial(jax.jit, static_argnums=(1, 2))
@@ -258,6 +261,7 @@ def _gptq_applies(m) -> bool:
     return isinstance(m, nnx.Linear) or (isinstance(m, nnx.Conv) and m.feature_group_count == 1)
 
 
+@public("flax.quantize_model")
 def quantize_model(
     model: nnx.Module,
     rules: Any,
@@ -323,7 +327,7 @@ def quantize_model(
         batches = [jnp.asarray(xb) for xb in batches]
         for i, xb in enumerate(batches):
             if jnp.issubdtype(xb.dtype, jnp.floating):
-                check_finite(xb, f"calibration batch {i}", fn)
+                check_finite(xb, f"calibration batch {i}")
     plan = _plan(model, rules, default, fn)
     if calibration is not None and any(s is not None and _gptq_applies(m) for _, m, _, s in plan):
         reached = _reached(model, batches[0])
@@ -332,7 +336,7 @@ def quantize_model(
         if spec is None:
             rows.append(LeafSize(name, tuple(kernel.shape), None, kernel.nbytes, kernel.nbytes))
             continue
-        check_finite(kernel, name, fn)
+        check_finite(kernel, name)
         if name in reached and _gptq_applies(m):
             h = _calibrated_hessian(model, name, batches)
             q = gptq(
@@ -359,6 +363,7 @@ def quantize_model(
     return SizeReport(tuple(rows))
 
 
+@public("flax.qat_model")
 def qat_model(
     model: nnx.Module, rules: Any, *, default: QuantSpec | None = None, act_bits: int | None = None
 ) -> list[str]:
@@ -391,6 +396,7 @@ def qat_model(
     return done
 
 
+@public("flax.fake_quant_dot_general")
 def fake_quant_dot_general(spec: QuantSpec, *, act_bits: int | None = None):
     """A ``dot_general`` for Linen layers that fake-quantizes the kernel (and input) first.
 

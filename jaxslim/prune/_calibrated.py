@@ -27,6 +27,7 @@ import optax
 from jax import lax
 
 from jaxslim import _obs, _tree
+from jaxslim._checks import caller, public
 from jaxslim.structures import NM, Structure, Unstructured, float_keys, nm_mask
 
 Quantizer = Callable[[jax.Array, jax.Array], jax.Array]
@@ -111,6 +112,7 @@ def _lowest_flat(score: jax.Array, count: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------- Wanda
 
 
+@public("prune.wanda")
 def wanda(
     params: optax.Params,
     stats: Mapping[str, Any],
@@ -154,7 +156,7 @@ def wanda(
     >>> m["kernel"].T.tolist()
     [[True, True, False, False], [False, True, False, True]]
     """
-    fn = "prune.wanda"
+    fn = caller()
     _check_structure(structure, fn)
     if not isinstance(stats, Mapping):
         raise TypeError(
@@ -195,7 +197,7 @@ def wanda(
                 )
         return _wanda_leaf(w, v, count, structure)
 
-    return _tree.map_selected(one, params, where=where, fn_name=fn, unselected=lambda *_: None)
+    return _tree.map_selected(one, params, where=where, unselected=lambda *_: None)
 
 
 @partial(jax.jit, static_argnames="structure")
@@ -215,6 +217,7 @@ def _wanda_leaf(w: jax.Array, v: jax.Array, count: jax.Array, structure: Structu
 # ----------------------------------------------------------------------------------- SparseGPT
 
 
+@public("prune.sparsegpt")
 def sparsegpt(
     w: jax.Array,
     hessian: jax.typing.ArrayLike,
@@ -286,7 +289,7 @@ def sparsegpt(
     >>> mask.sum(axis=0).tolist(), bool(jnp.all(w_new[~mask] == 0))
     ([8, 8, 8, 8], True)
     """
-    fn = "prune.sparsegpt"
+    fn = caller()
     _check_structure(structure, fn)
     w = jnp.asarray(w)
     if not jnp.issubdtype(w.dtype, jnp.floating) or w.ndim < 2:

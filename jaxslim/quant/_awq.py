@@ -40,6 +40,7 @@ import numpy as np
 from jax import lax
 
 from jaxslim import _tree
+from jaxslim._checks import public
 from jaxslim.quant._numerics import qparams_from_range
 from jaxslim.quant._qarray import QArray, fake_values, quantize
 from jaxslim.quant._spec import QuantSpec, layout
@@ -135,6 +136,7 @@ def awq_loss(ws: Sequence[jax.Array], h: jax.Array, s: jax.Array, spec: QuantSpe
     return total
 
 
+@public("quant.awq_scales")
 def awq_scales(
     ws: Sequence[jax.Array],
     xtx: jax.typing.ArrayLike,
@@ -177,7 +179,7 @@ def awq_scales(
     for w in ws:
         if w.ndim != 2 or w.shape[0] != k:
             raise ValueError(f"{fn}: kernels of {path!r} must be (K={k}, N), got {w.shape}")
-        layout(matrix_spec(spec), tuple(w.shape), path=path, fn_name=fn)
+        layout(matrix_spec(spec), tuple(w.shape), path=path)
     h = jnp.asarray(xtx, jnp.float32)
     if h.shape != (k, k):
         raise ValueError(f"{fn}: xtx of {path!r} must be ({k}, {k}), got {h.shape}")
@@ -223,7 +225,7 @@ def awq_clip(
     fn = "quant.awq_clip"
     w = jnp.asarray(w, jnp.float32)
     mspec = matrix_spec(spec)
-    layout(mspec, tuple(w.shape), path=path, fn_name=fn)
+    layout(mspec, tuple(w.shape), path=path)
     if mspec.axis is None:  # per-tensor: one range for everything, nothing to clip per group
         return quantize(w, mspec, path=path)
     h = jnp.asarray(xtx, jnp.float32)
@@ -296,6 +298,7 @@ def _scale_along(x: jax.Array, axes: Sequence[int], s: jax.Array) -> jax.Array:
     return (x * s.reshape(shape).astype(x.dtype)).astype(x.dtype)
 
 
+@public("quant.apply_scales")
 def apply_scales(params: Any, group: ScaleGroup, s: jax.Array) -> Any:
     """``params`` with the group's kernels times ``s`` on their contracted channels and the
     absorber divided by ``s``: the same function when ``group.absorber`` is not ``None``."""
@@ -330,6 +333,7 @@ def _first_example(batch: Any) -> Any:
     return jax.tree.map(lambda x: x[:1], batch)
 
 
+@public("quant.find_absorbers")
 def find_absorbers(
     fn: Callable[..., Any],
     params: Any,
@@ -357,7 +361,7 @@ def find_absorbers(
     """
     import jaxslim._jaxpr as _jaxpr
 
-    uses = _jaxpr.kernel_uses(fn, params, batch, fn_name="quant.find_absorbers")
+    uses = _jaxpr.kernel_uses(fn, params, batch)
     leaves = dict(_tree.leaves_with_paths(params))
     order = {p: us[0].index for p, us in uses.items()}
     groups: list[list[str]] = []

@@ -51,6 +51,7 @@ import numpy as np
 from jax import lax
 
 from jaxslim import _obs
+from jaxslim._checks import public
 from jaxslim.quant._numerics import is_concrete, qparams_from_range
 from jaxslim.quant._qarray import QArray, check_finite, fake_values, quantize, quantize_on
 from jaxslim.quant._spec import QuantSpec, layout
@@ -58,6 +59,7 @@ from jaxslim.quant._spec import QuantSpec, layout
 _HI = lax.Precision.HIGHEST
 
 
+@public("quant.gptq_hessian")
 def gptq_hessian(x: jax.typing.ArrayLike, *, path: str = "") -> jax.Array:
     """``X^T X / n`` of layer inputs ``x`` of shape ``(..., K)`` (float32, shape ``(K, K)``).
 
@@ -80,7 +82,7 @@ def gptq_hessian(x: jax.typing.ArrayLike, *, path: str = "") -> jax.Array:
             f"{fn}: expects a floating-point array (..., K), got {x.dtype} {x.shape} for "
             f"{path or 'the input'!r}"
         )
-    check_finite(x, f"calibration inputs of {path}" if path else "calibration inputs", fn)
+    check_finite(x, f"calibration inputs of {path}" if path else "calibration inputs")
     x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     n = max(x2.shape[0], 1)
     return jnp.matmul(x2.T, x2, precision=_HI) / n
@@ -90,7 +92,7 @@ def _row_groups(spec: QuantSpec, shape: tuple[int, ...], path: str, fn: str):
     """Static plan on the padded kernel ``(Kp, Np)`` (``Layout.padded_shape`` flattened: a shorter
     last group is padded to a whole one): scale index of every element, row order, rows per
     group, column groups, and which padded rows are real rows of the kernel."""
-    lay = layout(spec, shape, path=path, fn_name=fn)
+    lay = layout(spec, shape, path=path)
     padded = lay.padded_shape
     n_scales = math.prod(lay.scale_shape)
     ids = np.broadcast_to(np.arange(n_scales).reshape(lay.scale_shape), lay.view_shape)
@@ -108,6 +110,7 @@ def _largest_divisor(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, max(limit, 1)) + 1) if n % d == 0)
 
 
+@public("quant.gptq")
 def gptq(
     w: jax.Array,
     hessian: jax.typing.ArrayLike,
@@ -187,9 +190,9 @@ def gptq(
         raise ValueError(
             f"{fn}: block_size must be a positive int, got {block_size!r} for {path!r}"
         )
-    layout(spec, tuple(w.shape), path=path, fn_name=fn)  # raises on a spec that does not fit
-    check_finite(w, path, fn)
-    check_finite(h, f"hessian of {path}" if path else "hessian", fn)
+    layout(spec, tuple(w.shape), path=path)  # raises on a spec that does not fit
+    check_finite(w, path)
+    check_finite(h, f"hessian of {path}" if path else "hessian")
     q, ok = _gptq(w, h, spec, float(damp), block_size, clip_candidates)
     if is_concrete(ok) and not bool(ok):
         raise ValueError(

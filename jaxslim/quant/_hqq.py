@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxslim._checks import public
 from jaxslim.quant import formats
 from jaxslim.quant._numerics import EPS, qparams_from_range
 from jaxslim.quant._qarray import QArray, check_finite, quantize
@@ -49,6 +50,7 @@ def _check_num(name, v, lo, hi, fn, path, *, integer=False, open_lo=False):
         raise ValueError(f"{fn}: {name} must be a number in {rng}, got {v!r} for {path!r}")
 
 
+@public("quant.hqq")
 def hqq(
     w: jax.Array,
     spec: QuantSpec,
@@ -104,8 +106,8 @@ def hqq(
     _check_num("kappa", kappa, 1, math.inf, fn, path)
     if not isinstance(optimize_scale, bool):
         raise TypeError(f"{fn}: optimize_scale must be a bool, got {optimize_scale!r}")
-    layout(spec, tuple(w.shape), path=path, fn_name=fn)
-    check_finite(w, path, fn)
+    layout(spec, tuple(w.shape), path=path)
+    check_finite(w, path)
     s, z = _hqq(w, spec, iters, float(p), float(beta), float(kappa), optimize_scale)
     return quantize(w, spec, scale=s, zero_point=z if spec.stores_zero_point else None, path=path)
 

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxslim import _jaxpr, _tree, calibrate
+from jaxslim._checks import public
 from jaxslim._oneshot import KernelRow, OneshotReport, relative_error
 from jaxslim.quant._awq import (
     apply_scales,
@@ -66,6 +67,7 @@ def kernel_spec(spec: QuantSpec, shape, contracted, output) -> QuantSpec:
     )
 
 
+@public("quant.oneshot")
 def oneshot(
     fn: Callable[..., Any],
     params: Any,
@@ -119,11 +121,11 @@ def oneshot(
     if not isinstance(sequential, bool):
         raise TypeError(f"{name}: sequential must be a bool, got {sequential!r}")
     rules = normalize(rules, name)
-    _tree.reject_traced(params, fn_name=name, why="oneshot calibrates and checks values")
+    _tree.reject_traced(params, why="oneshot calibrates and checks values")
     batches = list(batches)
     if not batches:
         raise ValueError(f"{name}: batches is empty; pass at least one calibration batch")
-    traced = _jaxpr.make_jaxpr(fn, params, batches[0], fn_name=name)
+    traced = _jaxpr.make_jaxpr(fn, params, batches[0])
     uses = _jaxpr.kernel_uses_of(traced)
     gathered = set(_jaxpr.gathered_of(traced))
     leaves = dict(_tree.leaves_with_paths(params))
@@ -132,7 +134,7 @@ def oneshot(
     for path, leaf in leaves.items():
         if not _tree.is_float_array(leaf):
             continue
-        rule = first(rules, path, leaf, fn=name)
+        rule = first(rules, path, leaf)
         if rule is None or rule.spec is None:
             continue
         if leaf.ndim < 2:
@@ -207,7 +209,7 @@ def oneshot(
     def compress(path, w, st):
         c, o = axes(path)
         spec = kernel_spec(specs[path], w.shape, c, o)
-        layout(spec, tuple(w.shape), path=path, fn_name=name)
+        layout(spec, tuple(w.shape), path=path)
         w2 = as_matrix(w.astype(jnp.float32), c, o)
         t0 = time.perf_counter()
         if isinstance(method, AWQ) and method.clip and path not in unfolded:

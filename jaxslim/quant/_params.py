@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxslim import _tree
+from jaxslim._checks import public
 from jaxslim.quant._qarray import QArray, dequantize, is_qarray, quantize
 from jaxslim.quant._rules import match, normalize
 from jaxslim.quant._spec import QuantSpec
@@ -87,6 +88,7 @@ def _nbytes(leaf: Any) -> int:
     return math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
 
 
+@public("quant.quantize_params")
 def quantize_params(
     params: Any, rules: Any, *, default: QuantSpec | None = None
 ) -> tuple[Any, SizeReport]:
@@ -123,11 +125,8 @@ def quantize_params(
         if isinstance(leaf, QArray) or not _tree.is_float_array(leaf):
             return leaf
         name = _tree.path_str(path)
-        spec = match(rules, name, leaf, default=default, fn=fn)
-        try:
-            new = leaf if spec is None else quantize(leaf, spec, path=name)
-        except ValueError as e:
-            raise ValueError(f"{fn}: {e}") from None
+        spec = match(rules, name, leaf, default=default)
+        new = leaf if spec is None else quantize(leaf, spec, path=name)
         rows.append(LeafSize(name, tuple(leaf.shape), spec, _nbytes(leaf), _nbytes(new)))
         return new
 
@@ -141,6 +140,7 @@ def quantize_params(
     return out, SizeReport(tuple(rows))
 
 
+@public("quant.dequantize_params")
 def dequantize_params(tree: Any) -> Any:
     """Replaces every ``QArray`` leaf by its dequantized array; other leaves are untouched.
 

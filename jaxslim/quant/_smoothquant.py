@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxslim._checks import public
 from jaxslim.quant._awq import check_activations
 from jaxslim.quant._dot import qdot_general
 from jaxslim.quant._qarray import QArray
@@ -44,6 +45,7 @@ def check_alpha(alpha: object, fn: str, path: str = "") -> float:
     return float(alpha)
 
 
+@public("quant.smooth_scales")
 def smooth_scales(
     ws: Sequence[jax.Array], absmax: jax.typing.ArrayLike, *, alpha: float = 0.5, path: str = ""
 ) -> jax.Array:
@@ -80,6 +82,7 @@ def smooth_scales(
     return a**alpha / wmax ** (1 - alpha)
 
 
+@public("quant.w8a8_dot")
 def w8a8_dot(x: jax.Array, w: QArray, *, impl: str = "auto") -> jax.Array:
     """``x @ W`` with ``W`` an int8 per-channel ``QArray`` ``(K, N)`` and ``x`` ``(..., K)``
     quantized per token (one int8 scale per row) on the fly: int8 x int8 -> int32 in
