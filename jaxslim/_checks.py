@@ -7,7 +7,7 @@ function the user called and no name is passed down through helpers. The outermo
 wins: ``quant.oneshot`` calling ``quant.quantize`` reports ``quant.oneshot``. A closure a public
 function returns (an optax ``update_fn``, an observer's ``update``) is wrapped the same way, so
 it names its maker when it is called later. A tree-walking function states the leaf it is
-working on with :func:`at_leaf`, and helpers read it with :func:`leaf`. Both are Python state
+working on with :func:`at_leaf`, and helpers read it with :func:`leaf_path`. Both are Python state
 read at trace time, so they work under ``jax.jit``, ``vmap`` and ``grad`` (a traced function
 raises while it is traced, inside the call).
 
@@ -29,6 +29,7 @@ import contextvars
 import functools
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -68,11 +69,15 @@ def calling(name: str, *, replace: bool = False) -> Iterator[None]:
         _CALL.reset(token)
 
 
-def public(name: str) -> Callable[[_F], _F]:
+def public(name: str, *, leaf_kwarg: bool = False) -> Callable[[_F], _F]:
     """Decorates a public function (or a closure it returns) so that its errors name ``name``.
 
     Unless a public call is already in progress, :func:`caller` is ``name`` until the function
     returns. The wrapper keeps the signature, docstring and module (``functools.wraps``).
+
+    ``leaf_kwarg=True``: the function used to take ``path=`` (the leaf name for its messages);
+    the wrapper still accepts it for one release, warns ``DeprecationWarning`` and runs the
+    function under :func:`at_leaf`, which is where the function now reads the leaf path from.
 
     >>> @public("demo.f")
     ... def f():
@@ -84,6 +89,16 @@ def public(name: str) -> Callable[[_F], _F]:
     def decorate(fn: _F) -> _F:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if leaf_kwarg and "path" in kwargs:
+                path = kwargs.pop("path")
+                warnings.warn(
+                    f"{name}(path=...) is deprecated and will be removed: the leaf path in its "
+                    "errors comes from the tree-wide function calling it",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
+                with at_leaf(str(path)):
+                    return wrapper(*args, **kwargs)
             if _CALL.get() is not None:
                 return fn(*args, **kwargs)
             token = _CALL.set(name)
@@ -97,14 +112,14 @@ def public(name: str) -> Callable[[_F], _F]:
     return decorate
 
 
-def leaf() -> str:
+def leaf_path() -> str:
     """The leaf path the public call in progress is working on (``""`` when none)."""
     return _LEAF.get()
 
 
 @contextlib.contextmanager
 def at_leaf(path: str) -> Iterator[None]:
-    """Within the block, :func:`leaf` is ``path``."""
+    """Within the block, :func:`leaf_path` is ``path``."""
     token = _LEAF.set(path)
     try:
         yield

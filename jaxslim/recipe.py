@@ -60,7 +60,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from jaxslim import _tree, prune, quant, report
-from jaxslim._checks import public
+from jaxslim._checks import at_leaf, public
 from jaxslim.quant import QuantSpec
 from jaxslim.structures import NM, Blocks, Channels, Structure, Unstructured
 
@@ -552,9 +552,11 @@ def _quantize(recipe: Recipe, params: Any, progress: Any) -> Any:
             continue
         try:
             if isinstance(method, quant.HQQ):
-                out.append(quant.hqq(leaf, spec, iters=method.iters, path=name))
+                with at_leaf(name):
+                    out.append(quant.hqq(leaf, spec, iters=method.iters))
             else:
-                out.append(quant.quantize(leaf, spec, path=name))
+                with at_leaf(name):
+                    out.append(quant.quantize(leaf, spec))
         except (TypeError, ValueError) as e:
             raise RecipeError(key, str(e)) from None
         any_quantized = True

@@ -44,7 +44,7 @@ from flax.nnx.nn import dtypes
 from jax import lax
 
 from jaxslim import _jaxpr, _tree, calibrate
-from jaxslim._checks import public
+from jaxslim._checks import at_leaf, public
 from jaxslim.quant._dot import qdot_general
 from jaxslim.quant._gptq import gptq
 from jaxslim.quant._methods import GPTQ, as_method
@@ -127,7 +127,8 @@ def _qat_dot(
     aspec = _act_spec(act_bits, lhs.ndim, per_row=True)
     if aspec is not None:
         lhs = fake_quant(lhs, aspec)
-    rhs = fake_quant(rhs, spec, path=path)
+    with at_leaf(path):
+        rhs = fake_quant(rhs, spec)
     return lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, **kw)
 
 
@@ -135,11 +136,13 @@ def _qat_conv(lhs, rhs, *args, spec, act_bits=None, path="", **kw):
     aspec = _act_spec(act_bits, lhs.ndim, per_row=False)
     if aspec is not None:
         lhs = fake_quant(lhs, aspec)
-    return lax.conv_general_dilated(lhs, fake_quant(rhs, spec, path=path), *args, **kw)
+    with at_leaf(path):
+        return lax.conv_general_dilated(lhs, fake_quant(rhs, spec), *args, **kw)
 
 
 def _qat_einsum(eq, lhs, rhs, *, spec, path="", **kw):
-    return jnp.einsum(eq, lhs, fake_quant(rhs, spec, path=path), **kw)
+    with at_leaf(path):
+        return jnp.einsum(eq, lhs, fake_quant(rhs, spec), **kw)
 
 
 @public("flax.quant.quantized_layers")
@@ -339,17 +342,18 @@ def quantize_model(
         check_finite(kernel, name)
         if name in reached and _gptq_applies(m):
             h = _calibrated_hessian(model, name, batches)
-            q = gptq(
-                kernel,
-                h,
-                spec,
-                damp=method.damp,
-                block_size=method.block_size,
-                clip_candidates=method.clip_candidates,
-                path=name,
-            )
+            with at_leaf(name):
+                q = gptq(
+                    kernel,
+                    h,
+                    spec,
+                    damp=method.damp,
+                    block_size=method.block_size,
+                    clip_candidates=method.clip_candidates,
+                )
         else:
-            jax.eval_shape(partial(quantize, spec=spec, path=name), kernel)  # names the leaf
+            with at_leaf(name):
+                jax.eval_shape(partial(quantize, spec=spec), kernel)  # names the leaf
             q = _rtn(kernel, spec, observer)
         m.kernel.set_value(q) if hasattr(m.kernel, "set_value") else setattr(m.kernel, "value", q)
         m.promote_dtype = _promote_keep_qarray

@@ -46,7 +46,7 @@ import optax
 from jax import lax
 
 from jaxslim import _jaxpr, _tree, calibrate
-from jaxslim._checks import public
+from jaxslim._checks import at_leaf, public
 from jaxslim._oneshot import KernelRow, OneshotReport, relative_error
 from jaxslim.prune._calibrated import sparsegpt, wanda
 from jaxslim.prune._methods import Magnitude, Method, SparseGPT, Wanda, as_method
@@ -108,16 +108,16 @@ def _prune_kernel(
         if isinstance(method, SparseGPT):
             q = method.quant(name, wi) if method.quant is not None else None
             b = _block(k, method.block_size, inner)
-            new, mask = sparsegpt(
-                wi,
-                xtx[i],
-                sparsity,
-                structure=inner,
-                block_size=b,
-                damp=float(method.damp),
-                quant=q,
-                path=name,
-            )
+            with at_leaf(name):
+                new, mask = sparsegpt(
+                    wi,
+                    xtx[i],
+                    sparsity,
+                    structure=inner,
+                    block_size=b,
+                    damp=float(method.damp),
+                    quant=q,
+                )
         else:
             v = sq[i] if isinstance(method, Wanda) else jnp.ones((k,), jnp.float32)
             mask = wanda({"w": wi}, {"w": v}, sparsity, structure=inner)["w"]

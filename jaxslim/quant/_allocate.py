@@ -20,7 +20,7 @@ import numpy as np
 from jax import lax
 
 from jaxslim import _tree
-from jaxslim._checks import public
+from jaxslim._checks import at_leaf, public
 from jaxslim.quant._qarray import dequantize, quantize
 from jaxslim.quant._spec import QuantSpec
 
@@ -119,7 +119,8 @@ def sensitivities(
                 errors.append(0.0)
                 continue
             try:
-                w_hat = dequantize(quantize(w, spec, path=path))
+                with at_leaf(path):
+                    w_hat = dequantize(quantize(w, spec))
             except ValueError as e:
                 raise ValueError(f"{fn}: candidate {spec!r} does not fit {path!r}: {e}") from None
             d = jnp.asarray(w, jnp.float32) - w_hat.astype(jnp.float32)

@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxslim._checks import public
+from jaxslim._checks import at_leaf, public
 from jaxslim.quant import formats
 from jaxslim.quant._qarray import QArray, check_finite, dequantize, quantize, unpack_codes
 from jaxslim.quant._spec import QuantSpec, layout
@@ -524,7 +524,8 @@ def _dynamic(x, rhs, dn, precision, preferred_element_type, out_sharding, lhs_sp
     """Dynamic activation quantization: ``x`` quantized under ``lhs_spec`` on the fly, then
     ``_qdot``. Straight-through: the derivative with respect to ``x`` is that of the
     weight-only product ``x . dequantize(rhs)`` (quantizing ``x`` counts as the identity)."""
-    lhs = quantize(x, lhs_spec, path="lhs")
+    with at_leaf("lhs"):
+        lhs = quantize(x, lhs_spec)
     return _qdot(lhs, rhs, dn, precision, preferred_element_type, out_sharding, impl)
 
 

@@ -51,7 +51,7 @@ import numpy as np
 from jax import lax
 
 from jaxslim import _obs
-from jaxslim._checks import public
+from jaxslim._checks import leaf_path, public
 from jaxslim.quant._numerics import is_concrete, qparams_from_range
 from jaxslim.quant._qarray import QArray, check_finite, fake_values, quantize, quantize_on
 from jaxslim.quant._spec import QuantSpec, layout
@@ -59,13 +59,13 @@ from jaxslim.quant._spec import QuantSpec, layout
 _HI = lax.Precision.HIGHEST
 
 
-@public("quant.gptq_hessian")
-def gptq_hessian(x: jax.typing.ArrayLike, *, path: str = "") -> jax.Array:
+@public("quant.gptq_hessian", leaf_kwarg=True)
+def gptq_hessian(x: jax.typing.ArrayLike) -> jax.Array:
     """``X^T X / n`` of layer inputs ``x`` of shape ``(..., K)`` (float32, shape ``(K, K)``).
 
     ``K`` is the layer's contraction size in the kernel's flattened order; average the results
     of several batches (weighted by their row counts) to calibrate on more data. A concrete ``x``
-    with NaN or inf raises ``ValueError`` (naming ``path``, the layer whose inputs these are);
+    with NaN or inf raises ``ValueError`` (naming the layer whose inputs these are);
     a traced one gives a non-finite Hessian, which ``gptq`` under ``jit`` answers with
     round-to-nearest.
 
@@ -73,6 +73,7 @@ def gptq_hessian(x: jax.typing.ArrayLike, *, path: str = "") -> jax.Array:
     >>> gptq_hessian(jnp.array([[1.0, 2.0], [3.0, 0.0]])).tolist()
     [[5.0, 1.0], [1.0, 2.0]]
     """
+    path = leaf_path()
     fn = "quant.gptq_hessian"
     if not hasattr(x, "dtype") and not isinstance(x, list | tuple | float):
         raise ValueError(f"{fn}: expects a floating-point array (..., K), got {type(x).__name__}")
@@ -110,7 +111,7 @@ def _largest_divisor(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, max(limit, 1)) + 1) if n % d == 0)
 
 
-@public("quant.gptq")
+@public("quant.gptq", leaf_kwarg=True)
 def gptq(
     w: jax.Array,
     hessian: jax.typing.ArrayLike,
@@ -119,7 +120,6 @@ def gptq(
     damp: float = 0.01,
     block_size: int = 128,
     clip_candidates: int = 1,
-    path: str = "",
 ) -> QArray:
     """Quantizes the kernel ``w`` to a ``QArray`` with GPTQ error compensation.
 
@@ -135,7 +135,6 @@ def gptq(
       block_size: rows per lazy batch update.
       clip_candidates: with ``n > 1``, each group's range is also shrunk by the ratio in
         ``{1/n, ..., 1}`` that minimises its squared rounding error (MSE-optimal clipping).
-      path: the leaf name for error messages.
 
     Returns:
       A ``QArray`` (the same layout as ``quantize(w, spec)``) whose dequantized kernel ``Q``
@@ -151,6 +150,7 @@ def gptq(
     >>> err(q.dequantize()) < err(dequantize(quantize(w, spec)))
     True
     """
+    path = leaf_path()
     fn = "quant.gptq"
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"{fn}: spec must be a QuantSpec, got {spec!r} for {path!r}")
@@ -313,5 +313,5 @@ def _gptq(w, h, spec, damp, block_size, clip_candidates):
     if shared:  # the scales are already stored ones: keep rtn's second level, so they stay
         q = quantize_on(qs, spec, s_out, zp_out, second)
     else:
-        q = quantize(qs, spec, scale=s_out, zero_point=zp_out, path=path)
+        q = quantize(qs, spec, scale=s_out, zero_point=zp_out)
     return dataclasses.replace(q, dtype=jnp.dtype(w.dtype)), ok

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxslim._checks import caller, public
+from jaxslim._checks import caller, leaf_path, public
 from jaxslim.quant._spec import QuantSpec, layout
 
 EPS = float(jnp.finfo(jnp.float32).eps)
@@ -270,20 +270,21 @@ def qparams_from_range(
     return scale, zp
 
 
-@public("quant.qparams")
-def qparams(x: jax.Array, spec: QuantSpec, *, path: str = "") -> tuple[jax.Array, jax.Array]:
+@public("quant.qparams", leaf_kwarg=True)
+def qparams(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
     """``(scale, zero_point)`` from the min/max of ``x`` under ``spec``'s granularity.
 
     Both have the layout's ``scale_shape`` (see ``quant._spec.layout``); non-finite entries of
     ``x`` are ignored (a group's scale comes from its finite entries only), and so is the filler
-    of a shorter last group (``group_size`` not dividing the axis). ``path`` names the leaf
-    in error messages.
+    of a shorter last group (``group_size`` not dividing the axis). Errors name the leaf path
+    that the tree-wide function calling it is working on.
 
     >>> import jax.numpy as jnp
     >>> s, z = qparams(jnp.array([[1.0, -2.0], [0.5, 4.0]]), QuantSpec(8, axis=-1))
     >>> s.shape, (s * 127.5).tolist()
     ((1, 2), [[1.0, 4.0]])
     """
+    path = leaf_path()
     return compute_qparams(x, spec, path=path)
 
 

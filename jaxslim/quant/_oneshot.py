@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxslim import _jaxpr, _tree, calibrate
-from jaxslim._checks import public
+from jaxslim._checks import at_leaf, public
 from jaxslim._oneshot import KernelRow, OneshotReport, relative_error
 from jaxslim.quant._awq import (
     apply_scales,
@@ -191,11 +191,13 @@ def oneshot(
                     else st.absmax
                 )
                 spec0 = specs[g.kernels[0]]
-                s, al = awq_scales(ws, st.xtx, a, spec0, n_grid=method.grid, path=gname)
+                with at_leaf(gname):
+                    s, al = awq_scales(ws, st.xtx, a, spec0, n_grid=method.grid)
                 al = float(al)
             else:
                 al = float(method.alpha)
-                s = smooth_scales(ws, st.absmax, alpha=al, path=gname)
+                with at_leaf(gname):
+                    s = smooth_scales(ws, st.absmax, alpha=al)
             for p in g.kernels:
                 alphas[p] = al
             params = apply_scales(params, g, s)
@@ -218,21 +220,23 @@ def oneshot(
             q = _requantize(q2, from_matrix(deq2, w.shape, c, o).astype(w.dtype), spec, c, o)
         elif isinstance(method, GPTQ):
             m2 = matrix_spec(specs[path])
-            q2 = gptq(
-                w2,
-                st.xtx,
-                m2,
-                damp=method.damp,
-                block_size=method.block_size,
-                clip_candidates=method.clip_candidates,
-                path=path,
-            )
+            with at_leaf(path):
+                q2 = gptq(
+                    w2,
+                    st.xtx,
+                    m2,
+                    damp=method.damp,
+                    block_size=method.block_size,
+                    clip_candidates=method.clip_candidates,
+                )
             deq2 = q2.dequantize().astype(jnp.float32)
             q = _requantize(q2, from_matrix(deq2, w.shape, c, o).astype(w.dtype), spec, c, o)
         elif isinstance(method, HQQ):
-            q = hqq(w, spec, iters=method.iters, path=path)
+            with at_leaf(path):
+                q = hqq(w, spec, iters=method.iters)
         else:
-            q = quantize(w, spec, path=path)
+            with at_leaf(path):
+                q = quantize(w, spec)
         deq = jax.block_until_ready(dequantize(q).astype(w.dtype))
         seconds = time.perf_counter() - t0
         qarrays[path] = q
@@ -240,7 +244,8 @@ def oneshot(
         if isinstance(method, RTN):
             baseline = error
         else:
-            rtn = dequantize(quantize(w, spec, path=path)).astype(jnp.float32)
+            with at_leaf(path):
+                rtn = dequantize(quantize(w, spec)).astype(jnp.float32)
             baseline = relative_error(w2, as_matrix(rtn, c, o), st.xtx)
         errors[path] = (error, baseline, seconds)
         return deq
@@ -258,7 +263,8 @@ def oneshot(
             m = method.name if path not in unfolded else f"{method.name} (no absorber)"
             q, (err, base, sec) = qarrays[path], errors[path]
         else:  # not a kernel: round to nearest
-            q, m = quantize(leaf, spec, path=path), "rtn (no matmul)"
+            with at_leaf(path):
+                q, m = quantize(leaf, spec), "rtn (no matmul)"
             err = base = sec = math.nan
             qarrays[path] = q
         rows.append(

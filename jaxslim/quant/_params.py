@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxslim import _tree
-from jaxslim._checks import public
+from jaxslim._checks import at_leaf, public
 from jaxslim.quant._qarray import QArray, dequantize, is_qarray, quantize
 from jaxslim.quant._rules import match, normalize
 from jaxslim.quant._spec import QuantSpec
@@ -126,7 +126,8 @@ def quantize_params(
             return leaf
         name = _tree.path_str(path)
         spec = match(rules, name, leaf, default=default)
-        new = leaf if spec is None else quantize(leaf, spec, path=name)
+        with at_leaf(name):
+            new = leaf if spec is None else quantize(leaf, spec)
         rows.append(LeafSize(name, tuple(leaf.shape), spec, _nbytes(leaf), _nbytes(new)))
         return new
 

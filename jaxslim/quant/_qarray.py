@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxslim._checks import caller, public
+from jaxslim._checks import caller, leaf_path, public
 from jaxslim.quant import _packing as packing
 from jaxslim.quant._numerics import (
     check_scale,
@@ -320,14 +320,13 @@ def unpack_codes(values, spec: QuantSpec, shape) -> jax.Array:
     return packing.unpack(values, spec.storage_bits, shape, signed=signed).astype(cd)
 
 
-@public("quant.quantize")
+@public("quant.quantize", leaf_kwarg=True)
 def quantize(
     x: jax.Array,
     spec: QuantSpec,
     *,
     scale: jax.typing.ArrayLike | None = None,
     zero_point: jax.typing.ArrayLike | None = None,
-    path: str = "",
 ) -> QArray:
     """Quantizes ``x`` to a ``QArray`` under ``spec``.
 
@@ -335,9 +334,10 @@ def quantize(
     ``q = encode(x * (1/s), z)`` with the format's rounding (fp8: clip to its range and cast,
     round to nearest even; nf4: the nearest codebook entry). Without ``scale``, ``(s, z)`` come
     from the min/max of ``x`` (``quant.qparams``); pass calibrated ones (from an observer) shaped
-    like ``quant._spec.layout(spec, x.shape).scale_shape``. ``path`` names the leaf in errors.
+    like ``quant._spec.layout(spec, x.shape).scale_shape``. Errors name the leaf path that the
+    tree-wide function calling it (``quantize_params``, ``oneshot``) is working on.
 
-    Checks: a concrete ``x`` with NaN or inf raises ``ValueError`` (naming ``path``); so does a
+    Checks: a concrete ``x`` with NaN or inf raises ``ValueError`` (naming the leaf); so does a
     concrete ``scale`` that is not finite and > 0, and a zero point off the grid. Under ``jit``
     nothing can raise: NaN becomes the zero point (fp8 keeps NaN), ``+-inf`` clip to the ends of
     the grid, and since scales ignore non-finite entries no other entry changes; a traced invalid
@@ -348,6 +348,7 @@ def quantize(
     >>> q.values.tolist(), q.scale.tolist() == [np.float32(1) / np.float32(127.5)]
     ([-127, 0, 64, 127], True)
     """
+    path = leaf_path()
     x = _check_input(x, spec, path)
     lay = layout(spec, x.shape, path=path)
     _check_params(scale, zero_point, lay, spec, path)
@@ -431,14 +432,13 @@ def _ste_jvp(spec, primals, tangents):
     return y, jnp.where(inside, tangents[0], jnp.zeros_like(tangents[0]))
 
 
-@public("quant.fake_quant")
+@public("quant.fake_quant", leaf_kwarg=True)
 def fake_quant(
     x: jax.Array,
     spec: QuantSpec,
     *,
     scale: jax.typing.ArrayLike | None = None,
     zero_point: jax.typing.ArrayLike | None = None,
-    path: str = "",
 ) -> jax.Array:
     """``dequantize(quantize(x, spec))`` with a straight-through gradient, same shape and dtype.
 
@@ -451,6 +451,7 @@ def fake_quant(
     >>> jax.grad(lambda x: fake_quant(x, QuantSpec(8)).sum())(jnp.array([0.3, -1.0])).tolist()
     [1.0, 1.0]
     """
+    path = leaf_path()
     x = _check_input(x, spec, path)
     lay = layout(spec, x.shape, path=path)
     _check_params(scale, zero_point, lay, spec, path)

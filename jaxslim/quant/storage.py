@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxslim import _tree
+from jaxslim._checks import at_leaf
 from jaxslim.quant import formats
 from jaxslim.quant._qarray import QArray, is_qarray, quantize
 from jaxslim.quant._spec import QuantSpec, layout
@@ -190,7 +191,8 @@ def _decode(path: str, d: Mapping[str, Any]) -> QArray:
     values, scale, zp = d["values"], d["scale"], d.get("zero_point")
     # What quantize makes for this spec and shape is the reference for every array.
     x = jax.ShapeDtypeStruct(shape, dtype)
-    fn = lambda x, z: quantize(x, spec, zero_point=z, path=path)  # noqa: E731
+    with at_leaf(path):
+        fn = lambda x, z: quantize(x, spec, zero_point=z)  # noqa: E731
     try:
         ref = jax.eval_shape(fn, x, None)
     except (TypeError, ValueError) as e:
