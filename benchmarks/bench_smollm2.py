@@ -161,7 +161,7 @@ def hqq_tree(params, spec, iters=20):
     def f(path, leaf):
         name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
         if re.match(KERNELS, name):
-            return quant.hqq(leaf, spec, iters=iters, path=name)
+            return quant.hqq(leaf, spec, iters=iters)
         return leaf
 
     return jax.tree_util.tree_map_with_path(f, params)

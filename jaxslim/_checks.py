@@ -1,7 +1,19 @@
-"""The argument checks every public function shares: scalars, fractions, ints, hyper-parameters.
+"""The name errors carry, and the argument checks every public function shares.
 
-One home for them, like ``optax/_src/numerics.py``: a public function passes its own public name
-(``fn="prune.lottery"``) and the argument's name, and the error says both with the bad value.
+**Naming the public call.** Every public function is decorated with :func:`public`, which records
+its name (``"quant.quantize"``) in a context variable for the duration of the call; private
+helpers build their messages with :func:`caller` (``f"{caller()}: ..."``), so an error names the
+function the user called and no name is passed down through helpers. The outermost public call
+wins: ``quant.oneshot`` calling ``quant.quantize`` reports ``quant.oneshot``. A closure a public
+function returns (an optax ``update_fn``, an observer's ``update``) is wrapped the same way, so
+it names its maker when it is called later. A tree-walking function states the leaf it is
+working on with :func:`at_leaf`, and helpers read it with :func:`leaf_path`. Both are Python state
+read at trace time, so they work under ``jax.jit``, ``vmap`` and ``grad`` (a traced function
+raises while it is traced, inside the call).
+
+**Argument checks**, one home for them like ``optax/_src/numerics.py``: a public function passes
+its own public name (``fn="prune.lottery"``) and the argument's name, and the error says both with
+the bad value.
 
 A *concrete* value (a Python number, a NumPy scalar or 0-d array, a 0-d ``jax.Array`` outside
 ``jit``) is checked eagerly and raises ``ValueError`` when out of range (``TypeError`` when it is
@@ -12,13 +24,107 @@ term off with ``jnp.where``, as its docstring says.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import math
 import numbers
-from typing import Any
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+# The public call in progress (the outermost one) and the leaf path it is working on.
+_CALL: contextvars.ContextVar[str | None] = contextvars.ContextVar("jaxslim_call", default=None)
+_LEAF: contextvars.ContextVar[str] = contextvars.ContextVar("jaxslim_leaf", default="")
+
+
+def caller() -> str:
+    """The name of the public call in progress, ``"jaxslim"`` outside any.
+
+    >>> caller()
+    'jaxslim'
+    >>> public("quant.quantize")(caller)()
+    'quant.quantize'
+    """
+    return _CALL.get() or "jaxslim"
+
+
+@contextlib.contextmanager
+def calling(name: str, *, replace: bool = False) -> Iterator[None]:
+    """Within the block :func:`caller` is ``name``; without ``replace``, only if no public call
+    is in progress (the outermost call keeps its name)."""
+    if _CALL.get() is not None and not replace:
+        yield
+        return
+    token = _CALL.set(name)
+    try:
+        yield
+    finally:
+        _CALL.reset(token)
+
+
+def public(name: str, *, leaf_kwarg: bool = False) -> Callable[[_F], _F]:
+    """Decorates a public function (or a closure it returns) so that its errors name ``name``.
+
+    Unless a public call is already in progress, :func:`caller` is ``name`` until the function
+    returns. The wrapper keeps the signature, docstring and module (``functools.wraps``).
+
+    ``leaf_kwarg=True``: the function used to take ``path=`` (the leaf name for its messages);
+    the wrapper still accepts it for one release, warns ``DeprecationWarning`` and runs the
+    function under :func:`at_leaf`, which is where the function now reads the leaf path from.
+
+    >>> @public("demo.f")
+    ... def f():
+    ...     return caller()
+    >>> f(), public("demo.g")(f)()
+    ('demo.f', 'demo.g')
+    """
+
+    def decorate(fn: _F) -> _F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if leaf_kwarg and "path" in kwargs:
+                path = kwargs.pop("path")
+                warnings.warn(
+                    f"{name}(path=...) is deprecated and will be removed: the leaf path in its "
+                    "errors comes from the tree-wide function calling it",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
+                with at_leaf(str(path)):
+                    return wrapper(*args, **kwargs)
+            if _CALL.get() is not None:
+                return fn(*args, **kwargs)
+            token = _CALL.set(name)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _CALL.reset(token)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def leaf_path() -> str:
+    """The leaf path the public call in progress is working on (``""`` when none)."""
+    return _LEAF.get()
+
+
+@contextlib.contextmanager
+def at_leaf(path: str) -> Iterator[None]:
+    """Within the block, :func:`leaf_path` is ``path``."""
+    token = _LEAF.set(path)
+    try:
+        yield
+    finally:
+        _LEAF.reset(token)
 
 
 def scalar(fn: str, name: str, value: Any) -> float | None:

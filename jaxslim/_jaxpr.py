@@ -52,6 +52,7 @@ from jax import lax
 from jax.extend import core as jex_core
 
 from jaxslim import _tree
+from jaxslim._checks import caller, public
 
 MATMULS = frozenset({"dot_general", "conv_general_dilated"})
 
@@ -369,13 +370,13 @@ def _is_float_leaf(leaf: Any) -> bool:
     return _tree.is_float_array(leaf)
 
 
-def _check_leaves(leaves: list, what: str, fn_name: str) -> None:
+def _check_leaves(leaves: list, what: str) -> None:
     for path, leaf in leaves:
         ok = isinstance(leaf, jax.Array | np.ndarray | np.generic | jax.ShapeDtypeStruct)
         ok = ok or isinstance(leaf, bool | int | float | complex) or hasattr(leaf, "aval")
         if not ok:
             raise TypeError(
-                f"{fn_name}: {what} leaf {path!r} is a {type(leaf).__name__} ({leaf!r:.60}), not "
+                f"{caller()}: {what} leaf {path!r} is a {type(leaf).__name__} ({leaf!r:.60}), not "
                 "an array; pass arrays or jax.ShapeDtypeStruct (mark static fields of a module "
                 "as such, or close over them in fn)"
             )
@@ -389,14 +390,13 @@ def make_jaxpr(
     fn: Callable[..., Any],
     params: Any,
     *args: Any,
-    fn_name: str = "jaxslim",
     require_float: bool = True,
 ) -> Traced:
     """Traces ``fn(params, *args)`` on shapes only (``jax.ShapeDtypeStruct``, shardings kept).
 
     Raises ``TypeError`` for a non-callable ``fn`` or a leaf that is not an array, ``ValueError``
     (with ``require_float``) when ``params`` has no floating-point array leaf, and re-raises an
-    error of ``fn`` itself as ``TypeError`` (if it was one) or ``ValueError`` naming ``fn_name``
+    error of ``fn`` itself as ``TypeError`` (if it was one) or ``ValueError`` naming the public call
     and ``fn`` with a hint.
 
     >>> import jax.numpy as jnp
@@ -406,17 +406,17 @@ def make_jaxpr(
     """
     if not callable(fn):
         raise TypeError(
-            f"{fn_name}: fn must be a callable fn(params, *args), got {type(fn).__name__} "
+            f"{caller()}: fn must be a callable fn(params, *args), got {type(fn).__name__} "
             f"{fn!r:.80}"
         )
     param_leaves = _tree.leaves_with_paths(params)
     arg_leaves = _tree.leaves_with_paths(list(args))
-    _check_leaves(param_leaves, "params", fn_name)
-    _check_leaves(arg_leaves, "args", fn_name)
+    _check_leaves(param_leaves, "params")
+    _check_leaves(arg_leaves, "args")
     if require_float and not any(_is_float_leaf(leaf) for _, leaf in param_leaves):
         names = [p for p, _ in param_leaves][:8]
         raise ValueError(
-            f"{fn_name}: params has no floating-point array leaf (leaves: {names}); pass the "
+            f"{caller()}: params has no floating-point array leaf (leaves: {names}); pass the "
             "parameter tree fn reads as its first argument ({'params': ...} for Linen, "
             "nnx.state(model) or nnx.split(model)[1] for NNX)"
         )
@@ -427,7 +427,7 @@ def make_jaxpr(
         kind = TypeError if isinstance(e, TypeError) else ValueError
         msg = str(e).strip().splitlines()[0][:300].rstrip(".") if str(e).strip() else ""
         raise kind(
-            f"{fn_name}: fn(params, *args) raised {type(e).__name__} while traced on shapes "
+            f"{caller()}: fn(params, *args) raised {type(e).__name__} while traced on shapes "
             f"(fn={_fn_label(fn)}): {msg}. Hint: fn must run on jax.ShapeDtypeStruct inputs "
             "with these params and args: check their shapes and tree structure, and do not "
             "convert traced values to Python or NumPy (float(x), np.asarray(x), `if x > 0:`)"
@@ -435,7 +435,7 @@ def make_jaxpr(
     jaxpr, consts = open_jaxpr(closed)
     if len(param_leaves) + len(arg_leaves) != len(jaxpr.invars):
         raise ValueError(
-            f"{fn_name}: fn's jaxpr has {len(jaxpr.invars)} inputs but params and args have "
+            f"{caller()}: fn's jaxpr has {len(jaxpr.invars)} inputs but params and args have "
             f"{len(param_leaves) + len(arg_leaves)} leaves"
         )
     return Traced(
@@ -689,9 +689,8 @@ def _walk_kernels(jaxpr: Any, consts: Sequence[Any], labels: Sequence[str | None
     return w
 
 
-def kernel_uses(
-    fn: Callable[..., Any], params: Any, *args: Any, fn_name: str = "jaxslim.kernel_uses"
-) -> dict[str, list[KernelUse]]:
+@public("jaxslim.kernel_uses")
+def kernel_uses(fn: Callable[..., Any], params: Any, *args: Any) -> dict[str, list[KernelUse]]:
     """For each parameter leaf that feeds a ``dot_general`` or convolution: its uses.
 
     ``fn(params, *args)`` is traced on shapes only. A leaf is followed through ``transpose``,
@@ -710,7 +709,7 @@ def kernel_uses(
     >>> [(k, u[0].contracted, u[0].output, u[0].index) for k, u in uses.items()]
     [('dense', (0,), (1,), 0), ('eqx', (1,), (0,), 1), ('heads', (1,), (0, 2), 2)]
     """
-    return kernel_uses_of(make_jaxpr(fn, params, *args, fn_name=fn_name))
+    return kernel_uses_of(make_jaxpr(fn, params, *args))
 
 
 def kernel_uses_of(traced: Traced) -> dict[str, list[KernelUse]]:
@@ -1012,6 +1011,7 @@ def eval_jaxpr(
     return outs, interp.state
 
 
+@public("jaxslim.run")
 def run(
     fn: Callable[..., Any],
     params: Any,
@@ -1019,7 +1019,6 @@ def run(
     hook: Hook | None = None,
     state: Any = None,
     loops: Literal["lax", "python"] = "lax",
-    fn_name: str = "jaxslim.run",
 ) -> tuple[Any, Any]:
     """``(fn(params, *args), state)`` evaluated by :func:`eval_jaxpr` with ``hook``; each
     ``Hooked.kernels`` names the parameter paths of its operands.
@@ -1031,7 +1030,7 @@ def run(
     >>> out.tolist(), s
     ([12.0, 12.0], [(0, ['a']), (1, ['b'])])
     """
-    t = make_jaxpr(fn, params, *args, fn_name=fn_name, require_float=False)
+    t = make_jaxpr(fn, params, *args, require_float=False)
     leaves = jax.tree.leaves((params, list(args)))
     outs, state = eval_jaxpr(
         t.jaxpr, t.consts, *leaves, hook=hook, state=state, loops=loops, labels=t.labels

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxslim._checks import caller
+
 Where = None | str | Callable[[str, Any], bool]
 
 
@@ -65,16 +67,16 @@ def is_float_array(leaf: Any) -> bool:
     return bool(jnp.issubdtype(dtype, jnp.floating)) and int(np.prod(leaf.shape)) > 0
 
 
-def check_where(where: Any, *, fn_name: str = "jaxslim") -> None:
+def check_where(where: Any) -> None:
     """Raises unless ``where`` is ``None``, a valid regex ``str`` or a callable.
 
     ``TypeError`` for another type, ``ValueError`` for a pattern ``re`` cannot compile (instead
-    of a bare ``re.error``); both name ``fn_name`` and the pattern.
+    of a bare ``re.error``); both name the public call (``_checks.caller()``) and the pattern.
 
-    >>> check_where("Dense_[", fn_name="f")  # doctest: +ELLIPSIS
+    >>> check_where("Dense_[")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: f: where='Dense_[' is not a valid regular expression (...); escape ... re.escape
+    ValueError: jaxslim: where='Dense_[' is not a valid regular expression (...); ... re.escape
     """
     if where is None or (callable(where) and not isinstance(where, str)):
         return
@@ -83,22 +85,22 @@ def check_where(where: Any, *, fn_name: str = "jaxslim") -> None:
             re.compile(where)
         except re.error as e:
             raise ValueError(
-                f"{fn_name}: where={where!r} is not a valid regular expression ({e}); "
+                f"{caller()}: where={where!r} is not a valid regular expression ({e}); "
                 "escape literal characters with re.escape"
             ) from None
         return
     raise TypeError(
-        f"{fn_name}: where must be None, a regex string or a predicate (path, leaf) -> bool; "
+        f"{caller()}: where must be None, a regex string or a predicate (path, leaf) -> bool; "
         f"got {type(where).__name__} {where!r}"
     )
 
 
-def is_selected(where: Where, path: str, leaf: Any, *, fn_name: str = "jaxslim") -> bool:
+def is_selected(where: Where, path: str, leaf: Any) -> bool:
     """Whether ``where`` selects the leaf named ``path`` (see the module docstring).
 
     Raises as :func:`check_where` for an invalid ``where``, whatever the leaf.
     """
-    check_where(where, fn_name=fn_name)
+    check_where(where)
     if not is_float_array(leaf):
         return False
     if where is None:
@@ -111,7 +113,7 @@ def is_selected(where: Where, path: str, leaf: Any, *, fn_name: str = "jaxslim")
         return bool(where(path, leaf))
     except Exception as e:
         raise ValueError(
-            f"{fn_name}: the where= predicate raised {type(e).__name__}: {e} for the leaf "
+            f"{caller()}: the where= predicate raised {type(e).__name__}: {e} for the leaf "
             f"{path!r} (shape {tuple(leaf.shape)}, dtype {leaf.dtype}); it is called as "
             "where(path, leaf) on every floating-point leaf"
         ) from e
@@ -122,16 +124,14 @@ def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
     return [(path_str(p), leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(tree)]
 
 
-def selected_paths(tree: Any, where: Where, *, fn_name: str, allow_empty: bool = False) -> list:
+def selected_paths(tree: Any, where: Where, *, allow_empty: bool = False) -> list:
     """Paths of the leaves ``where`` selects; raises ``ValueError`` if it selects none."""
-    check_where(where, fn_name=fn_name)
-    paths = [
-        p for p, leaf in leaves_with_paths(tree) if is_selected(where, p, leaf, fn_name=fn_name)
-    ]
+    check_where(where)
+    paths = [p for p, leaf in leaves_with_paths(tree) if is_selected(where, p, leaf)]
     if not paths and not allow_empty:
         names = [p for p, _ in leaves_with_paths(tree)][:8]
         raise ValueError(
-            f"{fn_name}: where={where!r} selects no floating-point array leaf; "
+            f"{caller()}: where={where!r} selects no floating-point array leaf; "
             f"leaves are {names}{' ...' if len(names) == 8 else ''}"
         )
     return paths
@@ -142,7 +142,6 @@ def map_selected(
     tree: Any,
     *rest: Any,
     where: Where = None,
-    fn_name: str = "jaxslim",
     allow_empty: bool = False,
     unselected: Callable[..., Any] = lambda leaf, *rest: leaf,
 ) -> Any:
@@ -150,23 +149,23 @@ def map_selected(
 
     ``rest`` are trees with ``tree``'s structure (or a prefix of it, e.g. masks holding ``None``).
     Unselected leaves become ``unselected(leaf, *rest_leaves)`` — by default the leaf itself.
-    Raises ``ValueError`` naming ``fn_name`` when ``where`` selects nothing (unless
+    Raises ``ValueError`` naming the public call when ``where`` selects nothing (unless
     ``allow_empty``) and when a tree in ``rest`` does not match ``tree``.
     """
-    selected_paths(tree, where, fn_name=fn_name, allow_empty=allow_empty)
+    selected_paths(tree, where, allow_empty=allow_empty)
     for other in rest:
-        check_same_structure(tree, other, fn_name=fn_name)
+        check_same_structure(tree, other)
 
     def visit(path, leaf, *others):
         name = path_str(path)
-        if is_selected(where, name, leaf, fn_name=fn_name):
+        if is_selected(where, name, leaf):
             return fn(name, leaf, *others)
         return unselected(leaf, *others)
 
     return jax.tree_util.tree_map_with_path(visit, tree, *rest)
 
 
-def reject_traced(tree: Any, *, fn_name: str, why: str) -> None:
+def reject_traced(tree: Any, *, why: str) -> None:
     """Raises ``TypeError`` naming the first traced leaf of ``tree``.
 
     For eager-only entry points (one-shot calibration reads values and loops in Python): the
@@ -175,18 +174,18 @@ def reject_traced(tree: Any, *, fn_name: str, why: str) -> None:
     traced = [p for p, x in leaves_with_paths(tree) if isinstance(x, jax.core.Tracer)]
     if traced:
         raise TypeError(
-            f"{fn_name}: params leaf {traced[0]!r} is traced: {why}, so call it outside "
+            f"{caller()}: params leaf {traced[0]!r} is traced: {why}, so call it outside "
             "jax.jit/vmap/grad (its per-kernel work is jitted inside)"
         )
 
 
-def check_same_structure(tree: Any, other: Any, *, fn_name: str) -> None:
+def check_same_structure(tree: Any, other: Any) -> None:
     """Raises ``ValueError`` unless ``other`` is ``tree`` with some leaves replaced by ``None``."""
     try:
         jax.tree.map(lambda *_: None, tree, other)
     except (ValueError, TypeError) as e:
         raise ValueError(
-            f"{fn_name}: tree structures differ: {jax.tree.structure(tree)} vs "
+            f"{caller()}: tree structures differ: {jax.tree.structure(tree)} vs "
             f"{jax.tree.structure(other)} ({e})"
         ) from None
 
@@ -223,13 +222,13 @@ def child_key(node: Any, name: str) -> Any:
     return name
 
 
-def subtree(tree: Any, path: str, *, fn_name: str) -> Any:
+def subtree(tree: Any, path: str) -> Any:
     """The node of ``tree`` at ``path``: :func:`get_path` (kept for older callers).
 
-    >>> subtree({"blocks": [{"w": 1}, {"w": 2}]}, "blocks/1/w", fn_name="f")
+    >>> subtree({"blocks": [{"w": 1}, {"w": 2}]}, "blocks/1/w")
     2
     """
-    return get_path(tree, path, fn_name=fn_name)
+    return get_path(tree, path)
 
 
 # --- get / set / delete by path -------------------------------------------------------------
@@ -291,12 +290,12 @@ def _child(node: Any, key: Any) -> Any:
     return next(x for p, x in keyed if p[0] == key)
 
 
-def _rebuild(node: Any, key: Any, value: Any, fn_name: str, path: str) -> Any:
+def _rebuild(node: Any, key: Any, value: Any, path: str) -> Any:
     """A shallow copy of ``node`` with child ``key`` replaced by ``value``."""
     if isinstance(node, Mapping):
         items = dict(node.items())
         items[key] = value
-        return _same_mapping(node, items, fn_name, path)
+        return _same_mapping(node, items, path)
     if _is_namedtuple(node):
         return node._replace(**{key: value})
     if isinstance(node, list | tuple):
@@ -307,19 +306,19 @@ def _rebuild(node: Any, key: Any, value: Any, fn_name: str, path: str) -> Any:
     return jax.tree_util.tree_unflatten(treedef, [value if p[0] == key else x for p, x in keyed])
 
 
-def _same_mapping(node: Mapping, items: dict, fn_name: str, path: str) -> Any:
+def _same_mapping(node: Mapping, items: dict, path: str) -> Any:
     if type(node) is dict:
         return items
     try:
         return type(node)(items)
     except TypeError as e:
         raise TypeError(
-            f"{fn_name}: cannot rebuild the {type(node).__name__} holding {path!r} from a dict "
+            f"{caller()}: cannot rebuild the {type(node).__name__} holding {path!r} from a dict "
             f"({e}); convert the tree to plain dicts first"
         ) from None
 
 
-def _path_string(path: Any, fn_name: str) -> str:
+def _path_string(path: Any) -> str:
     if isinstance(path, str):
         return path
     if isinstance(path, Sequence) and all(
@@ -329,12 +328,12 @@ def _path_string(path: Any, fn_name: str) -> str:
     ):
         return path_str(path)
     raise TypeError(
-        f"{fn_name}: path must be a '/'-joined string such as 'blocks/1/w' or a jax key path, "
+        f"{caller()}: path must be a '/'-joined string such as 'blocks/1/w' or a jax key path, "
         f"got {type(path).__name__} {path!r}"
     )
 
 
-def _step(node: Any, rest: str, path: str, done: str, fn_name: str) -> tuple[Any, str, str]:
+def _step(node: Any, rest: str, path: str, done: str) -> tuple[Any, str, str]:
     """``(key, name, rest_after)``: the child of ``node`` that the head of ``rest`` names."""
     children = _children(node)
     fits = [(n, k) for n, k in children if rest == n or rest.startswith(n + "/")]
@@ -343,13 +342,13 @@ def _step(node: Any, rest: str, path: str, done: str, fn_name: str) -> tuple[Any
         head = rest.split("/", 1)[0]
         if not children:
             raise ValueError(
-                f"{fn_name}: {path!r} is not in the tree (no key {head!r} {where}: that node is "
+                f"{caller()}: {path!r} is not in the tree (no key {head!r} {where}: that node is "
                 f"a leaf of type {type(node).__name__})"
             )
         names = [n for n, _ in children]
         more = " ..." if len(names) > 8 else ""
         raise ValueError(
-            f"{fn_name}: {path!r} is not in the tree (no key {head!r} {where}; keys there: "
+            f"{caller()}: {path!r} is not in the tree (no key {head!r} {where}; keys there: "
             f"{names[:8]}{more})"
         )
     # the longest key wins ("a/b" over "a"); between 1 and "1", the string
@@ -357,13 +356,13 @@ def _step(node: Any, rest: str, path: str, done: str, fn_name: str) -> tuple[Any
     return key, name, rest[len(name) + 1 :]
 
 
-def get_path(tree: Any, path: str | Sequence[Any], *, fn_name: str = "_tree.get_path") -> Any:
+def get_path(tree: Any, path: str | Sequence[Any]) -> Any:
     """The node of ``tree`` at ``path`` (``"blocks/1/w"``, as :func:`path_str` names it).
 
     Works on dicts with ``str`` or ``int`` keys, lists, tuples, NamedTuples, NNX ``State`` (and
     its ``nnx.to_pure_dict`` form) and other pytree nodes; an NNX ``Variable`` gives its value,
     so ``get_path(tree, p)`` is the leaf that :func:`leaves_with_paths` names ``p``. ``""`` is
-    the root. Raises ``ValueError`` naming ``fn_name``, the path and the missing key.
+    the root. Raises ``ValueError`` naming the public call, the path and the missing key.
 
     >>> get_path({"blocks": [{"w": 1}, {"w": 2}]}, "blocks/1/w")
     2
@@ -372,12 +371,12 @@ def get_path(tree: Any, path: str | Sequence[Any], *, fn_name: str = "_tree.get_
     >>> get_path({"blocks": [1]}, "blocks/3")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: _tree.get_path: 'blocks/3' is not in the tree (no key '3' under 'blocks'; ...)
+    ValueError: jaxslim: 'blocks/3' is not in the tree (no key '3' under 'blocks'; ...)
     """
-    path = _path_string(path, fn_name)
+    path = _path_string(path)
     node, rest, done = tree, path, ""
     while rest:
-        key, name, rest = _step(node, rest, path, done, fn_name)
+        key, name, rest = _step(node, rest, path, done)
         node = _child(node, key)
         done = f"{done}/{name}" if done else name
     return node.get_value() if _is_variable(node) else node
@@ -389,7 +388,6 @@ def set_path(
     value: Any,
     *,
     create: bool = False,
-    fn_name: str = "_tree.set_path",
 ) -> Any:
     """A new tree with the node at ``path`` replaced by ``value``; ``tree`` is not modified.
 
@@ -405,7 +403,7 @@ def set_path(
     >>> set_path({"l": {"kernel": 1}}, "l/bias", 0, create=True)
     {'l': {'kernel': 1, 'bias': 0}}
     """
-    path = _path_string(path, fn_name)
+    path = _path_string(path)
 
     def go(node: Any, rest: str, done: str) -> Any:
         if not rest:
@@ -415,10 +413,10 @@ def set_path(
         if create and isinstance(node, Mapping) and "/" not in rest:
             fits = [k for n, k in _children(node) if n == rest]
             if not fits:
-                return _rebuild(node, rest, value, fn_name, path)
-        key, name, after = _step(node, rest, path, done, fn_name)
+                return _rebuild(node, rest, value, path)
+        key, name, after = _step(node, rest, path, done)
         new = go(_child(node, key), after, f"{done}/{name}" if done else name)
-        return _rebuild(node, key, new, fn_name, path)
+        return _rebuild(node, key, new, path)
 
     return go(tree, path, "")
 
@@ -428,7 +426,7 @@ def _is_index_keyed(node: Mapping) -> bool:
     return all(type(k) is int for k in keys) and sorted(keys) == list(range(len(keys)))
 
 
-def delete_path(tree: Any, path: str | Sequence[Any], *, fn_name: str = "_tree.delete_path") -> Any:
+def delete_path(tree: Any, path: str | Sequence[Any]) -> Any:
     """A new tree without the node at ``path``; ``tree`` is not modified.
 
     From a list or tuple the item is popped (later items shift down). From a mapping the key is
@@ -442,24 +440,24 @@ def delete_path(tree: Any, path: str | Sequence[Any], *, fn_name: str = "_tree.d
     >>> delete_path({"blocks": {0: 10, 1: 11, 2: 12}}, "blocks/1")
     {'blocks': {0: 10, 1: 12}}
     """
-    path = _path_string(path, fn_name)
+    path = _path_string(path)
     if not path:
-        raise ValueError(f"{fn_name}: cannot delete the root (path '')")
+        raise ValueError(f"{caller()}: cannot delete the root (path '')")
 
     def go(node: Any, rest: str, done: str) -> Any:
-        key, name, after = _step(node, rest, path, done, fn_name)
+        key, name, after = _step(node, rest, path, done)
         if after:
             new = go(_child(node, key), after, f"{done}/{name}" if done else name)
-            return _rebuild(node, key, new, fn_name, path)
+            return _rebuild(node, key, new, path)
         if isinstance(node, Mapping):
             shift = _is_index_keyed(node)
             items = {(k - 1 if shift and k > key else k): v for k, v in node.items() if k != key}
-            return _same_mapping(node, items, fn_name, path)
+            return _same_mapping(node, items, path)
         if isinstance(node, list | tuple) and not _is_namedtuple(node):
             new = [v for i, v in enumerate(node) if i != key]
             return new if isinstance(node, list) else type(node)(new)
         raise ValueError(
-            f"{fn_name}: cannot delete {path!r}: its parent is a {type(node).__name__}, "
+            f"{caller()}: cannot delete {path!r}: its parent is a {type(node).__name__}, "
             "whose children are fixed (only dict, list and tuple items can be removed)"
         )
 

@@ -64,6 +64,7 @@ import numpy as np
 from jax import lax
 
 from jaxslim import _jaxpr, _tree
+from jaxslim._checks import caller, public
 
 __all__ = ["Stats", "statistics", "sequential", "stream", "StreamResult"]
 
@@ -131,27 +132,26 @@ class _Plan(NamedTuple):
     lead_shape: tuple[int, ...]
 
 
-def _fail(fn_name: str, path: str, site: int, why: str) -> ValueError:
+def _fail(path: str, site: int, why: str) -> ValueError:
     return ValueError(
-        f"{fn_name}: kernel {path!r} at matmul #{site}: {why}; exclude it with where= (a regex "
+        f"{caller()}: kernel {path!r} at matmul #{site}: {why}; exclude it with where= (a regex "
         "or predicate on the path)"
     )
 
 
-def _plan_use(u: _jaxpr.KernelUse, shape: tuple[int, ...], fn_name: str) -> _Plan:
+def _plan_use(u: _jaxpr.KernelUse, shape: tuple[int, ...]) -> _Plan:
     if u.primitive == "conv_general_dilated":
         if u.operand != 1:
-            raise _fail(fn_name, u.path, u.index, "it is the convolution's input, not its kernel")
+            raise _fail(u.path, u.index, "it is the convolution's input, not its kernel")
         contracted, batch = _union(u.contracted, u.spatial), ()
     else:
         contracted, batch = u.contracted, u.batch
     if not contracted:
-        raise _fail(fn_name, u.path, u.index, "no kernel axis is contracted (an outer product)")
+        raise _fail(u.path, u.index, "no kernel axis is contracted (an outer product)")
     scanned: dict[int, int] = {}
     for group, depth, length in u.scanned:
         if len(group) != 1 or shape[group[0]] != length:
             raise _fail(
-                fn_name,
                 u.path,
                 u.index,
                 f"a scan of length {length} slices its axes {group} (shape {shape}); only a scan "
@@ -161,7 +161,6 @@ def _plan_use(u: _jaxpr.KernelUse, shape: tuple[int, ...], fn_name: str) -> _Pla
     other = [a for a in u.indexed if a not in scanned and shape[a] > 1]
     if other:
         raise _fail(
-            fn_name,
             u.path,
             u.index,
             f"its axes {tuple(other)} are indexed outside a scan (w[i]), so statistics cannot be "
@@ -169,7 +168,7 @@ def _plan_use(u: _jaxpr.KernelUse, shape: tuple[int, ...], fn_name: str) -> _Pla
         )
     lead = _union(batch, tuple(scanned))
     if set(lead) & set(contracted):
-        raise _fail(fn_name, u.path, u.index, f"axes {contracted} are both contracted and batch")
+        raise _fail(u.path, u.index, f"axes {contracted} are both contracted and batch")
     k = math.prod(shape[a] for a in contracted)
     return _Plan(contracted, lead, scanned, k, tuple(shape[a] for a in lead))
 
@@ -178,7 +177,7 @@ def _union(*groups: Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted({a for g in groups for a in g}))
 
 
-def _feature_order(u, kdims, sizes, contracted, fn_name) -> list[int]:
+def _feature_order(u, kdims, sizes, contracted) -> list[int]:
     """Positions ``i`` of ``kdims`` (kernel-operand dims) sorted so that flattening them row-major
     gives the kernel's contracted axes row-major; raises where no order does."""
     keyed = []
@@ -186,7 +185,7 @@ def _feature_order(u, kdims, sizes, contracted, fn_name) -> list[int]:
         group = u.axes[d] if u.axes else ()
         if not group:
             if sizes[d] != 1:
-                raise _fail(fn_name, u.path, u.index, "a contracted axis is broadcast")
+                raise _fail(u.path, u.index, "a contracted axis is broadcast")
             continue
         keyed.append((group[0], i, group))
     keyed.sort(key=lambda t: (t[0], t[1]))
@@ -196,7 +195,6 @@ def _feature_order(u, kdims, sizes, contracted, fn_name) -> list[int]:
             flat.extend(group)
     if flat != sorted(set(flat)) or tuple(flat) != tuple(contracted):
         raise _fail(
-            fn_name,
             u.path,
             u.index,
             f"its contracted axes {contracted} reach the matmul permuted and merged by a reshape "
@@ -205,14 +203,14 @@ def _feature_order(u, kdims, sizes, contracted, fn_name) -> list[int]:
     return [i for _, i, _ in keyed]
 
 
-def _rows(call: _jaxpr.Hooked, u: _jaxpr.KernelUse, plan: _Plan, fn_name: str) -> jax.Array:
+def _rows(call: _jaxpr.Hooked, u: _jaxpr.KernelUse, plan: _Plan) -> jax.Array:
     """The input of kernel use ``u`` at this site as ``(*batch_lead, n, k)``."""
     eqn, w = call.eqn, call.operands[u.operand]
     x = call.operands[1 - u.operand]
     if u.primitive == "conv_general_dilated":
         p = eqn.params
         if p.get("feature_group_count", 1) != 1 or p.get("batch_group_count", 1) != 1:
-            raise _fail(fn_name, u.path, u.index, "grouped convolutions are not supported")
+            raise _fail(u.path, u.index, "grouped convolutions are not supported")
         dn = p["dimension_numbers"]
         spatial = sorted(dn.rhs_spec[2:])
         patches = lax.conv_general_dilated_patches(
@@ -236,7 +234,7 @@ def _rows(call: _jaxpr.Hooked, u: _jaxpr.KernelUse, plan: _Plan, fn_name: str) -
         (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
         kdims, xf = (list(lc), list(rc)) if u.operand == 0 else (list(rc), list(lc))
         kb, xb = (list(lb), list(rb)) if u.operand == 0 else (list(rb), list(lb))
-    order = _feature_order(u, kdims, w.shape, plan.contracted, fn_name)
+    order = _feature_order(u, kdims, w.shape, plan.contracted)
     feats = [xf[i] for i in order]
     batch = sorted(range(len(kb)), key=lambda i: u.axes[kb[i]] if u.axes else i)
     bdims = [xb[i] for i in batch]
@@ -244,7 +242,7 @@ def _rows(call: _jaxpr.Hooked, u: _jaxpr.KernelUse, plan: _Plan, fn_name: str) -
     x = jnp.transpose(x, [*bdims, *rest, *feats])
     k = math.prod(x.shape[x.ndim - len(feats) :]) if feats else 1
     if k != plan.k:
-        raise _fail(fn_name, u.path, u.index, f"the matmul contracts {k} of its {plan.k} inputs")
+        raise _fail(u.path, u.index, f"the matmul contracts {k} of its {plan.k} inputs")
     return x.reshape(*x.shape[: len(bdims)], -1, k)
 
 
@@ -261,14 +259,14 @@ def _replicated(x: jax.Array) -> Any:
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
-def _make_hook(plans: dict[str, _Plan], dtype: Any, fn_name: str):
+def _make_hook(plans: dict[str, _Plan], dtype: Any):
     def hook(state, call: _jaxpr.Hooked):
         acc, ok = state
         for u in call.kernels:
             plan = plans.get(u.path)
             if plan is None:
                 continue
-            x = _rows(call, u, plan, fn_name).astype(dtype)
+            x = _rows(call, u, plan).astype(dtype)
             whole = _replicated(x)
             xtx = jnp.einsum("...nk,...nl->...kl", x, x, precision=_HI, out_sharding=whole)
             sq = jnp.sum(x * x, axis=-2)
@@ -301,12 +299,12 @@ def _signature(batch: Any) -> Any:
     return tree, tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves)
 
 
-def _select(params, where, kernels, fn_name) -> list[str]:
-    paths = _tree.selected_paths(params, where, fn_name=fn_name)
+def _select(params, where, kernels) -> list[str]:
+    paths = _tree.selected_paths(params, where)
     if isinstance(kernels, str):
         if kernels != "all":
             raise ValueError(
-                f"{fn_name}: kernels must be 'all' or a sequence of kernel paths, got the string "
+                f"{caller()}: kernels must be 'all' or a sequence of kernel paths, got the string "
                 f"{kernels!r}; write kernels=[{kernels!r}]"
             )
         return paths
@@ -314,7 +312,7 @@ def _select(params, where, kernels, fn_name) -> list[str]:
     missing = [p for p in wanted if p not in paths]
     if missing:
         raise ValueError(
-            f"{fn_name}: kernels {missing} are not floating-point leaves selected by "
+            f"{caller()}: kernels {missing} are not floating-point leaves selected by "
             f"where={where!r}; selected leaves are {paths[:8]}{' ...' if len(paths) > 8 else ''}"
         )
     return wanted
@@ -325,9 +323,9 @@ class _Compiled(NamedTuple):
     uses: dict
 
 
-def _trace(fn, params, batch, b, fn_name) -> _Compiled:
+def _trace(fn, params, batch, b) -> _Compiled:
     try:
-        t = _jaxpr.make_jaxpr(fn, params, batch, fn_name=fn_name)
+        t = _jaxpr.make_jaxpr(fn, params, batch)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{e} (batch {b})") from e
     return _Compiled(t, _jaxpr.kernel_uses_of(t))
@@ -340,14 +338,13 @@ def _statistics(
     where: _tree.Where,
     kernels: str | Sequence[str],
     dtype: Any,
-    fn_name: str,
 ) -> dict[str, Stats]:
     strict = where is not None or not isinstance(kernels, str)
-    selected = _select(params, where, kernels, fn_name)
+    selected = _select(params, where, kernels)
     leaves = dict(_tree.leaves_with_paths(params))
     param_leaves = [x for _, x in _tree.leaves_with_paths(params)]
     if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"{fn_name}: dtype must be a floating-point dtype, got {dtype}")
+        raise ValueError(f"{caller()}: dtype must be a floating-point dtype, got {dtype}")
     compiled: dict[Any, tuple[_Compiled, Any]] = {}
     plans: dict[str, _Plan] | None = None
     acc = None
@@ -361,14 +358,14 @@ def _statistics(
             if hit is not None:
                 _STEPS.move_to_end(key)
             else:
-                c = _trace(fn, params, batch, b, fn_name)
-                own = _make_plans(c.uses, selected, leaves, strict, fn_name)
-                hit = (c, _jit_step(c.traced, _make_hook(own, dtype, fn_name)), own)
+                c = _trace(fn, params, batch, b)
+                own = _make_plans(c.uses, selected, leaves, strict)
+                hit = (c, _jit_step(c.traced, _make_hook(own, dtype)), own)
                 _remember(key, hit)
             c, step, own = hit
             if plans is None:
                 plans = own
-            _check_uses(c.uses, plans, leaves, fn_name)
+            _check_uses(c.uses, plans, leaves)
             compiled[sig] = (c, step)
         c, step = compiled[sig]
         if acc is None:
@@ -377,17 +374,17 @@ def _statistics(
         bad = [p for p, flag in jax.device_get(ok).items() if not bool(flag)]
         if bad:
             raise ValueError(
-                f"{fn_name}: the input of kernel {bad[0]!r} is not finite (NaN or inf) in batch "
+                f"{caller()}: the input of kernel {bad[0]!r} is not finite (NaN or inf) in batch "
                 f"{b}; check that batch and the parameters used before this kernel"
             )
     if acc is None or plans is None:
-        raise ValueError(f"{fn_name}: batches is empty; pass at least one calibration batch")
+        raise ValueError(f"{caller()}: batches is empty; pass at least one calibration batch")
     out = {}
     for p, pl in plans.items():
         xtx, sq, am, n = acc[p]
         if not bool(jnp.all(n > 0)):
             raise ValueError(
-                f"{fn_name}: kernel {p!r} was reached by none of the {b + 1} batches (counts "
+                f"{caller()}: kernel {p!r} was reached by none of the {b + 1} batches (counts "
                 f"{np.asarray(n).tolist()}, per {pl.lead or 'kernel'}): it sits in a branch or "
                 "loop the calibration data never ran; exclude it with where="
             )
@@ -431,27 +428,26 @@ def _remember(key: Any, entry: tuple[_Compiled, Any, dict]) -> None:
         _STEPS.popitem(last=False)
 
 
-def _make_plans(uses, selected, leaves, strict, fn_name) -> dict[str, _Plan]:
+def _make_plans(uses, selected, leaves, strict) -> dict[str, _Plan]:
     if strict:
         unused = [p for p in selected if p not in uses]
         if unused:
             raise ValueError(
-                f"{fn_name}: kernel {unused[0]!r} feeds no dot_general or convolution of fn "
+                f"{caller()}: kernel {unused[0]!r} feeds no dot_general or convolution of fn "
                 "(used elementwise, as a gather table, or not at all), so no batch reaches it as "
                 f"a kernel; kernels found: {list(uses)[:8]}. Exclude it with where="
             )
     chosen = set(selected)
-    return {p: _plan_path(u, leaves[p], fn_name) for p, u in uses.items() if p in chosen}
+    return {p: _plan_path(u, leaves[p]) for p, u in uses.items() if p in chosen}
 
 
-def _plan_path(uses, leaf, fn_name) -> _Plan:
+def _plan_path(uses, leaf) -> _Plan:
     shape = tuple(np.shape(leaf))
-    plans = [(u, _plan_use(u, shape, fn_name)) for u in uses]
+    plans = [(u, _plan_use(u, shape)) for u in uses]
     u0, p0 = plans[0]
     for u, p in plans[1:]:
         if (p.contracted, p.lead) != (p0.contracted, p0.lead):
             raise _fail(
-                fn_name,
                 u.path,
                 u.index,
                 f"it contracts axes {p.contracted} (per-slice axes {p.lead}) here but "
@@ -461,13 +457,13 @@ def _plan_path(uses, leaf, fn_name) -> _Plan:
     return p0
 
 
-def _check_uses(uses, plans, leaves, fn_name) -> None:
+def _check_uses(uses, plans, leaves) -> None:
     for p, pl in plans.items():
         if p in uses:
-            q = _plan_path(uses[p], leaves[p], fn_name)
+            q = _plan_path(uses[p], leaves[p])
             if (q.contracted, q.lead) != (pl.contracted, pl.lead):
                 raise ValueError(
-                    f"{fn_name}: kernel {p!r} is used differently for this batch shape "
+                    f"{caller()}: kernel {p!r} is used differently for this batch shape "
                     f"(contracted {q.contracted} vs {pl.contracted}); use one batch shape"
                 )
 
@@ -513,6 +509,7 @@ def _zeros(plans: dict[str, _Plan], dtype: Any) -> dict:
     }
 
 
+@public("calibrate.statistics")
 def statistics(
     fn: Callable[..., Any],
     params: Any,
@@ -559,7 +556,7 @@ def statistics(
     >>> s["w"].xtx.tolist(), s["w"].sq_norm.tolist(), s["w"].absmax.tolist(), int(s["w"].count)
     ([[10.0, -1.0], [-1.0, 5.0]], [10.0, 5.0], [3.0, 2.0], 2)
     """
-    return _statistics(fn, params, batches, where, kernels, dtype, "calibrate.statistics")
+    return _statistics(fn, params, batches, where, kernels, dtype)
 
 
 def _replace(params: Any, path: str, value: Any) -> Any:
@@ -568,6 +565,7 @@ def _replace(params: Any, path: str, value: Any) -> Any:
     return jax.tree.unflatten(tree, leaves)
 
 
+@public("calibrate.sequential")
 def sequential(
     fn: Callable[..., Any],
     params: Any,
@@ -615,27 +613,27 @@ def sequential(
     >>> seen  # "b" sees x @ round(a) = [2, 2], not x @ a = [1.2, 1.2]
     [('a', [[1.0, 1.0], [1.0, 1.0]]), ('b', [[4.0, 4.0], [4.0, 4.0]])]
     """
-    name = "calibrate.sequential"
+    name = caller()
     if not callable(compress):
         raise TypeError(f"{name}: compress must be a callable compress(path, w, stats)")
     batches = list(batches)
     if not batches:
         raise ValueError(f"{name}: batches is empty; pass at least one calibration batch")
-    selected = _tree.selected_paths(params, where, fn_name=name)
+    selected = _tree.selected_paths(params, where)
     if isinstance(order, str):
         if order != "execution":
             raise ValueError(
                 f"{name}: order must be 'execution' or a sequence of kernel paths, got {order!r}"
             )
-        uses = _trace(fn, params, batches[0], 0, name).uses
+        uses = _trace(fn, params, batches[0], 0).uses
         chosen = set(selected)
         paths = [p for p in uses if p in chosen]
         if where is not None:
-            _make_plans(uses, selected, dict(_tree.leaves_with_paths(params)), True, name)
+            _make_plans(uses, selected, dict(_tree.leaves_with_paths(params)), True)
     else:
         paths = list(order)
     for path in paths:
-        stats = _statistics(fn, params, batches, where, [path], dtype, name)[path]
+        stats = _statistics(fn, params, batches, where, [path], dtype)[path]
         w = dict(_tree.leaves_with_paths(params))[path]
         w_new = compress(path, w, stats)
         if not isinstance(w_new, jax.Array | np.ndarray):
@@ -814,6 +812,7 @@ def _estimate(params: Any, hidden: Sequence[Any]) -> tuple[int, int, int]:
     return weights, hess, 2 * acts
 
 
+@public("calibrate.stream")
 def stream(
     block_fn: Callable[[Any, Any], Any],
     blocks: Iterable[tuple[str, Callable[[], Any]]],
@@ -895,7 +894,7 @@ def stream(
     >>> [b["w"][0, 0].item() for b in res.blocks], res.hidden[0].tolist()
     ([1.0, 2.0], [[8.0, 8.0]])
     """
-    fn = "calibrate.stream"
+    fn = caller()
     if not callable(block_fn) or not callable(compress_block):
         raise TypeError(f"{fn}: block_fn and compress_block must be callables")
     blocks = list(blocks)

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxslim._checks import hyper
+from jaxslim._checks import hyper, public
 
 __all__ = ["kd_loss", "hint_loss", "attention_transfer_loss"]
 
@@ -138,6 +138,7 @@ def _hard(fn: str, s: jax.Array, labels) -> jax.Array:
     return jnp.sum(ce) / jnp.maximum(jnp.sum(valid, dtype=jnp.int32), 1).astype(ce.dtype)
 
 
+@public("distill.kd_loss")
 def kd_loss(
     student_logits: jax.Array,
     teacher_logits: jax.Array,
@@ -219,6 +220,7 @@ def kd_loss(
     return loss
 
 
+@public("distill.hint_loss")
 def hint_loss(
     student_features: jax.Array,
     teacher_features: jax.Array,
@@ -270,6 +272,7 @@ def _attention_map(x: jax.Array, p, channel_axis: int) -> jax.Array:
     return a / optax.safe_norm(a, 1e-12, axis=-1, keepdims=True)
 
 
+@public("distill.attention_transfer_loss")
 def attention_transfer_loss(
     student_features: jax.Array,
     teacher_features: jax.Array,

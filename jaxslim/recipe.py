@@ -60,6 +60,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from jaxslim import _tree, prune, quant, report
+from jaxslim._checks import at_leaf, public
 from jaxslim.quant import QuantSpec
 from jaxslim.structures import NM, Blocks, Channels, Structure, Unstructured
 
@@ -307,6 +308,7 @@ def _prune_step(key: str, t: Any) -> PruneStep:
     return PruneStep(s, _where(f"{key}.where", t.get("where")), structure, scope, method)
 
 
+@public("recipe.parse")
 def parse(source: str | Mapping[str, Any]) -> Recipe:
     """Parses a recipe from TOML text (or the dict ``tomllib`` makes of it).
 
@@ -346,6 +348,7 @@ def parse(source: str | Mapping[str, Any]) -> Recipe:
     return Recipe(tuple(out), tuple(parsed), default, table_method)
 
 
+@public("recipe.load")
 def load(path: str) -> Recipe:
     """Reads and parses the TOML recipe file at ``path`` (``OSError`` if it cannot be read)."""
     with open(path, "rb") as f:
@@ -428,6 +431,7 @@ def _calibrated(key: str, method: Any, fn: Any, batches: Any) -> None:
         )
 
 
+@public("recipe.apply")
 def apply(
     recipe: Recipe,
     params: Any,
@@ -548,9 +552,11 @@ def _quantize(recipe: Recipe, params: Any, progress: Any) -> Any:
             continue
         try:
             if isinstance(method, quant.HQQ):
-                out.append(quant.hqq(leaf, spec, iters=method.iters, path=name))
+                with at_leaf(name):
+                    out.append(quant.hqq(leaf, spec, iters=method.iters))
             else:
-                out.append(quant.quantize(leaf, spec, path=name))
+                with at_leaf(name):
+                    out.append(quant.quantize(leaf, spec))
         except (TypeError, ValueError) as e:
             raise RecipeError(key, str(e)) from None
         any_quantized = True
@@ -605,6 +611,7 @@ method = "wanda"
 """Ready recipes by name, as TOML text (``named(name)`` parses one)."""
 
 
+@public("recipe.named")
 def named(name: str) -> Recipe:
     """A ready recipe by name (:data:`NAMED`): ``w4a16-gptq``, ``w4a16-awq``,
     ``w8a8-smoothquant``, ``sparse-2of4-sparsegpt``, ``sparse50-wanda``. Each leaves the

@@ -42,7 +42,7 @@ import optax
 from jax import lax
 
 from jaxslim import _tree
-from jaxslim._checks import scalar
+from jaxslim._checks import public, scalar
 from jaxslim.structures import NM, Blocks, Channels, Structure, Unstructured
 
 __all__ = [
@@ -128,7 +128,7 @@ def _regularizer(
     _check_where(fn, where)
 
     def init_fn(params):
-        paths = set(_tree.selected_paths(params, where, fn_name=fn))
+        paths = set(_tree.selected_paths(params, where))
         if check_leaf is not None:
             for path, leaf in _tree.leaves_with_paths(params):
                 if path in paths:
@@ -148,17 +148,16 @@ def _regularizer(
             params,
             updates,
             where=where,
-            fn_name=fn,
             unselected=lambda p, u: u,
         )
         return new, RegularizerState(count=optax.safe_increment(t))
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformation(public(fn)(init_fn), public(fn)(update_fn))
 
 
 def _check_where(fn: str, where: Any) -> None:
     """Raises ``TypeError``/``ValueError`` naming ``fn`` for a ``where=`` of the wrong kind."""
-    _tree.check_where(where, fn_name=fn)
+    _tree.check_where(where)
 
 
 def _cast(value: Any, dtype) -> jax.Array:
@@ -170,6 +169,7 @@ def _wide(dtype) -> Any:
     return jnp.float64 if jnp.dtype(dtype).itemsize > 4 else jnp.float32
 
 
+@public("regularize.add_l1")
 def add_l1(
     strength: ScalarOrSchedule, *, where: _tree.Where = None
 ) -> optax.GradientTransformation:
@@ -202,6 +202,7 @@ def add_l1(
     return _regularizer(fn, where, leaf)
 
 
+@public("regularize.add_l2")
 def add_l2(
     strength: ScalarOrSchedule, *, where: _tree.Where = None
 ) -> optax.GradientTransformation:
@@ -251,6 +252,7 @@ def _soft_threshold(z: jax.Array, tau: jax.Array, shrink: Any = None) -> jax.Arr
     return jnp.where(jnp.isnan(z), z, out)
 
 
+@public("regularize.prox_l1")
 def prox_l1(
     strength: ScalarOrSchedule,
     learning_rate: ScalarOrSchedule,
@@ -294,6 +296,7 @@ def prox_l1(
     return _regularizer(fn, where, leaf)
 
 
+@public("regularize.prox_elastic_net")
 def prox_elastic_net(
     l1: ScalarOrSchedule,
     l2: ScalarOrSchedule,
@@ -382,6 +385,7 @@ def _group_norms(x: jax.Array, structure: Structure) -> jax.Array:
     return optax.safe_norm(tiles.reshape(*tiles.shape[: x.ndim], -1), 0.0, axis=-1)
 
 
+@public("regularize.prox_group_lasso")
 def prox_group_lasso(
     strength: ScalarOrSchedule,
     learning_rate: ScalarOrSchedule,
@@ -450,7 +454,6 @@ def _penalty(fn: str, params: Any, where: _tree.Where, term: Callable[[str, Any]
         lambda path, p: term(path, p.astype(_wide(p.dtype))),
         params,
         where=where,
-        fn_name=fn,
         unselected=lambda _: None,
     )
     leaves = jax.tree.leaves(parts)
@@ -458,6 +461,7 @@ def _penalty(fn: str, params: Any, where: _tree.Where, term: Callable[[str, Any]
     return sum((x.astype(dtype) for x in leaves[1:]), leaves[0].astype(dtype))
 
 
+@public("regularize.l1_penalty")
 def l1_penalty(params: Any, *, where: _tree.Where = None) -> jax.Array:
     """``sum_i |p_i|`` over the selected leaves (a scalar, float32 or wider).
 
@@ -477,6 +481,7 @@ def l1_penalty(params: Any, *, where: _tree.Where = None) -> jax.Array:
     return _penalty("regularize.l1_penalty", params, where, term)
 
 
+@public("regularize.l2_penalty")
 def l2_penalty(params: Any, *, where: _tree.Where = None) -> jax.Array:
     """``sum_i p_i^2`` over the selected leaves (squared 2-norm; gradient ``2 p``).
 
@@ -489,6 +494,7 @@ def l2_penalty(params: Any, *, where: _tree.Where = None) -> jax.Array:
     return _penalty("regularize.l2_penalty", params, where, lambda _, p: jnp.sum(p * p))
 
 
+@public("regularize.group_lasso_penalty")
 def group_lasso_penalty(
     params: Any,
     *,

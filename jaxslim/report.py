@@ -10,10 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxslim import _tree
+from jaxslim._checks import public
 
 __all__ = ["sparsity", "summary", "format_table", "nbytes"]
 
 
+@public("report.sparsity")
 def sparsity(tree: Any, *, where: _tree.Where = None) -> jax.Array:
     """Fraction of exact zeros over the leaves ``where`` selects (jit-safe, a float32 scalar).
 
@@ -21,13 +23,14 @@ def sparsity(tree: Any, *, where: _tree.Where = None) -> jax.Array:
     >>> float(sparsity({"w": jnp.array([[0.0, 1.0], [0.0, 0.0]]), "b": jnp.ones(2)}))
     0.75
     """
-    paths = _tree.selected_paths(tree, where, fn_name="report.sparsity")
+    paths = _tree.selected_paths(tree, where)
     leaves = [leaf for p, leaf in _tree.leaves_with_paths(tree) if p in paths]
     zeros = sum(jnp.sum(leaf == 0, dtype=jnp.int32) for leaf in leaves)
     total = sum(int(np.prod(leaf.shape)) for leaf in leaves)
     return (zeros / total).astype(jnp.float32)
 
 
+@public("report.nbytes")
 def nbytes(leaf: Any) -> int:
     """Storage bytes of one leaf: an array's ``nbytes``, a QArray's codes + scales + zero points.
 
@@ -85,6 +88,7 @@ def _row(path: str, leaf: Any) -> dict[str, Any] | None:
     }
 
 
+@public("report.summary")
 def summary(tree: Any) -> list[dict[str, Any]]:
     """One row per array leaf: ``path, shape, dtype, bits, size, nonzeros, sparsity, bytes``.
 
@@ -111,6 +115,7 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+@public("report.format_table")
 def format_table(rows: Sequence[dict[str, Any]], *, columns: Sequence[str] | None = None) -> str:
     """Formats rows (dicts) as a Markdown table; ``columns`` defaults to the first row's keys.
 

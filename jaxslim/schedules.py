@@ -15,10 +15,12 @@ import jax.numpy as jnp
 import optax
 
 from jaxslim import _checks
+from jaxslim._checks import public
 
 __all__ = ["step_decay", "exponential_decay"]
 
 
+@public("schedules.step_decay")
 def step_decay(init: float, total_steps: int, power: float = 1.0) -> optax.Schedule:
     """Polynomial decay to zero: ``lr(t) = init * (1 - min(t, T) / T) ** power``.
 
@@ -60,6 +62,7 @@ def step_decay(init: float, total_steps: int, power: float = 1.0) -> optax.Sched
     return schedule
 
 
+@public("schedules.exponential_decay")
 def exponential_decay(init: float, rate: float) -> optax.Schedule:
     """Per-step exponential decay: ``lr(t) = init * rate ** t``.
 

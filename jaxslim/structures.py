@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxslim._checks import public
+
 __all__ = [
     "Structure",
     "Unstructured",
@@ -88,6 +90,7 @@ def float_keys(x: jax.Array) -> jax.Array:
     return jnp.where(jnp.isnan(x), jnp.uint32(0), keys)
 
 
+@public("structures.norm")
 def norm(x: jax.Array, axis, ord: float) -> jax.Array:
     """``ord``-norm of ``x`` over ``axis`` (1, 2, ``inf`` or any p > 0), computed in float32+.
 
@@ -316,6 +319,7 @@ class Blocks(Structure):
         return math.prod(self.shape)
 
 
+@public("structures.nm_mask")
 def nm_mask(scores: jax.Array, structure: NM) -> jax.Array:
     """Boolean mask keeping the ``n`` highest scores of every run of ``m`` along ``structure.axis``.
 

@@ -129,7 +129,7 @@ def test_tree_function(name, dtype):
     _leaves_equal(jitted(p), eager)
     jitted(params(dtype, seed=1))  # new values, same shapes: no retrace
     assert len(traces) == 1
-    _tree.check_same_structure(p, eager, fn_name=name)  # params' structure, None allowed
+    _tree.check_same_structure(p, eager)  # params' structure, None allowed
     assert eager["count"] is None or eager["count"] == 3
     if name == "prune.apply_mask":
         assert eager["dense"]["kernel"].dtype == dtype and eager["count"] == 3

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from jaxslim import _tree
+from jaxslim._checks import calling, public
 
 
 class Pair(NamedTuple):
@@ -87,7 +88,7 @@ def test_delete_removes_exactly_one_leaf(tree, data):
     path = data.draw(st.sampled_from(sorted(paths)))
     parent = _tree.get_path(tree, path.rpartition("/")[0])
     if isinstance(parent, Pair):
-        with pytest.raises(ValueError, match="delete_path.*Pair"):
+        with pytest.raises(ValueError, match="^jaxslim: cannot delete .*Pair"):
             _tree.delete_path(tree, path)
         return
     new = _tree.delete_path(tree, path)
@@ -123,7 +124,8 @@ def test_nnx_integer_keyed_states(form):
     )
     assert sorted(_tree.delete_path(tree, "extra/0")["extra"]) == [0]
     with pytest.raises(ValueError, match=r"f: 'blocks/3/lin' is not in the tree \(no key '3'"):
-        _tree.get_path(tree, "blocks/3/lin", fn_name="f")
+        with calling("f"):
+            _tree.get_path(tree, "blocks/3/lin")
 
 
 def test_state_rebuilt_from_deleted_path_merges_into_a_smaller_model():
@@ -160,12 +162,13 @@ def test_set_create_and_errors():
     with pytest.raises(
         ValueError, match=r"g: 'l/bias' is not in the tree \(no key 'bias' under 'l'"
     ):
-        _tree.set_path(t, "l/bias", 0, fn_name="g")
+        with calling("g"):
+            _tree.set_path(t, "l/bias", 0)
     with pytest.raises(ValueError, match="no key 'x' under 'l/kernel'.*leaf of type int"):
         _tree.get_path(t, "l/kernel/x")
     with pytest.raises(ValueError, match="cannot delete the root"):
         _tree.delete_path(t, "")
-    with pytest.raises(TypeError, match="get_path: path must be"):
+    with pytest.raises(TypeError, match="^jaxslim: path must be"):
         _tree.get_path(t, 3)
     assert _tree.set_path(t, "", 5) == 5 and _tree.get_path(t, "") is t
     p = Pair(1, [2, 3])
@@ -202,11 +205,11 @@ def test_other_pytree_node_children_by_key_name():
 @pytest.mark.parametrize(
     "call",
     [
-        lambda w: _tree.selected_paths({"a": jnp.ones((2, 2))}, w, fn_name="prune.x"),
-        lambda w: _tree.map_selected(
-            lambda p, x: x, {"a": jnp.ones((2, 2))}, where=w, fn_name="prune.x"
+        public("prune.x")(lambda w: _tree.selected_paths({"a": jnp.ones((2, 2))}, w)),
+        public("prune.x")(
+            lambda w: _tree.map_selected(lambda p, x: x, {"a": jnp.ones((2, 2))}, where=w)
         ),
-        lambda w: _tree.check_where(w, fn_name="prune.x"),
+        public("prune.x")(lambda w: _tree.check_where(w)),
     ],
     ids=["selected_paths", "map_selected", "check_where"],
 )

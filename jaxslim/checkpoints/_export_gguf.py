@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxslim._checks import leaf_path, public
 from jaxslim.checkpoints import _names
 from jaxslim.checkpoints._export_safetensors import (
     Leaf,
@@ -83,6 +84,7 @@ def _type(type_name: str, fn: str) -> _Type:
     return t
 
 
+@public("checkpoints.gguf_spec")
 def gguf_spec(type_name: str, *, embedding: bool = False) -> QuantSpec:
     """The jaxslim `QuantSpec` that a GGUF block type stores exactly.
 
@@ -112,9 +114,8 @@ def _round_up(s: np.ndarray, mantissa: int) -> np.ndarray:
     return h.astype(np.float32)
 
 
-def gguf_quantize(
-    x: jax.typing.ArrayLike, type_name: str, *, embedding: bool = False, path: str = ""
-) -> QArray:
+@public("checkpoints.gguf_quantize", leaf_kwarg=True)
+def gguf_quantize(x: jax.typing.ArrayLike, type_name: str, *, embedding: bool = False) -> QArray:
     """Quantizes `x` (RTN) to a `QArray` that `export_gguf` writes as `type_name` exactly.
 
     Same as `quant.quantize(x, gguf_spec(type_name))` but each scale is rounded *up* to the next
@@ -128,11 +129,12 @@ def gguf_quantize(
     >>> bool((q.scale == q.scale.astype(jnp.float16).astype(jnp.float32)).all())
     True
     """
+    path = leaf_path()
     fn = "checkpoints.gguf_quantize"
     t = _type(type_name, fn)
     spec = gguf_spec(type_name, embedding=embedding)
     x = jnp.asarray(x)
-    lay = layout(spec, x.shape, path=path, fn_name=fn)
+    lay = layout(spec, x.shape, path=path)
     v = np.asarray(jax.device_get(lay.to_view(x)), np.float32)
     lo = v.min(axis=lay.reduce_axes, keepdims=True)
     hi = v.max(axis=lay.reduce_axes, keepdims=True)
@@ -144,7 +146,7 @@ def gguf_quantize(
     if not spec.symmetric:
         qmin, qmax = spec.qmin, spec.qmax
         zp = np.clip(qmin - np.round(np.minimum(lo, 0) / s), qmin, qmax).astype(np.int32)
-    return quantize(x, spec, scale=s, zero_point=zp, path=path)
+    return quantize(x, spec, scale=s, zero_point=zp)
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,6 +363,7 @@ def _tokenizer_from_json(writer, text: str, hf: Mapping[str, Any], vocab: int, p
     return vocab
 
 
+@public("checkpoints.export_gguf")
 def export_gguf(
     path: str | os.PathLike,
     params: Any,

@@ -44,6 +44,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxslim._checks import public
 from jaxslim.quant import QArray
 from jaxslim.quant._spec import layout
 
@@ -355,6 +356,7 @@ def _float_entry(leaf: Leaf, tag: str, np_dtype: Any) -> dict[str, Any]:
     return _entry(float_tensor(leaf).astype(np_dtype), tag)
 
 
+@public("checkpoints.export_hf")
 def export_hf(
     directory: str | os.PathLike,
     params: Any,
@@ -509,6 +511,7 @@ def _ct_args(s: _Scheme) -> dict[str, Any]:
 _FUSED = (("q", "k", "v"), ("gate", "up"))
 
 
+@public("checkpoints.export_compressed_tensors")
 def export_compressed_tensors(
     directory: str | os.PathLike,
     params: Any,

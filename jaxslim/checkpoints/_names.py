@@ -10,6 +10,8 @@ import re
 
 import numpy as np
 
+from jaxslim._checks import public
+
 # Per-layer names: GGUF suffix after "blk.N." -> HF suffix after "model.layers.N.".
 _LAYER = {
     "attn_q": "self_attn.q_proj",
@@ -45,6 +47,7 @@ QK_PERMUTED_ARCHS = frozenset({"llama"})
 GGUF_NON_HF_TENSORS = frozenset({"rope_freqs.weight"})
 
 
+@public("checkpoints.gguf_to_hf_name")
 def gguf_to_hf_name(name: str) -> str:
     """The Hugging Face name of a GGUF tensor of a Llama-family model.
 
@@ -75,6 +78,7 @@ def gguf_to_hf_name(name: str) -> str:
     )
 
 
+@public("checkpoints.hf_to_gguf_name")
 def hf_to_gguf_name(name: str) -> str:
     """The GGUF name of a Hugging Face tensor of a Llama-family model (inverse of
     `gguf_to_hf_name`).
@@ -116,6 +120,7 @@ def qk_heads(name: str, config: dict) -> int | None:
     return None
 
 
+@public("checkpoints.permute_qk")
 def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     """HF -> GGUF row order of a llama q/k projection (llama.cpp `LlamaModel.permute`).
 
@@ -142,6 +147,7 @@ def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+@public("checkpoints.unpermute_qk")
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     """GGUF -> HF row order of a llama q/k projection: the inverse of `permute_qk`.
 

@@ -9,6 +9,7 @@ import zipfile
 
 import numpy as np
 
+from jaxslim._checks import public
 from jaxslim.checkpoints import _names
 
 
@@ -189,6 +190,7 @@ def _is_tree(path: str) -> bool:
         return False
 
 
+@public("checkpoints.open")
 def open(path: str | os.PathLike, *, check: bool = True) -> Source:  # noqa: A001
     """Open a pretrained checkpoint for lazy, per-tensor reading in Hugging Face naming.
 
@@ -264,6 +266,7 @@ def open(path: str | os.PathLike, *, check: bool = True) -> Source:  # noqa: A00
     return src
 
 
+@public("checkpoints.read_tree")
 def read_tree(src: Source, *, dtype=None) -> dict[str, np.ndarray]:
     """Every tensor of `src`, by Hugging Face name, in memory (for small models).
 

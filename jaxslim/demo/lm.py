@@ -56,6 +56,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxslim._checks import caller, public
+
 __all__ = [
     "LMConfig",
     "LM",
@@ -105,6 +107,7 @@ class LMConfig:
 # --------------------------------------------------------------------------------------- data
 
 
+@public("lm.load_corpus")
 def load_corpus(valid_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """``(train_bytes, valid_bytes, info)`` from ``pydoc_data.topics`` (uint8 arrays).
 
@@ -132,6 +135,7 @@ def batches(data: np.ndarray, batch: int, seq: int, *, seed: int = 0) -> Iterato
         yield jnp.asarray(np.stack([data[s : s + seq + 1] for s in start]).astype(np.int32))
 
 
+@public("lm.eval_windows")
 def eval_windows(data: np.ndarray, seq: int, count: int) -> jax.Array:
     """``count`` evenly spaced, fixed windows of ``seq + 1`` bytes (the validation set)."""
     starts = np.linspace(0, len(data) - seq - 1, count).astype(int)
@@ -287,17 +291,18 @@ def _is_stack(blocks: Any) -> bool:
     return hasattr(blocks, "keys") and "attn" in blocks.keys()
 
 
-def _pure(params: Any, fn_name: str) -> dict:
+def _pure(params: Any) -> dict:
     """``params`` as a pure dict (``nnx.to_pure_dict`` of a State); checks ``blocks`` is there."""
     pure = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else dict(params.items())
     if "blocks" not in pure:
         raise ValueError(
-            f"{fn_name}: params has no 'blocks' (keys {sorted(map(str, pure))}); pass the "
+            f"{caller()}: params has no 'blocks' (keys {sorted(map(str, pure))}); pass the "
             "nnx.Param state of an LM, nnx.state(model, nnx.Param), or its pure dict"
         )
     return pure
 
 
+@public("lm.stack_layers")
 def stack_layers(params: Any) -> dict:
     """The list-form LM state (``blocks/0/...``, ``blocks/1/...``) as the scanned form
     (``blocks/...`` with block ``i`` at index ``i`` of a new leading axis), a pure dict.
@@ -310,7 +315,7 @@ def stack_layers(params: Any) -> dict:
     >>> stack_layers(nnx.state(m, nnx.Param))["blocks"]["mlp"]["gate"].shape
     (3, 8, 8)
     """
-    pure = _pure(params, "lm.stack_layers")
+    pure = _pure(params)
     blocks = pure["blocks"]
     if _is_stack(blocks):
         raise ValueError(
@@ -322,10 +327,11 @@ def stack_layers(params: Any) -> dict:
     return pure
 
 
+@public("lm.unstack_layers")
 def unstack_layers(params: Any) -> dict:
     """The scanned-form LM state as the list form (``blocks/0/...``), a pure dict: index ``i``
     of every stacked array becomes block ``i``."""
-    pure = _pure(params, "lm.unstack_layers")
+    pure = _pure(params)
     stack = pure["blocks"]
     if not _is_stack(stack):
         raise ValueError(
@@ -337,6 +343,7 @@ def unstack_layers(params: Any) -> dict:
     return pure
 
 
+@public("lm.block_specs")
 def block_specs(params: Any) -> list[str | tuple[str, int]]:
     """The ``splice.drop_layer`` / ``splice.block_influence`` spec of every block, in order:
     ``"blocks/<key>"`` for the list form, ``("blocks", i)`` for the scanned form.
@@ -354,6 +361,7 @@ def block_specs(params: Any) -> list[str | tuple[str, int]]:
     return [f"blocks/{k}" for k in sorted(blocks.keys())]
 
 
+@public("lm.config_of")
 def config_of(params: Any) -> LMConfig:
     """The :class:`LMConfig` that the shapes of an LM parameter state (or its pure dict) imply.
 
@@ -382,11 +390,13 @@ def config_of(params: Any) -> LMConfig:
     return LMConfig(dim, len(keys), kv, groups, head_dim, hidden, vocab)
 
 
+@public("lm.count_params")
 def count_params(model: nnx.Module) -> int:
     """Number of parameters of ``model`` (the tied embedding counted once)."""
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
+@public("lm.apply_fn")
 def apply_fn(model: LM) -> tuple[Callable[..., Any], Any]:
     """``(fn, params)``: the functional form of ``model`` for ``jaxslim.splice`` and
     ``jaxslim.calibrate``. ``params`` is the ``nnx.Param`` state and
@@ -429,6 +439,7 @@ def apply_fn(model: LM) -> tuple[Callable[..., Any], Any]:
     return fn, params
 
 
+@public("lm.rebuild")
 def rebuild(params: Any, *, seed: int = 0) -> LM:
     """A fresh :class:`LM` with the shapes of ``params`` (e.g. after ``splice.drop_layer`` or a
     width cut), holding ``params``. A scanned stack (``blocks/attn/q`` with a leading layer
@@ -450,10 +461,12 @@ def rebuild(params: Any, *, seed: int = 0) -> LM:
 # ---------------------------------------------------------------------------------- training
 
 
+@public("lm.next_byte_loss")
 def next_byte_loss(logits: jax.Array, window: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, window[:, 1:]).mean()
 
 
+@public("lm.default_optimizer")
 @functools.cache
 def default_optimizer(steps: int, lr: float = 3e-3) -> optax.GradientTransformation:
     """The workbench optimizer for a run of ``steps`` steps: AdamW (weight decay 0.01), linear
@@ -504,6 +517,7 @@ def _step(model, optimizer, window, t_logits, alpha, temperature):
     return loss
 
 
+@public("lm.train")
 def train(
     model: LM,
     data: np.ndarray,
@@ -544,6 +558,7 @@ def train(
     return model
 
 
+@public("lm.train_together")
 def train_together(
     models: Sequence[LM],
     data: np.ndarray,
@@ -618,6 +633,7 @@ def _window_nats(model, windows):
 _CHUNK = 16
 
 
+@public("lm.bits_per_byte")
 def bits_per_byte(model: LM | Callable[[jax.Array], jax.Array], windows: jax.Array) -> float:
     """Mean next-byte cross-entropy of ``model`` over ``windows (n, seq + 1)``, in bits.
 

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jaxslim import prune, quant
+from jaxslim._checks import at_leaf
 from jaxslim.quant import QuantSpec
 from jaxslim.structures import NM, Structure, Unstructured
 
@@ -48,7 +49,8 @@ def int4_rtn(path: str, w: jax.Array):
     with ``quant.fake_quant_affine`` on ``[-8, 7]``.
     """
     spec = QuantSpec(4, axis=-1)
-    scale, zero = quant.qparams(w.astype(jnp.float32), spec, path=path)
+    with at_leaf(path):
+        scale, zero = quant.qparams(w.astype(jnp.float32), spec)
     scale, zero = scale.reshape(-1), zero.reshape(-1)
 
     def q(row, k):

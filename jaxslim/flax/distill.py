@@ -14,7 +14,7 @@ import jax
 from flax import nnx
 from jax import lax
 
-from jaxslim._checks import hyper
+from jaxslim._checks import hyper, public
 from jaxslim.distill import kd_loss
 
 __all__ = ["distill_step"]
@@ -40,6 +40,7 @@ def _step(student, optimizer, x, teacher, labels, *, temperature, soft_weight, h
     return loss
 
 
+@public("flax.distill.distill_step")
 def distill_step(
     student: nnx.Module,
     optimizer: nnx.Optimizer,

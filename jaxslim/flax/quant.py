@@ -44,6 +44,7 @@ from flax.nnx.nn import dtypes
 from jax import lax
 
 from jaxslim import _jaxpr, _tree, calibrate
+from jaxslim._checks import at_leaf, public
 from jaxslim.quant._dot import qdot_general
 from jaxslim.quant._gptq import gptq
 from jaxslim.quant._methods import GPTQ, as_method
@@ -126,7 +127,8 @@ def _qat_dot(
     aspec = _act_spec(act_bits, lhs.ndim, per_row=True)
     if aspec is not None:
         lhs = fake_quant(lhs, aspec)
-    rhs = fake_quant(rhs, spec, path=path)
+    with at_leaf(path):
+        rhs = fake_quant(rhs, spec)
     return lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, **kw)
 
 
@@ -134,13 +136,16 @@ def _qat_conv(lhs, rhs, *args, spec, act_bits=None, path="", **kw):
     aspec = _act_spec(act_bits, lhs.ndim, per_row=False)
     if aspec is not None:
         lhs = fake_quant(lhs, aspec)
-    return lax.conv_general_dilated(lhs, fake_quant(rhs, spec, path=path), *args, **kw)
+    with at_leaf(path):
+        return lax.conv_general_dilated(lhs, fake_quant(rhs, spec), *args, **kw)
 
 
 def _qat_einsum(eq, lhs, rhs, *, spec, path="", **kw):
-    return jnp.einsum(eq, lhs, fake_quant(rhs, spec, path=path), **kw)
+    with at_leaf(path):
+        return jnp.einsum(eq, lhs, fake_quant(rhs, spec), **kw)
 
 
+@public("flax.quant.quantized_layers")
 def quantized_layers(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
     """``[(path, module)]`` of the ``nnx.Linear``, ``nnx.Conv`` and ``nnx.Einsum`` layers."""
     return [
@@ -162,7 +167,7 @@ def _plan(model, rules, default, fn):
         name = f"{path}/kernel" if path else "kernel"
         if isinstance(kernel, QArray) or not _tree.is_float_array(kernel):
             continue
-        spec = match(rules, name, kernel, default=default, fn=fn)
+        spec = match(rules, name, kernel, default=default)
         plan.append((name, m, kernel, spec))
     if not any(spec is not None for *_, spec in plan):
         raise ValueError(
@@ -171,6 +176,7 @@ def _plan(model, rules, default, fn):
     return plan
 
 
+@public("flax.conv_patches")
 def conv_patches(
     lhs,
     rhs_shape,
@@ -241,7 +247,7 @@ def _calibrated_hessian(model: nnx.Module, name: str, batches: list) -> jax.Arra
 def _reached(model: nnx.Module, batch: Any) -> set[str]:
     """The kernel paths that feed a ``dot_general`` / convolution of ``model(batch)``."""
     fn, state = _as_fn(model)
-    return set(_jaxpr.kernel_uses(fn, state, batch, fn_name="flax.quantize_model"))
+    return set(_jaxpr.kernel_uses(fn, state, batch))
 
 
 @partial(jax.jit, static_argnums=(1, 2))
@@ -258,6 +264,7 @@ def _gptq_applies(m) -> bool:
     return isinstance(m, nnx.Linear) or (isinstance(m, nnx.Conv) and m.feature_group_count == 1)
 
 
+@public("flax.quantize_model")
 def quantize_model(
     model: nnx.Module,
     rules: Any,
@@ -323,7 +330,7 @@ def quantize_model(
         batches = [jnp.asarray(xb) for xb in batches]
         for i, xb in enumerate(batches):
             if jnp.issubdtype(xb.dtype, jnp.floating):
-                check_finite(xb, f"calibration batch {i}", fn)
+                check_finite(xb, f"calibration batch {i}")
     plan = _plan(model, rules, default, fn)
     if calibration is not None and any(s is not None and _gptq_applies(m) for _, m, _, s in plan):
         reached = _reached(model, batches[0])
@@ -332,20 +339,21 @@ def quantize_model(
         if spec is None:
             rows.append(LeafSize(name, tuple(kernel.shape), None, kernel.nbytes, kernel.nbytes))
             continue
-        check_finite(kernel, name, fn)
+        check_finite(kernel, name)
         if name in reached and _gptq_applies(m):
             h = _calibrated_hessian(model, name, batches)
-            q = gptq(
-                kernel,
-                h,
-                spec,
-                damp=method.damp,
-                block_size=method.block_size,
-                clip_candidates=method.clip_candidates,
-                path=name,
-            )
+            with at_leaf(name):
+                q = gptq(
+                    kernel,
+                    h,
+                    spec,
+                    damp=method.damp,
+                    block_size=method.block_size,
+                    clip_candidates=method.clip_candidates,
+                )
         else:
-            jax.eval_shape(partial(quantize, spec=spec, path=name), kernel)  # names the leaf
+            with at_leaf(name):
+                jax.eval_shape(partial(quantize, spec=spec), kernel)  # names the leaf
             q = _rtn(kernel, spec, observer)
         m.kernel.set_value(q) if hasattr(m.kernel, "set_value") else setattr(m.kernel, "value", q)
         m.promote_dtype = _promote_keep_qarray
@@ -359,6 +367,7 @@ def quantize_model(
     return SizeReport(tuple(rows))
 
 
+@public("flax.qat_model")
 def qat_model(
     model: nnx.Module, rules: Any, *, default: QuantSpec | None = None, act_bits: int | None = None
 ) -> list[str]:
@@ -391,6 +400,7 @@ def qat_model(
     return done
 
 
+@public("flax.fake_quant_dot_general")
 def fake_quant_dot_general(spec: QuantSpec, *, act_bits: int | None = None):
     """A ``dot_general`` for Linen layers that fake-quantizes the kernel (and input) first.
 

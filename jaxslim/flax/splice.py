@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxslim import _tree, splice
+from jaxslim._checks import caller, public
 from jaxslim.splice._remove import Plan, apply_plan_for, make_plan
 
 __all__ = [
@@ -57,6 +58,7 @@ class Identity(nnx.Module):
         return x
 
 
+@public("flax.splice.model_fn")
 def model_fn(model: nnx.Module) -> tuple[Any, Any]:
     """``(fn, state)`` with ``fn(state, *args) = model(*args)``, for the core splice functions.
 
@@ -75,6 +77,7 @@ def model_fn(model: nnx.Module) -> tuple[Any, Any]:
     return fn, state
 
 
+@public("flax.splice.trace_model")
 def trace_model(model: nnx.Module, *example_args: Any) -> list[splice.Group]:
     """:func:`jaxslim.splice.trace` for an NNX module; paths are its state paths
     (``"layers/0/kernel"``). Put the module in the mode you will run (``model.eval()``).
@@ -85,7 +88,7 @@ def trace_model(model: nnx.Module, *example_args: Any) -> list[splice.Group]:
     >>> [g.paths for g in trace_model(m, jnp.ones((1, 2))) if g.removable]
     [('layers/0/bias', 'layers/0/kernel', 'layers/1/kernel')]
     """
-    _check_model(model, "flax.splice.trace_model")
+    _check_model(model)
     fn, state = model_fn(model)
     return splice.trace(fn, state, *example_args)
 
@@ -127,38 +130,41 @@ def _set_features(module: Any) -> None:
         module.in_kv_features = module.key.kernel.get_value().shape[0]
 
 
+@public("flax.splice.sync_features")
 def sync_features(model: nnx.Module) -> None:
     """Sets every layer's feature attributes from its arrays' shapes (after surgery)."""
     for _, module in nnx.iter_modules(model):
         _set_features(module)
 
 
-def _check_model(model: Any, fn_name: str) -> None:
+def _check_model(model: Any) -> None:
     if not isinstance(model, nnx.Module):
-        raise TypeError(f"{fn_name}: model must be an nnx.Module, got {type(model).__name__}")
+        raise TypeError(f"{caller()}: model must be an nnx.Module, got {type(model).__name__}")
 
 
-def _check_optimizer(optimizer: Any, fn_name: str) -> None:
+def _check_optimizer(optimizer: Any) -> None:
     if optimizer is not None and not isinstance(optimizer, nnx.Optimizer):
         raise TypeError(
-            f"{fn_name}: optimizer must be an nnx.Optimizer or None, got {type(optimizer).__name__}"
+            f"{caller()}: optimizer must be an nnx.Optimizer or None, "
+            f"got {type(optimizer).__name__}"
         )
 
 
-def _apply_plan_model(model, plan, optimizer, fn_name: str) -> None:
-    _check_model(model, fn_name)
-    _check_optimizer(optimizer, fn_name)
+def _apply_plan_model(model, plan, optimizer) -> None:
+    _check_model(model)
+    _check_optimizer(optimizer)
     _, state = nnx.split(model)
-    new = apply_plan_for(state, plan, suffix=False, fn_name=fn_name)
+    new = apply_plan_for(state, plan, suffix=False)
     new_opt = None
     if optimizer is not None:  # computed before anything changes: all or nothing
-        new_opt = apply_plan_for(nnx.state(optimizer), plan, suffix=True, fn_name=fn_name)
+        new_opt = apply_plan_for(nnx.state(optimizer), plan, suffix=True)
     nnx.update(model, new)
     sync_features(model)
     if new_opt is not None:
         nnx.update(optimizer, new_opt)
 
 
+@public("flax.splice.apply_plan_model")
 def apply_plan_model(
     model: nnx.Module, plan: Plan, *, optimizer: nnx.Optimizer | None = None
 ) -> None:
@@ -167,9 +173,10 @@ def apply_plan_model(
     The optimizer state is matched by path suffix (``opt_state/0/mu/<param path>``). Both
     shrunk trees are computed before either is written, so a bad plan changes nothing.
     """
-    _apply_plan_model(model, plan, optimizer, "flax.splice.apply_plan_model")
+    _apply_plan_model(model, plan, optimizer)
 
 
+@public("flax.splice.remove_channels_model")
 def remove_channels_model(
     model: nnx.Module,
     group: splice.Group,
@@ -187,15 +194,15 @@ def remove_channels_model(
     >>> m.layers[0].out_features, m.layers[1].in_features, m(jnp.ones((1, 2))).shape
     (3, 3, (1, 1))
     """
-    fn_name = "flax.splice.remove_channels_model"
     if not isinstance(group, splice.Group):
         raise TypeError(
-            f"{fn_name}: group must be a splice.Group from trace_model(), got "
+            f"{caller()}: group must be a splice.Group from trace_model(), got "
             f"{type(group).__name__}"
         )
-    _apply_plan_model(model, make_plan([group], [keep]), optimizer, fn_name)
+    _apply_plan_model(model, make_plan([group], [keep]), optimizer)
 
 
+@public("flax.splice.prune_channels_model")
 def prune_channels_model(
     model: nnx.Module,
     *example_args: Any,
@@ -208,24 +215,23 @@ def prune_channels_model(
     ``kwargs`` go to ``prune_channels`` (``score``, ``grads``, ``where``, ``round_to``,
     ``groups``). With ``optimizer`` its state shrinks with the parameters.
     """
-    fn_name = "flax.splice.prune_channels_model"
-    _check_model(model, fn_name)
-    _check_optimizer(optimizer, fn_name)
+    _check_model(model)
+    _check_optimizer(optimizer)
     fn, state = model_fn(model)
     _, report = splice.prune_channels(fn, state, *example_args, sparsity=sparsity, **kwargs)
-    _apply_plan_model(model, report.plan, optimizer, fn_name)
+    _apply_plan_model(model, report.plan, optimizer)
     return report
 
 
+@public("flax.splice.fold_batchnorm_model")
 def fold_batchnorm_model(layer: nnx.Linear | nnx.Conv, bn: nnx.BatchNorm) -> None:
     """Folds ``bn`` (which must follow ``layer``) into ``layer`` in place; replace ``bn`` by
     :class:`Identity` afterwards (``model.bn = Identity()``). Invalid statistics raise as in
     :func:`jaxslim.splice.fold_batchnorm`, before ``layer`` changes."""
-    fn_name = "flax.splice.fold_batchnorm_model"
     if not isinstance(layer, nnx.Linear | nnx.Conv):
-        raise TypeError(f"{fn_name}: layer must be an nnx.Linear or nnx.Conv, got {layer!r}")
+        raise TypeError(f"{caller()}: layer must be an nnx.Linear or nnx.Conv, got {layer!r}")
     if not isinstance(bn, nnx.BatchNorm):
-        raise TypeError(f"{fn_name}: bn must be an nnx.BatchNorm, got {type(bn).__name__}")
+        raise TypeError(f"{caller()}: bn must be an nnx.BatchNorm, got {type(bn).__name__}")
     k = layer.kernel.get_value()
     b = layer.bias.get_value() if layer.bias is not None else None
     get = lambda name: None if getattr(bn, name, None) is None else getattr(bn, name).get_value()
@@ -240,6 +246,7 @@ def fold_batchnorm_model(layer: nnx.Linear | nnx.Conv, bn: nnx.BatchNorm) -> Non
         layer.bias.set_value(b)
 
 
+@public("flax.splice.widen_model")
 def widen_model(
     layer1: nnx.Linear | nnx.Conv,
     layer2: nnx.Linear | nnx.Conv,
@@ -296,16 +303,16 @@ def count_params(model: nnx.Module) -> int:
     )
 
 
-def _get(model: Any, path: str, fn_name: str = "flax.splice") -> Any:
+def _get(model: Any, path: str) -> Any:
     """The submodule at a state path (``"blocks/0/linear"``): attributes, and integer or string
     items of ``nnx.List``/``nnx.Sequential``/``nnx.Dict``/list attributes."""
     node = model
     for k in path.split("/") if path else ():
-        node = _child(node, k, path, fn_name)
+        node = _child(node, k, path)
     return node
 
 
-def _child(node: Any, k: str, path: str, fn_name: str) -> Any:
+def _child(node: Any, k: str, path: str) -> Any:
     if isinstance(k, str) and not k.lstrip("-").isdigit() and hasattr(node, k):
         return getattr(node, k)
     for key in (int(k), k) if k.lstrip("-").isdigit() else (k,):
@@ -314,15 +321,15 @@ def _child(node: Any, k: str, path: str, fn_name: str) -> Any:
         except (KeyError, IndexError, TypeError, AttributeError):
             continue
     raise ValueError(
-        f"{fn_name}: {path!r} is not in the model (no attribute or item {k!r} in a "
+        f"{caller()}: {path!r} is not in the model (no attribute or item {k!r} in a "
         f"{type(node).__name__})"
     )
 
 
-def _replace(model: Any, path: str, new: Any, fn_name: str = "flax.splice") -> None:
+def _replace(model: Any, path: str, new: Any) -> None:
     parent, _, last = path.rpartition("/")
-    node = _get(model, parent, fn_name)
-    _child(node, last, path, fn_name)  # raises if missing
+    node = _get(model, parent)
+    _child(node, last, path)  # raises if missing
     if last.lstrip("-").isdigit() and not hasattr(node, last):
         node[int(last)] = new
     elif hasattr(node, last):
@@ -331,6 +338,7 @@ def _replace(model: Any, path: str, new: Any, fn_name: str = "flax.splice") -> N
         node[last] = new
 
 
+@public("flax.splice.fold_all_model")
 def fold_all_model(
     model: nnx.Module, *example_args: Any, fuse: bool = True
 ) -> list[splice.Fold | splice.Fuse]:
@@ -351,8 +359,7 @@ def fold_all_model(
     >>> type(m.layers[1]).__name__, m(jnp.ones((1, 2))).shape
     ('Identity', (1, 4))
     """
-    fn_name = "flax.splice.fold_all_model"
-    _check_model(model, fn_name)
+    _check_model(model)
     fn, state = model_fn(model)
     found = splice.find_foldable(fn, state, *example_args)
     if not fuse:
@@ -368,18 +375,18 @@ def fold_all_model(
     modules: dict[str, None] = {}
     for path in sorted(gone):
         module = path.rpartition("/")[0]
-        owned = [p for p, _ in _tree.leaves_with_paths(nnx.state(_get(model, module, fn_name)))]
+        owned = [p for p, _ in _tree.leaves_with_paths(nnx.state(_get(model, module)))]
         left = [p for p in owned if f"{module}/{p}" not in gone]
         if left:
             raise ValueError(
-                f"{fn_name}: module {module!r} keeps {left} after folding; "
+                f"{caller()}: module {module!r} keeps {left} after folding; "
                 "only whole modules (a BatchNorm, a fused-away Linear) can be removed"
             )
         modules[module] = None
     kept = [r.kernel if isinstance(r, splice.Fold) else r.first[0] for r in found]
     for kernel in kept:
         module = kernel.rpartition("/")[0]
-        layer = _get(model, module, fn_name)
+        layer = _get(model, module)
         layer.kernel.set_value(leaves[kernel])
         b = leaves[f"{module}/bias" if module else "bias"]
         if getattr(layer, "bias", None) is None:
@@ -389,7 +396,7 @@ def fold_all_model(
             layer.bias.set_value(b)
         _set_features(layer)
     for module in modules:
-        _replace(model, module, Identity(), fn_name)
+        _replace(model, module, Identity())
     return found
 
 

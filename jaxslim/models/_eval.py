@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxslim import quant
+from jaxslim._checks import public
 from jaxslim.models._config import Config
 from jaxslim.models._llama import forward
 from jaxslim.models._params import sizes
@@ -69,6 +70,7 @@ def _nll_sum(params, inputs, targets, weights, *, config: Config):
     return jnp.sum((lse - picked) * weights)
 
 
+@public("models.perplexity")
 def perplexity(
     params: Mapping[str, Any],
     config: Config,

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxslim._checks import public
 from jaxslim.models._config import Config
 from jaxslim.models._llama import forward, init_cache
 from jaxslim.models._params import sizes
@@ -40,6 +41,7 @@ def _step(params, tokens, cache, key, temperature, top_p, *, config: Config, gre
     return _sample(logits[:, -1], key, temperature, top_p, greedy), cache
 
 
+@public("models.generate")
 def generate(
     params: Mapping[str, Any],
     config: Config,

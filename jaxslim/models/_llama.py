@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxslim._checks import public
 from jaxslim.models._config import Config, inv_freq
 from jaxslim.models._params import layer_sizes, sizes
 from jaxslim.quant import TokenQuant, hadamard
@@ -35,6 +36,7 @@ def _cast(x: jax.Array, dtype: Any) -> jax.Array:
     return x if x.dtype == dtype else x.astype(dtype)
 
 
+@public("models.rms_norm")
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """HF's RMSNorm: ``x / sqrt(mean(x^2, -1) + eps) * weight``, the statistic in float32."""
     xf = _cast(x, jnp.float32)
@@ -93,6 +95,7 @@ def _check_cache(layer_cache: Any, b: int, kv: int, hd: int, fn: str) -> None:
         )
 
 
+@public("models.block")
 def block(
     block_params: Mapping[str, Any],
     hidden: jax.Array,
@@ -227,6 +230,7 @@ def _check_tokens(tokens: Any, vocab: int, fn: str) -> jax.Array:
     return jnp.asarray(arr, jnp.int32)
 
 
+@public("models.embed")
 def embed(params: Mapping[str, Any], tokens: jax.Array, config: Config) -> jax.Array:
     """Token embeddings ``(B, T) -> (B, T, d)`` in the compute dtype (``config.dtype``).
 
@@ -243,6 +247,7 @@ def _embed(params: Mapping[str, Any], tokens: Any, config: Config, fn: str) -> j
     return _cast(jnp.take(table, tokens, axis=0, mode="fill"), jnp.dtype(config.dtype))
 
 
+@public("models.head")
 def head(params: Mapping[str, Any], hidden: jax.Array, config: Config) -> jax.Array:
     """Final RMSNorm and output projection: ``(B, T, d) -> (B, T, V)`` float32 logits.
 
@@ -256,6 +261,7 @@ def head(params: Mapping[str, Any], hidden: jax.Array, config: Config) -> jax.Ar
     return _cast(logits, jnp.float32)
 
 
+@public("models.init_cache")
 def init_cache(
     config: Config, params: Mapping[str, Any], batch: int, max_len: int, *, dtype: Any = None
 ) -> dict[str, Any]:
@@ -284,6 +290,7 @@ def init_cache(
     }
 
 
+@public("models.forward")
 def forward(
     params: Mapping[str, Any],
     tokens: jax.Array,

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxslim import quant
+from jaxslim._checks import public
 from jaxslim.models._config import Config
 from jaxslim.models._params import sizes
 from jaxslim.models._tokenizer import Tokenizer
@@ -60,6 +61,7 @@ def layer_leaves(config: Config) -> list[str]:
     return names
 
 
+@public("models.from_hf_tensors")
 def from_hf_tensors(
     config: Mapping[str, Any],
     get: Callable[[str], np.ndarray],
@@ -139,6 +141,7 @@ def from_hf_tensors(
     return params, cfg
 
 
+@public("models.to_hf_tensors")
 def to_hf_tensors(params: Mapping[str, Any], config: Config) -> dict[str, np.ndarray]:
     """The inverse of ``from_hf_tensors``: HF names to ``(out, in)`` NumPy tensors.
 
@@ -162,6 +165,7 @@ def to_hf_tensors(params: Mapping[str, Any], config: Config) -> dict[str, np.nda
     return out
 
 
+@public("models.load")
 def load(
     source: Any, *, dtype: Any = None, dequantize: bool = True
 ) -> tuple[dict[str, Any], Config, Tokenizer | None]:

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxslim._checks import public
 from jaxslim.models._config import Config
 
 
@@ -98,6 +99,7 @@ def layer_sizes(layer: Mapping[str, Any], config: Config, d: int, prefix: str, f
     return LayerSizes(heads, kv, f)
 
 
+@public("models.sizes")
 def sizes(params: Mapping[str, Any], config: Config, *, fn: str = "models.sizes") -> Sizes:
     """Reads (and checks) the model sizes from the parameter shapes.
 
@@ -126,6 +128,7 @@ def sizes(params: Mapping[str, Any], config: Config, *, fn: str = "models.sizes"
     return Sizes(d, vocab, per)
 
 
+@public("models.init")
 def init(
     key: jax.Array,
     config: Config,

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxslim import calibrate, checkpoints, prune, quant
+from jaxslim._checks import public
 from jaxslim.models import _load
 from jaxslim.models._config import Config
 from jaxslim.models._llama import block, embed
@@ -115,6 +116,7 @@ def _write_text(path: str, text: str) -> None:
     _write_atomic(path, write)
 
 
+@public("models.compress_streamed")
 def compress_streamed(
     source: str | os.PathLike,
     out: str | os.PathLike,
@@ -256,6 +258,7 @@ def compress_streamed(
     return res
 
 
+@public("models.load_streamed")
 def load_streamed(out: str | os.PathLike) -> tuple[dict[str, Any], Config, Tokenizer | None]:
     """The model ``compress_streamed`` wrote to ``out``: ``(params, config, tokenizer)``.
 

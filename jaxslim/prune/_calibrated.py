@@ -27,6 +27,7 @@ import optax
 from jax import lax
 
 from jaxslim import _obs, _tree
+from jaxslim._checks import caller, leaf_path, public
 from jaxslim.structures import NM, Structure, Unstructured, float_keys, nm_mask
 
 Quantizer = Callable[[jax.Array, jax.Array], jax.Array]
@@ -111,6 +112,7 @@ def _lowest_flat(score: jax.Array, count: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------- Wanda
 
 
+@public("prune.wanda")
 def wanda(
     params: optax.Params,
     stats: Mapping[str, Any],
@@ -154,7 +156,7 @@ def wanda(
     >>> m["kernel"].T.tolist()
     [[True, True, False, False], [False, True, False, True]]
     """
-    fn = "prune.wanda"
+    fn = caller()
     _check_structure(structure, fn)
     if not isinstance(stats, Mapping):
         raise TypeError(
@@ -195,7 +197,7 @@ def wanda(
                 )
         return _wanda_leaf(w, v, count, structure)
 
-    return _tree.map_selected(one, params, where=where, fn_name=fn, unselected=lambda *_: None)
+    return _tree.map_selected(one, params, where=where, unselected=lambda *_: None)
 
 
 @partial(jax.jit, static_argnames="structure")
@@ -215,6 +217,7 @@ def _wanda_leaf(w: jax.Array, v: jax.Array, count: jax.Array, structure: Structu
 # ----------------------------------------------------------------------------------- SparseGPT
 
 
+@public("prune.sparsegpt", leaf_kwarg=True)
 def sparsegpt(
     w: jax.Array,
     hessian: jax.typing.ArrayLike,
@@ -225,7 +228,6 @@ def sparsegpt(
     damp: float = 0.01,
     quant: Quantizer | None = None,
     per_output: bool = True,
-    path: str = "",
 ) -> tuple[jax.Array, jax.Array]:
     """Prunes one kernel with SparseGPT (Algorithm 1 of Frantar & Alistarh, 2023).
 
@@ -268,14 +270,13 @@ def sparsegpt(
         taken from the dense kernel). Must be traceable (``k`` is a traced int32). Pruned
         entries stay exactly 0 whatever it returns.
       per_output: see step 1.
-      path: the kernel's name, for error messages.
 
     Returns:
       ``(w_new, mask)``: the reconstructed kernel (``w.shape``, ``w.dtype``; exact zeros where
       ``mask`` is False) and the bool mask (``True`` keeps).
 
     Eagerly, a non-finite Hessian or weight, or a Hessian that is not positive definite after
-    damping, raises ``ValueError`` naming ``path``. Under ``jit`` (no values to check) a Hessian
+    damping, raises ``ValueError`` naming the kernel. Under ``jit`` (no values to check) a Hessian
     that is non-finite or not positive definite gives a kernel that is NaN in every entry and an
     all-True mask instead (never a partly wrong kernel).
 
@@ -286,7 +287,8 @@ def sparsegpt(
     >>> mask.sum(axis=0).tolist(), bool(jnp.all(w_new[~mask] == 0))
     ([8, 8, 8, 8], True)
     """
-    fn = "prune.sparsegpt"
+    path = leaf_path()
+    fn = caller()
     _check_structure(structure, fn)
     w = jnp.asarray(w)
     if not jnp.issubdtype(w.dtype, jnp.floating) or w.ndim < 2:

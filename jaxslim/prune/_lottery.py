@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxslim import _tree
-from jaxslim._checks import fraction, integer
+from jaxslim._checks import fraction, integer, public
 from jaxslim.prune._masks import apply_mask, check_structure, check_where, topk_mask
 from jaxslim.structures import Structure, Unstructured
 
@@ -31,6 +31,7 @@ class LotteryRound(NamedTuple):
     params: optax.Params
 
 
+@public("prune.lottery")
 def lottery(
     train_fn: Callable[[optax.Params, optax.Params], tuple[optax.Params, Mapping[int, Any] | None]],
     params: optax.Params,
@@ -106,7 +107,6 @@ def lottery(
         lambda _, x: jnp.ones(x.shape, jnp.bool_),
         params,
         where=where,
-        fn_name=_FN,
         unselected=lambda *_: None,
     )
     trained, ckpts = _call(train_fn, params, masks)

@@ -32,7 +32,7 @@ import optax
 from jax import lax
 
 from jaxslim import _tree
-from jaxslim._checks import scalar
+from jaxslim._checks import public, scalar
 from jaxslim.structures import NM, Blocks, Channels, Structure, Unstructured, float_keys, nm_mask
 
 _FN = "prune.topk_mask"
@@ -67,7 +67,7 @@ def num_to_prune(sparsity: Any, n: int, *, what: str = "") -> jax.Array | int:
 
 def check_where(fn: str, where: Any) -> None:
     """Raises ``TypeError``/``ValueError`` naming ``fn`` for a ``where=`` of the wrong kind."""
-    _tree.check_where(where, fn_name=fn)
+    _tree.check_where(where)
 
 
 def check_structure(fn: str, structure: Any) -> None:
@@ -321,6 +321,7 @@ def flat_index(shape: tuple[int, ...]) -> jax.Array:
     return flat
 
 
+@public("prune.topk_mask")
 def topk_mask(
     scores: optax.Params,
     sparsity: Any,
@@ -377,7 +378,7 @@ def topk_mask(
         raise ValueError(f"{fn}: scope must be 'layer' or 'global', got {scope!r}")
     check_structure(fn, structure)
     check_where(fn, where)
-    paths = _tree.selected_paths(scores, where, fn_name=fn)
+    paths = _tree.selected_paths(scores, where)
     leaves = dict(_tree.leaves_with_paths(scores))
     for path in paths:
         check_leaf_structure(fn, structure, path, leaves[path].shape)
@@ -400,7 +401,7 @@ def topk_mask(
             def nm(path, s):
                 return nm_mask(s, structure) | ~gate
 
-        return _tree.map_selected(nm, scores, where=where, fn_name=fn, unselected=_none)
+        return _tree.map_selected(nm, scores, where=where, unselected=_none)
 
     groups = {p: structure.reduce(leaves[p]) for p in paths}
     keys = {p: float_keys(g) for p, g in groups.items()}
@@ -417,7 +418,7 @@ def topk_mask(
     def expand(path, s):
         return _tree.match_sharding(structure.expand(~pruned[path], s.shape), s)
 
-    return _tree.map_selected(expand, scores, where=where, fn_name=fn, unselected=_none)
+    return _tree.map_selected(expand, scores, where=where, unselected=_none)
 
 
 def _none(*_):
@@ -475,9 +476,10 @@ def _topk_per_leaf(scores, per_leaf: dict, structure: Structure, where) -> Any:
     def one(path, s):
         return topk_mask({"x": s}, per_leaf[path], structure=structure, where=_all)["x"]
 
-    return _tree.map_selected(one, scores, where=where, fn_name=_FN, unselected=_none)
+    return _tree.map_selected(one, scores, where=where, unselected=_none)
 
 
+@public("prune.apply_mask")
 def apply_mask(params: optax.Params, mask: optax.Params) -> optax.Params:
     """Zeros the pruned entries: ``where(mask, p, 0)`` on masked leaves; others pass through.
 
@@ -489,7 +491,7 @@ def apply_mask(params: optax.Params, mask: optax.Params) -> optax.Params:
     Array([1., 0.], dtype=float32)
     """
     fn = "prune.apply_mask"
-    _tree.check_same_structure(params, mask, fn_name=fn)
+    _tree.check_same_structure(params, mask)
 
     def one(path, p, m):
         if m is None:

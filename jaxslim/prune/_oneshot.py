@@ -46,6 +46,7 @@ import optax
 from jax import lax
 
 from jaxslim import _jaxpr, _tree, calibrate
+from jaxslim._checks import at_leaf, public
 from jaxslim._oneshot import KernelRow, OneshotReport, relative_error
 from jaxslim.prune._calibrated import sparsegpt, wanda
 from jaxslim.prune._methods import Magnitude, Method, SparseGPT, Wanda, as_method
@@ -107,16 +108,16 @@ def _prune_kernel(
         if isinstance(method, SparseGPT):
             q = method.quant(name, wi) if method.quant is not None else None
             b = _block(k, method.block_size, inner)
-            new, mask = sparsegpt(
-                wi,
-                xtx[i],
-                sparsity,
-                structure=inner,
-                block_size=b,
-                damp=float(method.damp),
-                quant=q,
-                path=name,
-            )
+            with at_leaf(name):
+                new, mask = sparsegpt(
+                    wi,
+                    xtx[i],
+                    sparsity,
+                    structure=inner,
+                    block_size=b,
+                    damp=float(method.damp),
+                    quant=q,
+                )
         else:
             v = sq[i] if isinstance(method, Wanda) else jnp.ones((k,), jnp.float32)
             mask = wanda({"w": wi}, {"w": v}, sparsity, structure=inner)["w"]
@@ -174,6 +175,7 @@ def _check_args(sparsity, structure, sequential) -> None:
         raise TypeError(f"{_FN}: sequential must be a bool, got {sequential!r}")
 
 
+@public("prune.oneshot")
 def oneshot(
     fn: Callable[..., Any],
     params: optax.Params,
@@ -236,12 +238,12 @@ def oneshot(
     """
     method = as_method(method, _FN)
     _check_args(sparsity, structure, sequential)
-    _tree.reject_traced(params, fn_name=_FN, why="oneshot calibrates and checks values")
+    _tree.reject_traced(params, why="oneshot calibrates and checks values")
     t0 = time.perf_counter()
     batches = list(batches)
     skipped: dict[str, str] = {}
     if where is None and batches:
-        traced = _jaxpr.make_jaxpr(fn, params, batches[0], fn_name=_FN)
+        traced = _jaxpr.make_jaxpr(fn, params, batches[0])
         kernels = set(_jaxpr.kernel_uses_of(traced))
         for path in _jaxpr.gathered_of(traced):
             if path in kernels:
@@ -266,7 +268,7 @@ def oneshot(
         where = lambda p, x, outer=outer: (
             p in sparsity
             and (  # noqa: E731
-                outer is None or _tree.is_selected(outer, p, x, fn_name=_FN)
+                outer is None or _tree.is_selected(outer, p, x)
             )
         )
     done: dict[str, jax.Array] = {}
@@ -279,28 +281,22 @@ def oneshot(
         rows.extend(r)
         return w_new
 
-    try:
-        if sequential:
-            new = calibrate.sequential(fn, params, batches, compress, where=where)
-        else:
-            stats = calibrate.statistics(fn, params, batches, where=where)
-            leaves = dict(_tree.leaves_with_paths(params))
-            pruned = {p: compress(p, leaves[p], s) for p, s in stats.items()}
-            new = _tree.map_selected(
-                lambda p, x: pruned[p] if p in pruned else x,
-                params,
-                where=lambda p, _: p in pruned,
-                fn_name=_FN,
-                allow_empty=True,
-            )
-    except ValueError as e:
-        msg = str(e)
-        raise ValueError(msg if msg.startswith(_FN) else f"{_FN}: {msg}") from None
+    if sequential:
+        new = calibrate.sequential(fn, params, batches, compress, where=where)
+    else:
+        stats = calibrate.statistics(fn, params, batches, where=where)
+        leaves = dict(_tree.leaves_with_paths(params))
+        pruned = {p: compress(p, leaves[p], s) for p, s in stats.items()}
+        new = _tree.map_selected(
+            lambda p, x: pruned[p] if p in pruned else x,
+            params,
+            where=lambda p, _: p in pruned,
+            allow_empty=True,
+        )
     masks = _tree.map_selected(
         lambda p, x: done[p],
         params,
         where=lambda p, _: p in done,
-        fn_name=_FN,
         allow_empty=True,
         unselected=lambda *_: None,
     )

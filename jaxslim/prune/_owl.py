@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxslim import _tree
-from jaxslim._checks import fraction, number
+from jaxslim._checks import fraction, number, public
 
 _FN = "prune.owl"
 
@@ -79,6 +79,7 @@ def _block_of(blocks: Any) -> Callable[[str], Any]:
     )
 
 
+@public("prune.owl")
 def owl(
     params: Any,
     stats: Mapping[str, Any],
@@ -140,7 +141,7 @@ def owl(
         raise ValueError(f"{_FN}: sparsity must be in [0, 1), got {sparsity!r}")
     lam = number(_FN, "lam", lam, positive=False)
     m = number(_FN, "M", M, positive=True)
-    _tree.check_where(where, fn_name=_FN)
+    _tree.check_where(where)
     if not isinstance(stats, Mapping):
         raise TypeError(
             f"{_FN}: stats must be the dict calibrate.statistics returns, got {type(stats)}"
@@ -152,7 +153,7 @@ def owl(
         if path not in leaves:
             raise ValueError(f"{_FN}: stats name {path!r}, which is not a leaf of params")
         leaf = leaves[path]
-        if where is not None and not _tree.is_selected(where, path, leaf, fn_name=_FN):
+        if where is not None and not _tree.is_selected(where, path, leaf):
             continue
         if not hasattr(st, "sq_norm"):
             raise TypeError(f"{_FN}: stats[{path!r}] is not a calibrate.Stats, got {type(st)}")

@@ -13,11 +13,12 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxslim._checks import fraction, integer, scalar
+from jaxslim._checks import fraction, integer, public, scalar
 
 SparsitySchedule = Callable[[jax.typing.ArrayLike], jax.Array]
 
 
+@public("prune.polynomial_schedule")
 def polynomial_schedule(
     final: float,
     begin_step: int,
@@ -64,6 +65,7 @@ def polynomial_schedule(
     return schedule
 
 
+@public("prune.constant_schedule")
 def constant_schedule(sparsity: float) -> SparsitySchedule:
     """``s_t = sparsity`` for every step.
 
@@ -74,6 +76,7 @@ def constant_schedule(sparsity: float) -> SparsitySchedule:
     return lambda step: jnp.full((), s, jnp.float32)
 
 
+@public("prune.one_shot_schedule")
 def one_shot_schedule(sparsity: float, at_step: int) -> SparsitySchedule:
     """``0`` before ``at_step``, ``sparsity`` from ``at_step`` on (prune once, then fine-tune).
 
@@ -95,7 +98,7 @@ def _dist_args(fn: str, params, sparsity, where):
 
     s = fraction(f"prune.{fn}", sparsity)
     check_where(f"prune.{fn}", where)
-    paths = _tree.selected_paths(params, where, fn_name=f"prune.{fn}")
+    paths = _tree.selected_paths(params, where)
     shapes = {p: tuple(leaf.shape) for p, leaf in _tree.leaves_with_paths(params) if p in paths}
     return s, shapes
 
@@ -107,11 +110,11 @@ def _as_tree(fn: str, params, where, values: dict):
         lambda path, _: values[path],
         params,
         where=where,
-        fn_name=f"prune.{fn}",
         unselected=lambda *_: None,
     )
 
 
+@public("prune.uniform")
 def uniform(params, sparsity: float, *, where=None):
     """The same sparsity on every selected leaf: a per-leaf tree for ``topk_mask``, ``pruner``,
     ``rigl`` (``None`` on unselected leaves).
@@ -124,6 +127,7 @@ def uniform(params, sparsity: float, *, where=None):
     return _as_tree("uniform", params, where, dict.fromkeys(shapes, s))
 
 
+@public("prune.erk")
 def erk(params, sparsity: float, *, where=None):
     """Erdős–Rényi-Kernel layer sparsities (Evci et al. 2020, "Rigging the Lottery").
 

@@ -13,12 +13,14 @@ import jax.numpy as jnp
 import optax
 
 from jaxslim import _tree
+from jaxslim._checks import public
 
 
 def _none(*_):
     return None
 
 
+@public("prune.magnitude")
 def magnitude(params: optax.Params) -> optax.Params:
     """``|w|`` for every floating-point leaf (Han et al., 2015; torch ``l1_unstructured``).
 
@@ -31,6 +33,7 @@ def magnitude(params: optax.Params) -> optax.Params:
     )
 
 
+@public("prune.saliency")
 def saliency(params: optax.Params, grads: optax.Params) -> optax.Params:
     """``|w * dL/dw|`` — the connection sensitivity of SNIP (Lee et al., 2019).
 
@@ -57,10 +60,10 @@ def saliency(params: optax.Params, grads: optax.Params) -> optax.Params:
         where=_all_float,
         allow_empty=True,
         unselected=_none,
-        fn_name="prune.saliency",
     )
 
 
+@public("prune.random")
 def random(key: jax.Array, params: optax.Params) -> optax.Params:
     """Uniform ``[0, 1)`` scores (random pruning), an independent stream per leaf.
 

@@ -21,7 +21,7 @@ import optax
 from jax import lax
 
 from jaxslim import _tree
-from jaxslim._checks import fraction, integer, nonnegative
+from jaxslim._checks import fraction, integer, nonnegative, public
 from jaxslim.prune._masks import (
     check_leaf_structure,
     check_structure,
@@ -189,7 +189,7 @@ def _dynamic(
                 # random growth reads no update: a cond that reads one makes XLA materialize it
                 src = grads if grow == "gradient" else masks
                 return _tree.map_selected(
-                    one, params, masks, src, where=where, fn_name=fn, unselected=lambda *_: None
+                    one, params, masks, src, where=where, unselected=lambda *_: None
                 )
 
             masks = lax.cond(due, regrow, lambda: state.masks)
@@ -210,9 +210,10 @@ def _dynamic(
         )
         return new_updates, SparseState(optax.safe_increment(t), masks, state.key, inner)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformation(public(fn)(init_fn), public(fn)(update_fn))
 
 
+@public("prune.rigl")
 def rigl(
     sparsity: Any,
     *,
@@ -271,6 +272,7 @@ def rigl(
     )
 
 
+@public("prune.set_sparse")
 def set_sparse(
     sparsity: Any,
     *,
@@ -311,6 +313,7 @@ def set_sparse(
     )
 
 
+@public("prune.static_sparse")
 def static_sparse(
     sparsity: Any,
     *,
@@ -342,6 +345,7 @@ def static_sparse(
     )
 
 
+@public("prune.straight_through")
 def straight_through(
     params: optax.Params,
     sparsity: Any,
@@ -377,6 +381,7 @@ def straight_through(
     return jax.tree.map(one, masks, params, is_leaf=lambda x: x is None)
 
 
+@public("prune.sr_ste")
 def sr_ste(
     sparsity: Any,
     *,
@@ -412,7 +417,7 @@ def sr_ste(
         return topk_mask(magnitude(params), sparsity, structure=structure, where=where)
 
     def init_fn(params):
-        paths = _tree.selected_paths(params, where, fn_name=fn)
+        paths = _tree.selected_paths(params, where)
         for path, leaf in _tree.leaves_with_paths(params):
             if path in paths:
                 check_leaf_structure(fn, structure, path, leaf.shape)
@@ -434,9 +439,10 @@ def sr_ste(
             )
         return updates, SparseState(optax.safe_increment(state.count), masks, state.key, None)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformation(public(fn)(init_fn), public(fn)(update_fn))
 
 
+@public("prune.ste")
 def ste(
     sparsity: Any, *, structure: Structure = Unstructured(), where: _tree.Where = None
 ) -> optax.GradientTransformation:

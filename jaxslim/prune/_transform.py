@@ -17,7 +17,7 @@ import optax
 from jax import lax
 
 from jaxslim import _tree
-from jaxslim._checks import scalar
+from jaxslim._checks import public, scalar
 from jaxslim.prune._masks import (
     apply_mask,
     check_leaf_structure,
@@ -126,7 +126,7 @@ def _layer_masks(fn: str, scores, sparsity, structure: Structure, where) -> opta
     """``topk_mask(scores, sparsity, structure=structure, scope="layer", where=where)`` for a
     non-``NM`` structure, each leaf selected by ``lowest_k_leaf``: the same groups, counts and
     order, in a smaller program (see ``lowest_k_leaf``)."""
-    paths = _tree.selected_paths(scores, where, fn_name=fn)
+    paths = _tree.selected_paths(scores, where)
     per_leaf = per_leaf_sparsity(fn, sparsity, scores, paths, "layer")
 
     def one(path, x):
@@ -136,13 +136,14 @@ def _layer_masks(fn: str, scores, sparsity, structure: Structure, where) -> opta
         pruned = lowest_k_leaf(float_keys(groups), k)
         return _tree.match_sharding(structure.expand(~pruned, x.shape), x)
 
-    return _tree.map_selected(one, scores, where=where, fn_name=fn, unselected=lambda *_: None)
+    return _tree.map_selected(one, scores, where=where, unselected=lambda *_: None)
 
 
 def _step(t) -> str:
     return "(traced)" if isinstance(t, jax.core.Tracer) else str(int(t))
 
 
+@public("prune.pruner")
 def pruner(
     schedule: SparsitySchedule | float,
     *,
@@ -219,7 +220,7 @@ def pruner(
     check_where(fn, where)
 
     def init_fn(params):
-        paths = _tree.selected_paths(params, where, fn_name=fn)
+        paths = _tree.selected_paths(params, where)
         for path, leaf in _tree.leaves_with_paths(params):
             if path in paths:
                 check_leaf_structure(fn, structure, path, leaf.shape)
@@ -227,7 +228,6 @@ def pruner(
             lambda _, p: jnp.ones(p.shape, jnp.bool_),
             params,
             where=where,
-            fn_name=fn,
             unselected=lambda *_: None,
         )
         return PrunerState(count=jnp.zeros([], jnp.int32), masks=masks)
@@ -267,9 +267,10 @@ def pruner(
         new_updates = _masked_updates(fn, updates, params, masks)
         return new_updates, PrunerState(count=optax.safe_increment(t), masks=masks)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformation(public(fn)(init_fn), public(fn)(update_fn))
 
 
+@public("prune.keep_mask")
 def keep_mask(mask: optax.Params) -> optax.GradientTransformation:
     """Holds a fixed mask, last in ``optax.chain``: pruned weights become and stay exactly zero.
 
@@ -285,7 +286,7 @@ def keep_mask(mask: optax.Params) -> optax.GradientTransformation:
     fn = "prune.keep_mask"
 
     def init_fn(params):
-        _tree.check_same_structure(params, mask, fn_name=fn)
+        _tree.check_same_structure(params, mask)
         jax.tree_util.tree_map_with_path(
             lambda path, p, m: m is None or check_mask_leaf(fn, _tree.path_str(path), p, m),
             params,
@@ -297,7 +298,7 @@ def keep_mask(mask: optax.Params) -> optax.GradientTransformation:
     def update_fn(updates, state, params=None):
         return _masked_updates(fn, updates, params, state.masks), state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformation(public(fn)(init_fn), public(fn)(update_fn))
 
 
 def _unwrap(x: Any) -> Any:
@@ -305,6 +306,7 @@ def _unwrap(x: Any) -> Any:
     return x.get_value() if hasattr(x, "get_value") else getattr(x, "value", x)
 
 
+@public("prune.masks_of")
 def masks_of(opt_state: Any) -> optax.Params:
     """The mask tree held by the first ``pruner``, ``keep_mask`` or sparse-training transform
     (``rigl``, ``set_sparse``, ``static_sparse``, ``ste``, ``sr_ste``) inside ``opt_state``.

@@ -20,6 +20,7 @@ import numpy as np
 from jax import lax
 
 from jaxslim import _tree
+from jaxslim._checks import at_leaf, public
 from jaxslim.quant._qarray import dequantize, quantize
 from jaxslim.quant._spec import QuantSpec
 
@@ -60,6 +61,7 @@ def _candidates_for(fn: str, candidates: Any, path: str) -> tuple[QuantSpec | No
     return tuple(cands)
 
 
+@public("quant.sensitivities")
 def sensitivities(
     params: Any,
     stats: Mapping[str, Any],
@@ -95,14 +97,14 @@ def sensitivities(
     (True, 0.0)
     """
     fn = "quant.sensitivities"
-    _tree.check_where(where, fn_name=fn)
+    _tree.check_where(where)
     leaves = dict(_tree.leaves_with_paths(params))
     out: dict[str, tuple[float, ...]] = {}
     for path, st in stats.items():
         if path not in leaves:
             raise ValueError(f"{fn}: stats name {path!r}, which is not a leaf of params")
         w = leaves[path]
-        if where is not None and not _tree.is_selected(where, path, w, fn_name=fn):
+        if where is not None and not _tree.is_selected(where, path, w):
             continue
         if tuple(w.shape) != tuple(st.shape):
             raise ValueError(
@@ -117,7 +119,8 @@ def sensitivities(
                 errors.append(0.0)
                 continue
             try:
-                w_hat = dequantize(quantize(w, spec, path=path))
+                with at_leaf(path):
+                    w_hat = dequantize(quantize(w, spec))
             except ValueError as e:
                 raise ValueError(f"{fn}: candidate {spec!r} does not fit {path!r}: {e}") from None
             d = jnp.asarray(w, jnp.float32) - w_hat.astype(jnp.float32)
@@ -176,6 +179,7 @@ def _solve(
     return picks[::-1]
 
 
+@public("quant.allocate")
 def allocate(
     stats_or_errors: Mapping[str, Any],
     budget: float,

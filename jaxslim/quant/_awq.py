@@ -40,6 +40,7 @@ import numpy as np
 from jax import lax
 
 from jaxslim import _tree
+from jaxslim._checks import at_leaf, leaf_path, public
 from jaxslim.quant._numerics import qparams_from_range
 from jaxslim.quant._qarray import QArray, fake_values, quantize
 from jaxslim.quant._spec import QuantSpec, layout
@@ -135,6 +136,7 @@ def awq_loss(ws: Sequence[jax.Array], h: jax.Array, s: jax.Array, spec: QuantSpe
     return total
 
 
+@public("quant.awq_scales", leaf_kwarg=True)
 def awq_scales(
     ws: Sequence[jax.Array],
     xtx: jax.typing.ArrayLike,
@@ -142,7 +144,6 @@ def awq_scales(
     spec: QuantSpec,
     *,
     n_grid: int = 20,
-    path: str = "",
 ) -> tuple[jax.Array, jax.Array]:
     """AWQ's grid search of per-input-channel scales for kernels sharing one input.
 
@@ -153,7 +154,6 @@ def awq_scales(
       spec: the kernels' spec (as for a Flax ``(in, out)`` kernel, see :func:`matrix_spec`).
       n_grid: grid points ``alpha = i / n_grid``, ``i = 0 .. n_grid - 1`` (``alpha = 0``:
         ``s = 1``, plain RTN).
-      path: names the group in errors.
 
     Returns:
       ``(s, alpha)``: the best scales ``(K,)`` and the alpha that gave them.
@@ -166,6 +166,7 @@ def awq_scales(
     >>> bool(awq_loss([w], x.T @ x, s, spec) <= awq_loss([w], x.T @ x, jnp.ones(32), spec))
     True
     """
+    path = leaf_path()
     fn = "quant.awq_scales"
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"{fn}: spec must be a QuantSpec, got {spec!r} for {path!r}")
@@ -177,7 +178,7 @@ def awq_scales(
     for w in ws:
         if w.ndim != 2 or w.shape[0] != k:
             raise ValueError(f"{fn}: kernels of {path!r} must be (K={k}, N), got {w.shape}")
-        layout(matrix_spec(spec), tuple(w.shape), path=path, fn_name=fn)
+        layout(matrix_spec(spec), tuple(w.shape), path=path)
     h = jnp.asarray(xtx, jnp.float32)
     if h.shape != (k, k):
         raise ValueError(f"{fn}: xtx of {path!r} must be ({k}, {k}), got {h.shape}")
@@ -223,9 +224,10 @@ def awq_clip(
     fn = "quant.awq_clip"
     w = jnp.asarray(w, jnp.float32)
     mspec = matrix_spec(spec)
-    layout(mspec, tuple(w.shape), path=path, fn_name=fn)
+    layout(mspec, tuple(w.shape), path=path)
     if mspec.axis is None:  # per-tensor: one range for everything, nothing to clip per group
-        return quantize(w, mspec, path=path)
+        with at_leaf(path):
+            return quantize(w, mspec)
     h = jnp.asarray(xtx, jnp.float32)
     if h.shape != (w.shape[0], w.shape[0]):
         raise ValueError(
@@ -234,7 +236,8 @@ def awq_clip(
     if not 0 <= max_shrink < 1:
         raise ValueError(f"{fn}: max_shrink must be in [0, 1), got {max_shrink!r} for {path!r}")
     s, z = _clip(w, h, mspec, n_grid, float(max_shrink))
-    return quantize(w, mspec, scale=s, zero_point=z if mspec.stores_zero_point else None, path=path)
+    with at_leaf(path):
+        return quantize(w, mspec, scale=s, zero_point=z if mspec.stores_zero_point else None)
 
 
 @partial(jax.jit, static_argnums=(2, 3, 4))
@@ -296,6 +299,7 @@ def _scale_along(x: jax.Array, axes: Sequence[int], s: jax.Array) -> jax.Array:
     return (x * s.reshape(shape).astype(x.dtype)).astype(x.dtype)
 
 
+@public("quant.apply_scales")
 def apply_scales(params: Any, group: ScaleGroup, s: jax.Array) -> Any:
     """``params`` with the group's kernels times ``s`` on their contracted channels and the
     absorber divided by ``s``: the same function when ``group.absorber`` is not ``None``."""
@@ -330,6 +334,7 @@ def _first_example(batch: Any) -> Any:
     return jax.tree.map(lambda x: x[:1], batch)
 
 
+@public("quant.find_absorbers")
 def find_absorbers(
     fn: Callable[..., Any],
     params: Any,
@@ -357,7 +362,7 @@ def find_absorbers(
     """
     import jaxslim._jaxpr as _jaxpr
 
-    uses = _jaxpr.kernel_uses(fn, params, batch, fn_name="quant.find_absorbers")
+    uses = _jaxpr.kernel_uses(fn, params, batch)
     leaves = dict(_tree.leaves_with_paths(params))
     order = {p: us[0].index for p, us in uses.items()}
     groups: list[list[str]] = []

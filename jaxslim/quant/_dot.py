@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxslim._checks import at_leaf, public
 from jaxslim.quant import formats
 from jaxslim.quant._qarray import QArray, check_finite, dequantize, quantize, unpack_codes
 from jaxslim.quant._spec import QuantSpec, layout
@@ -442,6 +443,7 @@ def _full_batch_scale(scale, batch_dims, batch_sizes):
     return jnp.broadcast_to(scale, tuple(shape))
 
 
+@public("quant.qdot_general")
 def qdot_general(
     lhs: Any,
     rhs: Any,
@@ -488,7 +490,7 @@ def qdot_general(
         lhs = jnp.asarray(lhs)
         if not jnp.issubdtype(lhs.dtype, jnp.floating):
             raise ValueError(f"{fn}: lhs_spec quantizes a floating lhs, got {lhs.dtype}")
-        check_finite(lhs, "lhs", "quant.quantize")
+        check_finite(lhs, "lhs")
         dn = tuple(tuple(tuple(int(d) for d in ds) for ds in pair) for pair in dimension_numbers)
         return _dynamic(
             lhs, rhs, dn, precision, preferred_element_type, out_sharding, lhs_spec, impl
@@ -522,7 +524,8 @@ def _dynamic(x, rhs, dn, precision, preferred_element_type, out_sharding, lhs_sp
     """Dynamic activation quantization: ``x`` quantized under ``lhs_spec`` on the fly, then
     ``_qdot``. Straight-through: the derivative with respect to ``x`` is that of the
     weight-only product ``x . dequantize(rhs)`` (quantizing ``x`` counts as the identity)."""
-    lhs = quantize(x, lhs_spec, path="lhs")
+    with at_leaf("lhs"):
+        lhs = quantize(x, lhs_spec)
     return _qdot(lhs, rhs, dn, precision, preferred_element_type, out_sharding, impl)
 
 

@@ -51,6 +51,7 @@ import numpy as np
 from jax import lax
 
 from jaxslim import _obs
+from jaxslim._checks import leaf_path, public
 from jaxslim.quant._numerics import is_concrete, qparams_from_range
 from jaxslim.quant._qarray import QArray, check_finite, fake_values, quantize, quantize_on
 from jaxslim.quant._spec import QuantSpec, layout
@@ -58,12 +59,13 @@ from jaxslim.quant._spec import QuantSpec, layout
 _HI = lax.Precision.HIGHEST
 
 
-def gptq_hessian(x: jax.typing.ArrayLike, *, path: str = "") -> jax.Array:
+@public("quant.gptq_hessian", leaf_kwarg=True)
+def gptq_hessian(x: jax.typing.ArrayLike) -> jax.Array:
     """``X^T X / n`` of layer inputs ``x`` of shape ``(..., K)`` (float32, shape ``(K, K)``).
 
     ``K`` is the layer's contraction size in the kernel's flattened order; average the results
     of several batches (weighted by their row counts) to calibrate on more data. A concrete ``x``
-    with NaN or inf raises ``ValueError`` (naming ``path``, the layer whose inputs these are);
+    with NaN or inf raises ``ValueError`` (naming the layer whose inputs these are);
     a traced one gives a non-finite Hessian, which ``gptq`` under ``jit`` answers with
     round-to-nearest.
 
@@ -71,6 +73,7 @@ def gptq_hessian(x: jax.typing.ArrayLike, *, path: str = "") -> jax.Array:
     >>> gptq_hessian(jnp.array([[1.0, 2.0], [3.0, 0.0]])).tolist()
     [[5.0, 1.0], [1.0, 2.0]]
     """
+    path = leaf_path()
     fn = "quant.gptq_hessian"
     if not hasattr(x, "dtype") and not isinstance(x, list | tuple | float):
         raise ValueError(f"{fn}: expects a floating-point array (..., K), got {type(x).__name__}")
@@ -80,7 +83,7 @@ def gptq_hessian(x: jax.typing.ArrayLike, *, path: str = "") -> jax.Array:
             f"{fn}: expects a floating-point array (..., K), got {x.dtype} {x.shape} for "
             f"{path or 'the input'!r}"
         )
-    check_finite(x, f"calibration inputs of {path}" if path else "calibration inputs", fn)
+    check_finite(x, f"calibration inputs of {path}" if path else "calibration inputs")
     x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     n = max(x2.shape[0], 1)
     return jnp.matmul(x2.T, x2, precision=_HI) / n
@@ -90,7 +93,7 @@ def _row_groups(spec: QuantSpec, shape: tuple[int, ...], path: str, fn: str):
     """Static plan on the padded kernel ``(Kp, Np)`` (``Layout.padded_shape`` flattened: a shorter
     last group is padded to a whole one): scale index of every element, row order, rows per
     group, column groups, and which padded rows are real rows of the kernel."""
-    lay = layout(spec, shape, path=path, fn_name=fn)
+    lay = layout(spec, shape, path=path)
     padded = lay.padded_shape
     n_scales = math.prod(lay.scale_shape)
     ids = np.broadcast_to(np.arange(n_scales).reshape(lay.scale_shape), lay.view_shape)
@@ -108,6 +111,7 @@ def _largest_divisor(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, max(limit, 1)) + 1) if n % d == 0)
 
 
+@public("quant.gptq", leaf_kwarg=True)
 def gptq(
     w: jax.Array,
     hessian: jax.typing.ArrayLike,
@@ -116,7 +120,6 @@ def gptq(
     damp: float = 0.01,
     block_size: int = 128,
     clip_candidates: int = 1,
-    path: str = "",
 ) -> QArray:
     """Quantizes the kernel ``w`` to a ``QArray`` with GPTQ error compensation.
 
@@ -132,7 +135,6 @@ def gptq(
       block_size: rows per lazy batch update.
       clip_candidates: with ``n > 1``, each group's range is also shrunk by the ratio in
         ``{1/n, ..., 1}`` that minimises its squared rounding error (MSE-optimal clipping).
-      path: the leaf name for error messages.
 
     Returns:
       A ``QArray`` (the same layout as ``quantize(w, spec)``) whose dequantized kernel ``Q``
@@ -148,6 +150,7 @@ def gptq(
     >>> err(q.dequantize()) < err(dequantize(quantize(w, spec)))
     True
     """
+    path = leaf_path()
     fn = "quant.gptq"
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"{fn}: spec must be a QuantSpec, got {spec!r} for {path!r}")
@@ -187,9 +190,9 @@ def gptq(
         raise ValueError(
             f"{fn}: block_size must be a positive int, got {block_size!r} for {path!r}"
         )
-    layout(spec, tuple(w.shape), path=path, fn_name=fn)  # raises on a spec that does not fit
-    check_finite(w, path, fn)
-    check_finite(h, f"hessian of {path}" if path else "hessian", fn)
+    layout(spec, tuple(w.shape), path=path)  # raises on a spec that does not fit
+    check_finite(w, path)
+    check_finite(h, f"hessian of {path}" if path else "hessian")
     q, ok = _gptq(w, h, spec, float(damp), block_size, clip_candidates)
     if is_concrete(ok) and not bool(ok):
         raise ValueError(
@@ -310,5 +313,5 @@ def _gptq(w, h, spec, damp, block_size, clip_candidates):
     if shared:  # the scales are already stored ones: keep rtn's second level, so they stay
         q = quantize_on(qs, spec, s_out, zp_out, second)
     else:
-        q = quantize(qs, spec, scale=s_out, zero_point=zp_out, path=path)
+        q = quantize(qs, spec, scale=s_out, zero_point=zp_out)
     return dataclasses.replace(q, dtype=jnp.dtype(w.dtype)), ok

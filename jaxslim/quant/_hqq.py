@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxslim._checks import leaf_path, public
 from jaxslim.quant import formats
 from jaxslim.quant._numerics import EPS, qparams_from_range
 from jaxslim.quant._qarray import QArray, check_finite, quantize
@@ -49,6 +50,7 @@ def _check_num(name, v, lo, hi, fn, path, *, integer=False, open_lo=False):
         raise ValueError(f"{fn}: {name} must be a number in {rng}, got {v!r} for {path!r}")
 
 
+@public("quant.hqq", leaf_kwarg=True)
 def hqq(
     w: jax.Array,
     spec: QuantSpec,
@@ -58,7 +60,6 @@ def hqq(
     beta: float = 10.0,
     kappa: float = 1.01,
     optimize_scale: bool = True,
-    path: str = "",
 ) -> QArray:
     """Quantizes ``w`` under ``spec`` with HQQ-optimised zero points (and scales) per group.
 
@@ -73,7 +74,6 @@ def hqq(
       beta, kappa: the penalty weight and its growth per iteration (10 and 1.01). ``beta`` is in
         units of ``1 / |w|``: the shrinkage threshold is ``|x|^(p-1) / beta``.
       optimize_scale: also refit the scale of each group by least squares.
-      path: the leaf's name for error messages.
 
     Returns:
       A ``QArray`` with ``spec``'s layout; ``||w - dequantize(q)||_2`` is at most that of
@@ -87,6 +87,7 @@ def hqq(
     >>> err(hqq(w, spec)) < err(quantize(w, spec))
     True
     """
+    path = leaf_path()
     fn = "quant.hqq"
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"{fn}: spec must be a QuantSpec, got {spec!r} for {path!r}")
@@ -104,10 +105,10 @@ def hqq(
     _check_num("kappa", kappa, 1, math.inf, fn, path)
     if not isinstance(optimize_scale, bool):
         raise TypeError(f"{fn}: optimize_scale must be a bool, got {optimize_scale!r}")
-    layout(spec, tuple(w.shape), path=path, fn_name=fn)
-    check_finite(w, path, fn)
+    layout(spec, tuple(w.shape), path=path)
+    check_finite(w, path)
     s, z = _hqq(w, spec, iters, float(p), float(beta), float(kappa), optimize_scale)
-    return quantize(w, spec, scale=s, zero_point=z if spec.stores_zero_point else None, path=path)
+    return quantize(w, spec, scale=s, zero_point=z if spec.stores_zero_point else None)
 
 
 @partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxslim import _jaxpr, _tree
+from jaxslim._checks import public
 from jaxslim.quant._dot import qdot_general
 from jaxslim.quant._qarray import QArray, dequantize, fake_quant, is_qarray
 from jaxslim.quant._spec import QuantSpec
@@ -337,6 +338,7 @@ class _Runner(_jaxpr.Walker):
         return list(lax.switch(index, [branch(k) for k in range(len(c.branches))]))
 
 
+@public("quant.quantized")
 def quantized(
     fn: Callable[..., Any],
     *,
@@ -403,7 +405,7 @@ def quantized(
         ]
         abstract = jax.tree.unflatten(treedef, shapes)
         f = functools.partial(fn, **kwargs) if kwargs else fn
-        t = _jaxpr.make_jaxpr(f, abstract, *args, fn_name=_FN, require_float=False)
+        t = _jaxpr.make_jaxpr(f, abstract, *args, require_float=False)
         ins = [
             _QView(leaf, tuple(range(leaf.ndim)), jnp.dtype(leaf.dtype), _tree.path_str(p))
             if is_qarray(leaf)
@@ -419,4 +421,4 @@ def quantized(
         outs = _Runner(activations, impl).walk(t.jaxpr, ins, t.consts)
         return jax.tree.unflatten(t.out_tree, [_mat(o) for o in outs])
 
-    return g
+    return public(_FN)(g)

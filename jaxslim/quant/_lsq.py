@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxslim._checks import public
 from jaxslim.quant._numerics import EPS, check_scale, compute_dtype, round_codes
 
 
@@ -55,6 +56,7 @@ def _lsq_bwd(qmin, qmax, grad_scale, res, g):
 _lsq.defvjp(_lsq_fwd, _lsq_bwd)
 
 
+@public("quant.fake_quant_lsq")
 def fake_quant_lsq(
     x: jax.Array,
     scale: jax.Array,
@@ -96,7 +98,7 @@ def fake_quant_lsq(
         )
     if not qmin < qmax:
         raise ValueError(f"quant.fake_quant_lsq: need qmin < qmax, got {qmin}, {qmax}")
-    check_scale(scale, "quant.fake_quant_lsq")
+    check_scale(scale)
     if grad_scale is not None and not (
         isinstance(grad_scale, int | float) and math.isfinite(grad_scale)
     ):
@@ -109,6 +111,7 @@ def fake_quant_lsq(
     return _lsq(x, scale, int(qmin), int(qmax), float(grad_scale))
 
 
+@public("quant.lsq_init_scale")
 def lsq_init_scale(x: jax.Array, qmax: int, *, axis=None) -> jax.Array:
     """The paper's initial step size ``2 * mean(|x|) / sqrt(qmax)`` (over all but ``axis``),
     floored at float32 eps (an all-zero ``x`` gets ``eps``, not 0).

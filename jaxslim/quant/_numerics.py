@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxslim._checks import caller, leaf_path, public
 from jaxslim.quant._spec import QuantSpec, layout
 
 EPS = float(jnp.finfo(jnp.float32).eps)
@@ -59,7 +60,7 @@ def is_concrete(*xs: Any) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
-def check_scale(scale: Any, fn_name: str, path: str = "") -> None:
+def check_scale(scale: Any, path: str = "") -> None:
     """Raises ``ValueError`` when a concrete ``scale`` has an entry that is not finite and > 0."""
     if scale is None or not is_concrete(scale):
         return
@@ -67,13 +68,13 @@ def check_scale(scale: Any, fn_name: str, path: str = "") -> None:
     bad = ~(np.isfinite(s) & (s > 0))
     if bad.any():
         raise ValueError(
-            f"{fn_name}: scale must be finite and > 0, got {float(s[bad].reshape(-1)[0])!r} "
+            f"{caller()}: scale must be finite and > 0, got {float(s[bad].reshape(-1)[0])!r} "
             f"({int(bad.sum())} of {s.size} entries) for {path or 'the input'!r}; take scales "
             "from quant.qparams or an observer"
         )
 
 
-def check_zero_point(zero_point: Any, qmin: float, qmax: float, fn_name: str, path: str = ""):
+def check_zero_point(zero_point: Any, qmin: float, qmax: float, path: str = ""):
     """Raises ``ValueError`` when a concrete zero point is not an integer in ``[qmin, qmax]``."""
     if zero_point is None or not is_concrete(zero_point):
         return
@@ -81,7 +82,7 @@ def check_zero_point(zero_point: Any, qmin: float, qmax: float, fn_name: str, pa
     bad = ~(np.isfinite(z) & (z == np.round(z)) & (z >= qmin) & (z <= qmax))
     if bad.any():
         raise ValueError(
-            f"{fn_name}: zero_point must be an integer in [{qmin}, {qmax}], got "
+            f"{caller()}: zero_point must be an integer in [{qmin}, {qmax}], got "
             f"{float(z[bad].reshape(-1)[0])!r} for {path or 'the input'!r}"
         )
 
@@ -129,17 +130,18 @@ def _fake_quant_jvp(qmin, qmax, primals, tangents):
     return y, jnp.where(inside, tangents[0], jnp.zeros_like(tangents[0]))
 
 
-def _check_int(v, name: str, fn_name: str) -> int:
+def _check_int(v, name: str) -> int:
     if isinstance(v, jax.core.Tracer):
         raise ValueError(
-            f"{fn_name}: {name} must be a Python int (it fixes the grid, a static value), got a "
+            f"{caller()}: {name} must be a Python int (it fixes the grid, a static value), got a "
             f"traced value {v}; pass it as a static argument"
         )
     if isinstance(v, bool) or not isinstance(v, int) and not hasattr(v, "__index__"):
-        raise ValueError(f"{fn_name}: {name} must be a Python int, got {v!r}")
+        raise ValueError(f"{caller()}: {name} must be a Python int, got {v!r}")
     return int(v)
 
 
+@public("quant.fake_quant_affine")
 def fake_quant_affine(
     x: jax.Array,
     scale: jax.typing.ArrayLike,
@@ -178,15 +180,15 @@ def fake_quant_affine(
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"{fn}: x must be a floating-point array, got dtype {x.dtype}")
-    qmin, qmax = _check_int(qmin, "qmin", fn), _check_int(qmax, "qmax", fn)
+    qmin, qmax = _check_int(qmin, "qmin"), _check_int(qmax, "qmax")
     if qmin >= qmax:
         raise ValueError(f"{fn}: need qmin < qmax, got qmin={qmin}, qmax={qmax}")
     scale = jnp.asarray(scale)
     zero_point = jnp.asarray(zero_point)
     if not jnp.issubdtype(scale.dtype, jnp.floating):
         raise ValueError(f"{fn}: scale must be floating point, got dtype {scale.dtype}")
-    check_scale(scale, fn)
-    check_zero_point(zero_point, qmin, qmax, fn)
+    check_scale(scale)
+    check_zero_point(zero_point, qmin, qmax)
     if not is_concrete(scale):
         scale = valid_scale(scale)
     if axis is not None:
@@ -224,6 +226,7 @@ def _div(a: jax.Array, c: float) -> jax.Array:
     return a / (jnp.asarray(c, a.dtype) + zero)
 
 
+@public("quant.qparams_from_range")
 def qparams_from_range(
     lo: jax.typing.ArrayLike, hi: jax.typing.ArrayLike, spec: QuantSpec
 ) -> tuple[jax.Array, jax.Array]:
@@ -267,31 +270,33 @@ def qparams_from_range(
     return scale, zp
 
 
-def qparams(x: jax.Array, spec: QuantSpec, *, path: str = "") -> tuple[jax.Array, jax.Array]:
+@public("quant.qparams", leaf_kwarg=True)
+def qparams(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
     """``(scale, zero_point)`` from the min/max of ``x`` under ``spec``'s granularity.
 
     Both have the layout's ``scale_shape`` (see ``quant._spec.layout``); non-finite entries of
     ``x`` are ignored (a group's scale comes from its finite entries only), and so is the filler
-    of a shorter last group (``group_size`` not dividing the axis). ``path`` names the leaf
-    in error messages.
+    of a shorter last group (``group_size`` not dividing the axis). Errors name the leaf path
+    that the tree-wide function calling it is working on.
 
     >>> import jax.numpy as jnp
     >>> s, z = qparams(jnp.array([[1.0, -2.0], [0.5, 4.0]]), QuantSpec(8, axis=-1))
     >>> s.shape, (s * 127.5).tolist()
     ((1, 2), [[1.0, 4.0]])
     """
-    return compute_qparams(x, spec, path=path, fn_name="quant.qparams")
+    path = leaf_path()
+    return compute_qparams(x, spec, path=path)
 
 
-def compute_qparams(x, spec: QuantSpec, *, path: str, fn_name: str) -> tuple[jax.Array, jax.Array]:
+def compute_qparams(x, spec: QuantSpec, *, path: str) -> tuple[jax.Array, jax.Array]:
     if not isinstance(spec, QuantSpec):
-        raise TypeError(f"{fn_name}: spec must be a QuantSpec, got {spec!r} for {path!r}")
+        raise TypeError(f"{caller()}: spec must be a QuantSpec, got {spec!r} for {path!r}")
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(
-            f"{fn_name}: expects a floating-point array, got {x.dtype} for {path or 'the input'!r}"
+            f"{caller()}: expects a floating-point array, got {x.dtype} for {path or 'the input'!r}"
         )
-    lay = layout(spec, x.shape, path=path, fn_name=fn_name)
+    lay = layout(spec, x.shape, path=path)
     v = lay.to_view(x)
     v = jnp.where(jnp.isfinite(v), v, jnp.zeros((), v.dtype)).astype(compute_dtype(v.dtype))
     if not v.size:

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxslim._checks import caller, public
 from jaxslim.quant._numerics import qparams_from_range
 from jaxslim.quant._qarray import fake_values
 from jaxslim.quant._spec import Layout, QuantSpec, layout
@@ -47,17 +48,17 @@ class Observer(NamedTuple):
     result: Callable[[Any], tuple[jax.Array, jax.Array]]
 
 
-def _check_spec(spec: Any, fn_name: str) -> None:
+def _check_spec(spec: Any) -> None:
     if not isinstance(spec, QuantSpec):
-        raise TypeError(f"{fn_name}: spec must be a QuantSpec, got {spec!r}")
+        raise TypeError(f"{caller()}: spec must be a QuantSpec, got {spec!r}")
 
 
-def _view(x, spec: QuantSpec, fn_name: str) -> tuple[jax.Array, Layout]:
+def _view(x, spec: QuantSpec) -> tuple[jax.Array, Layout]:
     if not hasattr(x, "dtype") and not isinstance(x, float):
-        raise ValueError(f"{fn_name}: expects a floating-point array, got {type(x).__name__}")
+        raise ValueError(f"{caller()}: expects a floating-point array, got {type(x).__name__}")
     if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
-        raise ValueError(f"{fn_name}: expects a floating-point array, got {jnp.asarray(x).dtype}")
-    lay = layout(spec, x.shape, fn_name=fn_name)
+        raise ValueError(f"{caller()}: expects a floating-point array, got {jnp.asarray(x).dtype}")
+    lay = layout(spec, x.shape)
     v = lay.to_view(jnp.asarray(x).astype(jnp.float32))
     return v, lay
 
@@ -78,9 +79,14 @@ def _batch_range(v, lay):
     return lo, hi
 
 
-def _init(spec, fn_name):
+def _observer(fn: str, init, update, result) -> Observer:
+    """An ``Observer`` whose ``init`` and ``update`` name ``fn`` in errors when called later."""
+    return Observer(public(fn)(init), public(fn)(update), result)
+
+
+def _init(spec):
     def init(x):
-        lay = layout(spec, jnp.shape(x), fn_name=fn_name)
+        lay = layout(spec, jnp.shape(x))
         return RangeState(
             jnp.full(lay.scale_shape, jnp.inf, jnp.float32),
             jnp.full(lay.scale_shape, -jnp.inf, jnp.float32),
@@ -99,6 +105,7 @@ def _result(spec):
     return result
 
 
+@public("quant.minmax_observer")
 def minmax_observer(spec: QuantSpec) -> Observer:
     """Running min and max over every batch seen (PyTorch's ``MinMaxObserver``).
 
@@ -110,16 +117,17 @@ def minmax_observer(spec: QuantSpec) -> Observer:
     True
     """
     fn = "quant.minmax_observer"
-    _check_spec(spec, fn)
+    _check_spec(spec)
 
     def update(state, x):
-        v, lay = _view(x, spec, fn)
+        v, lay = _view(x, spec)
         lo, hi = _batch_range(v, lay)
         return RangeState(jnp.minimum(state.lo, lo), jnp.maximum(state.hi, hi), state.count + 1)
 
-    return Observer(_init(spec, fn), update, _result(spec))
+    return _observer(fn, _init(spec), update, _result(spec))
 
 
+@public("quant.moving_average_observer")
 def moving_average_observer(spec: QuantSpec, *, averaging_constant: float = 0.01) -> Observer:
     """Exponential moving average of per-batch min/max (PyTorch's
     ``MovingAverageMinMaxObserver``): the first batch sets the range, then
@@ -132,12 +140,12 @@ def moving_average_observer(spec: QuantSpec, *, averaging_constant: float = 0.01
     3.0
     """
     fn = "quant.moving_average_observer"
-    _check_spec(spec, fn)
+    _check_spec(spec)
     if not _is_real(averaging_constant) or not 0.0 < averaging_constant <= 1.0:
         raise ValueError(f"{fn}: averaging_constant must be in (0, 1], got {averaging_constant!r}")
 
     def update(state, x):
-        v, lay = _view(x, spec, fn)
+        v, lay = _view(x, spec)
         lo, hi = _batch_range(v, lay)
         first = state.count == 0
         c = averaging_constant
@@ -145,7 +153,7 @@ def moving_average_observer(spec: QuantSpec, *, averaging_constant: float = 0.01
         new_hi = jnp.where(first, hi, state.hi + c * (hi - state.hi))
         return RangeState(new_lo, new_hi, state.count + 1)
 
-    return Observer(_init(spec, fn), update, _result(spec))
+    return _observer(fn, _init(spec), update, _result(spec))
 
 
 def _running_mean(state, lo, hi):
@@ -156,6 +164,7 @@ def _running_mean(state, lo, hi):
     return RangeState(new_lo, new_hi, state.count + 1)
 
 
+@public("quant.percentile_observer")
 def percentile_observer(spec: QuantSpec, *, percentile: float = 99.99) -> Observer:
     """Clips outliers: per batch, ``lo``/``hi`` are the ``100 - p`` and ``p`` percentiles of
     the entries sharing a scale; the result uses their mean over batches.
@@ -166,12 +175,12 @@ def percentile_observer(spec: QuantSpec, *, percentile: float = 99.99) -> Observ
     2.0
     """
     fn = "quant.percentile_observer"
-    _check_spec(spec, fn)
+    _check_spec(spec)
     if not _is_real(percentile) or not 50.0 <= percentile <= 100.0:
         raise ValueError(f"{fn}: percentile must be in [50, 100], got {percentile!r}")
 
     def update(state, x):
-        v, lay = _view(x, spec, fn)
+        v, lay = _view(x, spec)
         v = _finite(v, 0.0)
         ax = lay.reduce_axes
         # A shorter last group: its filler is NaN, which nanpercentile skips.
@@ -181,9 +190,10 @@ def percentile_observer(spec: QuantSpec, *, percentile: float = 99.99) -> Observ
         hi = pct(v, percentile, axis=ax, keepdims=True).astype(jnp.float32)
         return _running_mean(state, lo, hi)
 
-    return Observer(_init(spec, fn), update, _result(spec))
+    return _observer(fn, _init(spec), update, _result(spec))
 
 
+@public("quant.mse_observer")
 def mse_observer(spec: QuantSpec, *, num_candidates: int = 100) -> Observer:
     """MSE-optimal clipping: per batch, searches the clip ratio ``r`` in
     ``{1/n, 2/n, ..., 1}`` (``n = num_candidates``) whose range ``r * [lo, hi]`` minimises
@@ -197,7 +207,7 @@ def mse_observer(spec: QuantSpec, *, num_candidates: int = 100) -> Observer:
     [3.5]
     """
     fn = "quant.mse_observer"
-    _check_spec(spec, fn)
+    _check_spec(spec)
     if (
         isinstance(num_candidates, bool)
         or not isinstance(num_candidates, int)
@@ -206,7 +216,7 @@ def mse_observer(spec: QuantSpec, *, num_candidates: int = 100) -> Observer:
         raise ValueError(f"{fn}: num_candidates must be a positive int, got {num_candidates!r}")
 
     def update(state, x):
-        v, lay = _view(x, spec, fn)
+        v, lay = _view(x, spec)
         v = _finite(v, 0.0)
         lo, hi = _batch_range(v, lay)
         ratios = jnp.arange(1, num_candidates + 1, dtype=jnp.float32) / num_candidates
@@ -220,4 +230,4 @@ def mse_observer(spec: QuantSpec, *, num_candidates: int = 100) -> Observer:
         best = ratios[jnp.argmin(errs, axis=0)]
         return _running_mean(state, best * lo, best * hi)
 
-    return Observer(_init(spec, fn), update, _result(spec))
+    return _observer(fn, _init(spec), update, _result(spec))

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxslim import _jaxpr, _tree, calibrate
+from jaxslim._checks import at_leaf, public
 from jaxslim._oneshot import KernelRow, OneshotReport, relative_error
 from jaxslim.quant._awq import (
     apply_scales,
@@ -66,6 +67,7 @@ def kernel_spec(spec: QuantSpec, shape, contracted, output) -> QuantSpec:
     )
 
 
+@public("quant.oneshot")
 def oneshot(
     fn: Callable[..., Any],
     params: Any,
@@ -119,11 +121,11 @@ def oneshot(
     if not isinstance(sequential, bool):
         raise TypeError(f"{name}: sequential must be a bool, got {sequential!r}")
     rules = normalize(rules, name)
-    _tree.reject_traced(params, fn_name=name, why="oneshot calibrates and checks values")
+    _tree.reject_traced(params, why="oneshot calibrates and checks values")
     batches = list(batches)
     if not batches:
         raise ValueError(f"{name}: batches is empty; pass at least one calibration batch")
-    traced = _jaxpr.make_jaxpr(fn, params, batches[0], fn_name=name)
+    traced = _jaxpr.make_jaxpr(fn, params, batches[0])
     uses = _jaxpr.kernel_uses_of(traced)
     gathered = set(_jaxpr.gathered_of(traced))
     leaves = dict(_tree.leaves_with_paths(params))
@@ -132,7 +134,7 @@ def oneshot(
     for path, leaf in leaves.items():
         if not _tree.is_float_array(leaf):
             continue
-        rule = first(rules, path, leaf, fn=name)
+        rule = first(rules, path, leaf)
         if rule is None or rule.spec is None:
             continue
         if leaf.ndim < 2:
@@ -189,11 +191,13 @@ def oneshot(
                     else st.absmax
                 )
                 spec0 = specs[g.kernels[0]]
-                s, al = awq_scales(ws, st.xtx, a, spec0, n_grid=method.grid, path=gname)
+                with at_leaf(gname):
+                    s, al = awq_scales(ws, st.xtx, a, spec0, n_grid=method.grid)
                 al = float(al)
             else:
                 al = float(method.alpha)
-                s = smooth_scales(ws, st.absmax, alpha=al, path=gname)
+                with at_leaf(gname):
+                    s = smooth_scales(ws, st.absmax, alpha=al)
             for p in g.kernels:
                 alphas[p] = al
             params = apply_scales(params, g, s)
@@ -210,7 +214,7 @@ def oneshot(
         _check_lead(path, st, name)
         c, o = axes(st)
         spec = kernel_spec(specs[path], w.shape, c, o)
-        layout(spec, tuple(w.shape), path=path, fn_name=name)
+        layout(spec, tuple(w.shape), path=path)
         w2 = as_matrix(w.astype(jnp.float32), c, o)
         t0 = time.perf_counter()
         if isinstance(method, AWQ) and method.clip and path not in unfolded:
@@ -219,21 +223,23 @@ def oneshot(
             q = _requantize(q2, from_matrix(deq2, w.shape, c, o).astype(w.dtype), spec, c, o)
         elif isinstance(method, GPTQ):
             m2 = matrix_spec(specs[path])
-            q2 = gptq(
-                w2,
-                st.xtx,
-                m2,
-                damp=method.damp,
-                block_size=method.block_size,
-                clip_candidates=method.clip_candidates,
-                path=path,
-            )
+            with at_leaf(path):
+                q2 = gptq(
+                    w2,
+                    st.xtx,
+                    m2,
+                    damp=method.damp,
+                    block_size=method.block_size,
+                    clip_candidates=method.clip_candidates,
+                )
             deq2 = q2.dequantize().astype(jnp.float32)
             q = _requantize(q2, from_matrix(deq2, w.shape, c, o).astype(w.dtype), spec, c, o)
         elif isinstance(method, HQQ):
-            q = hqq(w, spec, iters=method.iters, path=path)
+            with at_leaf(path):
+                q = hqq(w, spec, iters=method.iters)
         else:
-            q = quantize(w, spec, path=path)
+            with at_leaf(path):
+                q = quantize(w, spec)
         deq = jax.block_until_ready(dequantize(q).astype(w.dtype))
         seconds = time.perf_counter() - t0
         qarrays[path] = q
@@ -241,7 +247,8 @@ def oneshot(
         if isinstance(method, RTN):
             baseline = error
         else:
-            rtn = dequantize(quantize(w, spec, path=path)).astype(jnp.float32)
+            with at_leaf(path):
+                rtn = dequantize(quantize(w, spec)).astype(jnp.float32)
             baseline = relative_error(w2, as_matrix(rtn, c, o), st.xtx)
         errors[path] = (error, baseline, seconds)
         return deq
@@ -259,7 +266,8 @@ def oneshot(
             m = method.name if path not in unfolded else f"{method.name} (no absorber)"
             q, (err, base, sec) = qarrays[path], errors[path]
         else:  # not a kernel: round to nearest
-            q, m = quantize(leaf, spec, path=path), "rtn (no matmul)"
+            with at_leaf(path):
+                q, m = quantize(leaf, spec), "rtn (no matmul)"
             err = base = sec = math.nan
             qarrays[path] = q
         rows.append(

@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxslim._checks import public
+
 
 def _per_byte(bits: int, fn: str = "quant.pack") -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in (2, 4, 8):
@@ -19,6 +21,7 @@ def _per_byte(bits: int, fn: str = "quant.pack") -> int:
     return 8 // bits
 
 
+@public("quant.packed_shape")
 def packed_shape(shape: tuple[int, ...], bits: int) -> tuple[int, ...]:
     """Shape of the packed ``uint8`` array for codes of ``shape`` (a scalar packs as ``(1,)``).
 
@@ -30,6 +33,7 @@ def packed_shape(shape: tuple[int, ...], bits: int) -> tuple[int, ...]:
     return shape[:-1] + (-(-shape[-1] // per),)
 
 
+@public("quant.pack")
 def pack(codes: jax.Array, bits: int) -> jax.Array:
     """Packs integer ``codes`` (values fitting ``bits`` bits, signed or not) into ``uint8``.
 
@@ -63,6 +67,7 @@ def pack(codes: jax.Array, bits: int) -> jax.Array:
     return jnp.sum(u << shifts, axis=-1, dtype=jnp.int32).astype(jnp.uint8)
 
 
+@public("quant.unpack")
 def unpack(packed: jax.Array, bits: int, shape: tuple[int, ...], *, signed: bool) -> jax.Array:
     """Inverse of ``pack``: ``int8`` codes (``uint8`` when unsigned) of ``shape``.
 

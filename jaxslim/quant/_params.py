@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxslim import _jaxpr, _tree, structures
+from jaxslim._checks import at_leaf, caller, public
 from jaxslim.quant._qarray import QArray, dequantize, is_qarray, quantize
 from jaxslim.quant._rules import first, normalize
 from jaxslim.quant._spec import QuantSpec
@@ -117,6 +118,7 @@ def _grouped_kernels(params: Any, fn: Callable | None, example_args: tuple) -> C
     return by_shape
 
 
+@public("quant.quantize_params")
 def quantize_params(
     params: Any,
     rules: Any,
@@ -152,20 +154,20 @@ def quantize_params(
     >>> type(q["w"]).__name__, type(q["head"]).__name__, report.bytes_after
     ('QArray', 'ArrayImpl', 3584)
     """
-    fn_name = "quant.quantize_params"
-    rules = normalize(rules, fn_name)
+    api = "quant.quantize_params"
+    rules = normalize(rules, api)
     if default is not None and not isinstance(default, QuantSpec):
-        raise TypeError(f"{fn_name}: default must be a QuantSpec or None, got {default!r}")
+        raise TypeError(f"{api}: default must be a QuantSpec or None, got {default!r}")
     if not isinstance(example_args, tuple):
-        raise TypeError(f"{fn_name}: example_args must be a tuple, got {example_args!r}")
+        raise TypeError(f"{api}: example_args must be a tuple, got {example_args!r}")
     if fn is None and example_args:
-        raise ValueError(f"{fn_name}: example_args given without fn; pass fn=")
+        raise ValueError(f"{api}: example_args given without fn; pass fn=")
     grouped_kernel = None
     if any(r.where is None and r.spec is not None and r.spec.group_size for r in rules):
         try:
             grouped_kernel = _grouped_kernels(params, fn, example_args)
         except (TypeError, ValueError) as e:
-            raise type(e)(f"{fn_name}: tracing fn for the grouped default where: {e}") from None
+            raise type(e)(f"{api}: tracing fn for the grouped default where: {e}") from None
     rows: list[LeafSize] = []
     skipped: list[str] = []
 
@@ -173,18 +175,19 @@ def quantize_params(
         if isinstance(leaf, QArray) or not _tree.is_float_array(leaf):
             return leaf
         name = _tree.path_str(path)
-        rule = first(rules, name, leaf, fn=fn_name)
+        rule = first(rules, name, leaf)
         spec = default if rule is None else rule.spec
         if spec is not None and rule is not None and rule.where is None and spec.group_size:
             if not grouped_kernel(name, leaf, spec):
                 spec = None  # not a contracted 2-D kernel: a grouped default leaves it float
                 skipped.append(name)
         try:
-            new = leaf if spec is None else quantize(leaf, spec, path=name)
+            with at_leaf(name):
+                new = leaf if spec is None else quantize(leaf, spec)
         except ValueError as e:
             keep = f"(r'^{re.escape(name)}$', None)"
             raise ValueError(
-                f"{fn_name}: {e}; to leave {name!r} in float, put the rule {keep} first"
+                f"{caller()}: {e}; to leave {name!r} in float, put the rule {keep} first"
             ) from None
         rows.append(LeafSize(name, tuple(leaf.shape), spec, _nbytes(leaf), _nbytes(new)))
         return new
@@ -193,7 +196,7 @@ def quantize_params(
     if not any(r.spec is not None for r in rows):
         names = [r.path for r in rows][:8]
         raise ValueError(
-            f"{fn_name}: the rules quantize no leaf; floating-point leaves are {names}"
+            f"{api}: the rules quantize no leaf; floating-point leaves are {names}"
             f"{' ...' if len(rows) > 8 else ''}"
             + (
                 f"; a grouped spec with where=None left {skipped[:4]} float (not contracted 2-D "
@@ -205,6 +208,7 @@ def quantize_params(
     return out, SizeReport(tuple(rows))
 
 
+@public("quant.dequantize_params")
 def dequantize_params(tree: Any) -> Any:
     """Replaces every ``QArray`` leaf by its dequantized array; other leaves are untouched.
 

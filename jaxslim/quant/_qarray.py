@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxslim._checks import caller, leaf_path, public
 from jaxslim.quant import _packing as packing
 from jaxslim.quant._numerics import (
     check_scale,
@@ -220,18 +221,18 @@ def is_qarray(x: Any) -> bool:
     return isinstance(x, QArray)
 
 
-def _check_input(x: Any, spec: Any, path: str, fn_name: str) -> jax.Array:
+def _check_input(x: Any, spec: Any, path: str) -> jax.Array:
     if not isinstance(spec, QuantSpec):
-        raise TypeError(f"{fn_name}: spec must be a QuantSpec, got {spec!r} for {path!r}")
+        raise TypeError(f"{caller()}: spec must be a QuantSpec, got {spec!r} for {path!r}")
     if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(
-            f"{fn_name}: expects a floating-point array, got "
+            f"{caller()}: expects a floating-point array, got "
             f"{getattr(x, 'dtype', type(x).__name__)} for {path or 'the input'!r}"
         )
     return jnp.asarray(x)
 
 
-def check_finite(x: jax.Array, path: str, fn_name: str) -> None:
+def check_finite(x: jax.Array, path: str) -> None:
     """Raises ``ValueError`` when a concrete ``x`` holds NaN or +-inf (traced ``x``: no check)."""
     if not is_concrete(x) or x.size == 0:
         return
@@ -241,18 +242,18 @@ def check_finite(x: jax.Array, path: str, fn_name: str) -> None:
         first = np.unravel_index(int(jnp.argmax(bad.reshape(-1))), x.shape)
         value = float(x[first])
         raise ValueError(
-            f"{fn_name}: {path or 'the input'!r} has {n} non-finite entries (first: {value} at "
+            f"{caller()}: {path or 'the input'!r} has {n} non-finite entries (first: {value} at "
             f"index {tuple(int(i) for i in first)}); NaN and inf have no code: fix or drop them "
             "before quantizing"
         )
 
 
-def _check_params(scale, zero_point, lay, spec, path, fn_name):
+def _check_params(scale, zero_point, lay, spec, path):
     """Raises unless a given scale / zero point broadcasts to the layout's scale shape and, when
     concrete, is valid (scale finite and > 0, zero point an integer on the grid)."""
     if zero_point is not None and not spec.format.affine:
         raise ValueError(
-            f"{fn_name}: fmt={spec.fmt!r} has no zero point; got one for {path or 'the input'!r}"
+            f"{caller()}: fmt={spec.fmt!r} has no zero point; got one for {path or 'the input'!r}"
         )
     for name, v in (("scale", scale), ("zero_point", zero_point)):
         if v is None:
@@ -264,11 +265,11 @@ def _check_params(scale, zero_point, lay, spec, path, fn_name):
             ok = False
         if not ok:
             raise ValueError(
-                f"{fn_name}: {name} of shape {shape} does not broadcast to the scale shape "
+                f"{caller()}: {name} of shape {shape} does not broadcast to the scale shape "
                 f"{lay.scale_shape} of {path or 'the input'!r}"
             )
-    check_scale(scale, fn_name, path)
-    check_zero_point(zero_point, spec.qmin, spec.qmax, fn_name, path)
+    check_scale(scale, path)
+    check_zero_point(zero_point, spec.qmin, spec.qmax, path)
 
 
 def _params(x, spec, scale, zero_point, lay, second=None):
@@ -280,7 +281,7 @@ def _params(x, spec, scale, zero_point, lay, second=None):
     NaN (loud, not zero).
     """
     if scale is None:
-        scale, zp = compute_qparams(x, spec, path="", fn_name="quant.quantize")
+        scale, zp = compute_qparams(x, spec, path="")
         scale = jax.lax.stop_gradient(scale)
     else:
         scale = valid_scale(jnp.broadcast_to(jnp.asarray(scale, jnp.float32), lay.scale_shape))
@@ -319,13 +320,13 @@ def unpack_codes(values, spec: QuantSpec, shape) -> jax.Array:
     return packing.unpack(values, spec.storage_bits, shape, signed=signed).astype(cd)
 
 
+@public("quant.quantize", leaf_kwarg=True)
 def quantize(
     x: jax.Array,
     spec: QuantSpec,
     *,
     scale: jax.typing.ArrayLike | None = None,
     zero_point: jax.typing.ArrayLike | None = None,
-    path: str = "",
 ) -> QArray:
     """Quantizes ``x`` to a ``QArray`` under ``spec``.
 
@@ -333,9 +334,10 @@ def quantize(
     ``q = encode(x * (1/s), z)`` with the format's rounding (fp8: clip to its range and cast,
     round to nearest even; nf4: the nearest codebook entry). Without ``scale``, ``(s, z)`` come
     from the min/max of ``x`` (``quant.qparams``); pass calibrated ones (from an observer) shaped
-    like ``quant._spec.layout(spec, x.shape).scale_shape``. ``path`` names the leaf in errors.
+    like ``quant._spec.layout(spec, x.shape).scale_shape``. Errors name the leaf path that the
+    tree-wide function calling it (``quantize_params``, ``oneshot``) is working on.
 
-    Checks: a concrete ``x`` with NaN or inf raises ``ValueError`` (naming ``path``); so does a
+    Checks: a concrete ``x`` with NaN or inf raises ``ValueError`` (naming the leaf); so does a
     concrete ``scale`` that is not finite and > 0, and a zero point off the grid. Under ``jit``
     nothing can raise: NaN becomes the zero point (fp8 keeps NaN), ``+-inf`` clip to the ends of
     the grid, and since scales ignore non-finite entries no other entry changes; a traced invalid
@@ -346,11 +348,11 @@ def quantize(
     >>> q.values.tolist(), q.scale.tolist() == [np.float32(1) / np.float32(127.5)]
     ([-127, 0, 64, 127], True)
     """
-    fn_name = "quant.quantize"
-    x = _check_input(x, spec, path, fn_name)
-    lay = layout(spec, x.shape, path=path, fn_name=fn_name)
-    _check_params(scale, zero_point, lay, spec, path, fn_name)
-    check_finite(x, path, fn_name)
+    path = leaf_path()
+    x = _check_input(x, spec, path)
+    lay = layout(spec, x.shape, path=path)
+    _check_params(scale, zero_point, lay, spec, path)
+    check_finite(x, path)
     return _quantize(x, spec, scale, zero_point)
 
 
@@ -382,6 +384,7 @@ def _quantize(x, spec, scale, zero_point, second=None):
     return QArray(values, stored, zp_store, spec, tuple(x.shape), jnp.dtype(x.dtype), second)
 
 
+@public("quant.dequantize")
 def dequantize(q: QArray) -> jax.Array:
     """``decode(codes, zero_point) * scale`` in float32 (``(codes - zero_point) * scale`` for
     integer formats), reshaped and cast to ``q``'s original dtype; values past that dtype's finite
@@ -403,7 +406,7 @@ def dequantize(q: QArray) -> jax.Array:
 
 @jax.jit
 def _dequantize(q: QArray) -> jax.Array:
-    lay = layout(q.spec, q.shape, fn_name="quant.dequantize")
+    lay = layout(q.spec, q.shape)
     cd = compute_dtype(q.dtype)
     codes = lay.to_view(q.codes())
     zp = q.zero_point if q.zero_point is not None else jnp.zeros((), jnp.int32)
@@ -429,13 +432,13 @@ def _ste_jvp(spec, primals, tangents):
     return y, jnp.where(inside, tangents[0], jnp.zeros_like(tangents[0]))
 
 
+@public("quant.fake_quant", leaf_kwarg=True)
 def fake_quant(
     x: jax.Array,
     spec: QuantSpec,
     *,
     scale: jax.typing.ArrayLike | None = None,
     zero_point: jax.typing.ArrayLike | None = None,
-    path: str = "",
 ) -> jax.Array:
     """``dequantize(quantize(x, spec))`` with a straight-through gradient, same shape and dtype.
 
@@ -448,10 +451,10 @@ def fake_quant(
     >>> jax.grad(lambda x: fake_quant(x, QuantSpec(8)).sum())(jnp.array([0.3, -1.0])).tolist()
     [1.0, 1.0]
     """
-    fn_name = "quant.fake_quant"
-    x = _check_input(x, spec, path, fn_name)
-    lay = layout(spec, x.shape, path=path, fn_name=fn_name)
-    _check_params(scale, zero_point, lay, spec, path, fn_name)
+    path = leaf_path()
+    x = _check_input(x, spec, path)
+    lay = layout(spec, x.shape, path=path)
+    _check_params(scale, zero_point, lay, spec, path)
     return _fake_quant_spec(x, spec, scale, zero_point)
 
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from jaxslim import _tree
+from jaxslim._checks import calling
 from jaxslim.quant._spec import QuantSpec
 
 
@@ -64,22 +65,23 @@ def normalize(rules: Any, fn: str) -> tuple[Rule, ...]:
             raise TypeError(
                 f"{fn}: rule {i} ({where!r}, ...): spec must be a QuantSpec or None, got {spec!r}"
             )
-        _tree.check_where(where, fn_name=f"{fn}: rule {i}")
+        with calling(f"{fn}: rule {i}", replace=True):
+            _tree.check_where(where)
         out.append(Rule(where, spec))
     return tuple(out)
 
 
-def first(rules: Sequence[Rule], path: str, leaf: Any, *, fn: str = "") -> Rule | None:
+def first(rules: Sequence[Rule], path: str, leaf: Any) -> Rule | None:
     """The first rule that selects ``(path, leaf)``, or ``None``."""
     for rule in rules:
-        if _tree.is_selected(rule.where, path, leaf, fn_name=fn or "quant.match"):
+        if _tree.is_selected(rule.where, path, leaf):
             return rule
     return None
 
 
 def match(
-    rules: Sequence[Rule], path: str, leaf: Any, *, default: QuantSpec | None = None, fn: str = ""
+    rules: Sequence[Rule], path: str, leaf: Any, *, default: QuantSpec | None = None
 ) -> QuantSpec | None:
     """The spec of the first rule that selects ``(path, leaf)``; ``default`` when none does."""
-    rule = first(rules, path, leaf, fn=fn)
+    rule = first(rules, path, leaf)
     return default if rule is None else rule.spec

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxslim._checks import leaf_path, public
 from jaxslim.quant._awq import check_activations
 from jaxslim.quant._dot import qdot_general
 from jaxslim.quant._qarray import QArray
@@ -44,8 +45,9 @@ def check_alpha(alpha: object, fn: str, path: str = "") -> float:
     return float(alpha)
 
 
+@public("quant.smooth_scales", leaf_kwarg=True)
 def smooth_scales(
-    ws: Sequence[jax.Array], absmax: jax.typing.ArrayLike, *, alpha: float = 0.5, path: str = ""
+    ws: Sequence[jax.Array], absmax: jax.typing.ArrayLike, *, alpha: float = 0.5
 ) -> jax.Array:
     """SmoothQuant's per-input-channel scales ``s`` ``(K,)``.
 
@@ -55,9 +57,8 @@ def smooth_scales(
       alpha: migration strength in ``[0, 1]`` (0: ``s = 1 / max|W_j|``, every weight row gets
         the range 1; 1: ``s = max|X_j|``, every activation channel gets the range 1); the paper
         uses 0.5.
-      path: names the group in errors.
 
-    Raises ``ValueError`` naming ``path`` on ``alpha`` outside ``[0, 1]``, a non-finite or
+    Raises ``ValueError`` naming the group on ``alpha`` outside ``[0, 1]``, a non-finite or
     all-zero activation channel, or an all-zero weight row (``alpha < 1``).
 
     >>> import jax.numpy as jnp
@@ -65,6 +66,7 @@ def smooth_scales(
     >>> smooth_scales([w], jnp.array([4.0, 9.0]), alpha=0.5).tolist()  # sqrt(4 / 2), sqrt(9 / 0.5)
     [1.4142135381698608, 4.242640972137451]
     """
+    path = leaf_path()
     fn = "quant.smooth_scales"
     alpha = check_alpha(alpha, fn, path)
     a = check_activations(absmax, fn, path, what="activation absmax")
@@ -80,6 +82,7 @@ def smooth_scales(
     return a**alpha / wmax ** (1 - alpha)
 
 
+@public("quant.w8a8_dot")
 def w8a8_dot(x: jax.Array, w: QArray, *, impl: str = "auto") -> jax.Array:
     """``x @ W`` with ``W`` an int8 per-channel ``QArray`` ``(K, N)`` and ``x`` ``(..., K)``
     quantized per token (one int8 scale per row) on the fly: int8 x int8 -> int32 in

@@ -36,9 +36,11 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jaxslim._checks import caller, public
 from jaxslim.quant import formats
 
 
+@public("quant.qrange")
 def qrange(bits: int, *, signed: bool = True, reduce_range: bool = False) -> tuple[int, int]:
     """``(qmin, qmax)`` of a ``bits``-bit integer grid, as in PyTorch.
 
@@ -293,17 +295,16 @@ def _mask(lay: Layout) -> np.ndarray:
     return _mask_cached(lay.shape, lay.view_shape, lay.group_axis, lay.pad)
 
 
-def _norm(axis: int, ndim: int, what: str, path: str, fn_name: str) -> int:
+def _norm(axis: int, ndim: int, what: str, path: str) -> int:
     if not -ndim <= axis < max(ndim, 1):
         raise ValueError(
-            f"{fn_name}: {what} {axis} is out of range for {path or 'the input'!r} with ndim {ndim}"
+            f"{caller()}: {what} {axis} is out of range for {path or 'the input'!r} "
+            f"with ndim {ndim}"
         )
     return axis % max(ndim, 1)
 
 
-def layout(
-    spec: QuantSpec, shape: tuple[int, ...], *, path: str = "", fn_name: str = "quant"
-) -> Layout:
+def layout(spec: QuantSpec, shape: tuple[int, ...], *, path: str = "") -> Layout:
     """The statistics view of a leaf of ``shape`` under ``spec`` (raises on a bad axis or group).
 
     A group size that does not divide the group axis gives a shorter last group (see the module
@@ -320,38 +321,38 @@ def layout(
     try:
         return _cached_layout(spec, shape)
     except ValueError:
-        return _layout(spec, shape, path, fn_name)  # raises, naming the function and the leaf
+        return _layout(spec, shape, path)  # raises, naming the function and the leaf
 
 
 @functools.lru_cache(maxsize=4096)
 def _cached_layout(spec: QuantSpec, shape: tuple[int, ...]) -> Layout:
-    return _layout(spec, shape, "", "quant")
+    return _layout(spec, shape, "")
 
 
-def _layout(spec: QuantSpec, shape: tuple[int, ...], path: str, fn_name: str) -> Layout:
+def _layout(spec: QuantSpec, shape: tuple[int, ...], path: str) -> Layout:
     ndim = len(shape)
     keep = set()
     if spec.axis is not None:
         if ndim == 0:
-            raise ValueError(f"{fn_name}: axis={spec.axis} given for the scalar {path!r}")
-        keep = {_norm(a, ndim, "axis", path, fn_name) for a in spec.axis}
+            raise ValueError(f"{caller()}: axis={spec.axis} given for the scalar {path!r}")
+        keep = {_norm(a, ndim, "axis", path) for a in spec.axis}
     if spec.group_size is None:
         scale_shape = tuple(1 if i not in keep else d for i, d in enumerate(shape))
         reduce = tuple(i for i in range(ndim) if i not in keep)
         return Layout(shape, shape, reduce, scale_shape)
     if ndim == 0:
-        raise ValueError(f"{fn_name}: group_size given for the scalar {path!r}")
+        raise ValueError(f"{caller()}: group_size given for the scalar {path!r}")
     block_format = spec.format.block_size is not None and spec.axis is None
     g = spec.group_size
     if isinstance(g, bool) or not isinstance(g, int | np.integer) or g < 1:
         raise ValueError(
-            f"{fn_name}: group_size must be a positive int, got {g!r} for {path or 'the input'!r}"
+            f"{caller()}: group_size must be a positive int, got {g!r} for {path or 'the input'!r}"
         )
     ga = spec.group_axis if spec.group_axis is not None else (-2 if ndim >= 2 else -1)
-    ga = _norm(ga, ndim, "group_axis", path, fn_name)
+    ga = _norm(ga, ndim, "group_axis", path)
     if ga in keep:
         raise ValueError(
-            f"{fn_name}: the group axis {ga} of {path or 'the input'!r} is also in "
+            f"{caller()}: the group axis {ga} of {path or 'the input'!r} is also in "
             f"axis={spec.axis}; a per-channel axis cannot be cut into groups"
         )
     if block_format:  # a block format: one scale per block of consecutive values

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxslim import _jaxpr, _tree
+from jaxslim._checks import caller, public
 from jaxslim.splice._graph import Group, count_flops, trace
 from jaxslim.splice._remove import Plan, apply_plan_for, make_plan, member_view
 from jaxslim.structures import Channels
@@ -84,6 +85,7 @@ def _leaf_dict(params: Any) -> dict[str, Any]:
     return dict(_tree.leaves_with_paths(params))
 
 
+@public("splice.score_group")
 def score_group(params: Any, group: Group, *, score: str = "l2", grads: Any = None) -> jax.Array:
     """Per-channel importance of ``group``, shape ``(group.size,)``, in float32.
 
@@ -102,30 +104,28 @@ def score_group(params: Any, group: Group, *, score: str = "l2", grads: Any = No
             f"splice.score_group: group must be a splice.Group from trace(), got "
             f"{type(group).__name__}"
         )
-    return _score_groups(params, [group], score, grads, "splice.score_group")[0]
+    return _score_groups(params, [group], score, grads)[0]
 
 
-def _score_groups(
-    params: Any, groups: Sequence[Group], score: str, grads: Any, fn_name: str
-) -> list:
+def _score_groups(params: Any, groups: Sequence[Group], score: str, grads: Any) -> list:
     """Scores of every group in one jitted call (one compilation for the whole model)."""
     leaves = _leaf_dict(params)
     gleaves = _leaf_dict(grads) if grads is not None else None
     if not isinstance(score, str) or score not in ("l2", "l1", "taylor"):
         raise ValueError(
-            f"{fn_name}: score must be 'l2', 'l1', 'taylor' or a callable, got {score!r}"
+            f"{caller()}: score must be 'l2', 'l1', 'taylor' or a callable, got {score!r}"
         )
     if score == "taylor" and gleaves is None:
-        raise ValueError(f"{fn_name}: score='taylor' needs grads= (a tree like params)")
+        raise ValueError(f"{caller()}: score='taylor' needs grads= (a tree like params)")
     paths = sorted({m.path for g in groups for m in g.members})
     for p in paths:
         if p not in leaves:
-            raise ValueError(f"{fn_name}: params have no leaf {p!r} of a group")
+            raise ValueError(f"{caller()}: params have no leaf {p!r} of a group")
         if score == "taylor" and p not in gleaves:
-            raise ValueError(f"{fn_name}: grads have no leaf {p!r}; pass a tree like params")
+            raise ValueError(f"{caller()}: grads have no leaf {p!r}; pass a tree like params")
         if score == "taylor" and jnp.shape(gleaves[p]) != jnp.shape(leaves[p]):
             raise ValueError(
-                f"{fn_name}: grads[{p!r}] has shape {jnp.shape(gleaves[p])} but the "
+                f"{caller()}: grads[{p!r}] has shape {jnp.shape(gleaves[p])} but the "
                 f"parameter has {jnp.shape(leaves[p])}"
             )
     xs = {p: leaves[p] for p in paths}
@@ -181,6 +181,7 @@ def _count(params: Any) -> int:
 _MODULE_LEAVES = ("kernel", "bias", "scale", "embedding", "mean", "var")
 
 
+@public("splice.feature_sizes")
 def feature_sizes(before: Any, after: Any) -> dict[str, int]:
     """``{name: new width}`` for every array whose last (output-channel) axis shrank.
 
@@ -211,34 +212,34 @@ def _shape_sizes(before: Any, after: Any) -> dict[str, dict[str, tuple[int, ...]
     return out
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _apply_jit(params: Any, plan: Plan, fn_name: str) -> Any:
-    return apply_plan_for(params, plan, suffix=False, fn_name=fn_name)
+@functools.partial(jax.jit, static_argnums=(1,))
+def _apply_jit(params: Any, plan: Plan) -> Any:
+    return apply_plan_for(params, plan, suffix=False)
 
 
-def _concrete_fraction(sparsity: Any, fn_name: str) -> float:
+def _concrete_fraction(sparsity: Any) -> float:
     """``sparsity`` as a Python float in ``[0, 1)``; concrete 0-d arrays are accepted."""
     if isinstance(sparsity, bool) or not (
         isinstance(sparsity, int | float) or hasattr(sparsity, "dtype")
     ):
-        raise TypeError(f"{fn_name}: sparsity must be a float, got {type(sparsity).__name__}")
+        raise TypeError(f"{caller()}: sparsity must be a float, got {type(sparsity).__name__}")
     try:
         arr = np.asarray(sparsity)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         raise TypeError(
-            f"{fn_name}: sparsity must be concrete (a Python float), got a traced value: the "
+            f"{caller()}: sparsity must be concrete (a Python float), got a traced value: the "
             "output shapes depend on it, so prune_channels cannot run under jit"
         ) from None
     if arr.ndim != 0 or not np.issubdtype(arr.dtype, np.number):
-        raise TypeError(f"{fn_name}: sparsity must be a scalar, got {sparsity!r}")
+        raise TypeError(f"{caller()}: sparsity must be a scalar, got {sparsity!r}")
     value = float(arr)
     if not 0 <= value < 1:  # NaN fails too
-        raise ValueError(f"{fn_name}: sparsity must be in [0, 1), got {value!r}")
+        raise ValueError(f"{caller()}: sparsity must be in [0, 1), got {value!r}")
     return value
 
 
 def _select_groups(
-    where: Any, groups: list[Group], params: Any, fn: Callable[..., Any], args: tuple, fn_name: str
+    where: Any, groups: list[Group], params: Any, fn: Callable[..., Any], args: tuple
 ) -> list[Group]:
     """The groups ``where`` selects (see :func:`prune_channels`)."""
     leaves = _leaf_dict(params)
@@ -246,20 +247,20 @@ def _select_groups(
         ok = len(where) == 2 and isinstance(where[1], int) and not isinstance(where[1], bool)
         if not ok:
             raise TypeError(
-                f"{fn_name}: a where= pair is (regex or predicate, int axis), got {where!r}"
+                f"{caller()}: a where= pair is (regex or predicate, int axis), got {where!r}"
             )
         pattern, axis = where
-        _tree.check_where(pattern, fn_name=fn_name)
-        sel = {p for p, x in leaves.items() if _tree.is_selected(pattern, p, x, fn_name=fn_name)}
+        _tree.check_where(pattern)
+        sel = {p for p, x in leaves.items() if _tree.is_selected(pattern, p, x)}
 
         def holds(m) -> bool:
             nd = getattr(leaves.get(m.path), "ndim", 0)
             return m.path in sel and -nd <= axis < nd and m.axis == axis % nd
 
         return [g for g in groups if any(holds(m) for m in g.members)]
-    _tree.check_where(where, fn_name=fn_name)
-    sel = {p for p, x in leaves.items() if _tree.is_selected(where, p, x, fn_name=fn_name)}
-    uses = _jaxpr.kernel_uses(fn, params, *args, fn_name=fn_name)
+    _tree.check_where(where)
+    sel = {p for p, x in leaves.items() if _tree.is_selected(where, p, x)}
+    uses = _jaxpr.kernel_uses(fn, params, *args)
     outputs = {p: {a for u in us for a in u.output} for p, us in uses.items()}
     chosen = []
     for g in groups:
@@ -272,7 +273,7 @@ def _select_groups(
     return chosen
 
 
-def _check_runs(fn: Callable[..., Any], new: Any, args: tuple, fn_name: str) -> bool:
+def _check_runs(fn: Callable[..., Any], new: Any, args: tuple) -> bool:
     """Re-traces ``fn`` on the pruned shapes: True if it runs, False if it is a module that
     must be rebuilt from the report (Linen's ``ScopeParamShapeError``); raises otherwise."""
     abstract = jax.tree.map(_jaxpr.abstract, (new, args))
@@ -283,13 +284,14 @@ def _check_runs(fn: Callable[..., Any], new: Any, args: tuple, fn_name: str) -> 
             return False
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         raise ValueError(
-            f"{fn_name}: fn cannot run on the pruned params ({type(e).__name__}: {msg}); a size "
+            f"{caller()}: fn cannot run on the pruned params ({type(e).__name__}: {msg}); a size "
             "in fn does not follow the parameters' shapes. Nothing was returned: trace(fn, ...) "
             "with check=True names the groups it pins; pass groups= without them"
         ) from e
     return True
 
 
+@public("splice.prune_channels")
 def prune_channels(
     fn: Callable[..., Any],
     params: Any,
@@ -355,15 +357,14 @@ def prune_channels(
     (Array([[2., 3.],
            [6., 7.]], dtype=float32), (0, 1))
     """
-    fn_name = "splice.prune_channels"
-    sparsity = _concrete_fraction(sparsity, fn_name)
+    sparsity = _concrete_fraction(sparsity)
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-        raise ValueError(f"{fn_name}: round_to must be an int >= 1, got {round_to!r}")
+        raise ValueError(f"{caller()}: round_to must be an int >= 1, got {round_to!r}")
     if not isinstance(where, tuple):
-        _tree.check_where(where, fn_name=fn_name)
+        _tree.check_where(where)
     if not (callable(score) or isinstance(score, str | Mapping)):
         raise TypeError(
-            f"{fn_name}: score must be 'l2', 'l1', 'taylor' or score(params, group) (or a "
+            f"{caller()}: score must be 'l2', 'l1', 'taylor' or score(params, group) (or a "
             f"mapping {{group: scores}} from splice.importance), got {type(score).__name__}"
         )
     if groups is None:
@@ -373,16 +374,17 @@ def prune_channels(
         for g in groups:
             if not isinstance(g, Group):
                 raise TypeError(
-                    f"{fn_name}: groups must hold splice.Group from trace(), got {type(g).__name__}"
+                    f"{caller()}: groups must hold splice.Group from trace(), "
+                    f"got {type(g).__name__}"
                 )
     if where is not None:
         candidates = groups
-        groups = _select_groups(where, groups, params, fn, args, fn_name)
+        groups = _select_groups(where, groups, params, fn, args)
         if not groups:
             members = sorted({m.path for g in candidates for m in g.members})
             more = " ..." if len(members) > 8 else ""
             raise ValueError(
-                f"{fn_name}: where={where!r} matches no removable group: no group is produced "
+                f"{caller()}: where={where!r} matches no removable group: no group is produced "
                 f"only by selected kernels (or holds the given axis of a selected leaf). Group "
                 f"members are {members[:8]}{more}"
                 f"{'' if candidates else ' (there is no removable group)'}"
@@ -391,32 +393,32 @@ def prune_channels(
         missing = [g for g in groups if g not in score]
         if missing:
             raise ValueError(
-                f"{fn_name}: score has no entry for the group over {list(missing[0].paths)}; "
+                f"{caller()}: score has no entry for the group over {list(missing[0].paths)}; "
                 "compute it with splice.importance for the same groups (or pass groups=)"
             )
         scores = [score[g] for g in groups]
     elif callable(score):
         scores = [score(params, g) for g in groups]
     else:
-        scores = _score_groups(params, groups, score, grads, fn_name)
+        scores = _score_groups(params, groups, score, grads)
     chosen, keeps, reports = [], [], []
     for g, s in zip(groups, scores, strict=True):
         s = np.asarray(s, dtype=np.float64)
         if s.shape != (g.size,):
             raise ValueError(
-                f"{fn_name}: score for the group over {list(g.paths)} "
+                f"{caller()}: score for the group over {list(g.paths)} "
                 f"has shape {s.shape}, expected ({g.size},)"
             )
         if not np.all(np.isfinite(s)):
             i = int(np.flatnonzero(~np.isfinite(s))[0])
             raise ValueError(
-                f"{fn_name}: score of channel {i} of the group over {list(g.paths)} is {s[i]}; "
+                f"{caller()}: score of channel {i} of the group over {list(g.paths)} is {s[i]}; "
                 "scores must be finite (NaN or inf in the weights or grads?)"
             )
         n_keep = _n_keep(g.size, sparsity, round_to)
         if n_keep == 0:
             raise ValueError(
-                f"{fn_name}: sparsity={sparsity} removes every channel "
+                f"{caller()}: sparsity={sparsity} removes every channel "
                 f"of the group of {g.size} over {list(g.paths)}"
             )
         order = np.argsort(s, kind="stable")
@@ -428,8 +430,8 @@ def prune_channels(
             chosen.append(g)
             keeps.append(keep)
     plan = make_plan(chosen, keeps)
-    new = _apply_jit(params, plan, "splice.prune_channels")
-    runs = _check_runs(fn, new, args, fn_name)
+    new = _apply_jit(params, plan)
+    runs = _check_runs(fn, new, args)
     report = SpliceReport(
         groups=tuple(reports),
         params_before=_count(params),

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxslim import _jaxpr, _tree
+from jaxslim._checks import caller, public
 from jaxslim.splice._affine import Finder, Param, affine_values
 from jaxslim.splice._surgery import fuse_linear
 
@@ -64,6 +65,7 @@ class Fuse:
     shift: Any = dataclasses.field(default=None, repr=False, compare=False)
 
 
+@public("splice.find_foldable")
 def find_foldable(fn: Callable[..., Any], params: Any, *example_args: Any) -> list[Fold | Fuse]:
     """Batch norms (and other per-channel affine chains) to fold, and linear pairs to fuse.
 
@@ -85,7 +87,7 @@ def find_foldable(fn: Callable[..., Any], params: Any, *example_args: Any) -> li
     >>> find_foldable(fn, p, jnp.ones((1, 3)))
     [Fold(kernel='w', bias=None, absorbed=('mean', 'var'))]
     """
-    t = _jaxpr.make_jaxpr(fn, params, *example_args, fn_name="splice.find_foldable")
+    t = _jaxpr.make_jaxpr(fn, params, *example_args)
     f = Finder()
     ins = [Param(p, True) for p in t.param_paths] + [None] * len(t.arg_paths)
     f.walk(t.jaxpr, ins, t.consts)
@@ -114,21 +116,21 @@ def _nested(tree: Any) -> Any:
     return tree
 
 
-def _locate(tree: Any, path: str, fn_name: str) -> tuple[Any, Any]:
+def _locate(tree: Any, path: str) -> tuple[Any, Any]:
     parent, _, name = path.rpartition("/")
-    node = _tree.subtree(tree, parent, fn_name=fn_name) if parent else tree
+    node = _tree.subtree(tree, parent) if parent else tree
     if not isinstance(node, dict | list):
-        raise TypeError(f"{fn_name}: cannot edit {path!r} inside a {type(node).__name__}")
+        raise TypeError(f"{caller()}: cannot edit {path!r} inside a {type(node).__name__}")
     return node, _tree.child_key(node, name)
 
 
-def _set(tree: Any, path: str, value: Any, fn_name: str) -> None:
-    node, key = _locate(tree, path, fn_name)
+def _set(tree: Any, path: str, value: Any) -> None:
+    node, key = _locate(tree, path)
     node[key] = value
 
 
-def _delete(tree: Any, path: str, fn_name: str) -> None:
-    node, key = _locate(tree, path, fn_name)
+def _delete(tree: Any, path: str) -> None:
+    node, key = _locate(tree, path)
     if isinstance(node, dict):
         node.pop(key, None)
 
@@ -140,9 +142,9 @@ def _prune_empty(tree: Any) -> Any:
     return tree
 
 
-def _leaf(leaves: Mapping[str, Any], path: str, fn_name: str) -> jax.Array:
+def _leaf(leaves: Mapping[str, Any], path: str) -> jax.Array:
     if path not in leaves:
-        raise ValueError(f"{fn_name}: the tree has no kernel {path!r} named by the plan")
+        raise ValueError(f"{caller()}: the tree has no kernel {path!r} named by the plan")
     return jnp.asarray(leaves[path])
 
 
@@ -151,16 +153,17 @@ def _bias_path(kernel: str) -> str:
     return f"{module}/bias" if module else "bias"
 
 
-def _check_found(found: Sequence[Any], kind: type, fn_name: str) -> list:
+def _check_found(found: Sequence[Any], kind: type) -> list:
     out = []
     for r in found:
         if not isinstance(r, Fold | Fuse):
-            raise TypeError(f"{fn_name}: expected Fold/Fuse records from find_foldable, got {r!r}")
+            raise TypeError(f"{caller()}: expected Fold/Fuse records from find_foldable, got {r!r}")
         if isinstance(r, kind):
             out.append(r)
     return out
 
 
+@public("splice.fold_all")
 def fold_all(params: Any, found: Sequence[Fold | Fuse]) -> Any:
     """Applies every :class:`Fold` of ``found`` to ``params``; returns a new nested-dict tree.
 
@@ -179,19 +182,20 @@ def fold_all(params: Any, found: Sequence[Fold | Fuse]) -> Any:
     >>> sorted(new), new["w"][0, 0].item(), new["bias"][0].item()
     (['bias', 'v', 'w'], 0.5, -0.5)
     """
-    folds = _check_found(found, Fold, "splice.fold_all")
+    folds = _check_found(found, Fold)
     leaves = dict(_tree.leaves_with_paths(params))
     out = _nested(params)
     for r in folds:
-        w = _leaf(leaves, r.kernel, "splice.fold_all")
+        w = _leaf(leaves, r.kernel)
         s, t = affine_values(r.scale, r.shift, leaves, w.shape[-1], w.dtype)
-        _set(out, r.kernel, w * s.reshape((1,) * (w.ndim - 1) + (-1,)), "splice.fold_all")
+        _set(out, r.kernel, w * s.reshape((1,) * (w.ndim - 1) + (-1,)))
         for p in r.absorbed:
-            _delete(out, p, "splice.fold_all")
-        _set(out, r.bias or _bias_path(r.kernel), t, "splice.fold_all")
+            _delete(out, p)
+        _set(out, r.bias or _bias_path(r.kernel), t)
     return _prune_empty(out)
 
 
+@public("splice.fuse_all")
 def fuse_all(params: Any, found: Sequence[Fold | Fuse]) -> Any:
     """Applies every :class:`Fuse` of ``found`` to ``params``; returns a new nested-dict tree.
 
@@ -209,24 +213,24 @@ def fuse_all(params: Any, found: Sequence[Fold | Fuse]) -> Any:
     >>> sorted(new), new["a"].shape, new["a"][0, 0].item()
     (['a', 'bias'], (3, 2), 4.0)
     """
-    fuses = _check_found(found, Fuse, "splice.fuse_all")
+    fuses = _check_found(found, Fuse)
     out = _nested(params)
     moved: dict[str, tuple[str, str]] = {}
     for r in reversed(fuses):
         leaves = dict(_tree.leaves_with_paths(out))
         (k1, b1), (k2, b2) = r.first, r.second
         k2, b2 = moved.get(k2, (k2, b2 or _bias_path(k2)))
-        w1 = _leaf(leaves, k1, "splice.fuse_all")
+        w1 = _leaf(leaves, k1)
         s, t = affine_values(r.scale, r.shift, leaves, w1.shape[-1], w1.dtype)
         w1 = w1 * s.reshape((1,) * (w1.ndim - 1) + (-1,))
-        w2 = _leaf(leaves, k2, "splice.fuse_all")
+        w2 = _leaf(leaves, k2)
         w, b = fuse_linear(w1, t, w2, leaves.get(b2))
         for p in (*r.absorbed, k2, b2):
-            _delete(out, p, "splice.fuse_all")
+            _delete(out, p)
         if b1 is not None:
-            _delete(out, b1, "splice.fuse_all")
+            _delete(out, b1)
         new_b1 = b1 or _bias_path(k1)
-        _set(out, k1, w, "splice.fuse_all")
-        _set(out, new_b1, b, "splice.fuse_all")
+        _set(out, k1, w)
+        _set(out, new_b1, b)
         moved[k1] = (k1, new_b1)
     return _prune_empty(out)

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 
 from jaxslim import _jaxpr, _tree
+from jaxslim._checks import public
 from jaxslim.splice import _probe
 from jaxslim.splice import _rules as rules
 from jaxslim.splice._axes import Axes
@@ -240,6 +241,7 @@ WITHIN_HEAD = (
 )
 
 
+@public("splice.trace")
 def trace(
     fn: Callable[..., Any],
     params: Any,
@@ -311,8 +313,7 @@ def trace(
     >>> [list(g) for g in trace(fn, params, jnp.ones(4)) if g.removable]
     [[('b1', 0), ('w1', 1), ('w2', 0)]]
     """
-    fn_name = "splice.trace"
-    t = _jaxpr.make_jaxpr(fn, params, *example_args, fn_name=fn_name)
+    t = _jaxpr.make_jaxpr(fn, params, *example_args)
     param_leaves = _tree.leaves_with_paths(params)
     n_params = len(param_leaves)
     w = _Walker()
@@ -335,7 +336,7 @@ def trace(
         ]
         args = tuple(_jaxpr.abstract(a) for a in jax.tree.leaves(example_args))
         args = jax.tree.unflatten(jax.tree.structure(example_args), list(args))
-        pinned, unprobed = _probe.probe(fn, params, args, w, ins[:n_params], roots, fn_name)
+        pinned, unprobed = _probe.probe(fn, params, args, w, ins[:n_params], roots)
         found = [
             (r, dataclasses.replace(g, removable=False, reasons=(*g.reasons, pinned[r])))
             if r in pinned
@@ -403,6 +404,7 @@ def _groups(
     return groups
 
 
+@public("splice.count_flops")
 def count_flops(fn: Callable[..., Any], params: Any, *example_args: Any) -> int:
     """FLOPs of ``fn(params, *args)``: ``2 x`` the multiply-adds of its matmuls and convolutions.
 
@@ -413,7 +415,7 @@ def count_flops(fn: Callable[..., Any], params: Any, *example_args: Any) -> int:
     >>> count_flops(lambda p, x: x @ p, jnp.ones((4, 8)), jnp.ones((2, 4)))
     128
     """
-    t = _jaxpr.make_jaxpr(fn, params, *example_args, fn_name="splice.count_flops")
+    t = _jaxpr.make_jaxpr(fn, params, *example_args)
     f = _Flops()
     f.walk(t.jaxpr, [None] * len(t.jaxpr.invars), t.consts)
     return f.total

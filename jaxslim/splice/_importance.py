@@ -38,16 +38,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxslim import _jaxpr, _tree
+from jaxslim._checks import caller, public
 from jaxslim.splice._graph import Group, Member, trace
 
 _AGG = ("l2", "mean", "max")
 
 
-def _check_aggregate(aggregate: Any, fn_name: str) -> tuple[str, str]:
+def _check_aggregate(aggregate: Any) -> tuple[str, str]:
     ok = isinstance(aggregate, tuple | list) and len(aggregate) == 2
     if not ok or any(a not in _AGG for a in aggregate):
         raise ValueError(
-            f"{fn_name}: aggregate must be a pair (batch, sequence) of 'l2', 'mean' or 'max', "
+            f"{caller()}: aggregate must be a pair (batch, sequence) of 'l2', 'mean' or 'max', "
             f"got {aggregate!r}"
         )
     return aggregate[0], aggregate[1]
@@ -125,6 +126,7 @@ def _reduce(x: jax.Array, how: str, axes: tuple[int, ...]) -> jax.Array:
     return jnp.mean(x, axis=axes)
 
 
+@public("splice.importance")
 def importance(
     fn: Callable[..., Any],
     params: Any,
@@ -155,20 +157,19 @@ def importance(
     >>> [s.tolist() for s in importance(fn, p, [x]).values()]
     [[5.0, 1.0]]
     """
-    fn_name = "splice.importance"
-    agg_b, agg_t = _check_aggregate(aggregate, fn_name)
+    agg_b, agg_t = _check_aggregate(aggregate)
     it = iter(batches)
     try:
         first = next(it)
     except StopIteration:
-        raise ValueError(f"{fn_name}: batches is empty; pass at least one batch") from None
+        raise ValueError(f"{caller()}: batches is empty; pass at least one batch") from None
     if groups is None:
         groups = [g for g in trace(fn, params, first) if g.removable]
     groups = list(groups)
     for g in groups:
         if not isinstance(g, Group):
             raise TypeError(
-                f"{fn_name}: groups must hold splice.Group from trace(), got {type(g).__name__}"
+                f"{caller()}: groups must hold splice.Group from trace(), got {type(g).__name__}"
             )
     by_path: dict[str, list[tuple[int, Member]]] = {}
     for i, g in enumerate(groups):
@@ -200,7 +201,7 @@ def importance(
                 view = _channel_view(act, pieces, shapes.get(k.path, ()), m)
                 if view is None:
                     raise ValueError(
-                        f"{fn_name}: cannot map the activation {tuple(act.shape)} entering "
+                        f"{caller()}: cannot map the activation {tuple(act.shape)} entering "
                         f"{k.path!r} (shape {shapes.get(k.path)}, axis {m.axis}, seen by the "
                         f"matmul as {[k.axes[d] for d in kc]} leaf axes per contracted dim) "
                         f"onto the {groups[i].size} channels of the group over "
@@ -237,7 +238,7 @@ def importance(
     for i, g in enumerate(groups):
         if i not in state:
             raise ValueError(
-                f"{fn_name}: no matmul contracts the channels of the group over {list(g.paths)}: "
+                f"{caller()}: no matmul contracts the channels of the group over {list(g.paths)}: "
                 "nothing consumes them, so there is no activation to score"
             )
         total = np.zeros(g.size, np.float64)

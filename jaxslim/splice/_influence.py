@@ -20,58 +20,57 @@ import numpy as np
 import optax
 
 from jaxslim import _tree
+from jaxslim._checks import caller, public
 from jaxslim.splice._surgery import check_index, drop_layer, split_block, stack_size
 
 
-def check_blocks(
-    params: Any, blocks: Sequence[Any], fn_name: str, axis: int = 0
-) -> tuple[Any, ...]:
+def check_blocks(params: Any, blocks: Sequence[Any], axis: int = 0) -> tuple[Any, ...]:
     """Validates :func:`drop_layer` specs up front: each path must be in ``params``, and a
     ``(path, index)`` spec must name a scanned stack (one layer count on ``axis``) and a layer
     in it."""
     if isinstance(blocks, str) or not isinstance(blocks, Sequence):
         raise TypeError(
-            f"{fn_name}: blocks must be a list of paths ('blocks/0', ...) or (path, index) "
+            f"{caller()}: blocks must be a list of paths ('blocks/0', ...) or (path, index) "
             f"pairs, got {type(blocks).__name__} {blocks!r}"
         )
     for blk in blocks:
-        path, index = split_block(blk, fn_name)
-        _tree.get_path(params, path, fn_name=fn_name)
+        path, index = split_block(blk)
+        _tree.get_path(params, path)
         if index is not None:
-            n, inside = stack_size(params, path, axis, fn_name)
-            shape = _tree.get_path(params, inside[0], fn_name=fn_name).shape
-            check_index(path, index, n, inside[0], shape, axis, fn_name)
+            n, inside = stack_size(params, path, axis)
+            shape = _tree.get_path(params, inside[0]).shape
+            check_index(path, index, n, inside[0], shape, axis)
     return tuple(blocks)
 
 
-def loss_and_hiddens(out: Any, i: int, fn_name: str) -> tuple[float, list[jax.Array]]:
+def loss_and_hiddens(out: Any, i: int) -> tuple[float, list[jax.Array]]:
     """Checks ``fn(params, batch_i) -> (loss, hiddens)``; hiddens in float32."""
     if not (isinstance(out, tuple | list) and len(out) == 2):
         raise TypeError(
-            f"{fn_name}: fn(params, batch) must return (loss, hiddens), got {type(out).__name__}"
+            f"{caller()}: fn(params, batch) must return (loss, hiddens), got {type(out).__name__}"
         )
     value, hiddens = out
     if hasattr(hiddens, "ndim") and hasattr(hiddens, "shape") and hiddens.ndim >= 2:
         hiddens = [hiddens[j] for j in range(hiddens.shape[0])]  # a stacked (n + 1, ..., d)
     if not isinstance(hiddens, Sequence):
         raise TypeError(
-            f"{fn_name}: the hiddens fn returns must be a list of arrays, got "
+            f"{caller()}: the hiddens fn returns must be a list of arrays, got "
             f"{type(hiddens).__name__}"
         )
     if jnp.size(value) != 1:
-        raise TypeError(f"{fn_name}: the loss must be a scalar, got shape {jnp.shape(value)}")
+        raise TypeError(f"{caller()}: the loss must be a scalar, got shape {jnp.shape(value)}")
     loss = float(jnp.reshape(value, ()))
     if not np.isfinite(loss):
-        raise ValueError(f"{fn_name}: fn's loss on batch {i} is {loss}; scores need finite losses")
+        raise ValueError(f"{caller()}: fn's loss on batch {i} is {loss}; scores need finite losses")
     hs = [jnp.asarray(h, jnp.float32) for h in hiddens]
     for j, h in enumerate(hs):
         if h.shape != hs[0].shape:
             raise ValueError(
-                f"{fn_name}: hiddens[{j}] has shape {h.shape} but hiddens[0] has {hs[0].shape}; "
+                f"{caller()}: hiddens[{j}] has shape {h.shape} but hiddens[0] has {hs[0].shape}; "
                 "the residual stream keeps one shape"
             )
         if not bool(jnp.all(jnp.isfinite(h))):
-            raise ValueError(f"{fn_name}: hiddens[{j}] on batch {i} holds NaN or inf")
+            raise ValueError(f"{caller()}: hiddens[{j}] on batch {i} holds NaN or inf")
     return loss, hs
 
 
@@ -83,6 +82,7 @@ class Influence(NamedTuple):
     ablation: np.ndarray
 
 
+@public("splice.block_influence")
 def block_influence(
     fn: Callable[..., tuple[jax.Array, Sequence[jax.Array]]],
     params: Any,
@@ -159,8 +159,7 @@ def block_influence(
     >>> inf.blocks, inf.ablation.round(6).tolist()
     ((('blocks', 0), ('blocks', 1)), [0.0, -3.0])
     """
-    fn_name = "splice.block_influence"
-    blocks = check_blocks(params, blocks, fn_name, axis)
+    blocks = check_blocks(params, blocks, axis)
     batches = list(batches)
     if not batches:
         raise ValueError("splice.block_influence: batches is empty")
@@ -168,7 +167,7 @@ def block_influence(
     cos = np.zeros(len(blocks))
     base = 0.0
     for n, batch in enumerate(batches):
-        loss, hiddens = loss_and_hiddens(jfn(params, batch), n, fn_name)
+        loss, hiddens = loss_and_hiddens(jfn(params, batch), n)
         if len(hiddens) != len(blocks) + 1:
             raise ValueError(
                 f"splice.block_influence: fn returned {len(hiddens)} hidden states for "
@@ -192,7 +191,7 @@ def block_influence(
                 out = jfn(smaller, b)
             except Exception as e:  # noqa: BLE001 - fn's own error, explained
                 raise ValueError(_cannot_run(blk, renumber, e)) from e
-            losses.append(loss_and_hiddens(out, n, fn_name)[0])
+            losses.append(loss_and_hiddens(out, n)[0])
         ablation[i] = np.mean(losses) - base
     return Influence(blocks, 1.0 - cos, ablation)
 

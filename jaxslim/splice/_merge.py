@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from jaxslim import _tree
+from jaxslim._checks import caller, public
 from jaxslim.splice._influence import check_blocks, loss_and_hiddens
 from jaxslim.splice._surgery import drop_layer, split_block
 
@@ -42,6 +43,7 @@ class MergeReport(NamedTuple):
 _UNSET: Any = object()
 
 
+@public("splice.block_similarity")
 def block_similarity(
     fn: Callable[..., tuple[jax.Array, Sequence[jax.Array]]],
     params: Any,
@@ -59,20 +61,20 @@ def block_similarity(
     >>> block_similarity(fn, None, [jnp.ones((2, 3))])[0].round(6).tolist()
     [1.0, -1.0]
     """
-    return _block_similarity(fn, params, batches, "splice.block_similarity")
+    return _block_similarity(fn, params, batches)
 
 
-def _block_similarity(fn, params, batches, fn_name: str) -> tuple[np.ndarray, float]:
+def _block_similarity(fn, params, batches) -> tuple[np.ndarray, float]:
     batches = list(batches)
     if not batches:
-        raise ValueError(f"{fn_name}: batches is empty")
+        raise ValueError(f"{caller()}: batches is empty")
     jfn = jax.jit(fn)
     total, loss = None, 0.0
     for n, batch in enumerate(batches):
-        value, hs = loss_and_hiddens(jfn(params, batch), n, fn_name)
+        value, hs = loss_and_hiddens(jfn(params, batch), n)
         if len(hs) < 3:
             raise ValueError(
-                f"{fn_name}: fn returned {len(hs)} hidden states; two blocks "
+                f"{caller()}: fn returned {len(hs)} hidden states; two blocks "
                 "need at least 3 (the input of each block and the output)"
             )
         deltas = [b - a for a, b in zip(hs[:-1], hs[1:], strict=True)]
@@ -91,19 +93,19 @@ _FN = "splice.merge_similar_blocks"
 
 
 def _get_block(params: Any, block: str | tuple[str, int]) -> Any:
-    path, index = split_block(block, _FN)
-    sub = _tree.get_path(params, path, fn_name=_FN)
+    path, index = split_block(block)
+    sub = _tree.get_path(params, path)
     if index is None:
         return sub
     return jax.tree.map(lambda x: x[index], sub)
 
 
 def _set_block(params: Any, block: str | tuple[str, int], value: Any) -> Any:
-    path, index = split_block(block, _FN)
+    path, index = split_block(block)
     if index is not None:
-        old = _tree.get_path(params, path, fn_name=_FN)
+        old = _tree.get_path(params, path)
         value = jax.tree.map(lambda s, v: s.at[index].set(v), old, value)
-    return _tree.set_path(params, path, value, fn_name=_FN)
+    return _tree.set_path(params, path, value)
 
 
 def _mean(xs: tuple[Any, ...], k: int) -> Any:
@@ -124,6 +126,7 @@ def _runs(sim: np.ndarray, threshold: float) -> list[list[int]]:
     return [r for r in runs if len(r) > 1]
 
 
+@public("splice.merge_similar_blocks")
 def merge_similar_blocks(
     fn: Callable[..., tuple[jax.Array, Sequence[jax.Array]]],
     params: Any,
@@ -169,7 +172,7 @@ def merge_similar_blocks(
     >>> len(new["blocks"]), rep.merged, new["blocks"][0]["w2"][0, 0].item()
     (1, (('blocks/0', 'blocks/1'),), 0.5)
     """
-    blocks = list(check_blocks(params, blocks, _FN))
+    blocks = list(check_blocks(params, blocks))
     if len(blocks) < 2:
         raise ValueError(f"splice.merge_similar_blocks: need two blocks or more, got {blocks!r}")
     if out is not _UNSET:
@@ -181,7 +184,7 @@ def merge_similar_blocks(
             stacklevel=2,
         )
         where = out
-    _tree.check_where(where, fn_name=_FN)
+    _tree.check_where(where)
     if where is None:
         raise ValueError(
             f"{_FN}: where=None; pass the block's output leaves (a regex such as 'w2|b2' or a "
@@ -199,7 +202,7 @@ def merge_similar_blocks(
             f"splice.merge_similar_blocks: how must be 'average' or 'first', got {how!r}"
         )
     batches = list(batches)
-    sim, before = _block_similarity(fn, params, batches, _FN)
+    sim, before = _block_similarity(fn, params, batches)
     if sim.shape != (len(blocks) - 1,):
         raise ValueError(
             f"splice.merge_similar_blocks: fn returned {sim.size + 2} hidden states for "
@@ -218,7 +221,6 @@ def merge_similar_blocks(
             lambda _, x, k=k: x * jnp.asarray(k, x.dtype),
             merged,
             where=out,
-            fn_name="splice.merge_similar_blocks",
         )
         new = _set_block(new, blocks[run[0]], scaled)
     for run in reversed(runs):

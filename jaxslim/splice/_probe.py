@@ -118,7 +118,6 @@ def probe(
     walker: Any,
     param_nodes: Sequence[Sequence[int]],
     roots: Sequence[int],
-    fn_name: str,
 ) -> tuple[dict[int, str], dict[int, str]]:
     """``({root: reason}, {root: hazard})``: the classes in ``roots`` whose sizes ``fn`` pins
     (see the module docstring), and those it could not probe because ``fn`` checks their
@@ -143,7 +142,7 @@ def probe(
                 leaf = jax.ShapeDtypeStruct(shape, leaf.dtype)
             new.append(leaf)
         try:
-            t = _jaxpr.make_jaxpr(fn, jax.tree.unflatten(treedef, new), *args, fn_name=fn_name)
+            t = _jaxpr.make_jaxpr(fn, jax.tree.unflatten(treedef, new), *args)
         except Exception as e:  # noqa: BLE001 - fn's own error is the finding
             cause = e.__cause__ if e.__cause__ is not None else e
             if _rebuilds(cause) or _rebuilds(e):

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from jaxslim import _tree
+from jaxslim._checks import caller, public
 from jaxslim.splice._graph import Group, Member
 
 
@@ -35,36 +36,37 @@ def _describe(group: Group) -> str:
     return f"group of {group.size} channels over {list(group.paths)}"
 
 
-def _check_keep(group: Any, keep: Any, fn_name: str) -> tuple[int, ...]:
+def _check_keep(group: Any, keep: Any) -> tuple[int, ...]:
     if not isinstance(group, Group):
-        raise TypeError(f"{fn_name}: group must be a splice.Group from trace(), got {group!r}")
+        raise TypeError(f"{caller()}: group must be a splice.Group from trace(), got {group!r}")
     if not group.removable:
         raise ValueError(
-            f"{fn_name}: the {_describe(group)} is not removable: {'; '.join(group.reasons)}"
+            f"{caller()}: the {_describe(group)} is not removable: {'; '.join(group.reasons)}"
         )
     arr = np.asarray(keep)
     if arr.ndim != 1 or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
         raise ValueError(
-            f"{fn_name}: keep must be a 1-D sequence of integer indices, got {keep!r} for the "
+            f"{caller()}: keep must be a 1-D sequence of integer indices, got {keep!r} for the "
             f"{_describe(group)}"
         )
     if arr.size == 0:
         raise ValueError(
-            f"{fn_name}: keep is empty: it would remove every channel of the {_describe(group)}"
+            f"{caller()}: keep is empty: it would remove every channel of the {_describe(group)}"
         )
     bad = arr[(arr < 0) | (arr >= group.size)]
     if bad.size:
         raise ValueError(
-            f"{fn_name}: keep index {int(bad[0])} is out of range [0, {group.size}) for the "
+            f"{caller()}: keep index {int(bad[0])} is out of range [0, {group.size}) for the "
             f"{_describe(group)}"
         )
     if np.unique(arr).size != arr.size:
         raise ValueError(
-            f"{fn_name}: keep has repeated indices {keep!r} for the {_describe(group)}"
+            f"{caller()}: keep has repeated indices {keep!r} for the {_describe(group)}"
         )
     return tuple(int(i) for i in np.sort(arr))
 
 
+@public("splice.make_plan")
 def make_plan(groups: Sequence[Group], keep: Sequence[Sequence[int]]) -> Plan:
     """Validates and packs ``(groups, keep)`` into a :class:`Plan`.
 
@@ -74,7 +76,7 @@ def make_plan(groups: Sequence[Group], keep: Sequence[Sequence[int]]) -> Plan:
     """
     if len(groups) != len(keep):
         raise ValueError(f"splice.make_plan: {len(groups)} groups but {len(keep)} keep lists")
-    ks = tuple(_check_keep(g, k, "splice.make_plan") for g, k in zip(groups, keep, strict=True))
+    ks = tuple(_check_keep(g, k) for g, k in zip(groups, keep, strict=True))
     seen: dict[tuple[str, int, int], Group] = {}
     for g in groups:
         for m in g.members:
@@ -137,19 +139,20 @@ def _shrink(
     return y.reshape(shape[:axis] + (math.prod(new),) + shape[axis + 1 :])
 
 
-def _apply_leaf(path: str, leaf: Any, where: dict, fn_name: str) -> Any:
+def _apply_leaf(path: str, leaf: Any, where: dict) -> Any:
     if leaf is None:
         return None
     for axis, (factors, segments, picks) in sorted(where.items()):
         if getattr(leaf, "ndim", 0) <= axis or leaf.shape[axis] != math.prod(factors):
             raise ValueError(
-                f"{fn_name}: {path!r} has shape {getattr(leaf, 'shape', None)} but the plan "
+                f"{caller()}: {path!r} has shape {getattr(leaf, 'shape', None)} but the plan "
                 f"expects axis {axis} of size {math.prod(factors)}"
             )
         leaf = _shrink(leaf, axis, factors, picks, segments)
     return leaf
 
 
+@public("splice.apply_plan")
 def apply_plan(tree: Any, plan: Plan, *, suffix: bool = False) -> Any:
     """Shrinks every leaf of ``tree`` named in ``plan`` to the kept channels.
 
@@ -170,12 +173,12 @@ def apply_plan(tree: Any, plan: Plan, *, suffix: bool = False) -> Any:
         raise TypeError(
             "splice.apply_plan: the arguments are (tree, plan): the tree first, the plan second"
         )
-    return apply_plan_for(tree, plan, suffix=suffix, fn_name="splice.apply_plan")
+    return apply_plan_for(tree, plan, suffix=suffix)
 
 
-def apply_plan_for(tree: Any, plan: Plan, *, suffix: bool, fn_name: str) -> Any:
+def apply_plan_for(tree: Any, plan: Plan, *, suffix: bool) -> Any:
     if not isinstance(plan, Plan):
-        raise TypeError(f"{fn_name}: plan must be a splice.Plan, got {type(plan).__name__}")
+        raise TypeError(f"{caller()}: plan must be a splice.Plan, got {type(plan).__name__}")
     todo = _per_leaf(plan)
     found: set[str] = set()
 
@@ -189,15 +192,16 @@ def apply_plan_for(tree: Any, plan: Plan, *, suffix: bool, fn_name: str) -> Any:
         found.add(name)
         if not hasattr(leaf, "shape"):
             return leaf
-        return _apply_leaf(name, leaf, todo[name], fn_name)
+        return _apply_leaf(name, leaf, todo[name])
 
     out = jax.tree_util.tree_map_with_path(visit, tree, is_leaf=lambda x: x is None)
     missing = sorted(set(todo) - found)
     if missing and not suffix:
-        raise ValueError(f"{fn_name}: the plan names {missing} which the tree does not have")
+        raise ValueError(f"{caller()}: the plan names {missing} which the tree does not have")
     return out
 
 
+@public("splice.apply_plan_to_opt_state")
 def apply_plan_to_opt_state(
     opt_state: Any, plan: Plan, tx: optax.GradientTransformation, params: Any
 ) -> Any:
@@ -218,36 +222,36 @@ def apply_plan_to_opt_state(
     >>> s[0].mu["w1"].shape
     (2, 1)
     """
-    fn_name = "splice.apply_plan_to_opt_state"
     if isinstance(opt_state, Plan) and not isinstance(plan, Plan):
         warnings.warn(
-            f"{fn_name}(plan, tx, opt_state, params) is deprecated: call "
-            f"{fn_name}(opt_state, plan, tx, params), the tree first like apply_plan",
+            f"{caller()}(plan, tx, opt_state, params) is deprecated: call "
+            f"{caller()}(opt_state, plan, tx, params), the tree first like apply_plan",
             DeprecationWarning,
             stacklevel=2,
         )
         opt_state, plan, tx = tx, opt_state, plan
     if not isinstance(plan, Plan):
-        raise TypeError(f"{fn_name}: plan must be a splice.Plan, got {type(plan).__name__}")
+        raise TypeError(f"{caller()}: plan must be a splice.Plan, got {type(plan).__name__}")
     if not isinstance(tx, optax.GradientTransformation):
         raise TypeError(
-            f"{fn_name}: tx must be the optax.GradientTransformation that built opt_state, got "
+            f"{caller()}: tx must be the optax.GradientTransformation that built opt_state, got "
             f"{type(tx).__name__}"
         )
     todo = _per_leaf(plan)
     names = jax.tree_util.tree_map_with_path(lambda path, _: _tree.path_str(path), params)
     missing = sorted(set(todo) - set(jax.tree.leaves(names)))
     if missing:
-        raise ValueError(f"{fn_name}: the plan names {missing} which params do not have")
+        raise ValueError(f"{caller()}: the plan names {missing} which params do not have")
 
     def shrink(leaf, name):
         if name in todo and leaf is not None and hasattr(leaf, "shape"):
-            return _apply_leaf(name, leaf, todo[name], fn_name)
+            return _apply_leaf(name, leaf, todo[name])
         return leaf
 
     return optax.tree_map_params(tx, shrink, opt_state, names, is_leaf=lambda x: x is None)
 
 
+@public("splice.remove_channels")
 def remove_channels(params: Any, group: Group, keep: Sequence[int]) -> Any:
     """Physically shrinks every array of ``group`` to the channels ``keep``.
 
@@ -265,10 +269,8 @@ def remove_channels(params: Any, group: Group, keep: Sequence[int]) -> Any:
     >>> jax.tree.map(jnp.shape, remove_channels(p, g, [0, 2]))
     {'b1': (2,), 'w1': (3, 2), 'w2': (2, 2)}
     """
-    keep = _check_keep(group, keep, "splice.remove_channels")
-    return apply_plan_for(
-        params, Plan((group,), (keep,)), suffix=False, fn_name="splice.remove_channels"
-    )
+    keep = _check_keep(group, keep)
+    return apply_plan_for(params, Plan((group,), (keep,)), suffix=False)
 
 
 def member_view(x: Any, m: Member) -> Any:

@@ -27,6 +27,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from jaxslim._checks import public
+
 ELEMENTWISE = frozenset(
     """abs acos acosh add add_any and asin asinh atan atan2 atanh cbrt ceil clamp complex conj
     convert_element_type copy copy_p cos cosh digamma div eq erf erf_inv erfc exp exp2 expm1 floor
@@ -89,6 +91,7 @@ def rule(*names: str) -> Callable[[AxesRule], AxesRule]:
     return register
 
 
+@public("splice.register_rule")
 def register_rule(
     primitive: Any,
     *,

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxslim import _tree
+from jaxslim._checks import caller, public
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -96,6 +97,7 @@ def _raise_bad_bn(stats: dict[str, np.ndarray | None], v: np.ndarray, eps: float
     )
 
 
+@public("splice.fold_batchnorm")
 def fold_batchnorm(
     w: jax.Array,
     b: jax.Array | None,
@@ -195,6 +197,7 @@ def fold_batchnorm(
     return w_new, b_new
 
 
+@public("splice.fuse_linear")
 def fuse_linear(
     w1: jax.Array, b1: jax.Array | None, w2: jax.Array, b2: jax.Array | None
 ) -> tuple[jax.Array, jax.Array]:
@@ -241,6 +244,7 @@ def fuse_linear(
     return w, b
 
 
+@public("splice.widen_map")
 def widen_map(width: int, new_width: int, *, key: jax.Array | None = None) -> jax.Array:
     """Net2WiderNet unit map ``g``: ``g[j] = j`` for ``j < width``, then copies of old units.
 
@@ -262,6 +266,7 @@ def widen_map(width: int, new_width: int, *, key: jax.Array | None = None) -> ja
     return jnp.concatenate([jnp.arange(width, dtype=jnp.int32), rest])
 
 
+@public("splice.widen")
 def widen(
     w1: jax.Array,
     b1: jax.Array | None,
@@ -339,6 +344,7 @@ _IDEMPOTENT = {
 }
 
 
+@public("splice.deepen")
 def deepen(
     width: int,
     activation: str | None = "relu",
@@ -378,32 +384,32 @@ def deepen(
     return w, jnp.zeros((width,), dtype)
 
 
-def split_block(
-    block: Any, fn_name: str = "splice.drop_layer", index: Any = None
-) -> tuple[str, int | None]:
+def split_block(block: Any, index: Any = None) -> tuple[str, int | None]:
     """``(path, index)`` of a block spec: a path, ``(path, index)``, or a path and ``index=``."""
     if isinstance(block, tuple):
         if index is not None:
             raise TypeError(
-                f"{fn_name}: give the layer index once, as (path, index) or as index=, got "
+                f"{caller()}: give the layer index once, as (path, index) or as index=, got "
                 f"block={block!r} and index={index!r}"
             )
         ok = len(block) == 2 and isinstance(block[0], str)
         ok = ok and isinstance(block[1], int | np.integer) and not isinstance(block[1], bool)
         if not ok:
-            raise TypeError(f"{fn_name}: a scanned-stack block is (path, int index), got {block!r}")
+            raise TypeError(
+                f"{caller()}: a scanned-stack block is (path, int index), got {block!r}"
+            )
         return block[0], int(block[1])
     if isinstance(block, str):
         if index is not None and (
             isinstance(index, bool) or not isinstance(index, int | np.integer)
         ):
             raise TypeError(
-                f"{fn_name}: index must be a Python int (it sets the stack's new length, so it "
+                f"{caller()}: index must be a Python int (it sets the stack's new length, so it "
                 f"cannot be traced), got {type(index).__name__} {index!r} for {block!r}"
             )
         return block, None if index is None else int(index)
     raise TypeError(
-        f"{fn_name}: block must be a path such as 'blocks/1' or (path, index) for a "
+        f"{caller()}: block must be a path such as 'blocks/1' or (path, index) for a "
         f"scanned stack, got {type(block).__name__} {block!r}"
     )
 
@@ -418,21 +424,21 @@ def _is_block_list(node: Any) -> bool:
     return False
 
 
-def stack_size(params: Any, path: str, axis: int, fn_name: str) -> tuple[int, list[str]]:
+def stack_size(params: Any, path: str, axis: int) -> tuple[int, list[str]]:
     """``(layers, leaf paths)`` of the scanned stack at ``path``: every array leaf under it has
     the same size ``layers`` on ``axis``. Raises ``ValueError`` naming the path otherwise."""
     if isinstance(axis, bool) or not isinstance(axis, int) or axis < 0:
-        raise TypeError(f"{fn_name}: axis must be an int >= 0, got {axis!r}")
+        raise TypeError(f"{caller()}: axis must be an int >= 0, got {axis!r}")
     names = [p for p, _ in _tree.leaves_with_paths(params)]
     leaves = [
         (p, x) for p, x in _tree.leaves_with_paths(params) if p == path or p.startswith(path + "/")
     ]
     if not leaves:
-        raise ValueError(f"{fn_name}: no leaf under {path!r}; leaves are {names[:8]}")
-    node = _tree.get_path(params, path, fn_name=fn_name)
+        raise ValueError(f"{caller()}: no leaf under {path!r}; leaves are {names[:8]}")
+    node = _tree.get_path(params, path)
     if _is_block_list(node):
         raise ValueError(
-            f"{fn_name}: {path!r} holds a list of {len(node)} blocks, not a scanned stack (one "
+            f"{caller()}: {path!r} holds a list of {len(node)} blocks, not a scanned stack (one "
             f"array per leaf with a layer axis {axis}); drop a listed block by its path, e.g. "
             f"'{path}/0'"
         )
@@ -440,45 +446,45 @@ def stack_size(params: Any, path: str, axis: int, fn_name: str) -> tuple[int, li
     for name, x in leaves:
         if not hasattr(x, "shape"):
             raise ValueError(
-                f"{fn_name}: {name!r} under the scanned stack {path!r} is a "
+                f"{caller()}: {name!r} under the scanned stack {path!r} is a "
                 f"{type(x).__name__}, not an array with a layer axis {axis}"
             )
         if x.ndim <= axis:
             raise ValueError(
-                f"{fn_name}: {name!r} with shape {tuple(x.shape)} has no layer axis {axis}, so "
+                f"{caller()}: {name!r} with shape {tuple(x.shape)} has no layer axis {axis}, so "
                 f"{path!r} is not a scanned stack on that axis"
             )
         sizes.setdefault(int(x.shape[axis]), name)
     if len(sizes) > 1:
         seen = ", ".join(f"{n!r}: {k}" for k, n in sizes.items())
         raise ValueError(
-            f"{fn_name}: {path!r} is not a scanned stack: its leaves have different sizes on "
+            f"{caller()}: {path!r} is not a scanned stack: its leaves have different sizes on "
             f"axis {axis} ({seen}), but a stacked layer axis holds one layer count; pass the "
             "path of the stacked module (every leaf under it with the layer axis) or the axis"
         )
     return next(iter(sizes)), [n for n, _ in leaves]
 
 
-def check_index(path: str, index: int, n: int, name: str, shape: Any, axis: int, fn_name: str):
+def check_index(path: str, index: int, n: int, name: str, shape: Any, axis: int):
     if not 0 <= index < n:
         raise ValueError(
-            f"{fn_name}: layer {index} is out of range for {name!r} with shape {tuple(shape)} "
+            f"{caller()}: layer {index} is out of range for {name!r} with shape {tuple(shape)} "
             f"on axis {axis}: the scanned stack {path!r} has {n} layers (index 0 .. {n - 1})"
         )
 
 
-def _renumbered(params: Any, path: str, fn_name: str) -> Any:
+def _renumbered(params: Any, path: str) -> Any:
     """``params`` with the string-keyed siblings after the dropped ``path`` shifted down:
     ``"2"`` -> ``"1"``, ``"layer_3"`` -> ``"layer_2"`` (keys of the same prefix only)."""
     parent, _, name = path.rpartition("/")
     m = re.fullmatch(r"(.*?)(\d+)", name)
     if m is None:
         raise ValueError(
-            f"{fn_name}: renumber=True needs a block key ending in its number ('3', "
+            f"{caller()}: renumber=True needs a block key ending in its number ('3', "
             f"'layer_3', 'h_3'), got {name!r}"
         )
     prefix, dropped = m.group(1), int(m.group(2))
-    node = _tree.get_path(params, parent, fn_name=fn_name) if parent else params
+    node = _tree.get_path(params, parent) if parent else params
     if not isinstance(node, Mapping) or any(not isinstance(k, str) for k in node):
         return params  # a list or an integer-keyed state already shifted down
 
@@ -490,7 +496,7 @@ def _renumbered(params: Any, path: str, fn_name: str) -> Any:
 
     items = {key(k): v for k, v in node.items()}
     new = items if type(node) is dict else type(node)(items)
-    return _tree.set_path(params, parent, new, fn_name=fn_name) if parent else new
+    return _tree.set_path(params, parent, new) if parent else new
 
 
 def _successor(params: Any, path: str) -> str | None:
@@ -498,7 +504,7 @@ def _successor(params: Any, path: str) -> str | None:
     dropped with ``renumber=True`` (``".../block/1"`` for ``".../block/0"``), or ``None``."""
     parent, _, name = path.rpartition("/")
     m = re.fullmatch(r"(.*?)(\d+)", name)
-    node = _tree.get_path(params, parent, fn_name="splice.drop_layer") if parent else params
+    node = _tree.get_path(params, parent) if parent else params
     if m is None or not isinstance(node, Mapping):
         return None
     later = [
@@ -511,7 +517,7 @@ def _successor(params: Any, path: str) -> str | None:
 
 
 def _relative(params: Any, path: str) -> dict[str, Any]:
-    sub = _tree.get_path(params, path, fn_name="splice.drop_layer")
+    sub = _tree.get_path(params, path)
     return dict(_tree.leaves_with_paths(sub))
 
 
@@ -521,10 +527,10 @@ def _put(tree: Any, path: str, value: Any) -> Any:
     for i in range(1, len(keys)):
         head = "/".join(keys[:i])
         try:
-            _tree.get_path(tree, head, fn_name="splice.drop_layer")
+            _tree.get_path(tree, head)
         except ValueError:
-            tree = _tree.set_path(tree, head, {}, create=True, fn_name="splice.drop_layer")
-    return _tree.set_path(tree, path, value, create=True, fn_name="splice.drop_layer")
+            tree = _tree.set_path(tree, head, {}, create=True)
+    return _tree.set_path(tree, path, value, create=True)
 
 
 def _owned(params: Any, path: str, keep: str | None) -> dict[str, Any]:
@@ -552,6 +558,7 @@ def _owned(params: Any, path: str, keep: str | None) -> dict[str, Any]:
     return kept
 
 
+@public("splice.drop_layer")
 def drop_layer(
     params: Any,
     block: str | tuple[str, int],
@@ -607,15 +614,14 @@ def drop_layer(
     >>> sorted(drop_layer({"layer_0": 0, "layer_1": 1, "layer_2": 2}, "layer_0", renumber=True))
     ['layer_0', 'layer_1']
     """
-    fn_name = "splice.drop_layer"
-    path, index = split_block(block, fn_name, index)
+    path, index = split_block(block, index)
     if index is not None:
-        n, inside = stack_size(params, path, axis, fn_name)
-        shape = _tree.get_path(params, inside[0], fn_name=fn_name).shape
-        check_index(path, index, n, inside[0], shape, axis, fn_name)
+        n, inside = stack_size(params, path, axis)
+        shape = _tree.get_path(params, inside[0]).shape
+        check_index(path, index, n, inside[0], shape, axis)
         if n == 1:
             raise ValueError(
-                f"{fn_name}: the scanned stack {path!r} has a single layer left ({inside[0]!r} "
+                f"{caller()}: the scanned stack {path!r} has a single layer left ({inside[0]!r} "
                 f"with shape {tuple(shape)}); a stack cannot be empty"
             )
         keep = np.delete(np.arange(n), index)
@@ -635,10 +641,10 @@ def drop_layer(
             "takes its number, so it needs renumber=True"
         )
     owned = _owned(params, path, keep) if renumber else {}
-    out = _tree.delete_path(params, path, fn_name="splice.drop_layer")
+    out = _tree.delete_path(params, path)
     if not renumber:
         return out
-    out = _renumbered(out, path, "splice.drop_layer")
+    out = _renumbered(out, path)
     for rel, leaf in owned.items():
         out = _put(out, f"{path}/{rel}", leaf)
     return out

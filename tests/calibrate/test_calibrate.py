@@ -77,10 +77,10 @@ def test_kernels_restricts_to_the_listed_paths_and_gives_the_same_values():
 def test_accumulation_step_donates_its_accumulators():
     """The jitted step updates the accumulators in place: XLA aliases every accumulator byte to
     an output, the buffers passed in are deleted (no second copy kept), and two steps sum."""
-    c = calibrate._trace(mlp, MLP, BATCHES[0], 0, "test")
+    c = calibrate._trace(mlp, MLP, BATCHES[0], 0)
     leaves = dict(_tree.leaves_with_paths(MLP))
-    plans = calibrate._make_plans(c.uses, list(c.uses), leaves, False, "test")
-    step = calibrate._jit_step(c.traced, calibrate._make_hook(plans, jnp.float32, "test"))
+    plans = calibrate._make_plans(c.uses, list(c.uses), leaves, False)
+    step = calibrate._jit_step(c.traced, calibrate._make_hook(plans, jnp.float32))
     args = ([x for x in leaves.values()], list(c.traced.consts))
     acc0 = calibrate._zeros(plans, jnp.float32)
     nbytes = sum(x.nbytes for x in jax.tree.leaves(acc0))

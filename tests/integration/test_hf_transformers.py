@@ -104,7 +104,7 @@ def _zero_and_remove(params, groups, n_keep):
     zeroed = params
     for g in groups:
         for m in g.members:
-            leaf = _tree.subtree(zeroed, m.path, fn_name="test")
+            leaf = _tree.subtree(zeroed, m.path)
             idx = [slice(None)] * leaf.ndim
             idx[m.axis] = slice(n_keep, None)
             zeroed = _set(zeroed, m.path, leaf.at[tuple(idx)].set(0))
@@ -181,7 +181,7 @@ def _zero_block(params, layer, leaves):
     out = params
     for name in leaves:
         path = f"model/layers/{layer}/{name}/kernel"
-        out = _set(out, path, jnp.zeros_like(_tree.subtree(out, path, fn_name="test")))
+        out = _set(out, path, jnp.zeros_like(_tree.subtree(out, path)))
     return out
 
 
@@ -207,7 +207,7 @@ def test_gpt2_layer_zeroed_dropped_renumbered_and_rebuilt():
     zeroed = model.params
     for name in ("attn/c_proj/kernel", "attn/c_proj/bias", "mlp/c_proj/kernel", "mlp/c_proj/bias"):
         path = f"transformer/h/1/{name}"
-        zeroed = _set(zeroed, path, jnp.zeros_like(_tree.subtree(zeroed, path, fn_name="test")))
+        zeroed = _set(zeroed, path, jnp.zeros_like(_tree.subtree(zeroed, path)))
     small = splice.drop_layer(zeroed, "transformer/h/1", renumber=True)
     assert sorted(small["transformer"]["h"]) == ["0", "1"]
     h = model.params["transformer"]["h"]

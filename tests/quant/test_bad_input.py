@@ -524,7 +524,7 @@ ROWS = [
     pytest.param(
         lambda: quant.quantize_params({"enc": [X, X_NAN]}, S8),
         ValueError,
-        r"quant.quantize_params: quant.quantize: 'enc/1' has 1 non-finite",
+        r"quant.quantize_params: 'enc/1' has 1 non-finite",
         id="params-nan-int-key",
     ),
     pytest.param(
@@ -609,7 +609,7 @@ ROWS = [
     pytest.param(
         lambda: quant.qdot_general(X_NAN.T, Q4, DN, lhs_spec=QuantSpec(8, axis=0)),
         ValueError,
-        r"quant.quantize: 'lhs' has 1 non-finite",
+        r"quant.qdot_general: 'lhs' has 1 non-finite",
         id="qdot-lhs-nan",
     ),
     pytest.param(
@@ -781,7 +781,7 @@ ROWS = [
     pytest.param(
         lambda: quantize_model(_model(), QuantSpec(4, group_size=3, group_axis=4)),
         ValueError,
-        r"quant.quantize: group_axis 4 is out of range for 'layers/0/kernel'",
+        r"flax.quantize_model: group_axis 4 is out of range for 'layers/0/kernel'",
         id="model-group",
     ),
     pytest.param(

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from jaxslim import _tree, splice
+from jaxslim._checks import public
 from jaxslim.flax import splice as fsplice
 
 
@@ -97,37 +98,37 @@ OPT = TX.init(P)
 ROWS = [
     # --- _tree paths and where= ---
     pytest.param(
-        lambda: _tree.get_path(STATE, "blocks/5/lin", fn_name="f"),
+        public("f")(lambda: _tree.get_path(STATE, "blocks/5/lin")),
         ValueError,
         r"f: 'blocks/5/lin' is not in the tree \(no key '5' under 'blocks'; keys there: \['0'",
         id="get_path-int-keyed-state-missing",
     ),
     pytest.param(
-        lambda: _tree.set_path(PURE, "blocks/0/lin/scale", 1.0, fn_name="g"),
+        public("g")(lambda: _tree.set_path(PURE, "blocks/0/lin/scale", 1.0)),
         ValueError,
         r"g: 'blocks/0/lin/scale' is not in the tree \(no key 'scale' under 'blocks/0/lin'",
         id="set_path-pure-dict-missing",
     ),
     pytest.param(
-        lambda: _tree.delete_path(Pair(1, 2), "a"),
+        public("_tree.delete_path")(lambda: _tree.delete_path(Pair(1, 2), "a")),
         ValueError,
         r"_tree.delete_path: cannot delete 'a'.*Pair",
         id="delete_path-namedtuple-field",
     ),
     pytest.param(
-        lambda: _tree.get_path(P, 1.5),
+        public("_tree.get_path")(lambda: _tree.get_path(P, 1.5)),
         TypeError,
         r"_tree.get_path: path must be .* got float 1.5",
         id="get_path-path-type",
     ),
     pytest.param(
-        lambda: _tree.selected_paths(P, "w(", fn_name="prune.x"),
+        public("prune.x")(lambda: _tree.selected_paths(P, "w(")),
         ValueError,
         r"prune.x: where='w\(' is not a valid regular expression",
         id="where-invalid-regex",
     ),
     pytest.param(
-        lambda: _tree.selected_paths({"i": 1}, 3, fn_name="prune.x"),
+        public("prune.x")(lambda: _tree.selected_paths({"i": 1}, 3)),
         TypeError,
         r"prune.x: where must be None, a regex string or a predicate.*int 3",
         id="where-wrong-type-no-float-leaf",
@@ -585,7 +586,8 @@ ROWS = [
     pytest.param(
         lambda: fsplice.prune_channels_model(mlp_model(), X, sparsity=0.5, where="^nope"),
         ValueError,
-        r"splice.prune_channels: where='\^nope' matches no removable group.*layers/0/kernel",
+        r"flax.splice.prune_channels_model: where='\^nope' matches no removable group"
+        r".*layers/0/kernel",
         id="prune_channels_model-where-matches-nothing",
     ),
     pytest.param(
@@ -631,7 +633,7 @@ ROWS = [
         id="fold_all_model-state-not-module",
     ),
     pytest.param(
-        lambda: fsplice._get(Net(), "blocks/3/lin", "flax.splice.fold_all_model"),
+        public("flax.splice.fold_all_model")(lambda: fsplice._get(Net(), "blocks/3/lin")),
         ValueError,
         r"flax.splice.fold_all_model: 'blocks/3/lin' is not in the model",
         id="flax-path-helper-missing-item",
