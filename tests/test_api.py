@@ -221,9 +221,13 @@ ALL_PACKAGES = [
     "jaxslim.flax",
 ]
 # ``path`` that is a file path or the where-predicate's argument, not a leaf name for messages.
-PATH_ALLOWED = {
+PATH_ALLOWED = {  # a file or directory path, a dataclass field, or a where-predicate's argument
     "checkpoints.open",
     "checkpoints.export_gguf",
+    "checkpoints.load",
+    "checkpoints.save",
+    "checkpoints.load_orbax",
+    "checkpoints.save_orbax",
     "recipe.load",
     "structures.kernel_like",
 }

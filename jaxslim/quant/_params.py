@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxslim import _jaxpr, _tree, structures
-from jaxslim._checks import at_leaf, caller, public
+from jaxslim._checks import at_leaf, public
 from jaxslim.quant._qarray import QArray, dequantize, is_qarray, quantize
 from jaxslim.quant._rules import first, normalize
 from jaxslim.quant._spec import QuantSpec
@@ -187,7 +187,7 @@ def quantize_params(
         except ValueError as e:
             keep = f"(r'^{re.escape(name)}$', None)"
             raise ValueError(
-                f"{caller()}: {e}; to leave {name!r} in float, put the rule {keep} first"
+                f"{e}; to leave {name!r} in float, put the rule {keep} first"
             ) from None
         rows.append(LeafSize(name, tuple(leaf.shape), spec, _nbytes(leaf), _nbytes(new)))
         return new
