@@ -163,6 +163,12 @@ def test_the_file_holds_gptq_codes_bit_exactly(roundtrip):
             file_values = gguf.quants.dequantize(t.data, t.tensor_type)
             want = gguf_rows(np.asarray(quant.dequantize(lq)).T, k)
             np.testing.assert_array_equal(file_values, want)
+            # ... and off GPTQ's float32-scale values by the scale rounding only: |c| |f16(s) - s|
+            gptq = gguf_rows(np.asarray(quant.dequantize(q)).T, k)
+            c = gguf_rows(np.asarray(q.codes()).T, k).astype(np.float32)
+            s32 = np.repeat(gguf_rows(np.asarray(q.scale)[:, 0, :].T, k), 32, axis=1)
+            bound = np.abs(c) * np.abs(s32 - s32.astype(np.float16).astype(np.float32))
+            assert (np.abs(file_values - gptq) <= bound + np.spacing(np.abs(gptq))).all()
             n_q += 1
     assert n_q == 7 * BLOCKS
     # the tied embedding stays the source's Q8_0 tensor: the values the run copied, exactly
