@@ -28,7 +28,10 @@ VENV_INT := .venv-interop
 BIN_INT := $(VENV_INT)/bin
 STAMP_INT := $(VENV_INT)/.installed
 FLOOR := .ci/floor.txt
-PYTEST_ARGS ?= -n 2 -q --durations=10
+# Two workers; worksteal hands each a contiguous run of the collected items (a module's tests stay
+# together and share their compiled functions and module fixtures) and an idle worker takes half
+# of the other's queue.
+PYTEST_ARGS ?= -n 2 --dist worksteal -q --durations=10
 
 .PHONY: demo test ci test-floor test-new test-interop bench lint install clean
 

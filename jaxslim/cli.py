@@ -9,8 +9,9 @@ is the LM workbench (bits per byte; ``--lm --oneshot`` adds the same grid on the
 once with ``jax.vmap``, against a Python loop).
 
 ``jaxslim eval MODEL --text FILE`` prints the perplexity, bits per byte and tokens per second of
-a Llama-family model (a Hugging Face safetensors directory or a GGUF file) on a text file, and
-``jaxslim generate MODEL --prompt TEXT`` its continuation (needs the ``models`` extra:
+a Llama-family model (a Hugging Face safetensors directory, plain or compressed-tensors, a GGUF
+file, or what ``jaxslim compress`` wrote; quantized weights run from their codes) on a text file,
+and ``jaxslim generate MODEL --prompt TEXT`` its continuation (needs the ``models`` extra:
 ``pip install 'jaxslim[models]'``).
 
 ``jaxslim inspect PATH`` prints the per-leaf table (shape, dtype, bits, nonzeros, sparsity, bytes)
@@ -532,12 +533,12 @@ def compress_model(
                 lines += [f"## {name}", "", rep.table(), ""]
     if fmt != "npz":
         params, config, tok = models.load_streamed(work)
+        dest = out if gguf_file else None
         if fmt == "gguf" and pathlib.Path(model).suffix == ".gguf":
             with checkpoints.open(model) as src:  # its tokenizer and stored types, kept
-                params = _as_stored(src, params)
-                _export(fmt, work, params, config, tok_json, out if gguf_file else None, src)
+                _export(fmt, work, _as_stored(src, params), config, tok_json, dest, src)
         else:
-            _export(fmt, work, params, config, tok_json)
+            _export(fmt, work, params, config, tok_json, dest)
         lines.append(f"exported as {fmt} in {out}")
     lines.append(f"peak RSS {res.peak_rss / 2**30:.2f} GiB")
     return "\n".join(lines)
@@ -621,7 +622,11 @@ def _parser() -> argparse.ArgumentParser:
     p_eval = sub.add_parser(
         "eval", help="perplexity and bits per byte of a model (HF directory or GGUF) on a text"
     )
-    p_eval.add_argument("model", help="a HF model directory (config.json + safetensors) or .gguf")
+    p_eval.add_argument(
+        "model",
+        help="a HF model directory (config.json + safetensors), a .gguf file or a directory "
+        "written by 'jaxslim compress'",
+    )
     p_eval.add_argument("--text", required=True, help="a UTF-8 text file to evaluate on")
     p_eval.add_argument("--seq", type=int, default=512, help="window length in tokens")
     p_eval.add_argument("--stride", type=int, default=None, help="window step (default --seq)")
@@ -684,7 +689,12 @@ def _parser() -> argparse.ArgumentParser:
         default="npz",
         help="also export a compressed model in this format (model)",
     )
-    p_c.add_argument("-o", "--output", help="output: Orbax directory, or a file ending in .npz")
+    p_c.add_argument(
+        "-o",
+        "--output",
+        help="output: Orbax directory, or a file ending in .npz; for a model, a directory (or a "
+        "file ending in .gguf with --format gguf)",
+    )
     p_c.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     p_c.add_argument(
         "--print-recipe", action="store_true", help="print an annotated example recipe and exit"

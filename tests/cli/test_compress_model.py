@@ -207,3 +207,37 @@ def test_eval_of_every_output_format_equals_the_compressed_params(tmp_path, caps
             jax.tree.leaves(p), jax.tree.leaves(quant.dequantize_params(ql)), strict=True
         ):
             np.testing.assert_array_equal(a, b)
+
+
+CT_SPECS = [
+    (quant.QuantSpec(4, axis=-1, group_size=32), None),
+    (quant.QuantSpec(4, symmetric=False, axis=-1, group_size=32), None),
+    (quant.QuantSpec(4, signed=False, symmetric=False, axis=-1, group_size=32), None),
+    (quant.QuantSpec(3, axis=-1, group_size=32), None),
+    (quant.QuantSpec(4, axis=-1), None),
+    (quant.QuantSpec(8, axis=-1), "int8-dynamic-token"),
+]
+
+
+@pytest.mark.parametrize("spec, act", CT_SPECS, ids=[str(i) for i in range(len(CT_SPECS))])
+def test_compressed_tensors_load_back_as_the_same_qarrays(tmp_path, spec, act):
+    import jax
+
+    from jaxslim import checkpoints
+
+    cfg = models.Config(head_dim=16)
+    p = models.init(
+        jax.random.key(0), cfg, vocab=40, hidden=64, layers=1, heads=4, kv_heads=2, intermediate=96
+    )
+    q, _ = quant.quantize_params(p, [(r"^layers/\d+/(q|k|v|o|gate|up|down)$", spec)])
+    checkpoints.export_compressed_tensors(tmp_path / "ct", q, cfg, activations=act)
+    loaded, c, _ = models.load(str(tmp_path / "ct"), dequantize=False)
+    dense, _, _ = models.load(str(tmp_path / "ct"))
+    assert c == cfg
+    for k in ("q", "k", "v", "o", "gate", "up", "down"):
+        got, want = loaded["layers"][0][k], q["layers"][0][k]
+        assert isinstance(got, quant.QArray) and got.spec.bits == spec.bits
+        assert got.spec.group_size == spec.group_size and got.spec.symmetric == spec.symmetric
+        np.testing.assert_array_equal(quant.dequantize(got), quant.dequantize(want))
+        np.testing.assert_array_equal(dense["layers"][0][k], quant.dequantize(want))
+    np.testing.assert_array_equal(loaded["embed"], p["embed"])

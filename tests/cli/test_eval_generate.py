@@ -105,6 +105,7 @@ BAD = [
     (["generate", "{d}", "--prompt", "ab", "--max-tokens", "0"], r"--max-tokens must be"),
     (["generate", "{d}", "--prompt", "ab", "--top-p", "1.5"], r"--top-p in \(0, 1\]"),
     (["generate", "{broken}", "--prompt", "ab"], r"broken"),
+    (["eval", "{unfinished}", "--text", "{t}"], r"unfinished: .*\(0 of 2 layers done\); run"),
 ]
 
 
@@ -121,6 +122,9 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, match):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
+    unfinished = tmp_path / "unfinished"  # an interrupted `jaxslim compress` output
+    unfinished.mkdir()
+    (unfinished / "manifest.json").write_text('{"blocks": ["layers.0", "layers.1"], "done": []}')
     paths = {
         "d": d,
         "t": tmp_path / "t.txt",
@@ -129,6 +133,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, match):
         "nodir": tmp_path / "nodir",
         "notok": nd,
         "broken": broken,
+        "unfinished": unfinished,
     }
     argv = [a.format(**{k: str(v) for k, v in paths.items()}) for a in argv]
     assert cli.main(argv) == 2
@@ -147,3 +152,53 @@ def test_eval_matches_models_perplexity(tmp_path, capsys):
     p, c, tok = models.load(str(d))
     r = models.perplexity(p, c, tok.encode(text), seq=24, stride=12, progress=False)
     assert f"perplexity {r.perplexity:.3f}" in out and np.isfinite(r.perplexity)
+
+
+def test_eval_of_a_quantized_gguf_runs_on_the_file_codes(tmp_path, capsys):
+    """Q8_0 / Q4_0 tensors load as QArrays equal to the ones exported (codes, f16 scales), gguf-py
+    reads the same values, and ``jaxslim eval`` equals the in-memory perplexity of those QArrays."""
+    gguf = pytest.importorskip("gguf")
+    from jaxslim import checkpoints, quant
+
+    cfg = models.Config(head_dim=16, tie_word_embeddings=False)
+    params = models.init(
+        jax.random.key(2), cfg, vocab=12, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=96
+    )
+    q = dict(params, layers=[dict(lp) for lp in params["layers"]])
+    for i, lp in enumerate(q["layers"]):
+        for k in ("q", "k", "v", "o", "gate", "up", "down"):
+            lp[k] = checkpoints.gguf_quantize(lp[k] * 8.0, "q4_0" if i == 0 else "q8_0")
+    q["embed"] = checkpoints.gguf_quantize(params["embed"], "q8_0", embedding=True)
+    q["lm_head"] = checkpoints.gguf_quantize(params["lm_head"], "q4_0")
+    path = tmp_path / "m.gguf"
+    report = checkpoints.export_gguf(path, q, cfg, tokenizer_json=_tokenizer_json())
+    assert all(t.max_abs_error == 0.0 for t in report.values())
+    loaded, c, tok = models.load(str(path), dequantize=False)
+    dense, _, _ = models.load(str(path))
+    flat = jax.tree_util.tree_leaves_with_path(q, is_leaf=quant.is_qarray)
+    got = dict(jax.tree_util.tree_leaves_with_path(loaded, is_leaf=quant.is_qarray))
+    got_dense = dict(jax.tree_util.tree_leaves_with_path(dense))
+    n_q = 0
+    for p, want in flat:
+        if not quant.is_qarray(want):
+            continue
+        g = got[p]
+        assert quant.is_qarray(g) and g.spec == want.spec and g.shape == want.shape, p
+        np.testing.assert_array_equal(g.codes(), want.codes())
+        np.testing.assert_array_equal(g.scale, want.scale)
+        np.testing.assert_array_equal(got_dense[p], quant.dequantize(want))
+        n_q += 1
+    assert n_q == 16
+    reader = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    t = reader["blk.0.ffn_down.weight"]  # (out, in) rows, as llama.cpp reads them
+    np.testing.assert_array_equal(
+        gguf.quants.dequantize(t.data, t.tensor_type), quant.dequantize(q["layers"][0]["down"]).T
+    )
+    text = "abchagfedbeadcafe" * 8  # no spaces: the GGUF tokenizer is byte-level
+    (tmp_path / "t.txt").write_text(text)
+    ids = tok.encode(text)
+    want = models.perplexity(q, cfg, ids, seq=32, progress=False)
+    plain = models.perplexity(quant.dequantize_params(q), cfg, ids, seq=32, progress=False)
+    assert plain.perplexity == pytest.approx(want.perplexity, rel=1e-6)
+    assert cli.main(["eval", str(path), "--text", str(tmp_path / "t.txt"), "--seq", "32"]) == 0
+    assert f"perplexity {want.perplexity:.3f}" in capsys.readouterr().out
