@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxslim import _tree
+from jaxslim._checks import at_leaf
 from jaxslim.quant import formats
 from jaxslim.quant._qarray import QArray, is_qarray, quantize
 from jaxslim.quant._spec import QuantSpec, layout
@@ -194,7 +195,11 @@ def _assemble(path, d, spec, shape, dtype, values_dtype, bad) -> QArray:
     values, scale, zp = d["values"], d["scale"], d.get("zero_point")
     # What quantize makes for this spec and shape is the reference for every array.
     x = jax.ShapeDtypeStruct(shape, dtype)
-    fn = lambda x, z: quantize(x, spec, zero_point=z, path=path)  # noqa: E731
+
+    def fn(x, z):
+        with at_leaf(path):  # quantize's messages name this leaf
+            return quantize(x, spec, zero_point=z)
+
     try:
         ref = jax.eval_shape(fn, x, None)
     except (TypeError, ValueError) as e:
