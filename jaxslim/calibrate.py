@@ -857,11 +857,11 @@ def stream(
     stderr, silenced with ``progress=False``, as is the ``tqdm`` bar per block with its ETA).
 
     **Resuming.** With ``out``, every block is written atomically (to a temporary name, then
-    renamed) with ``save(path, params)`` (``quant.storage.save_npz``), and ``out/manifest.json``
+    renamed) with ``save(path, params)`` (``checkpoints.save_npz``), and ``out/manifest.json``
     records the ``recipe`` (any JSON-able description; records by their ``repr``), the sha256 of
     the calibration batches (:func:`fingerprint`), the block names and the blocks done. A
     restarted run with the same arguments reads the finished blocks back with ``load(path)``
-    (``quant.storage.load_npz``), recomputes the activations through them (not calling their
+    (``checkpoints.load_npz``), recomputes the activations through them (not calling their
     ``load_block``) and goes on: the files and the result are identical, bit for bit, to an
     uninterrupted run's. A manifest with a different recipe, calibration hash or block list
     raises ``ValueError`` naming the directory and the difference.
@@ -916,7 +916,7 @@ def stream(
     if out is not None:
         if save is None or load is None:
             raise TypeError(
-                f"{fn}: out= needs save(path, params) and load(path) (quant.storage.save_npz / "
+                f"{fn}: out= needs save(path, params) and load(path) (checkpoints.save_npz / "
                 "load_npz)"
             )
         out = os.fspath(out)
