@@ -135,6 +135,24 @@ def test_rotated_model_decodes_with_a_cache(name):
     np.testing.assert_allclose(jnp.concatenate([first, rest], 1), full, atol=1e-5)
 
 
+def test_rotated_model_runs_quantized_and_calibrates():
+    """The online transforms are plain jax ops: quant.quantized and GPTQ see through them."""
+    cfg = CONFIGS["qwen3"]
+    rp, rcfg = quant.rotate_model(_model(cfg), cfg)
+    f = lambda p, x: models.forward(p, x, rcfg)
+    rules = [(r"^layers/\d+/(q|k|v|o|gate|up|down)$", quant.QuantSpec(8, axis=-1))]
+    qp, _ = quant.quantize_params(rp, rules)
+    want = f(quant.dequantize_params(qp), TOKENS)
+    np.testing.assert_allclose(jax.jit(quant.quantized(f))(qp, TOKENS), want, atol=1e-5)
+    gp, _ = quant.oneshot(f, rp, [TOKENS], rules, method=quant.GPTQ(), sequential=False)
+    kernels = ("q", "k", "v", "o", "gate", "up", "down")
+    assert all(quant.is_qarray(lp[n]) for lp in gp["layers"] for n in kernels)
+    for lp, rl in zip(gp["layers"], rp["layers"], strict=True):
+        for n in ("down_hadamard", "qk_hadamard", "q_norm"):
+            np.testing.assert_array_equal(lp[n], rl[n])
+    assert _rel(quant.quantized(f)(gp, TOKENS), models.forward(rp, TOKENS, rcfg)) < 0.05
+
+
 def _outlier_model(cfg):
     """Outliers as LLMs have them: 2 residual channels 30x larger, 2 key channels (one RoPE
     pair) 5x larger; the rest of the model as before."""
