@@ -162,3 +162,18 @@ def test_load_streamed_refuses_an_unfinished_run(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"blocks": ["layers.0"], "done": []}))
     with pytest.raises(ValueError, match=r"unfinished \(0 of 1 layers"):
         load_streamed(tmp_path)
+
+
+def test_rules_selecting_layer_0_only_leave_layer_1_as_read(ckpt, tmp_path):
+    """A layer no quantization rule selects is written as it was read."""
+    path, loaded, _ = ckpt
+    rules = [(r"^layers/0/(q|k|v|o|gate|up|down)$", quant.QuantSpec(8, axis=-1))]
+    compress_streamed(path, tmp_path / "out", CALIB, quant_rules=rules, progress=False)
+    out, _, _ = load_streamed(tmp_path / "out")
+    assert all(
+        isinstance(out["layers"][0][k], quant.QArray)
+        for k in ("q", "k", "v", "o", "gate", "up", "down")
+    )
+    for name, leaf in out["layers"][1].items():  # float and bit-identical to the source
+        assert not isinstance(leaf, quant.QArray), name
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(loaded["layers"][1][name]))
