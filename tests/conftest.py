@@ -1,10 +1,19 @@
 """Test configuration: 8 simulated CPU devices, unoptimized XLA codegen and strict numerics (set
 before jax is imported)."""
 
+import json
 import os
 import pathlib
 
-_CALLER_ENV = {k: os.environ.get(k) for k in ("XLA_FLAGS", "JAX_PLATFORMS")}
+# The environment the user started pytest in. pytest-xdist's workers inherit the controller's
+# environment, which this file has already changed, so the controller records the original in
+# _JAXSLIM_CALLER_ENV and the workers read it from there.
+_CALLER_ENV = json.loads(
+    os.environ.setdefault(
+        "_JAXSLIM_CALLER_ENV",
+        json.dumps({k: os.environ.get(k) for k in ("XLA_FLAGS", "JAX_PLATFORMS")}),
+    )
+)
 # XLA's CPU backend without LLVM optimization: the suite compiles thousands of small programs and
 # runs few long ones, so compiling faster saves more than the slower code costs (a third to 40 %
 # of a test file's CPU time, training loops included; the notebook kernels start without it).
