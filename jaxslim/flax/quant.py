@@ -350,6 +350,7 @@ def quantize_model(
                     damp=method.damp,
                     block_size=method.block_size,
                     clip_candidates=method.clip_candidates,
+                    act_order=method.act_order,
                 )
         else:
             with at_leaf(name):

@@ -120,6 +120,7 @@ def gptq(
     damp: float = 0.01,
     block_size: int = 128,
     clip_candidates: int = 1,
+    act_order: bool = False,
 ) -> QArray:
     """Quantizes the kernel ``w`` to a ``QArray`` with GPTQ error compensation.
 
@@ -135,6 +136,12 @@ def gptq(
       block_size: rows per lazy batch update.
       clip_candidates: with ``n > 1``, each group's range is also shrunk by the ratio in
         ``{1/n, ..., 1}`` that minimises its squared rounding error (MSE-optimal clipping).
+      act_order: process rows in decreasing order of ``diag(H)`` (the inputs with the largest
+        activations first, so their rounding errors are spread over the most rows; the paper's
+        "act-order", GPTQModel's ``desc_act`` with ``static_groups``, llm-compressor's
+        ``actorder="static"``). Group scales then come from the original kernel (after dead
+        inputs are zeroed), before any error is fed back, so the stored layout is the one
+        ``quantize`` writes (no permutation or group index is stored).
 
     Returns:
       A ``QArray`` (the same layout as ``quantize(w, spec)``) whose dequantized kernel ``Q``
@@ -190,10 +197,12 @@ def gptq(
         raise ValueError(
             f"{fn}: block_size must be a positive int, got {block_size!r} for {path!r}"
         )
+    if not isinstance(act_order, bool | np.bool_):
+        raise TypeError(f"{fn}: act_order must be a bool, got {act_order!r} for {path!r}")
     layout(spec, tuple(w.shape), path=path)  # raises on a spec that does not fit
     check_finite(w, path)
     check_finite(h, f"hessian of {path}" if path else "hessian")
-    q, ok = _gptq(w, h, spec, float(damp), block_size, clip_candidates)
+    q, ok = _gptq(w, h, spec, float(damp), block_size, clip_candidates, bool(act_order))
     if is_concrete(ok) and not bool(ok):
         raise ValueError(
             f"{fn}: the hessian of {path or 'the kernel'!r} is not positive definite after "
@@ -202,13 +211,13 @@ def gptq(
     return q
 
 
-@partial(jax.jit, static_argnums=(2, 3, 4, 5))
-def _gptq(w, h, spec, damp, block_size, clip_candidates):
+@partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
+def _gptq(w, h, spec, damp, block_size, clip_candidates, act_order):
     fn, path = "quant.gptq", ""
     lay = layout(spec, tuple(w.shape))
     ids, order, r, col_key, n_col, real = _row_groups(spec, tuple(w.shape), path, fn)
     k, n = ids.shape  # the padded kernel: a shorter last group padded with zero weights
-    per_block = r <= block_size
+    per_block = r <= block_size and not act_order  # act order: scales from the original kernel
     b = (
         r * _largest_divisor(k // r, block_size // r)
         if per_block
@@ -256,11 +265,25 @@ def _gptq(w, h, spec, damp, block_size, clip_candidates):
     # real row, scale or damping term sees them.
     is_real = real[order]
     rows = np.cumsum(real)[order][is_real] - 1  # real kernel rows, in the permuted order
-    u, dead = _obs.obs_factor(h[rows][:, rows], damp, fn=fn)
-    if not is_real.all():
-        pos = np.flatnonzero(is_real)
-        u = jnp.eye(k, dtype=u.dtype).at[pos[:, None], pos[None, :]].set(u)
-        dead = jnp.zeros(k, bool).at[pos].set(dead)
+    if act_order:
+        # A second, data-dependent permutation of the rows above: real rows by decreasing
+        # diag(H) (ties in kernel order), padded rows last. Scales are fixed before the sweep.
+        n_real = len(rows)
+        hr = h[rows][:, rows]
+        key = jnp.full(k, jnp.inf).at[np.flatnonzero(is_real)].set(-jnp.diagonal(hr))
+        perm2 = jnp.argsort(key, stable=True)
+        sub = jnp.asarray(np.cumsum(is_real) - 1)[perm2[:n_real]]  # into hr
+        u, dead = _obs.obs_factor(hr[sub][:, sub], damp, fn=fn)
+        if n_real < k:
+            u = jnp.eye(k, dtype=u.dtype).at[:n_real, :n_real].set(u)
+            dead = jnp.zeros(k, bool).at[:n_real].set(dead)
+        dead = jnp.zeros(k, bool).at[perm2].set(dead)  # back to the order of w2
+    else:
+        u, dead = _obs.obs_factor(h[rows][:, rows], damp, fn=fn)
+        if not is_real.all():
+            pos = np.flatnonzero(is_real)
+            u = jnp.eye(k, dtype=u.dtype).at[pos[:, None], pos[None, :]].set(u)
+            dead = jnp.zeros(k, bool).at[pos].set(dead)
     w2 = jnp.where(dead[:, None], 0.0, w2)
     if per_block:
         scale0 = zp0 = jnp.zeros((k, n), jnp.float32)
@@ -268,6 +291,8 @@ def _gptq(w, h, spec, damp, block_size, clip_candidates):
         s_rows, z_rows = jax.vmap(group_qparams)(w2.reshape(k // r, r, n))
         scale0 = jnp.repeat(s_rows, r, axis=0)
         zp0 = jnp.repeat(z_rows, r, axis=0)
+    if act_order:
+        w2, scale0, zp0 = w2[perm2], scale0[perm2], zp0[perm2]
 
     def process_block(i1, wb, ub, carry):
         scale, zp = carry
@@ -294,6 +319,9 @@ def _gptq(w, h, spec, damp, block_size, clip_candidates):
         return qb, eb, (scale, zp)
 
     qs, (scale, zp) = _obs.obs_sweep(w2, u, b, process_block, (scale0, zp0))
+    if act_order:
+        inv2 = jnp.argsort(perm2)
+        qs, scale, zp = qs[inv2], scale[inv2], zp[inv2]
     inv = jnp.argsort(perm)
     qs, scale, zp = qs[inv], scale[inv], zp[inv]
     qs = lay.from_view(qs.reshape(lay.view_shape))  # the kernel's own shape, padding dropped

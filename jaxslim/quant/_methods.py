@@ -32,20 +32,28 @@ class GPTQ:
       block_size: columns per lazy batch update (``>= 1``; changes speed, not the result).
       clip_candidates: shrink factors of each group's range tried before the sweep (``1``: the
         min/max range; more: an MSE search over clipped ranges, see ``quant.gptq``).
+      act_order: rows in decreasing order of ``diag(X^T X)``, group scales from the original
+        kernel (llm-compressor's ``actorder="static"``; the stored layout is unchanged).
 
     >>> GPTQ(damp=0.1)
-    GPTQ(damp=0.1, block_size=128, clip_candidates=1)
+    GPTQ(damp=0.1, block_size=128, clip_candidates=1, act_order=False)
     """
 
     damp: float = 0.01
     block_size: int = 128
     clip_candidates: int = 1
+    act_order: bool = False
     name = "gptq"
 
     def __post_init__(self):
         _checks.number("quant.GPTQ", "damp", self.damp, positive=False)
         _checks.integer("quant.GPTQ", "block_size", self.block_size, low=1)
         _checks.integer("quant.GPTQ", "clip_candidates", self.clip_candidates, low=1)
+        if not isinstance(self.act_order, bool):
+            raise TypeError(
+                f"quant.GPTQ: act_order must be a bool (true / false in a recipe), got "
+                f"{self.act_order!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

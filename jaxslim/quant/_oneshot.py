@@ -231,6 +231,7 @@ def oneshot(
                     damp=method.damp,
                     block_size=method.block_size,
                     clip_candidates=method.clip_candidates,
+                    act_order=method.act_order,
                 )
             deq2 = q2.dequantize().astype(jnp.float32)
             q = _requantize(q2, from_matrix(deq2, w.shape, c, o).astype(w.dtype), spec, c, o)

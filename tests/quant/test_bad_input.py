@@ -650,6 +650,24 @@ ROWS = [
         id="gptq-damp-nan",
     ),
     pytest.param(
+        lambda: quant.gptq(X, H, S8, act_order="static", path="k"),
+        TypeError,
+        r"quant.gptq: act_order must be a bool, got 'static' for 'k'",
+        id="gptq-act-order",
+    ),
+    pytest.param(
+        lambda: quant.GPTQ(act_order="static"),
+        TypeError,
+        r"quant.GPTQ: act_order must be a bool \(true / false in a recipe\), got 'static'",
+        id="GPTQ-act-order",
+    ),
+    pytest.param(
+        lambda: quant.GPTQ(damp=-1.0),
+        ValueError,
+        r"quant.GPTQ: damp",
+        id="GPTQ-damp",
+    ),
+    pytest.param(
         lambda: quant.gptq(X, H, S8, block_size=0, path="k"),
         ValueError,
         r"quant.gptq: block_size must be a positive int, got 0 for 'k'",
