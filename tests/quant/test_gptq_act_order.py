@@ -1,5 +1,5 @@
 """GPTQ with activation ordering (``act_order=True``: static groups, rows by decreasing
-``diag(H)``) against a NumPy statement of the algorithm, and through ``quant.oneshot`` and recipes."""
+``diag(H)``) against a NumPy statement of the algorithm, through ``quant.oneshot`` and recipes."""
 
 import jax
 import jax.numpy as jnp
@@ -149,9 +149,7 @@ def test_oneshot_passes_act_order_to_gptq():
     out, _ = quant.oneshot(_fn, params, [(x,)], spec, method=quant.GPTQ(act_order=True))
     # The first kernel's inputs are x itself: its codes are GPTQ with act order on X^T X.
     want = quant.gptq(params["a"]["kernel"], quant.gptq_hessian(x), spec, act_order=True)
-    np.testing.assert_array_equal(
-        np.asarray(out["a"]["kernel"].codes()), np.asarray(want.codes())
-    )
+    np.testing.assert_array_equal(np.asarray(out["a"]["kernel"].codes()), np.asarray(want.codes()))
 
 
 def test_recipe_reads_act_order():
