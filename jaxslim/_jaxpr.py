@@ -34,7 +34,8 @@ modules never reach for an underscored name here. By job:
   :func:`use_counts`;
 * walking: subclass :class:`Walker`; :func:`bind` evaluates one ordinary equation;
 * kernels: :func:`kernel_uses` (traces) / :func:`kernel_uses_of` (an existing :class:`Traced`)
-  -> ``{path: [KernelUse]}``; :func:`sites` numbers the matmuls;
+  -> ``{path: [KernelUse]}``; :func:`sites` numbers the matmuls; :class:`Leaf` and
+  :func:`leaf_layout` follow a parameter leaf through layout ops in a walker of one's own;
 * evaluating with a hook per matmul: :func:`eval_jaxpr` / :func:`run`, the hook getting a
   :class:`Hooked`.
 """
@@ -648,6 +649,16 @@ def _layout(eqn, val: _Leaf) -> list | None:
         rest = [a for i, a in enumerate(axes) if i != ax]
         return [leaf(rest, axes[ax]) for _ in range(n_out)]
     return None
+
+
+Leaf = _Leaf
+
+
+def leaf_layout(eqn: Any, val: Leaf) -> list | None:
+    """The :class:`Leaf` values of ``eqn``'s outputs when ``eqn`` is a layout op (``transpose``,
+    ``reshape``, ``broadcast_in_dim``, ``squeeze``, slices, ``split``, ``unstack``) applied to the
+    leaf ``val`` (its first operand); ``None`` for any other op."""
+    return _layout(eqn, val)
 
 
 def _reshape_axes(axes, src, dst) -> list[tuple[int, ...]]:

@@ -31,6 +31,7 @@ from jaxslim.quant._packing import pack, packed_shape, unpack
 from jaxslim.quant._params import LeafSize, SizeReport, dequantize_params, quantize_params
 from jaxslim.quant._qarray import QArray, dequantize, fake_quant, is_qarray, quantize
 from jaxslim.quant._rotate import rotate_model
+from jaxslim.quant._rotate_fn import RotateReport, rotate
 from jaxslim.quant._rules import Rule
 from jaxslim.quant._smoothquant import smooth_scales, w8a8_dot
 from jaxslim.quant._spec import QuantSpec, qrange
@@ -93,4 +94,6 @@ __all__ = [
     "random_hadamard",
     "TokenQuant",
     "rotate_model",
+    "rotate",
+    "RotateReport",
 ]
