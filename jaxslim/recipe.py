@@ -570,9 +570,10 @@ _NOT_EMBED = "^(?!.*(embed|lm_head))"  # every kernel but the embedding and the 
 
 NAMED = {
     "w4a16-gptq": f"""\
-# int4 weights (one scale per output and 128 inputs), 16-bit activations; GPTQ.
+# int4 weights (one scale per output and 128 inputs), 16-bit activations; GPTQ with
+# activation order (inputs with the largest activations first; scales of the original kernel).
 [quant]
-method = "gptq"
+method = {{name = "gptq", act_order = true}}
 [[quant.rules]]
 where = '{_NOT_EMBED}'
 spec = {_W4}
@@ -618,7 +619,7 @@ def named(name: str) -> Recipe:
     embedding and ``lm_head`` alone and needs calibration data (``apply(..., fn=, batches=)``).
 
     >>> named("w4a16-gptq").method
-    GPTQ(damp=0.01, block_size=128, clip_candidates=1, act_order=False)
+    GPTQ(damp=0.01, block_size=128, clip_candidates=1, act_order=True)
     """
     if name not in NAMED:
         raise RecipeError("recipe", f"no ready recipe {name!r}; the names are {list(NAMED)}")

@@ -50,7 +50,8 @@ def test_compress_model_with_a_ready_recipe_streams_and_exports(tmp_path, capsys
     fn = lambda p, x: models.forward(p, x, cfg)  # noqa: E731
     rules = [(r.where, r.spec) for r in R.named("w4a16-gptq").quant]
     rules = [("^layers/", s) for w, s in rules if s is not None][:1]
-    ref, _ = quant.oneshot(fn, params, [ids[i : i + 1] for i in range(4)], rules, method="gptq")
+    method = R.named("w4a16-gptq").method  # GPTQ(act_order=True)
+    ref, _ = quant.oneshot(fn, params, [ids[i : i + 1] for i in range(4)], rules, method=method)
     for leaf in ("q", "down"):
         np.testing.assert_allclose(
             quant.dequantize(q["layers"][1][leaf]),
