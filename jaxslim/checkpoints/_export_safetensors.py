@@ -264,6 +264,8 @@ def rows(leaf: Leaf) -> Rows | None:
     spec, shape = q.spec, q.shape
     col = 0 if leaf.kind == "kernel" else 1  # the leaf axis that becomes the HF row (contraction)
     lay = layout(spec, shape)
+    if lay.tiles:  # one scale per tile: scales vary along both axes
+        return None
     keep = {a % 2 for a in (spec.axis or ())}
     if lay.group_axis is not None and lay.group_axis % 2 == col:
         block = lay.group_size
@@ -434,6 +436,8 @@ def _ct_scheme(leaf: Leaf, r: Rows | None, activations: str | None, fn: str) -> 
         why = "compressed-tensors quantizes Linear weights only; keep embeddings/norms float"
     elif spec.fmt != "int":
         why = f"fmt={spec.fmt!r} has no compressed-tensors integer layout"
+    elif r is None and isinstance(spec.group_size, tuple):
+        why = f"group_size={spec.group_size} (tiles) has no compressed-tensors integer layout"
     elif r is None:
         why = "its scales vary along the input axis inside a row (a scale per input channel)"
     if why is None:

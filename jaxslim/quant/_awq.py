@@ -83,7 +83,13 @@ def matrix_spec(spec: QuantSpec) -> QuantSpec:
     return dataclasses.replace(
         spec,
         axis=None if spec.axis is None else (1,),
-        group_axis=0 if spec.group_size is not None else None,
+        group_axis=(
+            (0, 1)
+            if isinstance(spec.group_size, tuple)
+            else 0
+            if spec.group_size is not None
+            else None
+        ),
     )
 
 

@@ -120,7 +120,7 @@ def _cut(q: Any, contracting: tuple[int, ...]):
         return None
     lay = layout(q.spec, q.shape)
     a = lay.group_axis
-    if not lay.pad or a not in contracting or q.spec.format.scale_block is not None:
+    if lay.tiles or not lay.pad or a not in contracting or q.spec.format.scale_block is not None:
         return None
     if q.values.ndim != q.ndim or q.scale.ndim != q.ndim + 1:  # a batch prefix (stacked layers)
         return None
@@ -157,6 +157,8 @@ def _block_plan(q: QArray, contracting: tuple[int, ...]) -> tuple[int, int] | No
     if not isinstance(q, QArray) or q.ndim == 0:
         return None
     lay = layout(q.spec, q.shape)
+    if lay.tiles:  # tiles: the dequantize path (scales vary along two axes)
+        return None
     ga = lay.group_axis
     per = 8 // q.spec.storage_bits
     for a in contracting:
@@ -264,7 +266,7 @@ def _kernel_view(q: QArray) -> tuple[jax.Array, jax.Array | None, int] | None:
         return None
     k, n = q.shape
     lay = layout(q.spec, q.shape)
-    if n % (8 // q.spec.storage_bits) or lay.group_axis not in (None, 0) or lay.pad:
+    if n % (8 // q.spec.storage_bits) or lay.group_axis not in (None, 0) or lay.pad or lay.tiles:
         return None  # (a shorter last group along K: ``_cut`` splits it off first)
     s = q.float_scale().reshape(-1, q.scale.shape[-1])  # (K/g, N or 1) or (K or 1, N or 1)
     rows = s.shape[0]

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxslim import _jaxpr, _tree, calibrate
-from jaxslim._checks import at_leaf, public
+from jaxslim._checks import at_leaf, caller, public
 from jaxslim._oneshot import KernelRow, OneshotReport, relative_error
 from jaxslim.quant._awq import (
     apply_scales,
@@ -60,10 +60,18 @@ def kernel_spec(spec: QuantSpec, shape, contracted, output) -> QuantSpec:
     >>> kernel_spec(QuantSpec(4, axis=-1, group_size=32), (16, 64), (1,), (0,)).axis
     (0,)
     """
+    if isinstance(spec.group_size, tuple):  # tiles: (the last contracted, the last output)
+        if len(spec.group_size) != 2 or len(contracted) != 1 or len(output) != 1:
+            raise ValueError(
+                f"{caller()}: group_size={spec.group_size} (tiles) fits a 2-D (input, output) "
+                f"kernel with tiles such as (128, 128); this kernel has shape {tuple(shape)} "
+                f"with contracted axes {tuple(contracted)} and output axes {tuple(output)}"
+            )
+        ga: Any = (max(contracted), max(output))
+    else:
+        ga = None if spec.group_size is None else max(contracted)
     return dataclasses.replace(
-        spec,
-        axis=None if spec.axis is None else tuple(output),
-        group_axis=None if spec.group_size is None else max(contracted),
+        spec, axis=None if spec.axis is None else tuple(output), group_axis=ga
     )
 
 

@@ -110,6 +110,8 @@ def _grouped_kernels(params: Any, fn: Callable | None, example_args: tuple) -> C
     def by_shape(path, leaf, spec):
         if leaf.ndim != 2 or not structures.kernel_like(path, leaf):
             return False
+        if isinstance(spec.group_size, tuple):  # tiles: every 2-D kernel
+            return True
         ga = -2 if spec.group_axis is None else spec.group_axis
         if not isinstance(ga, int) or not -2 <= ga < 2:
             return True  # a bad group axis: let quantize name it

@@ -24,6 +24,12 @@ so the last group's scale is exactly the one computed from its real entries. Sto
 padded (``QArray.values`` holds exactly the leaf's codes); only the scales number ``ceil(n/g)``
 along the group axis. A ``group_size`` at least ``n`` makes one group of the whole axis (the
 effective ``Layout.group_size`` is then ``n``, nothing is padded).
+
+Tiles: ``group_size=(128, 128)`` cuts two axes (``group_axis``, by default ``(-2, -1)``) into
+``128 x 128`` tiles with one scale each (DeepSeek-V3's FP8 block scales, compressed-tensors'
+``"block"`` strategy): the view splits both axes, ``(ceil(K/128), 128, ceil(N/128), 128)`` for a
+``(K, N)`` kernel, and a shorter last tile along either axis is padded the same way
+(``Layout.tiles``).
 """
 
 from __future__ import annotations
@@ -85,6 +91,8 @@ class QuantSpec:
         with ``axis=None`` every axis but the group axis keeps its own scale (the OCP block of
         consecutive values along ``group_axis``).
       group_axis: the axis ``group_size`` cuts; ``None`` means ``-2`` (``-1`` for a vector).
+        With a tuple ``group_size`` (tiles, e.g. ``(128, 128)``: one scale per ``128 x 128``
+        block), a tuple of as many distinct axes, ``None`` meaning the last ones (``(-2, -1)``).
 
     Every option but ``bits`` is keyword-only. Codes of 2, 3 and 4 bits are packed into
     ``uint8`` (four 2-bit or two 3/4-bit codes a byte).
@@ -101,9 +109,9 @@ class QuantSpec:
     signed: bool = True
     symmetric: bool = True
     axis: int | tuple[int, ...] | None = None
-    group_size: int | None = None
+    group_size: int | tuple[int, ...] | None = None
     fmt: str = "int"
-    group_axis: int | None = None
+    group_axis: int | tuple[int, ...] | None = None
 
     def __post_init__(self):
         if not isinstance(self.fmt, str):
@@ -138,9 +146,32 @@ class QuantSpec:
                     f"QuantSpec: axis must be None, an int or a tuple of ints, got {axis!r}"
                 )
             object.__setattr__(self, "axis", tuple(int(a) for a in axes))
+        is_int = lambda v: isinstance(v, int | np.integer) and not isinstance(v, bool)
+        if isinstance(self.group_size, tuple | list):  # tiles: one scale per block of axes
+            gs, ga = tuple(self.group_size), self.group_axis
+            if len(gs) < 2 or not all(is_int(g) and g >= 1 for g in gs):
+                raise ValueError(
+                    f"QuantSpec: a tuple group_size (tiles) needs two or more positive ints, got "
+                    f"{self.group_size!r}"
+                )
+            if ga is None:
+                ga = tuple(range(-len(gs), 0))
+            if not isinstance(ga, tuple | list) or len(ga) != len(gs) or not all(map(is_int, ga)):
+                raise ValueError(
+                    f"QuantSpec: group_axis must be a tuple of {len(gs)} ints to go with "
+                    f"group_size={gs}, got {self.group_axis!r}"
+                )
+            if f.block_size is not None or f.scales is not None:
+                raise ValueError(
+                    f"QuantSpec: fmt={self.fmt!r} has its own blocks or stored scales; tiles "
+                    "(a tuple group_size) are for int and fp8 formats"
+                )
+            object.__setattr__(self, "group_size", tuple(int(g) for g in gs))
+            object.__setattr__(self, "group_axis", tuple(int(a) for a in ga))
+            return
         for name in ("group_size", "group_axis"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int | np.integer)):
+            if v is not None and not is_int(v):
                 raise ValueError(f"QuantSpec: {name} must be an int or None, got {v!r}")
             if v is not None:
                 object.__setattr__(self, name, int(v))
@@ -224,22 +255,32 @@ class Layout:
     group_axis: int | None = None
     group_size: int | None = None
     pad: int = 0
+    tiles: tuple[tuple[int, int, int], ...] = ()
+    """``((axis, size, pad), ...)`` when several axes are cut (a tuple ``group_size``); then
+    ``group_axis`` is ``None`` and ``pad`` 0."""
+
+    def _pads(self) -> list[tuple[int, int]]:
+        if self.tiles:
+            return [(a, p) for a, _, p in self.tiles if p]
+        return [(self.group_axis, self.pad)] if self.pad else []
 
     @property
     def padded_shape(self) -> tuple[int, ...]:
-        """``shape`` with the group axis padded to a multiple of ``group_size``."""
-        if not self.pad:
-            return self.shape
-        ga = self.group_axis
-        return self.shape[:ga] + (self.shape[ga] + self.pad,) + self.shape[ga + 1 :]
+        """``shape`` with each group axis padded to a multiple of its group size."""
+        shape = list(self.shape)
+        for a, p in self._pads():
+            shape[a] += p
+        return tuple(shape)
 
     def to_view(self, x: Any, fill: Any = 0) -> Any:
-        """``x`` (shape ``shape``, a jax or numpy array) padded with ``fill`` along the group axis
-        and reshaped to ``view_shape``."""
+        """``x`` (shape ``shape``, a jax or numpy array) padded with ``fill`` along the group
+        axes and reshaped to ``view_shape``."""
         xp = np if isinstance(x, np.ndarray) else jnp
-        if self.pad:
+        pads = self._pads()
+        if pads:
             widths = [(0, 0)] * len(self.shape)
-            widths[self.group_axis] = (0, self.pad)
+            for a, p in pads:
+                widths[a] = (0, p)
             x = xp.pad(x, widths, constant_values=xp.asarray(fill, x.dtype))
         return x.reshape(self.view_shape)
 
@@ -247,9 +288,10 @@ class Layout:
         """Inverse of ``to_view``: ``v`` (shape ``view_shape``) back to ``shape``, filler
         dropped."""
         v = v.reshape(self.padded_shape)
-        if not self.pad:
+        pads = self._pads()
+        if not pads:
             return v
-        return v[(slice(None),) * self.group_axis + (slice(0, self.shape[self.group_axis]),)]
+        return v[tuple(slice(0, n) for n in self.shape)]
 
     def expand(self, a: Any) -> Any:
         """A per-group array (broadcasting to ``scale_shape``: a scale, a zero point) as one
@@ -260,7 +302,7 @@ class Layout:
     def mask(self) -> np.ndarray | None:
         """``bool[view_shape]``, True on the leaf's real entries; ``None`` when nothing is
         padded."""
-        if not self.pad:
+        if not self._pads():
             return None
         return _mask(self)
 
@@ -284,15 +326,15 @@ class Layout:
 
 
 @functools.lru_cache(maxsize=256)
-def _mask_cached(shape, view_shape, group_axis, pad) -> np.ndarray:
-    lay = Layout(shape, view_shape, (), (), group_axis, None, pad)
+def _mask_cached(shape, view_shape, group_axis, pad, tiles) -> np.ndarray:
+    lay = Layout(shape, view_shape, (), (), group_axis, None, pad, tiles)
     m = lay.to_view(np.ones(shape, bool), fill=False)
     m.setflags(write=False)
     return m
 
 
 def _mask(lay: Layout) -> np.ndarray:
-    return _mask_cached(lay.shape, lay.view_shape, lay.group_axis, lay.pad)
+    return _mask_cached(lay.shape, lay.view_shape, lay.group_axis, lay.pad, lay.tiles)
 
 
 def _norm(axis: int, ndim: int, what: str, path: str) -> int:
@@ -342,6 +384,8 @@ def _layout(spec: QuantSpec, shape: tuple[int, ...], path: str) -> Layout:
         return Layout(shape, shape, reduce, scale_shape)
     if ndim == 0:
         raise ValueError(f"{caller()}: group_size given for the scalar {path!r}")
+    if isinstance(spec.group_size, tuple):
+        return _tiled(spec, shape, keep, path)
     block_format = spec.format.block_size is not None and spec.axis is None
     g = spec.group_size
     if isinstance(g, bool) or not isinstance(g, int | np.integer) or g < 1:
@@ -366,3 +410,37 @@ def _layout(spec: QuantSpec, shape: tuple[int, ...], path: str) -> Layout:
     reduce = tuple(i for i in range(len(view)) if i not in kept_view)
     scale_shape = tuple(1 if i in reduce else d for i, d in enumerate(view))
     return Layout(shape, view, reduce, scale_shape, ga, g, groups * g - n)
+
+
+def _tiled(spec: QuantSpec, shape: tuple[int, ...], keep: set, path: str) -> Layout:
+    """The view of a tuple ``group_size``: every group axis split into ``(tiles, size)``."""
+    ndim = len(shape)
+    gas = [_norm(a, ndim, "group_axis", path) for a in spec.group_axis]
+    if len(set(gas)) != len(gas):
+        raise ValueError(
+            f"{caller()}: group_axis={spec.group_axis} names an axis twice for "
+            f"{path or 'the input'!r} with ndim {ndim}"
+        )
+    if set(gas) & keep:
+        raise ValueError(
+            f"{caller()}: a group axis {spec.group_axis} of {path or 'the input'!r} is also in "
+            f"axis={spec.axis}; a per-channel axis cannot be cut into tiles"
+        )
+    sizes = dict(zip(gas, spec.group_size, strict=True))
+    view: list[int] = []
+    kept_view: set[int] = set()
+    tiles = []
+    for i, n in enumerate(shape):
+        if i in sizes:
+            g = int(sizes[i]) if n == 0 else min(int(sizes[i]), n)
+            t = -(-n // g)
+            kept_view.add(len(view))
+            view += [t, g]
+            tiles.append((i, g, t * g - n))
+        else:
+            if i in keep:
+                kept_view.add(len(view))
+            view.append(n)
+    reduce = tuple(i for i in range(len(view)) if i not in kept_view)
+    scale_shape = tuple(1 if i in reduce else d for i, d in enumerate(view))
+    return Layout(shape, tuple(view), reduce, scale_shape, None, None, 0, tuple(tiles))
