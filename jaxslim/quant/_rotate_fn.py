@@ -606,16 +606,18 @@ def _apply(fn, params, example_args, d, walker: _StreamWalker, seed, online):
     for path in norms:
         new[path] = np.ones_like(new[path])
     online_paths: list[str] = []
-    hads: dict[tuple[int, ...], tuple[int, int, np.ndarray]] = {}
+    hads: dict[str, np.ndarray] = {}
     if online:
-        for site, (k, x_dim, path, laxis) in walker.writer_sites.items():
+        for _site, (_k, _x_dim, path, laxis) in walker.writer_sites.items():
+            if path in hads:  # a kernel written at several sites: one transform of it
+                continue
             n = new[path].shape[laxis]
             try:
                 h = random_signs(n, seed + 2)[:, None] * hadamard_matrix(n)
             except ValueError as e:
                 raise ValueError(f"{_FN}: online Hadamard on the input of {path!r}: {e}") from e
             new[path] = _along(new[path], laxis, h)  # H_s^T W: the columns of W along the axis
-            hads[site] = (k, x_dim, h)
+            hads[path] = h
             online_paths.append(path)
     rotated = jax.tree_util.tree_map_with_path(
         lambda kp, x: (
@@ -623,7 +625,7 @@ def _apply(fn, params, example_args, d, walker: _StreamWalker, seed, online):
         ),
         params,
     )
-    rfn = _RotatedFn(fn, hads)
+    rfn = _RotatedFn(fn, hads, walker)
     diff = _max_rel_diff(rfn(rotated, *example_args), fn(params, *example_args))
     eps = max(
         (float(jnp.finfo(x.dtype).eps) for x in jax.tree.leaves(params) if _tree.is_float_array(x)),
@@ -662,17 +664,45 @@ class _RotatedFn:
 
     rotate_report: RotateReport
 
-    def __init__(self, fn, hads) -> None:
+    def __init__(self, fn, hads: dict[str, np.ndarray], walker: _StreamWalker) -> None:
         self.fn, self.hads = fn, hads
+        self._members, self._ndim, self._width = set(walker.members), walker.leaf_ndim, walker.width
+        self._sites: dict[Any, dict] = {}  # input signature -> {site: (operand, dim, H)}
         self.__name__ = f"rotated_{getattr(fn, '__name__', 'fn')}"
         self.__doc__ = getattr(fn, "__doc__", None)
+
+    def _site_map(self, traced, key) -> dict:
+        """Where the online transforms go in this trace: the stream walk again (another input
+        shape may trace to another jaxpr), each kernel's writer sites."""
+        if key not in self._sites:
+            walker = _analyse(traced, self._members, self._ndim, self._width)
+            sites = {
+                site: (k, x_dim, self.hads[path])
+                for site, (k, x_dim, path, _) in walker.writer_sites.items()
+                if path in self.hads
+            }
+            missing = set(self.hads) - {p for _, _, p, _ in walker.writer_sites.values()}
+            if missing:
+                raise ValueError(
+                    f"{_FN}: on these inputs fn no longer writes the stream with "
+                    f"{sorted(missing)}; call quant.rotate with inputs like these"
+                )
+            self._sites[key] = sites
+        return self._sites[key]
 
     def __call__(self, params, *args):
         if not self.hads:
             return self.fn(params, *args)
         traced = _jaxpr.make_jaxpr(self.fn, params, *args)
+        key = (
+            jax.tree.structure((params, args)),
+            tuple(
+                (np.shape(x), str(getattr(x, "dtype", type(x).__name__)))
+                for x in jax.tree.leaves((params, args))
+            ),
+        )
         leaves = jax.tree.leaves((params, list(args)))
-        outs = _OnlineEval(self.hads).walk(traced.jaxpr, leaves, traced.consts)
+        outs = _OnlineEval(self._site_map(traced, key)).walk(traced.jaxpr, leaves, traced.consts)
         return jax.tree.unflatten(traced.out_tree, outs)
 
 
