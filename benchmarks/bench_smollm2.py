@@ -59,6 +59,11 @@ ROWS = [
     "w3g128-gptq",
     "w4g64-rtn",
     "w4g64-gptq",
+    "w4g64-gptq-act",
+    "w4g64-gptq-stream",
+    "w4g64-gptq-act-stream",
+    "w4g128-gptq-act",
+    "w3g64-gptq-act",
     "w4g64-awq",
     "w4g64-hqq",
     "w3g64-rtn",
@@ -73,6 +78,47 @@ ROWS = [
     "sparsegpt-2:4",
     "minitron-width-25+kd",
     "minitron-depth-6+kd",
+    # formats against int4 g32 / int8 (all round to nearest, then GPTQ on the 4-bit ones)
+    "w4g32-rtn",
+    "mxfp4-rtn",
+    "nvfp4-rtn",
+    "mxfp8-rtn",
+    "fp8-rtn",
+    "fp8b128-rtn",
+    "nf4g64-rtn",
+    "w2g64-rtn",
+    "mxfp4-gptq",
+    "nvfp4-gptq",
+    # OWL's non-uniform per-layer sparsity against uniform, at 60 % and 70 %
+    "wanda-60",
+    "owl-wanda-60",
+    "sparsegpt-60",
+    "owl-sparsegpt-60",
+    "wanda-70",
+    "owl-wanda-70",
+    "sparsegpt-70",
+    "owl-sparsegpt-70",
+    # mixed precision under an average bit budget (quant.allocate, round to nearest)
+    "alloc-3.5",
+    "alloc-4.25",
+]
+FORMATS = {
+    "w4g32": lambda: quant.QuantSpec(4, axis=-1, group_size=32),
+    "mxfp4": lambda: quant.QuantSpec(fmt="mxfp4"),
+    "nvfp4": lambda: quant.QuantSpec(fmt="nvfp4"),
+    "mxfp8": lambda: quant.QuantSpec(fmt="mxfp8"),
+    "fp8": lambda: quant.QuantSpec(fmt="e4m3", axis=-1),
+    "fp8b128": lambda: quant.QuantSpec(fmt="e4m3", group_size=(128, 128)),
+    "nf4g64": lambda: quant.QuantSpec(fmt="nf4", axis=-1, group_size=64),
+    "w2g64": lambda: quant.QuantSpec(2, axis=-1, group_size=64),
+}
+ALLOC_CANDIDATES = [
+    ("int8 per channel", lambda: quant.QuantSpec(8, axis=-1)),
+    ("int4 g128", lambda: quant.QuantSpec(4, axis=-1, group_size=128)),
+    ("int3 g128", lambda: quant.QuantSpec(3, axis=-1, group_size=128)),
+    ("nf4 g64", lambda: quant.QuantSpec(fmt="nf4", axis=-1, group_size=64)),
+    ("mxfp4", lambda: quant.QuantSpec(fmt="mxfp4")),
+    ("int2 g64", lambda: quant.QuantSpec(2, axis=-1, group_size=64)),
 ]
 QUICK_ROWS = ["dense", "w4g64-rtn", "w4g64-gptq", "wanda-2:4"]
 
@@ -213,7 +259,51 @@ def run_row(name, ctx, log):
         out, _ = quant.quantize_params(params, quant_rules(spec))
         eval_fwd = quant.quantized(fwd)
         note = "int8 per output channel, symmetric"
-    elif re.fullmatch(r"w[34]g(64|128)-(rtn|gptq|awq|hqq)", name):
+    elif (m := re.fullmatch(rf"({'|'.join(FORMATS)})-(rtn|gptq)", name)) is not None:
+        spec = FORMATS[m.group(1)]()
+        if m.group(2) == "rtn":
+            out, _ = quant.quantize_params(params, quant_rules(spec))
+        else:
+            out, _ = quant.oneshot(
+                fwd, params, batches, quant_rules(spec), method=quant.GPTQ(), sequential=False
+            )
+        eval_fwd = quant.quantized(fwd)
+        note = f"{spec.format.name}, {m.group(2).upper()}"
+    elif (m := re.fullmatch(r"(owl-)?(wanda|sparsegpt)-(60|70)", name)) is not None:
+        method = prune.Wanda() if m.group(2) == "wanda" else prune.SparseGPT()
+        sparsity = int(m.group(3)) / 100
+        if m.group(1):
+            stats = kernel_stats(ctx, log)
+            sparsity = prune.owl(
+                params, stats, sparsity, lam=0.08, M=5.0, blocks=r"layers/(\d+)/", where=KERNELS
+            )
+            per_layer = sorted({round(v, 3) for v in sparsity.values()})
+            note = f"OWL lam 0.08 M 5 per layer: {per_layer[0]:.3f} .. {per_layer[-1]:.3f}; "
+        out, rep = prune.oneshot(
+            fwd, params, batches, sparsity, method=method, where=KERNELS, sequential=False
+        )
+        note += f"kernel sparsity {kernel_sparsity(out):.3f}"
+    elif (m := re.fullmatch(r"alloc-([\d.]+)", name)) is not None:
+        budget = float(m.group(1))
+        stats = kernel_stats(ctx, log)
+        cands = [make() for _, make in ALLOC_CANDIDATES]
+        rules = quant.allocate(stats, budget, cands, params=params)
+        out, _ = quant.quantize_params(params, [(r"^embed$", None), *rules])
+        eval_fwd = quant.quantized(fwd)
+        counts = {label: 0 for label, _ in ALLOC_CANDIDATES}
+        bits = weights = 0
+        for _where, spec in rules:
+            counts[ALLOC_CANDIDATES[cands.index(spec)][0]] += 1
+        for lp in out["layers"]:
+            for k in ("q", "k", "v", "o", "gate", "up", "down"):
+                bits += 8 * lp[k].nbytes
+                weights += math.prod(lp[k].shape)
+        mix = ", ".join(f"{n} x {label}" for label, n in counts.items() if n)
+        note = f"{bits / weights:.3f} bits/weight over the kernels; {mix}"
+    elif name.endswith("-stream"):
+        out, note = streamed(name, ctx, log)
+        eval_fwd = quant.quantized(fwd)
+    elif re.fullmatch(r"w[34]g(64|128)-(rtn|gptq|awq|hqq)(-act)?", name):
         bits, group, meth = int(name[1]), int(name[3:].split("-")[0]), name.split("-")[1]
         spec = quant.QuantSpec(bits, axis=-1, group_size=group)
         note = f"int{bits} g{group} symmetric"
@@ -223,7 +313,8 @@ def run_row(name, ctx, log):
             out = hqq_tree(params, spec)
             note += ", HQQ(iters=20) (no zero point: scale refit)"
         else:
-            method = quant.AWQ() if meth == "awq" else quant.GPTQ()
+            act = name.endswith("-act")
+            method = quant.AWQ() if meth == "awq" else quant.GPTQ(act_order=act)
             padded_check(method, spec)
             out, rep = quant.oneshot(
                 fwd, params, batches, quant_rules(spec), method=method, sequential=False
@@ -280,6 +371,48 @@ def run_row(name, ctx, log):
         "compress_seconds": seconds,
         "notes": note,
     }
+
+
+def kernel_stats(ctx, log):
+    """``calibrate.statistics`` of the 210 kernels on the calibration batches (cached)."""
+    if "stats" not in ctx:
+        from jaxslim import calibrate
+
+        t = time.perf_counter()
+        ctx["stats"] = calibrate.statistics(
+            ctx["fwd"], ctx["params"], ctx["batches"], where=KERNELS
+        )
+        log(f"    kernel statistics in {time.perf_counter() - t:.1f} s")
+    return ctx["stats"]
+
+
+def streamed(name, ctx, log):
+    """``models.compress_streamed`` from the GGUF file, one layer at a time: each layer is
+    calibrated on the outputs of the layers already compressed (llm-compressor's sequential
+    pipeline), then read back with ``models.load_streamed``."""
+    import tempfile
+
+    m = re.fullmatch(r"w([34])g(64|128)-gptq(-act)?-stream", name)
+    if m is None:
+        raise ValueError(f"unknown streamed row {name!r}")
+    bits, group, act = int(m.group(1)), int(m.group(2)), bool(m.group(3))
+    spec = quant.QuantSpec(bits, axis=-1, group_size=group)
+    method = quant.GPTQ(act_order=act)
+    with tempfile.TemporaryDirectory() as d:
+        models.compress_streamed(
+            smollm2_data.gguf_path(),
+            d,
+            [np.asarray(b) for b in ctx["batches"]],
+            quant_rules=[(KERNELS, spec)],
+            quant_method=method,
+            dtype=jnp.float32,
+            progress=False,
+        )
+        out, _, _ = models.load_streamed(d)
+    n_q = sum(quant.is_qarray(v) for lp in out["layers"] for v in lp.values())
+    log(f"    {n_q} kernels quantized layer by layer")
+    note = f"int{bits} g{group} symmetric, {method}, layer by layer (models.compress_streamed)"
+    return out, note
 
 
 def width_prune(ctx, log):
