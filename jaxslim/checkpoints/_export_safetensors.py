@@ -27,6 +27,10 @@ compressed-tensors layout (the `compressed-tensors` package, `compressors/pack_q
 * int8 W8A8, `format="int-quantized"`: `weight` int8 `(out, in)`, `weight_scale` `(out, 1)`
   (per output channel) or `(1,)` (per tensor), input activations quantized per token,
   dynamically, symmetric int8, at serving time.
+* FP8 E4M3 weight-only, `format="float-quantized"`: `weight` float8_e4m3fn `(out, in)` (the
+  codes as stored), `weight_scale` `(out, 1)` per output channel, `(1,)` per tensor, or
+  `(ceil(out / 128), ceil(in / 128))` for `128 x 128` tiles (strategy `"block"`,
+  `block_structure` `[128, 128]`: DeepSeek-V3's FP8 layout). Dequantized: `weight * scale`.
 
 Scales are stored in `scale_dtype` (float32 by default: the stored model is exactly jaxslim's
 `dequantize`; float16/bfloat16 round each scale once, an error of at most `|q - z| * ulp(s) / 2`).
@@ -419,12 +423,13 @@ def pack_int32(u: np.ndarray, bits: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class _Scheme:
-    fmt: str  # "pack-quantized" | "int-quantized"
+    fmt: str  # "pack-quantized" | "int-quantized" | "float-quantized"
     bits: int
     symmetric: bool
     strategy: str  # "group" | "channel" | "tensor"
     group_size: int | None
     activations: bool
+    block: tuple[int, int] | None = None  # (rows, cols) of a tile in HF (out, in) order
 
 
 def _ct_scheme(leaf: Leaf, r: Rows | None, activations: str | None, fn: str) -> _Scheme:
@@ -434,6 +439,12 @@ def _ct_scheme(leaf: Leaf, r: Rows | None, activations: str | None, fn: str) -> 
     why = None
     if leaf.kind != "kernel":
         why = "compressed-tensors quantizes Linear weights only; keep embeddings/norms float"
+    elif spec.fmt == "e4m3":
+        scheme = _fp8_scheme(leaf)
+        if scheme is not None:
+            return scheme
+        why = "fp8 is stored per output channel, per tensor or in 2-D tiles"
+        near = "QuantSpec(fmt='e4m3', axis=-1) or QuantSpec(fmt='e4m3', group_size=(128, 128))"
     elif spec.fmt != "int":
         why = f"fmt={spec.fmt!r} has no compressed-tensors integer layout"
     elif r is None and isinstance(spec.group_size, tuple):
@@ -460,9 +471,52 @@ def _ct_scheme(leaf: Leaf, r: Rows | None, activations: str | None, fn: str) -> 
     )
 
 
+def _fp8_scheme(leaf: Leaf) -> _Scheme | None:
+    """The float-quantized scheme of an e4m3 `(in, out)` kernel, or `None` if its scales have no
+    such layout."""
+    q = leaf.value
+    lay = layout(q.spec, q.shape)
+    if lay.tiles:  # the spec's tile (a tile larger than an axis covers it whole, as in HF)
+        sizes = {a % 2: g for a, g in zip(q.spec.group_axis, q.spec.group_size, strict=True)}
+        if set(sizes) != {0, 1}:
+            return None
+        return _Scheme("float-quantized", 8, True, "block", None, False, (sizes[1], sizes[0]))
+    if lay.view_shape != lay.shape:  # grouped along one axis
+        return None
+    keep = {a % 2 for a in (q.spec.axis or ())}
+    if keep == {1}:
+        return _Scheme("float-quantized", 8, True, "channel", None, False)
+    if not keep:
+        return _Scheme("float-quantized", 8, True, "tensor", None, False)
+    return None
+
+
+def _fp8_tensors(leaf: Leaf, s: _Scheme, scale_tag: str, scale_dt: Any) -> dict:
+    stem = leaf.hf_name[: -len(".weight")]
+    q = leaf.value
+    codes = np.asarray(jax.device_get(q.values)).T  # float8_e4m3fn, HF (out, in)
+    scale = np.asarray(jax.device_get(q.float_scale()), np.float32)
+    if s.strategy == "block":
+        scale = scale.reshape(scale.shape[0], scale.shape[2]).T  # (in/t, out/t) -> (out, in)
+    elif s.strategy == "channel":
+        scale = scale.reshape(-1, 1)
+    else:
+        scale = scale.reshape(1)
+    return {
+        f"{stem}.weight": {
+            "dtype": "F8_E4M3",
+            "shape": list(codes.shape),
+            "data": np.ascontiguousarray(codes).tobytes(),
+        },
+        f"{stem}.weight_scale": _entry(scale.astype(scale_dt), scale_tag),
+    }
+
+
 def _ct_tensors(leaf: Leaf, r: Rows, s: _Scheme, scale_tag: str, scale_dt: Any) -> dict:
     stem = leaf.hf_name[: -len(".weight")]
     spec = leaf.value.spec
+    if s.fmt == "float-quantized":
+        return _fp8_tensors(leaf, s, scale_tag, scale_dt)
     shift = 0 if spec.signed else 2 ** (spec.bits - 1)  # unsigned jaxslim grid -> signed
     codes = r.codes - shift
     out = {}
@@ -484,13 +538,13 @@ def _ct_tensors(leaf: Leaf, r: Rows, s: _Scheme, scale_tag: str, scale_dt: Any) 
 def _ct_args(s: _Scheme) -> dict[str, Any]:
     weights = {
         "num_bits": s.bits,
-        "type": "int",
+        "type": "float" if s.fmt == "float-quantized" else "int",
         "symmetric": s.symmetric,
         "strategy": s.strategy,
         "group_size": s.group_size,
         "dynamic": False,
         "actorder": None,
-        "block_structure": None,
+        "block_structure": None if s.block is None else list(s.block),
         "observer": "minmax",
         "observer_kwargs": {},
     }
@@ -536,7 +590,10 @@ def export_compressed_tensors(
       affine: `"pack-quantized"`, weight-only;
     * int8 symmetric per output channel (`QuantSpec(8, axis=-1)`): `"int-quantized"` W8A8 with
       dynamic per-token int8 input activations (`activations="int8-dynamic-token"`, the default;
-      `activations=None` stores int8 weights as weight-only `"pack-quantized"` W8A16 instead).
+      `activations=None` stores int8 weights as weight-only `"pack-quantized"` W8A16 instead);
+    * FP8 E4M3 per output channel (`QuantSpec(fmt="e4m3", axis=-1)`), per tensor, or in `128 x
+      128` tiles (`QuantSpec(fmt="e4m3", group_size=(128, 128))`): `"float-quantized"`,
+      weight-only (FP8 W8A16; `activations` applies to int8 only).
 
     Float leaves (embeddings, norms, unquantized kernels, `lm_head`) are written in `dtype`; the
     float Linear layers are listed in `quantization_config["ignore"]`. One config group per
@@ -548,7 +605,8 @@ def export_compressed_tensors(
     bfloat16 round each scale once, as llm-compressor's checkpoints do).
 
     Raises `ValueError` naming the leaf and a supported spec for a QArray with no layout (NF4,
-    fp8, a per-input-channel scale, a group that does not divide the input width, an embedding).
+    fp8 grouped along one axis, a per-input-channel scale, a group that does not divide the input
+    width, an embedding).
     """
     fn = "checkpoints.export_compressed_tensors"
     tag, np_dtype = _dtype(dtype, fn)

@@ -172,6 +172,61 @@ def test_int_quantized_w8a8(tmp_path, tiny):
     assert np.abs(got - want).max() <= 2.0**-11 * np.abs(want).max()
 
 
+def _raw_tensors(path):
+    """``{name: (dtype tag, shape, bytes)}`` of a .safetensors file, read by hand (numpy has no
+    float8 dtype for ``safetensors.numpy``)."""
+    raw = pathlib.Path(path).read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    header.pop("__metadata__", None)
+    data = raw[8 + n :]
+    return {
+        k: (v["dtype"], tuple(v["shape"]), data[slice(*v["data_offsets"])])
+        for k, v in header.items()
+    }
+
+
+@pytest.mark.parametrize(
+    "spec, strategy, block",
+    [
+        (quant.QuantSpec(fmt="e4m3", axis=-1), "channel", None),
+        (quant.QuantSpec(fmt="e4m3"), "tensor", None),
+        (quant.QuantSpec(fmt="e4m3", group_size=(128, 128)), "block", [128, 128]),
+    ],
+    ids=["channel", "tensor", "block"],
+)
+def test_float_quantized_fp8(tmp_path, spec, strategy, block, tiny):
+    import ml_dtypes
+
+    params = quantize_tree(tiny(jax.random.key(8), layers=1), spec)
+    d = export_compressed_tensors(tmp_path / "ct", params, HF)
+    qc = load_json(f"{d}/config.json")["quantization_config"]
+    assert qc["format"] == "float-quantized"
+    (group,) = qc["config_groups"].values()
+    w = group["weights"]
+    assert (w["type"], w["num_bits"], w["strategy"], w["block_structure"]) == (
+        "float",
+        8,
+        strategy,
+        block,
+    )
+    assert group["input_activations"] is None  # weight-only FP8
+    t = _raw_tensors(f"{d}/model.safetensors")
+    q = params["layers"][0]["gate"]  # (d, f) -> HF (f, d)
+    tag, shape, data = t["model.layers.0.mlp.gate_proj.weight"]
+    assert tag == "F8_E4M3" and shape == (q.shape[1], q.shape[0])
+    codes = np.frombuffer(data, ml_dtypes.float8_e4m3fn).reshape(shape)
+    stag, sshape, sdata = t["model.layers.0.mlp.gate_proj.weight_scale"]
+    scale = np.frombuffer(sdata, np.float32).reshape(sshape)
+    want_shape = {"channel": (shape[0], 1), "tensor": (1,)}.get(
+        strategy, (-(-shape[0] // 128), -(-shape[1] // 128))
+    )
+    assert stag == "F32" and sshape == want_shape
+    full = scale if strategy != "block" else np.repeat(np.repeat(scale, 128, 0), 128, 1)
+    full = np.broadcast_to(full[: shape[0], : shape[1]] if strategy == "block" else full, shape)
+    np.testing.assert_array_equal(codes.astype(np.float32) * full, np.asarray(q.dequantize()).T)
+
+
 def test_mixed_precision_and_float_kernels(tmp_path, tiny):
     params = tiny(jax.random.key(5), layers=2)
     lp0, lp1 = params["layers"]
@@ -210,6 +265,7 @@ def test_pack_int32_matches_general_bit_layout():
         (quant.QuantSpec(4, axis=0), "per input channel"),
         (quant.QuantSpec(4, axis=-1, group_size=96), "does not divide"),
         (quant.QuantSpec(8, axis=-1, symmetric=False), "W8A8"),
+        (quant.QuantSpec(fmt="e4m3", axis=-1, group_size=64), "fp8 is stored per output"),
     ],
 )
 def test_unsupported_spec(tmp_path, spec, match, tiny):

@@ -1,7 +1,8 @@
 """The `compressed-tensors` package (vLLM's and tpu-inference's checkpoint format) reads
 jaxslim's exports: its config model validates our `quantization_config`, its own compressors
 (`PackedQuantizationCompressor`, `IntQuantizationCompressor`) decompress our tensors to exactly
-`jaxslim.quant.dequantize` (float32 scales; float16 scales: off by exactly the scale rounding),
+`jaxslim.quant.dequantize` (float32 scales; float16 scales: off by exactly the scale rounding;
+FP8 per channel, per tensor and in 128 x 128 blocks through `FloatQuantizationCompressor`),
 and transformers loads the directories (plain and compressed) and computes `models.forward`'s
 logits."""
 
@@ -84,6 +85,9 @@ SPECS = {
     ),
     "w4a16-channel": quant.QuantSpec(4, axis=-1),
     "w8a8": quant.QuantSpec(8, axis=-1),
+    "fp8-channel": quant.QuantSpec(fmt="e4m3", axis=-1),
+    "fp8-tensor": quant.QuantSpec(fmt="e4m3"),
+    "fp8-block": quant.QuantSpec(fmt="e4m3", group_size=(128, 128)),
 }
 
 
@@ -172,7 +176,7 @@ def test_transformers_loads_export_hf(tmp_path):
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
-@pytest.mark.parametrize("kind", ["w4a16", "w4a16-asym", "w8a8"])
+@pytest.mark.parametrize("kind", ["w4a16", "w4a16-asym", "w8a8", "fp8-block"])
 def test_transformers_loads_compressed(tmp_path, kind):
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
@@ -193,3 +197,22 @@ def test_transformers_loads_compressed(tmp_path, kind):
     # dequantize=True: transformers runs the decompressed weights (W8A8's dynamic activation
     # quantization is vLLM's kernel, not applied here), so only the summation order differs.
     assert rel < 1e-5
+
+
+def test_fp8_blocks_of_widths_128_does_not_divide(tmp_path):
+    # d 192 and MLP 320: the last block of each axis is shorter, as compressed-tensors reads it
+    params, config = tiny(d=192, heads=6, kv=2, f=320, layers=1)
+    qp = quantize_tree(params, SPECS["fp8-block"])
+    d = export_compressed_tensors(tmp_path / "fp8", qp, config)
+    got = decompress_with_package(d)
+    for k, stem in KERNELS.items():
+        want = np.asarray(qp["layers"][0][k].dequantize()).T
+        np.testing.assert_array_equal(got[f"model.layers.0.{stem}"], want)
+    import json
+
+    cfg = json.loads(pathlib.Path(d, "config.json").read_text())["quantization_config"]
+    (group,) = cfg["config_groups"].values()
+    assert cfg["format"] == "float-quantized"
+    assert group["weights"]["strategy"] == "block"
+    assert group["weights"]["block_structure"] == [128, 128]
+    assert group["input_activations"] is None
