@@ -99,8 +99,9 @@ ROWS = [
     "sparsegpt-70",
     "owl-sparsegpt-70",
     # mixed precision under an average bit budget (quant.allocate, round to nearest)
-    "alloc-3.5",
     "alloc-4.25",
+    "alloc-3.5+int2",
+    "alloc-4.25+int2",
 ]
 FORMATS = {
     "w4g32": lambda: quant.QuantSpec(4, axis=-1, group_size=32),
@@ -118,8 +119,8 @@ ALLOC_CANDIDATES = [
     ("int3 g128", lambda: quant.QuantSpec(3, axis=-1, group_size=128)),
     ("nf4 g64", lambda: quant.QuantSpec(fmt="nf4", axis=-1, group_size=64)),
     ("mxfp4", lambda: quant.QuantSpec(fmt="mxfp4")),
-    ("int2 g64", lambda: quant.QuantSpec(2, axis=-1, group_size=64)),
 ]
+INT2 = ("int2 g64", lambda: quant.QuantSpec(2, axis=-1, group_size=64))  # "+int2" rows
 QUICK_ROWS = ["dense", "w4g64-rtn", "w4g64-gptq", "wanda-2:4"]
 
 
@@ -283,17 +284,18 @@ def run_row(name, ctx, log):
             fwd, params, batches, sparsity, method=method, where=KERNELS, sequential=False
         )
         note += f"kernel sparsity {kernel_sparsity(out):.3f}"
-    elif (m := re.fullmatch(r"alloc-([\d.]+)", name)) is not None:
+    elif (m := re.fullmatch(r"alloc-([\d.]+)(\+int2)?", name)) is not None:
         budget = float(m.group(1))
         stats = kernel_stats(ctx, log)
-        cands = [make() for _, make in ALLOC_CANDIDATES]
+        candidates = ALLOC_CANDIDATES + ([INT2] if m.group(2) else [])
+        cands = [make() for _, make in candidates]
         rules = quant.allocate(stats, budget, cands, params=params)
         out, _ = quant.quantize_params(params, [(r"^embed$", None), *rules])
         eval_fwd = quant.quantized(fwd)
-        counts = {label: 0 for label, _ in ALLOC_CANDIDATES}
+        counts = {label: 0 for label, _ in candidates}
         bits = weights = 0
         for _where, spec in rules:
-            counts[ALLOC_CANDIDATES[cands.index(spec)][0]] += 1
+            counts[candidates[cands.index(spec)][0]] += 1
         for lp in out["layers"]:
             for k in ("q", "k", "v", "o", "gate", "up", "down"):
                 bits += 8 * lp[k].nbytes

@@ -121,6 +121,13 @@ def run(directory: str, rows: list[str], threads: int, jaxslim_json: str) -> Non
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     torch.set_num_threads(threads)
+    if not torch.accelerator.is_available():
+        # llm-compressor 0.14's AWQ pins its cached activations for faster host-to-device copies
+        # (Tensor.pin_memory), which raises without an accelerator; on a CPU the copies it speeds
+        # up never happen, so pinning is skipped (no change to what is computed).
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
     calib = np.load(os.path.join(directory, "calib.npy"))
     windows = np.load(os.path.join(directory, "eval.npy"))
     with open(os.path.join(directory, "data.json")) as f:
