@@ -265,11 +265,13 @@ def _gptq(w, h, spec, damp, block_size, clip_candidates, act_order):
     # real row, scale or damping term sees them.
     is_real = real[order]
     rows = np.cumsum(real)[order][is_real] - 1  # real kernel rows, in the permuted order
+    # the Hessian of those rows (no gathered copy of a k x k matrix when they are in order)
+    h_rows = h if np.array_equal(rows, np.arange(h.shape[0])) else h[rows][:, rows]
     if act_order:
         # A second, data-dependent permutation of the rows above: real rows by decreasing
         # diag(H) (ties in kernel order), padded rows last. Scales are fixed before the sweep.
         n_real = len(rows)
-        hr = h[rows][:, rows]
+        hr = h_rows
         key = jnp.full(k, jnp.inf).at[np.flatnonzero(is_real)].set(-jnp.diagonal(hr))
         perm2 = jnp.argsort(key, stable=True)
         sub = jnp.asarray(np.cumsum(is_real) - 1)[perm2[:n_real]]  # into hr
@@ -279,7 +281,7 @@ def _gptq(w, h, spec, damp, block_size, clip_candidates, act_order):
             dead = jnp.zeros(k, bool).at[:n_real].set(dead)
         dead = jnp.zeros(k, bool).at[perm2].set(dead)  # back to the order of w2
     else:
-        u, dead = _obs.obs_factor(h[rows][:, rows], damp, fn=fn)
+        u, dead = _obs.obs_factor(h_rows, damp, fn=fn)
         if not is_real.all():
             pos = np.flatnonzero(is_real)
             u = jnp.eye(k, dtype=u.dtype).at[pos[:, None], pos[None, :]].set(u)
