@@ -652,6 +652,7 @@ def _layout(eqn, val: _Leaf) -> list | None:
 
 
 Leaf = _Leaf
+CASTS = _CASTS  # primitives that leave a value's layout as it is (casts, copies, constraints)
 
 
 def leaf_layout(eqn: Any, val: Leaf) -> list | None:

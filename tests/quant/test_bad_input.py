@@ -618,6 +618,31 @@ ROWS = [
         r"quant.qdot_general: lhs must be an array or a QArray, got list",
         id="qdot-list",
     ),
+    # --- rotate ---
+    pytest.param(
+        lambda: quant.rotate(lambda p, x: x @ p["w"], {"w": jnp.ones((4, 4))}, X, seed=1.5),
+        TypeError,
+        r"quant.rotate: seed must be an int, got 1.5",
+        id="rotate-seed",
+    ),
+    pytest.param(
+        lambda: quant.rotate(lambda p, x: x @ p["w"], {"w": jnp.ones((4, 4))}, X, online=1),
+        TypeError,
+        r"quant.rotate: online must be a bool, got 1",
+        id="rotate-online",
+    ),
+    pytest.param(
+        lambda: quant.rotate(lambda p, x: x @ p["w"], {"w": Q4}, X),
+        TypeError,
+        r"quant.rotate: w is a QArray; rotate the float model, then quantize it",
+        id="rotate-qarray",
+    ),
+    pytest.param(
+        lambda: quant.rotate(lambda p, x: x[:, :3] @ p["w"], {"w": jnp.ones((3, 7))}, X),
+        ValueError,
+        r"quant.rotate: fn has no coupled-axis group whose width has a Hadamard matrix",
+        id="rotate-no-stream",
+    ),
     # --- gptq / gptq_hessian ---
     pytest.param(
         lambda: quant.gptq(X, H.at[0, 1].set(NAN), S8, path="mlp/kernel"),
