@@ -28,6 +28,8 @@ Then, with sums over every row of every batch::
     sq_norm = sum_rows X**2    (k,)     Wanda: ||X_j||_2 = sqrt(sq_norm_j)
     absmax  = max_rows |X|     (k,)     AWQ / SmoothQuant
     count   = n                ()       rows seen
+    cross   = X^T X_ref        (k, k)   only with reference params: X_ref the same kernel's
+                                        input when fn runs on the reference (QEP / GPTAQ)
 
 **Several uses.** A kernel used at several sites (tied or shared weights, a layer called twice)
 gets the *sum* over its sites (and ``absmax`` the max), as if the inputs of all sites were
@@ -91,6 +93,7 @@ class Stats(NamedTuple):
     contracted_axes: tuple[int, ...]
     lead_axes: tuple[int, ...]
     shape: tuple[int, ...]
+    cross: jax.Array | None = None
 
     def at(self, i: int) -> Stats:
         """The statistics of slice ``i`` of the first lead axis (layer ``i`` of a scanned stack:
@@ -121,6 +124,7 @@ class Stats(NamedTuple):
             renumber(self.contracted_axes),
             renumber(self.lead_axes),
             self.shape[:a] + self.shape[a + 1 :],
+            None if self.cross is None else self.cross[i],
         )
 
 
@@ -259,7 +263,10 @@ def _replicated(x: jax.Array) -> Any:
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
-def _make_hook(plans: dict[str, _Plan], dtype: Any):
+_PAIR = "jaxslim_reference"  # the vmapped axis of (params, reference) in a cross step
+
+
+def _make_hook(plans: dict[str, _Plan], dtype: Any, pair: bool = False):
     def hook(state, call: _jaxpr.Hooked):
         acc, ok = state
         for u in call.kernels:
@@ -269,6 +276,11 @@ def _make_hook(plans: dict[str, _Plan], dtype: Any):
             x = _rows(call, u, plan).astype(dtype)
             whole = _replicated(x)
             xtx = jnp.einsum("...nk,...nl->...kl", x, x, precision=_HI, out_sharding=whole)
+            if pair:  # the same site's rows on the params (0) and on the reference (1)
+                both = lax.all_gather(x, _PAIR)
+                cross = jnp.einsum(
+                    "...nk,...nl->...kl", both[0], both[1], precision=_HI, out_sharding=whole
+                )
             sq = jnp.sum(x * x, axis=-2)
             am = jnp.max(jnp.abs(x), axis=-2, initial=jnp.zeros((), dtype))
             if whole is not None:
@@ -278,7 +290,7 @@ def _make_hook(plans: dict[str, _Plan], dtype: Any):
                 call.scan_index[plan.scanned[a]] if a in plan.scanned else slice(None)
                 for a in plan.lead
             )
-            a_xtx, a_sq, a_am, a_n = acc[u.path]
+            a_xtx, a_sq, a_am, a_n, *a_cross = acc[u.path]
             acc = {
                 **acc,
                 u.path: (
@@ -286,6 +298,7 @@ def _make_hook(plans: dict[str, _Plan], dtype: Any):
                     a_sq.at[idx].add(sq),
                     a_am.at[idx].max(am),
                     a_n.at[idx].add(n),
+                    *([a_cross[0].at[idx].add(cross)] if pair else []),
                 ),
             }
             ok = {**ok, u.path: ok[u.path] & jnp.all(jnp.isfinite(x))}
@@ -338,6 +351,8 @@ def _statistics(
     where: _tree.Where,
     kernels: str | Sequence[str],
     dtype: Any,
+    reference: Any = None,
+    reference_batches: Sequence[Any] | None = None,
 ) -> dict[str, Stats]:
     strict = where is not None or not isinstance(kernels, str)
     selected = _select(params, where, kernels)
@@ -345,6 +360,20 @@ def _statistics(
     param_leaves = [x for _, x in _tree.leaves_with_paths(params)]
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"{caller()}: dtype must be a floating-point dtype, got {dtype}")
+    crossed = reference is not None or reference_batches is not None
+    pair, differ, batch_differ = crossed, (), False
+    if crossed:
+        batches = list(batches)
+        ref_batches = _reference_batches(batches, reference_batches)
+        ref_leaves = param_leaves if reference is None else _reference_leaves(params, reference)
+        differ = tuple(a is not b for a, b in zip(param_leaves, ref_leaves, strict=True))
+        batch_differ = any(r is not b for r, b in zip(ref_batches, batches, strict=True))
+        # only the leaves that differ travel twice (stacked inside the step, never kept)
+        param_leaves = [
+            (a, b) if d else a for a, b, d in zip(param_leaves, ref_leaves, differ, strict=True)
+        ]
+        if not any(differ) and not batch_differ:  # the same model and inputs: cross = xtx
+            pair, differ = False, ()
     compiled: dict[Any, tuple[_Compiled, Any]] = {}
     plans: dict[str, _Plan] | None = None
     acc = None
@@ -353,14 +382,16 @@ def _statistics(
     for b, batch in enumerate(batches):
         sig = _signature(batch)
         if sig not in compiled:
-            key = _step_key(fn, shapes, sig, selected, strict, dtype)
+            key = _step_key(fn, shapes, sig, selected, strict, dtype, (differ, batch_differ))
             hit = _STEPS.get(key) if key is not None else None
             if hit is not None:
                 _STEPS.move_to_end(key)
             else:
                 c = _trace(fn, params, batch, b)
                 own = _make_plans(c.uses, selected, leaves, strict)
-                hit = (c, _jit_step(c.traced, _make_hook(own, dtype)), own)
+                hook = _make_hook(own, dtype, pair)
+                step_fn = _jit_pair_step(c.traced, hook, differ, batch_differ) if pair else None
+                hit = (c, step_fn or _jit_step(c.traced, hook), own)
                 _remember(key, hit)
             c, step, own = hit
             if plans is None:
@@ -369,8 +400,12 @@ def _statistics(
             compiled[sig] = (c, step)
         c, step = compiled[sig]
         if acc is None:
-            acc = _zeros(plans, dtype)
-        acc, ok = step(param_leaves, list(c.traced.consts), acc, jax.tree.leaves(batch))
+            acc = _zeros(plans, dtype, pair)
+        batch_leaves = jax.tree.leaves(batch)
+        if batch_differ:
+            refs = _paired_leaves(batch, ref_batches[b], b)
+            batch_leaves = list(zip(batch_leaves, refs, strict=True))
+        acc, ok = step(param_leaves, list(c.traced.consts), acc, batch_leaves)
         bad = [p for p, flag in jax.device_get(ok).items() if not bool(flag)]
         if bad:
             raise ValueError(
@@ -381,15 +416,62 @@ def _statistics(
         raise ValueError(f"{caller()}: batches is empty; pass at least one calibration batch")
     out = {}
     for p, pl in plans.items():
-        xtx, sq, am, n = acc[p]
+        xtx, sq, am, n, *cross = acc[p]
         if not bool(jnp.all(n > 0)):
             raise ValueError(
                 f"{caller()}: kernel {p!r} was reached by none of the {b + 1} batches (counts "
                 f"{np.asarray(n).tolist()}, per {pl.lead or 'kernel'}): it sits in a branch or "
                 "loop the calibration data never ran; exclude it with where="
             )
-        out[p] = Stats(xtx, sq, am, n, pl.contracted, pl.lead, tuple(np.shape(leaves[p])))
+        shape = tuple(np.shape(leaves[p]))
+        if crossed and not cross:
+            cross = [xtx]
+        out[p] = Stats(xtx, sq, am, n, pl.contracted, pl.lead, shape, *cross)
     return out
+
+
+def _reference_batches(batches: list[Any], reference_batches: Any) -> list[Any]:
+    if reference_batches is None:
+        return batches
+    refs = list(reference_batches)
+    if len(refs) != len(batches):
+        raise ValueError(
+            f"{caller()}: reference_batches has {len(refs)} batches and batches {len(batches)}; "
+            "pass the reference model's inputs for the same batches, in the same order"
+        )
+    return refs
+
+
+def _paired_leaves(batch: Any, ref: Any, b: int) -> list[Any]:
+    if _signature(batch) != _signature(ref):
+        raise ValueError(
+            f"{caller()}: reference batch {b} has shapes {_signature(ref)[1]}, batch {b} has "
+            f"{_signature(batch)[1]}; the reference model's inputs must match batch by batch"
+        )
+    return jax.tree.leaves(ref)
+
+
+def _reference_leaves(params: Any, reference: Any) -> list[Any]:
+    """``reference``'s leaves, checked against ``params``'s tree, shapes and dtypes."""
+    mine = _tree.leaves_with_paths(params)
+    try:
+        flat, tree = jax.tree.flatten(reference)
+        same = tree == jax.tree.structure(params)
+    except Exception:  # noqa: BLE001 - any unflattenable value
+        same = False
+    if not same:
+        raise ValueError(
+            f"{caller()}: reference must have the tree structure of params (the same model "
+            f"before compression), got {type(reference).__name__} with a different structure"
+        )
+    for (path, a), b in zip(mine, flat, strict=True):
+        if np.shape(a) != np.shape(b) or getattr(a, "dtype", None) != getattr(b, "dtype", None):
+            raise ValueError(
+                f"{caller()}: reference leaf {path!r} is {getattr(b, 'dtype', type(b))}"
+                f"{list(np.shape(b))}, params holds {getattr(a, 'dtype', type(a))}"
+                f"{list(np.shape(a))}; pass the uncompressed params of the same model"
+            )
+    return flat
 
 
 # Compiled accumulation steps, reused across calls: `sequential` (and `stream`, block after block
@@ -410,8 +492,8 @@ def _param_signature(params: Any) -> Any:
     )
 
 
-def _step_key(fn, shapes, sig, selected, strict, dtype) -> Any:
-    key = (fn, shapes, sig, tuple(selected), strict, jnp.dtype(dtype).name)
+def _step_key(fn, shapes, sig, selected, strict, dtype, differ=()) -> Any:
+    key = (fn, shapes, sig, tuple(selected), strict, jnp.dtype(dtype).name, differ)
     try:
         hash(key)
     except TypeError:  # an unhashable callable or sharding: compile for this call only
@@ -496,14 +578,39 @@ def _jit_step(t: _jaxpr.Traced, hook):
     return jax.jit(_make_step(t, hook), donate_argnums=(2,))
 
 
-def _zeros(plans: dict[str, _Plan], dtype: Any) -> dict:
-    """Fresh accumulators ``(xtx, sq_norm, absmax, count)`` per kernel, one buffer each."""
+def _jit_pair_step(t: _jaxpr.Traced, hook, differ: tuple[bool, ...], batch_differ: bool):
+    """The accumulation step evaluated on the params and the reference at once: ``fn`` vmapped
+    over a pair axis (``_PAIR``) that only the leaves that differ carry (stacked inside the
+    step; the batch's leaves too with reference batches), so the hook sees a site's rows under
+    both and accumulates their cross product. The statistics returned are the params' (pair
+    member 0)."""
+    inner = _make_step(t, hook)
+
+    def step(param_leaves, consts, acc, batch_leaves):
+        leaves = [jnp.stack(x) if d else x for x, d in zip(param_leaves, differ, strict=True)]
+        axes = [0 if d else None for d in differ]
+        if batch_differ:
+            batch_leaves = [jnp.stack(x) for x in batch_leaves]
+        acc, ok = jax.vmap(
+            lambda ls, a, bl: inner(ls, consts, a, bl),
+            in_axes=(axes, None, 0 if batch_differ else None),
+            axis_name=_PAIR,
+        )(leaves, acc, batch_leaves)
+        first = jax.tree.map(lambda v: v[0], acc)
+        return first, {p: jnp.all(v) for p, v in ok.items()}
+
+    return jax.jit(step, donate_argnums=(2,))
+
+
+def _zeros(plans: dict[str, _Plan], dtype: Any, pair: bool = False) -> dict:
+    """Fresh accumulators ``(xtx, sq_norm, absmax, count[, cross])`` per kernel."""
     return {
         p: (
             jnp.zeros((*pl.lead_shape, pl.k, pl.k), dtype),
             jnp.zeros((*pl.lead_shape, pl.k), dtype),
             jnp.zeros((*pl.lead_shape, pl.k), dtype),
             jnp.zeros(pl.lead_shape, jnp.int32),
+            *([jnp.zeros((*pl.lead_shape, pl.k, pl.k), dtype)] if pair else []),
         )
         for p, pl in plans.items()
     }
@@ -518,6 +625,8 @@ def statistics(
     where: _tree.Where = None,
     kernels: Literal["all"] | Sequence[str] = "all",
     dtype: Any = jnp.float32,
+    reference: Any = None,
+    reference_batches: Sequence[Any] | None = None,
 ) -> dict[str, Stats]:
     """Input statistics of every kernel of ``fn(params, batch)``, summed over ``batches``.
 
@@ -540,6 +649,14 @@ def statistics(
       kernels: ``"all"`` or a list of paths (among those selected) to accumulate; only their
         accumulators are allocated, so ``kernels=[path]`` in a loop holds one at a time.
       dtype: accumulation dtype (float32; float64 needs ``jax_enable_x64``).
+      reference: other params of the same tree, shapes and dtypes (the model before
+        compression): ``Stats.cross`` is then ``X^T X_ref``, with ``X_ref`` the kernel's input
+        when ``fn`` runs on ``reference`` with the same batch (what QEP / GPTAQ fit against).
+        Both run in one step (``fn`` vmapped over the pair; only the leaves that differ, by
+        identity, are carried twice, stacked inside the step).
+      reference_batches: the reference's own inputs, one per batch of the same shapes (when
+        ``fn`` is a block of a model whose earlier blocks were compressed: the float model's
+        activations at this block); default ``batches``. Either argument gives ``cross``.
 
     Returns:
       ``{path: Stats}`` in execution order of first use.
@@ -555,8 +672,13 @@ def statistics(
     >>> s = statistics(fn, params, [jnp.array([[1.0, 2.0]]), jnp.array([[3.0, -1.0]])])
     >>> s["w"].xtx.tolist(), s["w"].sq_norm.tolist(), s["w"].absmax.tolist(), int(s["w"].count)
     ([[10.0, -1.0], [-1.0, 5.0]], [10.0, 5.0], [3.0, 2.0], 2)
+    >>> f2 = lambda p, x: (x @ p["a"]) @ p["b"]  # "b" sees x @ a: 2 here, 3 on the reference
+    >>> p2 = {"a": jnp.full((1, 1), 2.0), "b": jnp.ones((1, 1))}
+    >>> ref = {"a": jnp.full((1, 1), 3.0), "b": p2["b"]}
+    >>> statistics(f2, p2, [jnp.ones((1, 1))], reference=ref)["b"].cross.tolist()
+    [[6.0]]
     """
-    return _statistics(fn, params, batches, where, kernels, dtype)
+    return _statistics(fn, params, batches, where, kernels, dtype, reference, reference_batches)
 
 
 def _replace(params: Any, path: str, value: Any) -> Any:
@@ -575,6 +697,8 @@ def sequential(
     where: _tree.Where = None,
     order: Literal["execution"] | Sequence[str] = "execution",
     dtype: Any = jnp.float32,
+    cross: bool = False,
+    reference_batches: Sequence[Any] | None = None,
 ) -> Any:
     """Compresses kernels one at a time, each calibrated on the already-compressed earlier ones.
 
@@ -598,6 +722,14 @@ def sequential(
       compress: ``compress(path, w, stats) -> w_new``.
       order: ``"execution"`` (first use in ``fn``, the order of :func:`jaxslim._jaxpr.sites`) or
         an explicit sequence of kernel paths.
+      cross: also give each kernel ``Stats.cross = X^T X_ref``, its input on the partly
+        compressed model against its input on the original ``params`` (the float model), for
+        methods that fit the float outputs from the compressed inputs (``quant.qep_correct``).
+        Doubles each pass (both models run); the compressed kernels so far are held twice
+        inside a step.
+      reference_batches: with ``cross``, the float model's own inputs to ``fn``, one per batch
+        (``fn`` a block whose input differs in the float model: ``stream(..., reference=True)``
+        gives them); default ``batches``.
 
     Returns:
       ``params`` with every kernel replaced, same tree structure.
@@ -616,7 +748,13 @@ def sequential(
     name = caller()
     if not callable(compress):
         raise TypeError(f"{name}: compress must be a callable compress(path, w, stats)")
+    if not isinstance(cross, bool):
+        raise TypeError(f"{name}: cross must be a bool, got {cross!r}")
+    if reference_batches is not None and not cross:
+        raise ValueError(f"{name}: reference_batches is only read with cross=True")
+    reference = params if cross else None
     batches = list(batches)
+    refs = None if reference_batches is None else _reference_batches(batches, reference_batches)
     if not batches:
         raise ValueError(f"{name}: batches is empty; pass at least one calibration batch")
     selected = _tree.selected_paths(params, where)
@@ -633,7 +771,7 @@ def sequential(
     else:
         paths = list(order)
     for path in paths:
-        stats = _statistics(fn, params, batches, where, [path], dtype)[path]
+        stats = _statistics(fn, params, batches, where, [path], dtype, reference, refs)[path]
         w = dict(_tree.leaves_with_paths(params))[path]
         w_new = compress(path, w, stats)
         if not isinstance(w_new, jax.Array | np.ndarray):
@@ -825,6 +963,7 @@ def stream(
     recipe: Any = None,
     run: Callable[[Any, Any], Any] | None = None,
     progress: bool = True,
+    reference: bool = False,
 ) -> StreamResult:
     """Compresses a model block by block, one block's weights in memory at a time; resumable.
 
@@ -882,6 +1021,11 @@ def stream(
       run: the forward used to advance the activations, ``run(new_params, batch)``; default
         ``block_fn`` on the dequantized params.
       progress: print the estimate, the bar and the peak RSS.
+      reference: also carry the float model's activations (each block advanced with its
+        weights as loaded) and call ``compress_block(params, hidden, hidden_ref)``, for
+        methods fitted to the float model's outputs (``quant.GPTQ(qep=...)`` through
+        ``quant.oneshot(..., reference_batches=hidden_ref)``). Twice the activations in
+        memory; a resumed run loads the finished blocks' float weights again to rebuild them.
 
     Returns:
       a :class:`StreamResult`.
@@ -922,7 +1066,18 @@ def stream(
         out = os.fspath(out)
         done = _open_manifest(out, recipe, fingerprint(hidden), names, fn)
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
+    if not isinstance(reference, bool):
+        raise TypeError(f"{fn}: reference must be a bool, got {reference!r}")
     forward = jax.jit(run if run is not None else block_fn)
+    forward_float = jax.jit(block_fn)
+    hidden_ref = list(hidden) if reference else None
+
+    def advance_float(params: Any, batches: list[Any]) -> list[Any]:
+        outs = []
+        for b in batches:
+            y = forward_float(params, b)
+            outs.append((y, *b[1:]) if isinstance(b, tuple) else y)
+        return outs
 
     def advance(params: Any, batches: list[Any]) -> list[Any]:
         if run is None:  # as quant.oneshot feeds the later kernels: dequantized once, eagerly
@@ -937,8 +1092,10 @@ def stream(
     if first:
         log(f"{fn}: {out}: resuming after {first} of {len(names)} blocks ({', '.join(done)})")
     if first < len(names):
-        for name in done:  # only to recompute the activations at the first block left
+        for name, load_block in blocks[:first]:  # the activations at the first block left
             hidden = advance(load(block_file(out, name)), hidden)
+            if hidden_ref is not None:
+                hidden_ref = advance_float(load_block(), hidden_ref)
     kept: list[Any] | None = [] if out is None else None
     reports: dict[str, Any] = {}
     seconds: dict[str, float] = {}
@@ -952,18 +1109,25 @@ def stream(
             params = load_block()
             if i == 0:
                 w, h, a = _estimate(params, hidden)
+                a *= 2 if reference else 1
                 log(
                     f"{fn}: memory estimate: block weights {_gib(w)} + Hessians and OBS work "
                     f"{_gib(h)} + activations in and out {_gib(a)} = {_gib(w + h + a)} "
                     f"(+ the JAX runtime and compiled code); {len(names) - first} blocks to go"
                 )
-            result = compress_block(params, hidden)
+            result = (
+                compress_block(params, hidden, hidden_ref)
+                if reference
+                else compress_block(params, hidden)
+            )
             if not (isinstance(result, tuple) and len(result) == 2):
                 raise TypeError(
                     f"{fn}: compress_block must return (new_params, report) for block {name!r}, "
                     f"got {type(result).__name__}; return (params, None) when there is no report"
                 )
             new, reports[name] = result
+            if hidden_ref is not None:
+                hidden_ref = advance_float(params, hidden_ref)
             del params, result
             hidden = advance(new, hidden)
             if out is None:

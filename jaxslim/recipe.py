@@ -619,7 +619,7 @@ def named(name: str) -> Recipe:
     embedding and ``lm_head`` alone and needs calibration data (``apply(..., fn=, batches=)``).
 
     >>> named("w4a16-gptq").method
-    GPTQ(damp=0.01, block_size=128, clip_candidates=1, act_order=True)
+    GPTQ(damp=0.01, block_size=128, clip_candidates=1, act_order=True, qep=0.0)
     """
     if name not in NAMED:
         raise RecipeError("recipe", f"no ready recipe {name!r}; the names are {list(NAMED)}")

@@ -89,6 +89,32 @@ def test_quantized_blocks_feed_their_dequantized_weights_forward():
     np.testing.assert_allclose(res2.hidden[0][0], res.hidden[0][0], rtol=1e-4, atol=1e-4)
 
 
+def _qep(p, hs, refs):
+    spec = quant.QuantSpec(3, axis=-1)
+    return quant.oneshot(_block, p, hs, spec, method=quant.GPTQ(qep=0.5), reference_batches=refs)
+
+
+def test_reference_carries_the_float_activations_and_qep_equals_the_whole_model():
+    hs = [(x, SCALE) for x in XS]
+    seen = []
+
+    def spy(p, hs, refs):
+        seen.append([r[0] for r in refs])
+        return _qep(p, hs, refs)
+
+    res = calibrate.stream(_block, _blocks(), hs, spy, progress=False, reference=True)
+    # the reference activations at block i are the float model's
+    for i, refs in enumerate(seen):
+        for x, r in zip(XS, refs, strict=True):
+            np.testing.assert_allclose(r, _full(PARAMS[:i], x), rtol=1e-5, atol=1e-5)
+    spec = quant.QuantSpec(3, axis=-1)
+    ref, _ = quant.oneshot(_full, PARAMS, XS, spec, method=quant.GPTQ(qep=0.5))
+    for got, want in zip(res.blocks, ref, strict=True):
+        for k in ("up", "down"):
+            np.testing.assert_array_equal(got[k].values, want[k].values)
+            np.testing.assert_allclose(got[k].scale, want[k].scale, rtol=1e-6)
+
+
 class Stop(Exception):
     """Raised by a compress callback to interrupt a run."""
 
@@ -158,6 +184,8 @@ def test_bad_arguments(tmp_path):
         calibrate.stream(_block, _blocks(), [], _gptq, progress=False)
     with pytest.raises(TypeError, match="needs save"):
         calibrate.stream(_block, _blocks(), hs, _gptq, out=tmp_path / "x", progress=False)
+    with pytest.raises(TypeError, match=r"stream: reference must be a bool, got 'yes'"):
+        calibrate.stream(_block, _blocks(), hs, _gptq, progress=False, reference="yes")
 
 
 def test_progress_prints_the_estimate_and_peak_rss(capsys):
@@ -190,3 +218,25 @@ def test_sharded_block_statistics_equal_unsharded():
         for k in ("up", "down"):
             assert got[k].sharding == specs[k]
             np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5)
+
+
+def test_interrupted_run_with_reference_resumes_bit_for_bit(tmp_path):
+    rec = {"method": quant.GPTQ(qep=0.5), "bits": 3}
+    whole = _run(tmp_path / "a", _qep, reference=True, recipe=rec)
+    calls = []
+
+    def fails_on_block_2(p, hs, refs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Stop
+        return _qep(p, hs, refs)
+
+    with pytest.raises(Stop):
+        _run(tmp_path / "b", fails_on_block_2, reference=True, recipe=rec)
+    loaded = []
+    res = _run(tmp_path / "b", _qep, reference=True, recipe=rec, blocks=_blocks(loaded=loaded))
+    # block 0's float weights are read again (the float activations), its compressed file kept
+    assert res.resumed == ("block0",) and loaded == [0, 1, 2]
+    for f in sorted(os.listdir(tmp_path / "a")):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    np.testing.assert_array_equal(res.hidden[1][0], whole.hidden[1][0])

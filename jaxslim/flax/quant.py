@@ -319,6 +319,13 @@ def quantize_model(
             f"{fn}: method must be quant.GPTQ(...) (the calibrated method of quantize_model; for "
             f"AWQ, HQQ or SmoothQuant use quant.oneshot), got {method!r}"
         )
+    if method.qep:
+        raise ValueError(
+            f"{fn}: GPTQ(qep={method.qep}) needs each layer's inputs in the float and the partly "
+            "quantized model (quantize_model calibrates every layer on the float model); use "
+            "quant.oneshot(nnx_fn, state, batches, rules, method=GPTQ(qep=...)) on "
+            "nnx.split(model)"
+        )
     if observer is not None and not callable(observer):
         raise TypeError(f"{fn}: observer must be a function spec -> Observer, got {observer!r}")
     _check_act_bits(act_bits, fn)

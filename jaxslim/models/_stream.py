@@ -165,7 +165,8 @@ def compress_streamed(
         the final norm and ``lm_head`` stay as stored); ``None``: no quantization. Pruning runs
         first; a calibrated quantizer after it (GPTQ, AWQ) moves the pruned zeros, so combine
         them only with ``"rtn"`` / ``"hqq"`` (or ``prune.SparseGPT(quant=...)``).
-      quant_method: ``quant.oneshot``'s ``method``.
+      quant_method: ``quant.oneshot``'s ``method``; ``quant.GPTQ(qep=...)`` also carries the float
+        model's activations (twice the activation memory) to fit each layer to them.
       batch_size: rows per calibration batch when ``calib_ids`` is one array.
       dtype: cast each layer's weights to this dtype when read (default: as stored).
       progress: the memory estimate, a bar per layer, the peak RSS (stderr).
@@ -207,8 +208,11 @@ def compress_streamed(
 
             return load
 
+        # GPTQ(qep=...) fits each layer to the float model's outputs: carry its activations
+        qep = getattr(quant_method, "qep", 0) > 0 and quant_rules is not None
+
         def compress(i: int):
-            def run(p: Any, hs: list[Any]) -> tuple[Any, Any]:
+            def run(p: Any, hs: list[Any], refs: list[Any] | None = None) -> tuple[Any, Any]:
                 reports = [None, None]
                 if sparsity is not None:
                     p, rep = prune.oneshot(
@@ -218,7 +222,9 @@ def compress_streamed(
                 if quant_rules is not None:
                     rules = _rules_for(quant_rules, f"layers/{i}/")
                     if _selects_any(rules, p):  # a recipe may leave whole layers float
-                        p, reports[1] = quant.oneshot(fn, p, hs, rules, method=quant_method)
+                        p, reports[1] = quant.oneshot(
+                            fn, p, hs, rules, method=quant_method, reference_batches=refs
+                        )
                 return p, tuple(reports)
 
             return run
@@ -251,12 +257,13 @@ def compress_streamed(
             fn,
             layers,
             hidden,
-            lambda p, hs: compress(loaded[-1])(p, hs),
+            lambda p, hs, *refs: compress(loaded[-1])(p, hs, *refs),
             out=out,
             save=checkpoints.save_npz,
             load=checkpoints.load_npz,
             recipe=recipe,
             progress=progress,
+            reference=qep,
         )
         rest = {
             "embed": src.read("model.embed_tokens.weight"),

@@ -30,6 +30,7 @@ from jaxslim.quant._oneshot import oneshot
 from jaxslim.quant._packing import pack, packed_shape, unpack
 from jaxslim.quant._params import LeafSize, SizeReport, dequantize_params, quantize_params
 from jaxslim.quant._qarray import QArray, dequantize, fake_quant, is_qarray, quantize
+from jaxslim.quant._qep import qep_correct
 from jaxslim.quant._rotate import rotate_model
 from jaxslim.quant._rotate_fn import RotateReport, rotate
 from jaxslim.quant._rules import Rule
@@ -72,6 +73,7 @@ __all__ = [
     "quantized",
     "gptq",
     "gptq_hessian",
+    "qep_correct",
     "hqq",
     "awq_scales",
     "find_absorbers",

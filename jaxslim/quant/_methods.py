@@ -34,15 +34,21 @@ class GPTQ:
         min/max range; more: an MSE search over clipped ranges, see ``quant.gptq``).
       act_order: rows in decreasing order of ``diag(X^T X)``, group scales from the original
         kernel (llm-compressor's ``actorder="static"``; the stored layout is unchanged).
+      qep: error propagation (QEP, Arai & Ichikawa 2025; the objective of GPTAQ): each kernel
+        is fitted to the float model's outputs from the inputs of the partly quantized model,
+        ``||X_f W - X_q Q||``, by GPTQ on ``quant.qep_correct(W, H, C, alpha=qep)``. ``0``
+        (plain GPTQ), up to ``1`` (the full correction); the paper uses ``0.5``. Needs
+        ``quant.oneshot(..., sequential=True)``; each calibration pass runs both models.
 
     >>> GPTQ(damp=0.1)
-    GPTQ(damp=0.1, block_size=128, clip_candidates=1, act_order=False)
+    GPTQ(damp=0.1, block_size=128, clip_candidates=1, act_order=False, qep=0.0)
     """
 
     damp: float = 0.01
     block_size: int = 128
     clip_candidates: int = 1
     act_order: bool = False
+    qep: float = 0.0
     name = "gptq"
 
     def __post_init__(self):
@@ -54,6 +60,7 @@ class GPTQ:
                 f"quant.GPTQ: act_order must be a bool (true / false in a recipe), got "
                 f"{self.act_order!r}"
             )
+        _checks.number("quant.GPTQ", "qep", self.qep, positive=False)
 
 
 @dataclasses.dataclass(frozen=True)

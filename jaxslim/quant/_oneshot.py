@@ -5,7 +5,8 @@ kernel a rule quantizes gets its input statistics, and one method (a record of
 ``quant/_methods.py``) quantizes it:
 
 * ``RTN()``: round to nearest (``quant.quantize``);
-* ``GPTQ(damp, block_size)``: ``quant.gptq`` on the kernel's ``X^T X``;
+* ``GPTQ(damp, block_size, ...)``: ``quant.gptq`` on the kernel's ``X^T X`` (with ``qep``, on
+  ``quant.qep_correct`` of the kernel: fitted to the float model's outputs);
 * ``HQQ(iters)``: ``quant.hqq`` (calibration-free; statistics only for the report);
 * ``AWQ(grid, act, clip)``: ``quant.awq_scales`` per group of kernels sharing an input, folded
   into the absorber ``quant.find_absorbers`` finds, then RTN;
@@ -48,6 +49,7 @@ from jaxslim.quant._gptq import gptq
 from jaxslim.quant._hqq import hqq
 from jaxslim.quant._methods import AWQ, GPTQ, HQQ, RTN, Method, SmoothQuant, as_method
 from jaxslim.quant._qarray import QArray, dequantize, quantize
+from jaxslim.quant._qep import qep_correct
 from jaxslim.quant._rules import first, normalize
 from jaxslim.quant._smoothquant import W8_SPEC, smooth_scales
 from jaxslim.quant._spec import QuantSpec, layout
@@ -84,6 +86,7 @@ def oneshot(
     *,
     method: Method | str = "rtn",
     sequential: bool = True,
+    reference_batches: Iterable[Any] | None = None,
 ) -> tuple[Any, OneshotReport]:
     """Quantizes the kernels of ``fn(params, batch)`` with a calibrated method.
 
@@ -105,6 +108,9 @@ def oneshot(
         (``calibrate.sequential``); else all on the float model. ``"rtn"`` and ``"hqq"`` are
         calibration-free: their weights do not depend on it, and their report's errors are
         always measured on the float model's inputs (one calibration pass).
+      reference_batches: with ``GPTQ(qep=...)`` on a block of a bigger model whose earlier
+        blocks are already compressed, the float model's inputs to this block, one per batch
+        (``calibrate.stream(..., reference=True)`` gives them); default ``batches``.
 
     Returns:
       ``(qparams, report)``: ``params`` with ``QArray`` leaves where a rule quantized (AWQ and
@@ -128,6 +134,18 @@ def oneshot(
     method = as_method(method, name)
     if not isinstance(sequential, bool):
         raise TypeError(f"{name}: sequential must be a bool, got {sequential!r}")
+    qep = isinstance(method, GPTQ) and method.qep > 0
+    if qep and not sequential:
+        raise ValueError(
+            f"{name}: GPTQ(qep={method.qep}) corrects the error of the already-quantized kernels "
+            "before each one, which needs sequential=True (with sequential=False every kernel "
+            "sees the float inputs and the correction is zero)"
+        )
+    if reference_batches is not None and not qep:
+        raise ValueError(
+            f"{name}: reference_batches is read only by GPTQ(qep=...) (the float model's inputs "
+            f"it fits against), got method {method!r}"
+        )
     rules = normalize(rules, name)
     _tree.reject_traced(params, why="oneshot calibrates and checks values")
     batches = list(batches)
@@ -231,9 +249,13 @@ def oneshot(
             q = _requantize(q2, from_matrix(deq2, w.shape, c, o).astype(w.dtype), spec, c, o)
         elif isinstance(method, GPTQ):
             m2 = matrix_spec(specs[path])
+            target = w2
+            if qep:
+                with at_leaf(path):
+                    target = qep_correct(w2, st.xtx, st.cross, alpha=method.qep, damp=method.damp)
             with at_leaf(path):
                 q2 = gptq(
-                    w2,
+                    target,
                     st.xtx,
                     m2,
                     damp=method.damp,
@@ -263,7 +285,15 @@ def oneshot(
         return deq
 
     if sequential and isinstance(method, GPTQ | AWQ | SmoothQuant) and in_matmul:
-        calibrate.sequential(fn, params, batches, compress, where=lambda p, x: p in in_matmul)
+        calibrate.sequential(
+            fn,
+            params,
+            batches,
+            compress,
+            where=lambda p, x: p in in_matmul,
+            cross=qep,
+            reference_batches=reference_batches,
+        )
     else:
         for p in kernels:
             compress(p, leaves[p], stats[p])

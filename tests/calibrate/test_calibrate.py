@@ -572,6 +572,27 @@ BAD = [
         r"sequential: batches is empty",
         id="seq-empty",
     ),
+    pytest.param(
+        lambda: calibrate.sequential(mlp, MLP, BATCHES, print, cross="yes"),
+        TypeError,
+        r"sequential: cross must be a bool, got 'yes'",
+        id="seq-cross",
+    ),
+    pytest.param(
+        lambda: calibrate.statistics(mlp, MLP, BATCHES, reference={"l1": MLP["l1"]}),
+        ValueError,
+        r"statistics: reference must have the tree structure of params",
+        id="reference-tree",
+    ),
+    pytest.param(
+        lambda: calibrate.statistics(
+            mlp, MLP, BATCHES, reference={**MLP, "l2": {"kernel": arr(6, 5).astype(jnp.bfloat16)}}
+        ),
+        ValueError,
+        r"statistics: reference leaf 'l2/kernel' is bfloat16\[6, 5\], params holds "
+        r"float32\[6, 5\]; pass the uncompressed params",
+        id="reference-dtype",
+    ),
 ]
 
 

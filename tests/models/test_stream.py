@@ -118,6 +118,25 @@ def test_gptq_streamed_equals_in_memory_sequential(ckpt, tmp_path):
     assert bool(jnp.all(jnp.isfinite(logits)))
 
 
+def test_gptq_qep_streamed_equals_in_memory_sequential(ckpt, tmp_path):
+    # QEP across layers: the stream carries the float model's activations beside its own
+    d, params, cfg = ckpt
+    rules = [(KERNELS, quant.QuantSpec(3, axis=-1, group_size=16))]
+    method = quant.GPTQ(qep=0.5)
+    compress_streamed(
+        d, tmp_path / "o", CALIB, quant_rules=rules, quant_method=method, batch_size=2,
+        progress=False,
+    )  # fmt: skip
+    ref, _ = quant.oneshot(_fn(cfg), params, _batches(), rules, method=method)
+    plain, _ = quant.oneshot(_fn(cfg), params, _batches(), rules, method=quant.GPTQ())
+    got, _, _ = load_streamed(tmp_path / "o")
+    for k in ("q", "down"):
+        np.testing.assert_array_equal(got["layers"][1][k].values, ref["layers"][1][k].values)
+        np.testing.assert_allclose(got["layers"][1][k].scale, ref["layers"][1][k].scale, rtol=1e-6)
+    # and it is not plain GPTQ: layer 1 was corrected for layer 0's error
+    assert not np.array_equal(got["layers"][1]["down"].values, plain["layers"][1]["down"].values)
+
+
 class Stop(Exception):
     """Raised by a compress callback to interrupt a run."""
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxslim import quant
+from jaxslim import _checks, quant
 from jaxslim.flax.quant import fake_quant_dot_general, qat_model, quantize_model
 from jaxslim.quant import QuantSpec
 
@@ -25,6 +25,16 @@ S8 = QuantSpec(8, axis=-1)
 Q4 = quant.quantize(X, QuantSpec(4, axis=-1, symmetric=False))
 DN = (((1,), (0,)), ((), ()))
 H = quant.gptq_hessian(jnp.asarray(np.random.default_rng(1).normal(size=(32, 8)), jnp.float32))
+
+
+def _at(path, call):
+    """``call`` run for the leaf ``path`` (as a tree-wide function runs it)."""
+
+    def run():
+        with _checks.at_leaf(path):
+            return call()
+
+    return run
 
 
 def _replace(**kw):
@@ -691,6 +701,76 @@ ROWS = [
         ValueError,
         r"quant.GPTQ: damp",
         id="GPTQ-damp",
+    ),
+    pytest.param(
+        lambda: quant.GPTQ(qep=-0.5),
+        ValueError,
+        r"quant.GPTQ: qep must be finite and >= 0, got -0.5",
+        id="GPTQ-qep-negative",
+    ),
+    pytest.param(
+        lambda: quant.GPTQ(qep=NAN),
+        ValueError,
+        r"quant.GPTQ: qep must be finite and >= 0, got nan",
+        id="GPTQ-qep-nan",
+    ),
+    pytest.param(
+        lambda: quant.oneshot(
+            lambda p, x: x @ p["w"],
+            {"w": X.T},
+            [X],
+            S8,
+            method=quant.GPTQ(qep=0.5),
+            sequential=False,
+        ),
+        ValueError,
+        r"quant.oneshot: GPTQ\(qep=0.5\) .* needs sequential=True",
+        id="oneshot-qep-not-sequential",
+    ),
+    pytest.param(
+        lambda: quantize_model(_model(), S8, calibration=X, method=quant.GPTQ(qep=0.5)),
+        ValueError,
+        r"flax.quantize_model: GPTQ\(qep=0.5\) needs .* use quant.oneshot",
+        id="quantize_model-qep",
+    ),
+    # --- qep_correct ---
+    pytest.param(
+        _at("mlp/kernel", lambda: quant.qep_correct(X.T, H[:4, :4], None)),
+        TypeError,
+        r"quant.qep_correct: cross must be a \(4, 4\) array, got NoneType for 'mlp/kernel'; "
+        r"calibrate with calibrate.sequential\(..., cross=True\)",
+        id="qep-cross-missing",
+    ),
+    pytest.param(
+        _at("mlp/kernel", lambda: quant.qep_correct(X.T, H[:4, :4], H)),
+        ValueError,
+        r"quant.qep_correct: cross must be a floating \(4, 4\) array for the kernel \(4, 8\) "
+        r"of 'mlp/kernel', got float32 \(8, 8\)",
+        id="qep-cross-shape",
+    ),
+    pytest.param(
+        _at("k", lambda: quant.qep_correct(X.T, H[:4, :4], H[:4, :4].at[0, 0].set(NAN))),
+        ValueError,
+        r"quant.qep_correct: 'cross of k' has 1 non-finite",
+        id="qep-cross-nan",
+    ),
+    pytest.param(
+        _at("k", lambda: quant.qep_correct(X.T, -H[:4, :4], H[:4, :4])),
+        ValueError,
+        r"quant.qep_correct: the hessian of 'k' is not positive definite",
+        id="qep-not-pd",
+    ),
+    pytest.param(
+        _at("k", lambda: quant.qep_correct(X.T, H[:4, :4], H[:4, :4], alpha=-1.0)),
+        ValueError,
+        r"quant.qep_correct: alpha must be finite and >= 0, got -1.0",
+        id="qep-alpha",
+    ),
+    pytest.param(
+        _at("k", lambda: quant.qep_correct(jnp.ones(4), H[:4, :4], H[:4, :4])),
+        ValueError,
+        r"quant.qep_correct: expects a floating-point kernel with ndim >= 2, got float32 \(4,\)",
+        id="qep-vector",
     ),
     pytest.param(
         lambda: quant.gptq(X, H, S8, block_size=0, path="k"),
