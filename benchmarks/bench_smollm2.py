@@ -62,6 +62,12 @@ ROWS = [
     "w4g64-gptq-act",
     "w4g64-gptq-stream",
     "w4g64-gptq-act-stream",
+    # error propagation (QEP / GPTAQ objective, GPTQ(qep=0.5)), streamed layer by layer
+    "w3g128-gptq-stream",
+    "w3g128-gptq-qep-stream",
+    "w3g128-gptq-act-stream",
+    "w3g128-gptq-act-qep-stream",
+    "w4g64-gptq-act-qep-stream",
     "w4g128-gptq-act",
     "w3g64-gptq-act",
     "w4g64-awq",
@@ -394,12 +400,12 @@ def streamed(name, ctx, log):
     pipeline), then read back with ``models.load_streamed``."""
     import tempfile
 
-    m = re.fullmatch(r"w([34])g(64|128)-gptq(-act)?-stream", name)
+    m = re.fullmatch(r"w([34])g(64|128)-gptq(-act)?(-qep)?-stream", name)
     if m is None:
         raise ValueError(f"unknown streamed row {name!r}")
     bits, group, act = int(m.group(1)), int(m.group(2)), bool(m.group(3))
     spec = quant.QuantSpec(bits, axis=-1, group_size=group)
-    method = quant.GPTQ(act_order=act)
+    method = quant.GPTQ(act_order=act, qep=0.5 if m.group(4) else 0.0)
     with tempfile.TemporaryDirectory() as d:
         models.compress_streamed(
             smollm2_data.gguf_path(),

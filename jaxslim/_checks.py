@@ -210,3 +210,18 @@ def nonnegative(fn: str, name: str, value: Any) -> float:
     if v is None or not math.isfinite(v) or v < 0:
         raise ValueError(f"{fn}: {name} must be a finite number >= 0, got {value!r}")
     return v
+
+
+@jax.jit
+def _nonfinite(x: jax.Array) -> jax.Array:
+    return jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
+
+
+def count_nonfinite(x: Any) -> int:
+    """The NaN and +-inf entries of a concrete array: one compiled reduction per shape and dtype
+    (eager ``jnp`` compiles each primitive on its own), computed where a sharded array lies.
+
+    >>> count_nonfinite(jnp.array([1.0, jnp.nan, -jnp.inf]))
+    2
+    """
+    return int(_nonfinite(x))

@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxslim._checks import count_nonfinite
+
 _HI = lax.Precision.HIGHEST
 
 
@@ -55,11 +57,12 @@ def check_hessian(h: Any, k: int, *, path: str = "", fn: str = "obs") -> jax.Arr
         )
     h = h.astype(jnp.float32)
     if is_concrete(h):
-        bad = ~np.isfinite(np.asarray(h))
-        if bad.any():
+        n = count_nonfinite(h)
+        if n:
+            bad = ~np.isfinite(np.asarray(h))
             i, j = np.argwhere(bad)[0]
             raise ValueError(
-                f"{fn}: hessian of {path!r} has {int(bad.sum())} non-finite entries (first at "
+                f"{fn}: hessian of {path!r} has {n} non-finite entries (first at "
                 f"[{i}, {j}] = {float(h[i, j])}); recompute it from finite calibration inputs"
             )
     return h

@@ -66,7 +66,7 @@ import numpy as np
 from jax import lax
 
 from jaxslim import _jaxpr, _tree
-from jaxslim._checks import caller, public
+from jaxslim._checks import caller, count_nonfinite, public
 
 __all__ = ["Stats", "statistics", "sequential", "stream", "StreamResult"]
 
@@ -784,7 +784,7 @@ def sequential(
                 f"{name}: compress returned {w_new.dtype}{list(w_new.shape)} for {path!r}, "
                 f"expected {w.dtype}{list(w.shape)}"
             )
-        if not bool(jnp.all(jnp.isfinite(w_new))):
+        if count_nonfinite(w_new):
             raise ValueError(f"{name}: compress returned non-finite values for {path!r}")
         if isinstance(w, jax.Array) and w_new.sharding != w.sharding:
             w_new = jax.device_put(w_new, w.sharding)

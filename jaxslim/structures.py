@@ -83,6 +83,12 @@ def float_keys(x: jax.Array) -> jax.Array:
     >>> [int(k) for k in float_keys(jnp.array([jnp.nan, -jnp.inf, 0.0, jnp.inf]))]
     [0, 8388607, 2147483648, 4286578688]
     """
+    return _float_keys(x)
+
+
+@jax.jit
+def _float_keys(x: jax.Array) -> jax.Array:
+    # One compiled program per shape and dtype, also when called eagerly.
     x = x.astype(jnp.float32)
     bits = lax.bitcast_convert_type(x, jnp.uint32)
     sign = jnp.uint32(0x80000000)

@@ -27,7 +27,7 @@ import optax
 from jax import lax
 
 from jaxslim import _obs, _tree
-from jaxslim._checks import caller, leaf_path, public
+from jaxslim._checks import caller, count_nonfinite, leaf_path, public
 from jaxslim.structures import NM, Structure, Unstructured, float_keys, nm_mask
 
 Quantizer = Callable[[jax.Array, jax.Array], jax.Array]
@@ -325,7 +325,7 @@ def sparsegpt(
         count = _nm_gate(sparsity, fn, repr(path))
     else:
         count = _prune_count(sparsity, b * n if not per_output else b, fn, repr(path))
-    if _obs.is_concrete(w) and not bool(jnp.all(jnp.isfinite(w))):
+    if _obs.is_concrete(w) and count_nonfinite(w):
         raise ValueError(f"{fn}: kernel {path!r} has non-finite entries; cannot prune it")
     if jnp.shape(hessian) != (k, k):
         raise ValueError(
@@ -334,7 +334,7 @@ def sparsegpt(
         )
     u, dead = _obs.obs_factor(hessian, damp, path=path, fn=fn)
     w_new, mask = _sparsegpt(w, u, dead, count, structure, b, quant, per_output)
-    if _obs.is_concrete(w_new) and not bool(jnp.all(jnp.isfinite(w_new))):
+    if _obs.is_concrete(w_new) and count_nonfinite(w_new):
         raise ValueError(
             f"{fn}: the reconstruction of {path!r} is not finite (quant={quant!r} returned "
             f"non-finite values); fix the quantizer"

@@ -40,7 +40,7 @@ import numpy as np
 from jax import lax
 
 from jaxslim import _tree
-from jaxslim._checks import at_leaf, leaf_path, public
+from jaxslim._checks import at_leaf, count_nonfinite, leaf_path, public
 from jaxslim.quant._numerics import qparams_from_range
 from jaxslim.quant._qarray import QArray, fake_values, quantize
 from jaxslim.quant._spec import QuantSpec, layout
@@ -188,7 +188,7 @@ def awq_scales(
     h = jnp.asarray(xtx, jnp.float32)
     if h.shape != (k, k):
         raise ValueError(f"{fn}: xtx of {path!r} must be ({k}, {k}), got {h.shape}")
-    if not isinstance(h, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(h))):
+    if not isinstance(h, jax.core.Tracer) and count_nonfinite(h):
         raise ValueError(f"{fn}: xtx of {path!r} is not finite; calibrate on finite inputs")
     return _search(tuple(ws), h, a, matrix_spec(spec), n_grid)
 

@@ -125,8 +125,16 @@ def hadamard(x: jax.typing.ArrayLike, *, axis: int = -1, transpose: bool = False
         raise TypeError(f"{fn}: x must be a float array, got dtype {x.dtype}")
     if x.ndim == 0 or not -x.ndim <= axis < x.ndim:
         raise ValueError(f"{fn}: axis {axis} is out of range for shape {x.shape}")
+    _split(x.shape[axis], fn)
+    return _hadamard(x, axis % x.ndim, bool(transpose))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _hadamard(x: jax.Array, axis: int, transpose: bool) -> jax.Array:
+    # One compiled program per shape, dtype and axis, also when called eagerly (the stages as
+    # separate eager ops compiled one program each).
     n = x.shape[axis]
-    p, m = _split(n, fn)
+    p, m = _split(n, "quant.hadamard")
     y = jnp.moveaxis(x, axis, -1)
     lead = y.shape[:-1]
     if m > 1:

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxslim._checks import caller, leaf_path, public
+from jaxslim._checks import caller, count_nonfinite, leaf_path, public
 from jaxslim.quant._spec import QuantSpec, layout
 
 EPS = float(jnp.finfo(jnp.float32).eps)
@@ -248,7 +248,7 @@ def qparams_from_range(
         raise TypeError(f"{fn}: spec must be a QuantSpec, got {spec!r}")
     lo, hi = jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32)
     for name, v in (("lo", lo), ("hi", hi)):
-        if is_concrete(v) and not bool(jnp.all(jnp.isfinite(v))):
+        if is_concrete(v) and count_nonfinite(v):
             raise ValueError(f"{fn}: {name} must be finite, got {np.asarray(v).tolist()}")
     # Traced non-finite ends (a NaN calibration batch) count as 0: the scale stays finite.
     lo = jnp.minimum(jnp.where(jnp.isfinite(lo), lo, 0.0), 0.0)

@@ -9,6 +9,8 @@ on unpacking.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -77,7 +79,6 @@ def unpack(packed: jax.Array, bits: int, shape: tuple[int, ...], *, signed: bool
     """
     fn = "quant.unpack"
     per = _per_byte(bits, fn)
-    out_dtype = jnp.int8 if signed else jnp.uint8
     shape = tuple(shape)
     packed = jnp.asarray(packed)
     if not jnp.issubdtype(packed.dtype, jnp.integer) or packed.dtype.itemsize != 1:
@@ -88,6 +89,14 @@ def unpack(packed: jax.Array, bits: int, shape: tuple[int, ...], *, signed: bool
             f"{fn}: packed has shape {tuple(packed.shape)}, but {bits}-bit codes of shape {shape} "
             f"pack to {tuple(want)}"
         )
+    return _unpack(packed, bits, shape, bool(signed))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _unpack(packed: jax.Array, bits: int, shape: tuple[int, ...], signed: bool) -> jax.Array:
+    # One compiled program per shape and width, also when called eagerly.
+    per = _per_byte(bits, "quant.unpack")
+    out_dtype = jnp.int8 if signed else jnp.uint8
     flat_shape = shape or (1,)
     if per == 1:
         return packed.astype(out_dtype).reshape(shape)

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxslim._checks import caller, leaf_path, public
+from jaxslim._checks import caller, count_nonfinite, leaf_path, public
 from jaxslim.quant import _packing as packing
 from jaxslim.quant._numerics import (
     check_scale,
@@ -236,9 +236,9 @@ def check_finite(x: jax.Array, path: str) -> None:
     """Raises ``ValueError`` when a concrete ``x`` holds NaN or +-inf (traced ``x``: no check)."""
     if not is_concrete(x) or x.size == 0:
         return
-    bad = ~jnp.isfinite(x)
-    n = int(jnp.sum(bad, dtype=jnp.int32))
+    n = count_nonfinite(x)
     if n:
+        bad = ~jnp.isfinite(x)
         first = np.unravel_index(int(jnp.argmax(bad.reshape(-1))), x.shape)
         value = float(x[first])
         raise ValueError(

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from jaxslim import _tree
-from jaxslim._checks import caller, public
+from jaxslim._checks import caller, count_nonfinite, public
 from jaxslim.splice._surgery import check_index, drop_layer, split_block, stack_size
 
 
@@ -69,7 +69,7 @@ def loss_and_hiddens(out: Any, i: int) -> tuple[float, list[jax.Array]]:
                 f"{caller()}: hiddens[{j}] has shape {h.shape} but hiddens[0] has {hs[0].shape}; "
                 "the residual stream keeps one shape"
             )
-        if not bool(jnp.all(jnp.isfinite(h))):
+        if count_nonfinite(h):
             raise ValueError(f"{caller()}: hiddens[{j}] on batch {i} holds NaN or inf")
     return loss, hs
 
