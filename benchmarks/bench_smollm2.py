@@ -104,6 +104,13 @@ ROWS = [
     "owl-wanda-70",
     "sparsegpt-70",
     "owl-sparsegpt-70",
+    # OWL's lam (per-layer sparsity spread) and M (outlier threshold) beyond the paper's 0.08 / 5
+    "owl-wanda-70-lam0.02",
+    "owl-wanda-70-lam0.15",
+    "owl-wanda-70-M10",
+    "owl-sparsegpt-70-lam0.02",
+    "owl-sparsegpt-70-lam0.15",
+    "owl-sparsegpt-70-M10",
     # mixed precision under an average bit budget (quant.allocate, round to nearest)
     "alloc-4.25",
     "alloc-3.5+int2",
@@ -276,16 +283,21 @@ def run_row(name, ctx, log):
             )
         eval_fwd = quant.quantized(fwd)
         note = f"{spec.format.name}, {m.group(2).upper()}"
-    elif (m := re.fullmatch(r"(owl-)?(wanda|sparsegpt)-(60|70)", name)) is not None:
+    elif (
+        m := re.fullmatch(r"(owl-)?(wanda|sparsegpt)-(60|70)(?:-lam([\d.]+))?(?:-M([\d.]+))?", name)
+    ) is not None:
         method = prune.Wanda() if m.group(2) == "wanda" else prune.SparseGPT()
         sparsity = int(m.group(3)) / 100
+        lam, big = float(m.group(4) or 0.08), float(m.group(5) or 5.0)
         if m.group(1):
             stats = kernel_stats(ctx, log)
             sparsity = prune.owl(
-                params, stats, sparsity, lam=0.08, M=5.0, blocks=r"layers/(\d+)/", where=KERNELS
+                params, stats, sparsity, lam=lam, M=big, blocks=r"layers/(\d+)/", where=KERNELS
             )
             per_layer = sorted({round(v, 3) for v in sparsity.values()})
-            note = f"OWL lam 0.08 M 5 per layer: {per_layer[0]:.3f} .. {per_layer[-1]:.3f}; "
+            note = (
+                f"OWL lam {lam:g} M {big:g} per layer: {per_layer[0]:.3f} .. {per_layer[-1]:.3f}; "
+            )
         out, rep = prune.oneshot(
             fwd, params, batches, sparsity, method=method, where=KERNELS, sequential=False
         )
