@@ -44,6 +44,21 @@ def is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def check_kernel(w: Any, *, path: str = "", fn: str = "obs") -> jax.Array:
+    """``w`` as an array when it is a floating-point kernel with ``ndim >= 2`` (seen as ``(K, N)``,
+    ``K`` the product of all axes but the last); ``TypeError`` for a non-array and
+    ``ValueError`` for another dtype or rank, naming ``fn`` and the kernel ``path``."""
+    if not hasattr(w, "dtype"):
+        raise TypeError(f"{fn}: expects a floating-point kernel, got {type(w).__name__}")
+    w = jnp.asarray(w)
+    if not jnp.issubdtype(w.dtype, jnp.floating) or w.ndim < 2:
+        raise ValueError(
+            f"{fn}: expects a floating-point kernel with ndim >= 2, got {w.dtype} {w.shape} "
+            f"for {path or 'the kernel'!r}"
+        )
+    return w
+
+
 def check_hessian(h: Any, k: int, *, path: str = "", fn: str = "obs") -> jax.Array:
     """``h`` as a float32 ``(k, k)`` array; ``ValueError`` on a wrong shape or, when concrete, on
     a non-finite entry. The message names ``fn``, the kernel ``path`` and the bad value."""

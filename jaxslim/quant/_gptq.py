@@ -161,14 +161,7 @@ def gptq(
     fn = "quant.gptq"
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"{fn}: spec must be a QuantSpec, got {spec!r} for {path!r}")
-    if not hasattr(w, "dtype"):
-        raise ValueError(f"{fn}: expects a floating-point kernel, got {type(w).__name__}")
-    w = jnp.asarray(w)
-    if not jnp.issubdtype(w.dtype, jnp.floating) or w.ndim < 2:
-        raise ValueError(
-            f"{fn}: expects a floating-point kernel with ndim >= 2, got {w.dtype} {w.shape} "
-            f"for {path!r}"
-        )
+    w = _obs.check_kernel(w, path=path, fn=fn)
     h = jnp.asarray(hessian)
     if not jnp.issubdtype(h.dtype, jnp.floating):
         raise ValueError(f"{fn}: hessian must be floating point, got {h.dtype} for {path!r}")

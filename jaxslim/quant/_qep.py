@@ -72,14 +72,7 @@ def qep_correct(
     """
     fn = "quant.qep_correct"
     path = leaf_path()
-    if not hasattr(w, "dtype"):
-        raise TypeError(f"{fn}: expects a floating-point kernel, got {type(w).__name__}")
-    w = jnp.asarray(w)
-    if not jnp.issubdtype(w.dtype, jnp.floating) or w.ndim < 2:
-        raise ValueError(
-            f"{fn}: expects a floating-point kernel with ndim >= 2, got {w.dtype} {w.shape} "
-            f"for {path or 'the kernel'!r}"
-        )
+    w = _obs.check_kernel(w, path=path, fn=fn)
     k = math.prod(w.shape[:-1])
     mats = []
     for name, m in (("hessian", hessian), ("cross", cross)):
