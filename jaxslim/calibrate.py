@@ -444,9 +444,10 @@ def _reference_batches(batches: list[Any], reference_batches: Any) -> list[Any]:
 
 def _paired_leaves(batch: Any, ref: Any, b: int) -> list[Any]:
     if _signature(batch) != _signature(ref):
+        (t_ref, s_ref), (t_b, s_b) = _signature(ref), _signature(batch)
         raise ValueError(
-            f"{caller()}: reference batch {b} has shapes {_signature(ref)[1]}, batch {b} has "
-            f"{_signature(batch)[1]}; the reference model's inputs must match batch by batch"
+            f"{caller()}: reference batch {b} is {t_ref} with shapes {s_ref}, batch {b} is {t_b} "
+            f"with {s_b}; the reference model's inputs must match batch by batch"
         )
     return jax.tree.leaves(ref)
 
@@ -653,7 +654,10 @@ def statistics(
         compression): ``Stats.cross`` is then ``X^T X_ref``, with ``X_ref`` the kernel's input
         when ``fn`` runs on ``reference`` with the same batch (what QEP / GPTAQ fit against).
         Both run in one step (``fn`` vmapped over the pair; only the leaves that differ, by
-        identity, are carried twice, stacked inside the step).
+        identity, are carried twice, stacked inside the step; the accumulators are held for
+        both, so four ``k x k`` buffers per kernel instead of one). Control flow that depends
+        on the params (a ``cond`` predicate that differs between the two) is evaluated as a
+        select under the vmap: the rows of a branch one model did not take are paired too.
       reference_batches: the reference's own inputs, one per batch of the same shapes (when
         ``fn`` is a block of a model whose earlier blocks were compressed: the float model's
         activations at this block); default ``batches``. Either argument gives ``cross``.
@@ -1041,6 +1045,8 @@ def stream(
     fn = caller()
     if not callable(block_fn) or not callable(compress_block):
         raise TypeError(f"{fn}: block_fn and compress_block must be callables")
+    if not isinstance(reference, bool):
+        raise TypeError(f"{fn}: reference must be a bool, got {reference!r}")
     blocks = list(blocks)
     names = []
     for item in blocks:
@@ -1064,10 +1070,10 @@ def stream(
                 "load_npz)"
             )
         out = os.fspath(out)
-        done = _open_manifest(out, recipe, fingerprint(hidden), names, fn)
+        # a run with the float activations is another run: its manifest says so
+        record = {"recipe": recipe, "reference": True} if reference else recipe
+        done = _open_manifest(out, record, fingerprint(hidden), names, fn)
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
-    if not isinstance(reference, bool):
-        raise TypeError(f"{fn}: reference must be a bool, got {reference!r}")
     forward = jax.jit(run if run is not None else block_fn)
     forward_float = jax.jit(block_fn)
     hidden_ref = list(hidden) if reference else None
@@ -1109,7 +1115,8 @@ def stream(
             params = load_block()
             if i == 0:
                 w, h, a = _estimate(params, hidden)
-                a *= 2 if reference else 1
+                if reference:  # the float activations, and the pair's accumulators
+                    a, h = 2 * a, 2 * h
                 log(
                     f"{fn}: memory estimate: block weights {_gib(w)} + Hessians and OBS work "
                     f"{_gib(h)} + activations in and out {_gib(a)} = {_gib(w + h + a)} "

@@ -240,3 +240,9 @@ def test_interrupted_run_with_reference_resumes_bit_for_bit(tmp_path):
     for f in sorted(os.listdir(tmp_path / "a")):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     np.testing.assert_array_equal(res.hidden[1][0], whole.hidden[1][0])
+
+
+def test_a_run_with_reference_is_another_run(tmp_path):
+    _run(tmp_path / "a")
+    with pytest.raises(ValueError, match=r"different recipe"):
+        _run(tmp_path / "a", _qep, reference=True)

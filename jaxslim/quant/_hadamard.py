@@ -22,6 +22,7 @@ butterflies for the ``2^k`` factor and one ``m x m`` product for the other (QuaR
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Any
 
 import jax
@@ -126,7 +127,7 @@ def hadamard(x: jax.typing.ArrayLike, *, axis: int = -1, transpose: bool = False
     if x.ndim == 0 or not -x.ndim <= axis < x.ndim:
         raise ValueError(f"{fn}: axis {axis} is out of range for shape {x.shape}")
     _split(x.shape[axis], fn)
-    return _hadamard(x, axis % x.ndim, bool(transpose))
+    return _hadamard(x, operator.index(axis) % x.ndim, bool(transpose))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))

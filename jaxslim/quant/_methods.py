@@ -37,7 +37,9 @@ class GPTQ:
       qep: error propagation (QEP, Arai & Ichikawa 2025; the objective of GPTAQ): each kernel
         is fitted to the float model's outputs from the inputs of the partly quantized model,
         ``||X_f W - X_q Q||``, by GPTQ on ``quant.qep_correct(W, H, C, alpha=qep)``. ``0``
-        (plain GPTQ), up to ``1`` (the full correction); the paper uses ``0.5``. Needs
+        (plain GPTQ) to ``1`` (the full correction; larger values over-correct and are
+        allowed); the paper uses ``0.5``. The float reference is the params given to
+        ``oneshot`` (already pruned, if a recipe pruned first). Needs
         ``quant.oneshot(..., sequential=True)``; each calibration pass runs both models.
 
     >>> GPTQ(damp=0.1)

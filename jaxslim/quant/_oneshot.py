@@ -119,7 +119,10 @@ def oneshot(
       quantized leaf with its spec on the kernel's own layout, bytes before/after, the relative
       output error ``||XW - XW'||_F / ||XW||_F`` on its calibration inputs (``nan`` for a leaf
       that feeds no matmul), the round-to-nearest ``baseline`` error and ``seconds``;
-      ``report.absorbers`` / ``report.alphas`` for AWQ and SmoothQuant.
+      ``report.absorbers`` / ``report.alphas`` for AWQ and SmoothQuant. With
+      ``GPTQ(qep=...)`` the errors are still ``||X_q (W - W')|| / ||X_q W||`` against the
+      original kernel on the compressed model's inputs, which QEP gives up on purpose for the
+      float model's outputs: judge it on the model's output (perplexity, logits).
 
     >>> import jax, jax.numpy as jnp
     >>> params = {"norm": jnp.ones(16), "w": jax.random.normal(jax.random.key(0), (16, 8))}

@@ -10,6 +10,7 @@ on unpacking.
 from __future__ import annotations
 
 import functools
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -89,7 +90,7 @@ def unpack(packed: jax.Array, bits: int, shape: tuple[int, ...], *, signed: bool
             f"{fn}: packed has shape {tuple(packed.shape)}, but {bits}-bit codes of shape {shape} "
             f"pack to {tuple(want)}"
         )
-    return _unpack(packed, bits, shape, bool(signed))
+    return _unpack(packed, bits, tuple(operator.index(d) for d in shape), bool(signed))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))

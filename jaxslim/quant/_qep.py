@@ -13,8 +13,9 @@ corrected. The asymmetric objective uses the float model's inputs ``X_f`` for th
 
 with ``H = X_q^T X_q`` and ``C = X_q^T X_f`` (``calibrate.Stats.cross``). So GPTQ on the
 corrected kernel ``W*`` with the usual Hessian ``H`` minimises it. QEP scales the correction by
-``alpha`` in ``[0, 1]`` (``0``: plain GPTQ; ``1``: the exact least-squares target, which can
-over-fit a small calibration set; the paper's default ``0.5``), and damps ``H`` as GPTQ does.
+``alpha``, usually in ``[0, 1]`` (``0``: plain GPTQ; ``1``: the exact least-squares target, which
+can over-fit a small calibration set; the paper's default ``0.5``; larger values over-correct),
+and damps ``H`` as GPTQ does.
 """
 
 from __future__ import annotations

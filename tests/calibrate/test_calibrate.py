@@ -579,6 +579,25 @@ BAD = [
         id="seq-cross",
     ),
     pytest.param(
+        lambda: calibrate.statistics(mlp, MLP, BATCHES, reference_batches=BATCHES[:1]),
+        ValueError,
+        r"statistics: reference_batches has 1 batches and batches 2; pass the reference",
+        id="reference-batches-count",
+    ),
+    pytest.param(
+        lambda: calibrate.statistics(mlp, MLP, BATCHES, reference_batches=[BATCHES[0], arr(4, 4)]),
+        ValueError,
+        r"statistics: reference batch 1 is .* with shapes \(\(\(4, 4\), 'float32'\),\), batch 1 "
+        r"is .* with \(\(\(5, 4\), 'float32'\),\); the reference model's inputs must match",
+        id="reference-batches-shape",
+    ),
+    pytest.param(
+        lambda: calibrate.sequential(mlp, MLP, BATCHES, print, reference_batches=BATCHES),
+        ValueError,
+        r"sequential: reference_batches is only read with cross=True",
+        id="seq-reference-batches-without-cross",
+    ),
+    pytest.param(
         lambda: calibrate.statistics(mlp, MLP, BATCHES, reference={"l1": MLP["l1"]}),
         ValueError,
         r"statistics: reference must have the tree structure of params",

@@ -728,6 +728,14 @@ ROWS = [
         id="oneshot-qep-not-sequential",
     ),
     pytest.param(
+        lambda: quant.oneshot(
+            lambda p, x: x @ p["w"], {"w": X.T}, [X], S8, method=quant.GPTQ(), reference_batches=[X]
+        ),
+        ValueError,
+        r"quant.oneshot: reference_batches is read only by GPTQ\(qep=...\) .* got method GPTQ\(",
+        id="oneshot-reference-batches-without-qep",
+    ),
+    pytest.param(
         lambda: quantize_model(_model(), S8, calibration=X, method=quant.GPTQ(qep=0.5)),
         ValueError,
         r"flax.quantize_model: GPTQ\(qep=0.5\) needs .* use quant.oneshot",

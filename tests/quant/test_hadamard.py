@@ -109,3 +109,15 @@ def test_bad_arguments():
         quant.hadamard_matrix(0)
     with pytest.raises(TypeError, match="seed must be an int"):
         quant.random_hadamard(4, 0.5)
+
+
+def test_integer_scalar_axis_and_shape_are_accepted():
+    x = jnp.arange(8.0).reshape(2, 4)
+    np.testing.assert_array_equal(
+        quant.hadamard(x, axis=np.int64(0)), quant.hadamard(x, axis=jnp.int32(0))
+    )
+    np.testing.assert_array_equal(quant.hadamard(x, axis=np.int64(-1)), quant.hadamard(x))
+    codes = jnp.array([1, -1, 7], jnp.int8)
+    packed = quant.pack(codes, 4)
+    shape = (jnp.int32(3),)
+    np.testing.assert_array_equal(quant.unpack(packed, 4, shape, signed=True), codes)
