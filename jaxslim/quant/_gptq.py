@@ -247,8 +247,10 @@ def _gptq(w, h, spec, damp, block_size, clip_candidates, act_order):
     def _round(x, s, z):
         return fake_values(x, s, z, spec)[0]
 
+    in_order = np.array_equal(order, np.arange(k))  # no gathered copies of (k, n) arrays
     perm = jnp.asarray(order)
-    w2 = lay.to_view(w.astype(jnp.float32)).reshape(k, n)[perm]
+    w2 = lay.to_view(w.astype(jnp.float32)).reshape(k, n)
+    w2 = w2 if in_order else w2[perm]
     # Damping, dead inputs and the inverse-Hessian factor are _obs's (shared with SparseGPT):
     # H + damp mean(diag H) I (dead diagonal -> 1), U upper with H^-1 = U^T U; all NaN if H is
     # not positive definite (traced here, so nothing raises: the RTN fallback below answers).
@@ -317,8 +319,9 @@ def _gptq(w, h, spec, damp, block_size, clip_candidates, act_order):
     if act_order:
         inv2 = jnp.argsort(perm2)
         qs, scale, zp = qs[inv2], scale[inv2], zp[inv2]
-    inv = jnp.argsort(perm)
-    qs, scale, zp = qs[inv], scale[inv], zp[inv]
+    if not in_order:
+        inv = jnp.argsort(perm)
+        qs, scale, zp = qs[inv], scale[inv], zp[inv]
     qs = lay.from_view(qs.reshape(lay.view_shape))  # the kernel's own shape, padding dropped
     # Gather the per-weight scales into the spec's scale layout (all writes to an entry agree).
     flat = jnp.asarray(ids.reshape(-1))
