@@ -332,8 +332,8 @@ def sparsegpt(
             f"{fn}: hessian of {path!r} must have shape ({k}, {k}) (X^T X of the kernel's {k} "
             f"input features, Flax layout (in, out)), got {jnp.shape(hessian)}"
         )
-    u, dead = _obs.obs_factor(hessian, damp, path=path, fn=fn)
-    w_new, mask = _sparsegpt(w, u, dead, count, structure, b, quant, per_output)
+    m, dead, ok = _obs.obs_cholesky(hessian, damp, path=path, fn=fn)
+    w_new, mask = _sparsegpt(w, m, dead, ok, count, structure, b, quant, per_output)
     if _obs.is_concrete(w_new) and count_nonfinite(w_new):
         raise ValueError(
             f"{fn}: the reconstruction of {path!r} is not finite (quant={quant!r} returned "
@@ -343,7 +343,7 @@ def sparsegpt(
 
 
 @partial(jax.jit, static_argnames=("structure", "b", "quant", "per_output"))
-def _sparsegpt(w, u, dead, count, structure, b, quant, per_output):
+def _sparsegpt(w, m, dead, ok, count, structure, b, quant, per_output):
     shape = w.shape
     k, n = math.prod(shape[:-1]), shape[-1]
     w2 = jnp.where(dead[:, None], jnp.float32(0), w.reshape(k, n).astype(jnp.float32))
@@ -380,7 +380,7 @@ def _sparsegpt(w, u, dead, count, structure, b, quant, per_output):
         mask = lax.dynamic_update_slice_in_dim(mask, ~pruned, i1, 0)
         return qb, eb, mask
 
-    w2, mask = _obs.obs_sweep(w2, u, b, process_block, jnp.ones((k, n), jnp.bool_))
-    failed = jnp.isnan(u[0, 0])  # the factor is all NaN or all finite (_obs)
+    w2, mask = _obs.obs_sweep(w2, m, b, process_block, jnp.ones((k, n), jnp.bool_))
+    failed = ~ok | ~jnp.all(jnp.isfinite(w2))  # a factor that failed: NaN, never garbage
     w2 = jnp.where(failed, jnp.float32(jnp.nan), w2)
     return w2.reshape(shape).astype(w.dtype), (mask | failed).reshape(shape)

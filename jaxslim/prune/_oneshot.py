@@ -97,13 +97,17 @@ def _prune_kernel(
         )
     w_t = jnp.transpose(jnp.asarray(w), perm)
     w2 = w_t.reshape(n_lead, k, n)
-    xtx = stats.xtx.reshape(n_lead, k, k)
+    # One kernel (no lead axes): its (K, K) statistic as it is, never an eager (K, K) copy
+    # (a reshape or an index), which would double the largest array of a streamed block.
+    one = n_lead == 1 and stats.xtx.shape == (k, k)
+    xtx = (stats.xtx,) if one else stats.xtx.reshape(n_lead, k, k)
     sq = stats.sq_norm.reshape(n_lead, k)
     news, masks, rows = [], [], []
     for i in range(n_lead):
         idx = tuple(int(j) for j in np.unravel_index(i, lead_shape)) if lead_shape else None
         name = path if idx is None else f"{path}{list(idx)}"
         wi = w2[i]
+        hi = xtx[i]
         t0 = time.perf_counter()
         if isinstance(method, SparseGPT):
             q = method.quant(name, wi) if method.quant is not None else None
@@ -111,7 +115,7 @@ def _prune_kernel(
             with at_leaf(name):
                 new, mask = sparsegpt(
                     wi,
-                    xtx[i],
+                    hi,
                     sparsity,
                     structure=inner,
                     block_size=b,
@@ -124,13 +128,13 @@ def _prune_kernel(
             new = jnp.where(mask, wi, jnp.zeros((), wi.dtype))
         new = jax.block_until_ready(new)
         seconds = time.perf_counter() - t0
-        error = relative_error(wi, new, xtx[i])
+        error = relative_error(wi, new, hi)
         if isinstance(method, Magnitude):
             baseline = error
         else:
             ones = jnp.ones((k,), jnp.float32)
             base = jnp.where(wanda({"w": wi}, {"w": ones}, sparsity, structure=inner)["w"], wi, 0)
-            baseline = relative_error(wi, base.astype(wi.dtype), xtx[i])
+            baseline = relative_error(wi, base.astype(wi.dtype), hi)
         rows.append(
             KernelRow(
                 path=path,

@@ -252,12 +252,13 @@ def _gptq(w, h, spec, damp, block_size, clip_candidates, act_order):
     w2 = lay.to_view(w.astype(jnp.float32)).reshape(k, n)
     w2 = w2 if in_order else w2[perm]
     # Damping, dead inputs and the inverse-Hessian factor are _obs's (shared with SparseGPT):
-    # H + damp mean(diag H) I (dead diagonal -> 1), U upper with H^-1 = U^T U; all NaN if H is
-    # not positive definite (traced here, so nothing raises: the RTN fallback below answers).
-    # Padded rows (a shorter last group) are zero weights decoupled from every real row: U is
-    # the real rows' factor with identity rows and columns inserted at the padded positions
-    # (the factor of H with a unit block there), so they round to 0 with zero error and no
-    # real row, scale or damping term sees them.
+    # H + damp mean(diag H) I (dead diagonal -> 1), M lower with J H J = M M^T, from which the
+    # sweep computes the rows of U (H^-1 = U^T U) block by block; all NaN if H is not positive
+    # definite (traced here, so nothing raises: the RTN fallback below answers).
+    # Padded rows (a shorter last group) are zero weights decoupled from every real row: M is
+    # the real rows' factor with identity rows and columns inserted at the reversed padded
+    # positions (the factor of H with a unit block there), so they round to 0 with zero error
+    # and no real row, scale or damping term sees them.
     is_real = real[order]
     rows = np.cumsum(real)[order][is_real] - 1  # real kernel rows, in the permuted order
     # the Hessian of those rows (no gathered copy of a k x k matrix when they are in order)
@@ -270,31 +271,38 @@ def _gptq(w, h, spec, damp, block_size, clip_candidates, act_order):
         key = jnp.full(k, jnp.inf).at[np.flatnonzero(is_real)].set(-jnp.diagonal(hr))
         perm2 = jnp.argsort(key, stable=True)
         sub = jnp.asarray(np.cumsum(is_real) - 1)[perm2[:n_real]]  # into hr
-        u, dead = _obs.obs_factor(hr[sub][:, sub], damp, fn=fn)
-        if n_real < k:
-            u = jnp.eye(k, dtype=u.dtype).at[:n_real, :n_real].set(u)
+        m, dead, m_ok = _obs.obs_cholesky(hr[sub][:, sub], damp, fn=fn)
+        if n_real < k:  # padded rows last: first in the reversed order of M
+            m = jnp.eye(k, dtype=m.dtype).at[k - n_real :, k - n_real :].set(m)
             dead = jnp.zeros(k, bool).at[:n_real].set(dead)
         dead = jnp.zeros(k, bool).at[perm2].set(dead)  # back to the order of w2
     else:
-        u, dead = _obs.obs_factor(h_rows, damp, fn=fn)
+        m, dead, m_ok = _obs.obs_cholesky(h_rows, damp, fn=fn)
         if not is_real.all():
             pos = np.flatnonzero(is_real)
-            u = jnp.eye(k, dtype=u.dtype).at[pos[:, None], pos[None, :]].set(u)
+            rev = (k - 1 - pos)[::-1]  # the real rows' positions in M's reversed order
+            m = jnp.eye(k, dtype=m.dtype).at[rev[:, None], rev[None, :]].set(m)
             dead = jnp.zeros(k, bool).at[pos].set(dead)
     w2 = jnp.where(dead[:, None], 0.0, w2)
+    # Scales are carried per group (k // r, n), never per weight: group gi holds rows
+    # gi * r .. gi * r + r of the permuted kernel, and grp_ids its columns' scale indices.
+    g = k // r
+    grp_ids = jnp.asarray(ids[order][::r].reshape(-1))
     if per_block:
-        scale0 = zp0 = jnp.zeros((k, n), jnp.float32)
+        s_groups = z_groups = jnp.zeros((g, n), jnp.float32)
     else:  # one group spans blocks: scales from the original kernel (rows of each group)
-        s_rows, z_rows = jax.vmap(group_qparams)(w2.reshape(k // r, r, n))
-        scale0 = jnp.repeat(s_rows, r, axis=0)
-        zp0 = jnp.repeat(z_rows, r, axis=0)
+        s_groups, z_groups = jax.vmap(group_qparams)(w2.reshape(g, r, n))
+    row_group = jnp.asarray(np.arange(k, dtype=np.int32) // r)  # the group of each swept row
     if act_order:
-        w2, scale0, zp0 = w2[perm2], scale0[perm2], zp0[perm2]
+        w2, row_group = w2[perm2], row_group[perm2]
 
     def process_block(i1, wb, ub, carry):
-        scale, zp = carry
-        sb = lax.dynamic_slice_in_dim(scale, i1, b)
-        zb = lax.dynamic_slice_in_dim(zp, i1, b)
+        s_groups, z_groups = carry
+        if per_block:  # set below as each group starts (b is a multiple of r)
+            sb = zb = jnp.zeros_like(wb)
+        else:
+            gi = lax.dynamic_slice_in_dim(row_group, i1, b)
+            sb, zb = s_groups[gi], z_groups[gi]
 
         def row(j, c):
             wb, qb, eb, sb, zb = c
@@ -311,26 +319,24 @@ def _gptq(w, h, spec, damp, block_size, clip_candidates, act_order):
 
         zeros = jnp.zeros_like(wb)
         _, qb, eb, sb, zb = lax.fori_loop(0, b, row, (wb, zeros, zeros, sb, zb))
-        scale = lax.dynamic_update_slice_in_dim(scale, sb, i1, 0)
-        zp = lax.dynamic_update_slice_in_dim(zp, zb, i1, 0)
-        return qb, eb, (scale, zp)
+        if per_block:
+            s_groups = lax.dynamic_update_slice_in_dim(s_groups, sb[::r], i1 // r, 0)
+            z_groups = lax.dynamic_update_slice_in_dim(z_groups, zb[::r], i1 // r, 0)
+        return qb, eb, (s_groups, z_groups)
 
-    qs, (scale, zp) = _obs.obs_sweep(w2, u, b, process_block, (scale0, zp0))
+    qs, (s_groups, z_groups) = _obs.obs_sweep(w2, m, b, process_block, (s_groups, z_groups))
     if act_order:
-        inv2 = jnp.argsort(perm2)
-        qs, scale, zp = qs[inv2], scale[inv2], zp[inv2]
+        qs = qs[jnp.argsort(perm2)]
     if not in_order:
-        inv = jnp.argsort(perm)
-        qs, scale, zp = qs[inv], scale[inv], zp[inv]
+        qs = qs[jnp.argsort(perm)]
     qs = lay.from_view(qs.reshape(lay.view_shape))  # the kernel's own shape, padding dropped
-    # Gather the per-weight scales into the spec's scale layout (all writes to an entry agree).
-    flat = jnp.asarray(ids.reshape(-1))
-    s_out = jnp.zeros(n_scales, jnp.float32).at[flat].set(scale.reshape(-1))
-    z_out = jnp.zeros(n_scales, jnp.float32).at[flat].set(zp.reshape(-1))
+    # The group scales into the spec's scale layout (all writes to an entry agree).
+    s_out = jnp.zeros(n_scales, jnp.float32).at[grp_ids].set(s_groups.reshape(-1))
+    z_out = jnp.zeros(n_scales, jnp.float32).at[grp_ids].set(z_groups.reshape(-1))
     s_out = s_out.reshape(lay.scale_shape)
     z_out = jnp.round(z_out).astype(jnp.int32).reshape(lay.scale_shape)
     # A Hessian or Cholesky factor that is not finite: round to nearest instead of garbage.
-    ok = jnp.all(jnp.isfinite(u)) & jnp.all(jnp.isfinite(qs))
+    ok = m_ok & jnp.all(jnp.isfinite(qs))
     qs = jnp.where(ok, qs, rtn.dequantize().astype(jnp.float32))
     rtn_zp = rtn.zero_point if rtn.zero_point is not None else jnp.zeros((), jnp.int32)
     s_out = jnp.where(ok, s_out, rtn.float_scale())

@@ -57,6 +57,34 @@ def test_inverse_cholesky_under_jit_is_all_nan_when_not_positive_definite():
     assert bool(jnp.all(jnp.isnan(u))) and not bool(jnp.any(dead))
 
 
+@pytest.mark.parametrize("wrap", JIT)
+@pytest.mark.parametrize("b", [1, 3, 4, 12])
+def test_factor_rows_are_the_rows_of_the_inverse_cholesky(wrap, b):
+    """The sweep's rows of U, computed from M a block at a time, are those of the whole U (and
+    of NumPy's float64 factor of the inverse); exact zeros left of the diagonal."""
+    h = _hessian(12, 50, 5)
+    hd, _ = _obs.damped_hessian(h, 0.01)
+    m = _obs.reversed_cholesky(hd)
+    want = np.linalg.cholesky(np.linalg.inv(np.asarray(hd, np.float64))).T
+    rows = wrap(lambda m, i: _obs.factor_rows(m, i, b))
+    got = np.concatenate([np.asarray(rows(m, i)) for i in range(0, 12, b)])
+    assert np.all(np.tril(got, -1) == 0)
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+    np.testing.assert_allclose(got, _obs.inverse_cholesky(hd), rtol=1e-5, atol=1e-6)
+    # M is the lower Cholesky factor of the reversed matrix
+    np.testing.assert_allclose(np.asarray(m) @ np.asarray(m).T, np.asarray(hd)[::-1, ::-1],
+                               rtol=1e-4, atol=1e-3)  # fmt: skip
+
+
+def test_obs_cholesky_reports_failure_under_jit():
+    m, dead, ok = jax.jit(lambda h: _obs.obs_cholesky(h, 0.0))(-np.eye(4, dtype=np.float32))
+    assert not bool(ok) and not bool(jnp.any(dead))
+    hn = np.eye(4, dtype=np.float32)
+    hn[2, 3] = np.inf
+    assert not bool(jax.jit(lambda h: _obs.obs_cholesky(h, 0.01))(hn)[2])
+    assert bool(jax.jit(lambda h: _obs.obs_cholesky(h, 0.01))(np.eye(4, dtype=np.float32))[2])
+
+
 def _obs_rounding_reference(w, h, damp):
     """Row-by-row OBS with ``q = round(w)`` (GPTQ with an integer grid), no blocks, float64."""
     w = np.array(w, np.float64)
@@ -77,7 +105,8 @@ def test_obs_sweep_lazy_blocks_equal_row_by_row(wrap, block):
     k, n = 24, 5
     h = _hessian(k, 80, 3)
     w = np.random.default_rng(4).normal(size=(k, n)).astype(np.float32) * 3
-    u, _ = _obs.obs_factor(h, 0.01)
+    m, _, ok = _obs.obs_cholesky(h, 0.01)
+    assert bool(ok)
 
     def process(i1, wb, ub, carry):
         def row(j, c):
@@ -90,7 +119,7 @@ def test_obs_sweep_lazy_blocks_equal_row_by_row(wrap, block):
         _, qb, eb = jax.lax.fori_loop(0, wb.shape[0], row, (wb, z, z))
         return qb, eb, carry + 1
 
-    got, blocks = wrap(lambda w, u: _obs.obs_sweep(w, u, block, process, jnp.int32(0)))(w, u)
+    got, blocks = wrap(lambda w, m: _obs.obs_sweep(w, m, block, process, jnp.int32(0)))(w, m)
     assert int(blocks) == k // block
     want = _obs_rounding_reference(w, h, 0.01)
     assert np.mean(np.asarray(got) == want) >= 0.98  # float32 vs float64: a rare .5 flip
@@ -144,6 +173,18 @@ BAD = [
         ValueError,
         r"obs\.inverse_cholesky: the damped hessian of 'l/kernel' is not positive definite",
         id="not-positive-definite",
+    ),
+    pytest.param(
+        lambda: _obs.obs_cholesky(-np.eye(3, dtype=np.float32), 0.0, path="l/kernel", fn="f"),
+        ValueError,
+        r"f: the damped hessian of 'l/kernel' is not positive definite",
+        id="obs-cholesky-not-positive-definite",
+    ),
+    pytest.param(
+        lambda: _obs.reversed_cholesky(np.ones((2, 3), np.float32), path="l/kernel"),
+        ValueError,
+        r"obs\.reversed_cholesky: hessian of 'l/kernel' must be square \(K, K\), got \(2, 3\)",
+        id="reversed-cholesky-not-square",
     ),
 ]
 
