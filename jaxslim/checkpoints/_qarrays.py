@@ -44,6 +44,7 @@ import numpy as np
 from jaxslim import _tree
 from jaxslim._checks import at_leaf
 from jaxslim.quant import formats
+from jaxslim.quant._packing import packed_shape
 from jaxslim.quant._qarray import QArray, is_qarray, quantize
 from jaxslim.quant._spec import QuantSpec, layout
 
@@ -336,8 +337,8 @@ def plain_qarray_bits(d: Mapping[str, Any]) -> tuple[int | None, tuple[int, ...]
     if not vshape or len(sshape) not in (len(vshape), len(vshape) + 1) or sshape[-1] <= 1:
         return None, None
     n = sshape[-1]
-    for bits in (8, 4, 2):
-        if -(-n * bits // 8) == vshape[-1]:
+    for bits in (8, 4, 3, 2):
+        if packed_shape((n,), bits)[-1] == vshape[-1]:
             return bits, vshape[:-1] + (n,)
     return None, None
 

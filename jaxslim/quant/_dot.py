@@ -57,6 +57,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxslim._checks import at_leaf, public
+from jaxslim.quant import _packing as packing
 from jaxslim.quant import formats
 from jaxslim.quant._qarray import QArray, check_finite, dequantize, quantize, unpack_codes
 from jaxslim.quant._spec import QuantSpec, layout
@@ -125,12 +126,12 @@ def _cut(q: Any, contracting: tuple[int, ...]):
     if q.values.ndim != q.ndim or q.scale.ndim != q.ndim + 1:  # a batch prefix (stacked layers)
         return None
     kf = q.shape[a] - q.shape[a] % lay.group_size
-    per = 8 // q.spec.storage_bits
+    per, nbytes = packing.word(q.spec.storage_bits)
     vcut = kf
     if a == q.ndim - 1 and per > 1:
         if kf % per:
             return None
-        vcut = kf // per
+        vcut = kf // per * nbytes
     groups = kf // lay.group_size
 
     def part(lo, hi, vlo, vhi, glo, ghi):
@@ -160,7 +161,7 @@ def _block_plan(q: QArray, contracting: tuple[int, ...]) -> tuple[int, int] | No
     if lay.tiles:  # tiles: the dequantize path (scales vary along two axes)
         return None
     ga = lay.group_axis
-    per = 8 // q.spec.storage_bits
+    per, _ = packing.word(q.spec.storage_bits)
     for a in contracting:
         k = q.shape[a]
         if a == ga and lay.pad:  # a shorter last group: ``_cut`` splits it off first
@@ -216,7 +217,7 @@ def _blocked(x: jax.Array, q: QArray, dimension_numbers, compute, precision) -> 
     lay = layout(q.spec, q.shape)
     ga, g = lay.group_axis, lay.group_size
     va = a if ga is None or a <= ga else a + 1  # axis a in the statistics view
-    per = 8 // q.spec.storage_bits
+    per, nbytes = packing.word(q.spec.storage_bits)
     packed_axis = a == q.ndim - 1 and per > 1
     bshape = tuple(kb if i == a else d for i, d in enumerate(q.shape))
     # The block's own view: whole groups along ``a``; a shorter last group along another axis is
@@ -235,7 +236,7 @@ def _blocked(x: jax.Array, q: QArray, dimension_numbers, compute, precision) -> 
     def body(acc, i):
         start = i * kb
         vb = (
-            _slice(q.values, start // per, kb // per, a)
+            _slice(q.values, start // per * nbytes, kb // per * nbytes, a)
             if packed_axis
             else _slice(q.values, start, kb, a)
         )
@@ -266,7 +267,8 @@ def _kernel_view(q: QArray) -> tuple[jax.Array, jax.Array | None, int] | None:
         return None
     k, n = q.shape
     lay = layout(q.spec, q.shape)
-    if n % (8 // q.spec.storage_bits) or lay.group_axis not in (None, 0) or lay.pad or lay.tiles:
+    per, _ = packing.word(q.spec.storage_bits)
+    if n % per or lay.group_axis not in (None, 0) or lay.pad or lay.tiles:
         return None  # (a shorter last group along K: ``_cut`` splits it off first)
     s = q.float_scale().reshape(-1, q.scale.shape[-1])  # (K/g, N or 1) or (K or 1, N or 1)
     rows = s.shape[0]
@@ -278,15 +280,31 @@ def _kernel_view(q: QArray) -> tuple[jax.Array, jax.Array | None, int] | None:
 
 
 def _planes(v: jax.Array, spec: QuantSpec) -> list[jax.Array]:
-    """The codes in a block ``v`` of packed kernel rows ``(r, N / per)``, as ``per`` planes of
-    shape ``(r, N / per)``: plane ``j`` holds columns ``j, j + per, ...`` (the ``j``-th code of
-    each byte). Shifts within ``int8``/``uint8`` (sign-extending for signed codes), so XLA fuses
-    them with the decode and the scale into the loop that writes the float block; no interleave."""
+    """The codes in a block ``v`` of packed kernel rows ``(r, W)`` (``W`` packed words of
+    ``per`` codes), as ``per`` planes of shape ``(r, W)``: plane ``j`` holds columns ``j, j + per,
+    ...`` (the ``j``-th code of each word). One-byte words are shifted within ``int8``/``uint8``
+    (sign-extending for signed codes), so XLA fuses them with the decode and the scale into the
+    loop that writes the float block; no interleave. 3-bit words (8 codes in 3 bytes) are
+    assembled into ``int32`` first."""
     b = spec.storage_bits
-    per = 8 // b
+    per, nbytes = packing.word(b)
     if per == 1:
         return [v]
-    if jnp.issubdtype(jnp.dtype(spec.code_dtype), jnp.signedinteger):
+    signed = jnp.issubdtype(jnp.dtype(spec.code_dtype), jnp.signedinteger)
+    if nbytes > 1:
+        u = v.astype(jnp.int32).reshape(*v.shape[:-1], v.shape[-1] // nbytes, nbytes)
+        word = u[..., 0]
+        for i in range(1, nbytes):
+            word = word | (u[..., i] << (8 * i))
+        if signed:  # code j to the top of the int32, then an arithmetic shift back
+            return [
+                lax.shift_right_arithmetic(lax.shift_left(word, 32 - (j + 1) * b), 32 - b).astype(
+                    jnp.int8
+                )
+                for j in range(per)
+            ]
+        return [((word >> (j * b)) & (2**b - 1)).astype(jnp.uint8) for j in range(per)]
+    if signed:
         p = lax.bitcast_convert_type(v, jnp.int8)
         return [
             lax.shift_right_arithmetic(
@@ -349,7 +367,7 @@ def _rows_path(x: jax.Array, q: QArray, lc: int, mode: str, compute, precision) 
     x2 = xm.reshape(-1, k).astype(compute)
     m = x2.shape[0]
     spec = q.spec
-    per = 8 // spec.storage_bits
+    per, nbytes = packing.word(spec.storage_bits)
     s, z, rows = _kernel_view(q)
     gl = k // rows
     dec = spec.format.decode
@@ -368,7 +386,9 @@ def _rows_path(x: jax.Array, q: QArray, lc: int, mode: str, compute, precision) 
 
         @jax.checkpoint
         def cbody(_, i):
-            vb = lax.dynamic_slice_in_dim(q.values, i * (nbk // per), nbk // per, 1)
+            vb = lax.dynamic_slice_in_dim(
+                q.values, i * (nbk // per) * nbytes, nbk // per * nbytes, 1
+            )
             sb = lax.dynamic_slice_in_dim(s, i * nbk, nbk, 2)
             zb = None if z is None else lax.dynamic_slice_in_dim(z, i * nbk, nbk, 2)
             ys = []

@@ -205,7 +205,8 @@ class QuantSpec:
 
     @property
     def storage_bits(self) -> int:
-        """Bits one code takes in memory: 2, 4 (3-bit codes use a nibble) or 8."""
+        """Bits one code takes in memory: 2, 3, 4 (packed into ``uint8``: 3-bit codes 8 in 3 bytes)
+        or 8."""
         return self.format.storage_bits
 
     @property

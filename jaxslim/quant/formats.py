@@ -12,7 +12,7 @@ float32) and ``z`` the zero point:
 * ``encode(y, z, qmin, qmax) -> (codes, inside)``: the rounding: float32 codes (NaN kept where
   the format can store it) and the mask of entries inside the grid (the straight-through mask);
 * ``decode(codes, z) -> y``: float32 normalized values (dequantization is ``decode(c, z) * scale``);
-* ``storage_bits``: the packing width, 2 or 4 (packed into ``uint8`` by ``quant.pack``) or 8;
+* ``storage_bits``: the packing width, 2, 3 or 4 (packed into ``uint8`` by ``quant.pack``) or 8;
 * ``code_dtype``: the dtype of unpacked codes for signed specs (``uint8`` for unsigned ones);
 * ``scale_block``: double quantization of the scales: int8 scale codes in blocks of this many
   scales (in C order), each block with one float32 second-level scale (QLoRA's 256);
@@ -343,7 +343,7 @@ class Format:
       family: the ``QuantSpec(fmt=...)`` value that selects it; formats of one family differ by
         ``bits`` (``QuantSpec(4)`` is ``int4``); a spec without ``bits`` takes the largest.
       bits: bits of information of one code.
-      storage_bits: bits one code takes in memory: 2, 4 (packed into ``uint8``) or 8.
+      storage_bits: bits one code takes in memory: 2, 3, 4 (packed into ``uint8``) or 8.
       qmin, qmax: the code range of a signed spec.
       encode, decode: the rounding and the dequantization (see ``encode_int``, ``decode_int``).
       code_dtype: dtype of the unpacked codes of a signed spec.
@@ -379,9 +379,9 @@ class Format:
     block_size: int | None = None
 
     def __post_init__(self):
-        if self.storage_bits not in (2, 4, 8) or not 1 <= self.bits <= self.storage_bits:
+        if self.storage_bits not in (2, 3, 4, 8) or not 1 <= self.bits <= self.storage_bits:
             raise ValueError(
-                f"quant.formats.Format: {self.name!r} needs storage_bits in (2, 4, 8) and "
+                f"quant.formats.Format: {self.name!r} needs storage_bits in (2, 3, 4, 8) and "
                 f"1 <= bits <= storage_bits, got bits={self.bits}, storage_bits={self.storage_bits}"
             )
         if not self.qmin < self.qmax:
@@ -521,7 +521,7 @@ bitsandbytes uses."""
 
 for _f in (
     _int(2, 2),
-    _int(3, 4),
+    _int(3, 3),
     _int(4, 4),
     _int(8, 8),
     _fp8("e4m3", jnp.float8_e4m3fn),

@@ -98,11 +98,17 @@ def test_bits_are_qarray_nbytes_and_rules_feed_quantize_params():
     assert bits(params["ab"], None) == 16 * 64 * 96
     errors = {"a": (1.0, 2.0, 3.0, 2.5, 0.0), "ab": (1.0, 5.0, 9.0, 4.0, 0.0)}
     rules = allocate(errors, 4.3, cands, params=params)
-    # int4 g128: 4.278 bits on "a"; nf4 g64: 4.130 bits on the bf16 "ab" (int4 g128 there: 4.5).
-    assert rules == [("^a$", cands[1]), ("^ab$", cands[3])]
+    # int3 g128 on "a": 3.278 bits (3-bit codes, 5 f32 scales a column); int8 on "ab": 8.5 bits:
+    # 3.8 bits on average, error 3 + 1. int4 g128 (4.278) with nf4 g64 (4.130): error 2 + 4;
+    # int4 with int8: 4.7 bits, over the budget.
+    assert rules == [("^a$", cands[2]), ("^ab$", cands[0])]
     q, report = quantize_params(params, rules)
     assert 8 * report.bytes_after <= 4.3 * (576 + 64) * 96
-    assert q["a"].spec == cands[1] and q["ab"].spec == cands[3]  # "^a$" does not take "ab"
+    assert q["a"].spec == cands[2] and q["ab"].spec == cands[0]  # "^a$" does not take "ab"
+    # without int3 the budget takes int4 on "a" and nf4 on the bf16 "ab" (int4 g128 there: 4.5)
+    no3 = [c for c in cands if c is None or c.bits != 3]
+    errors3 = {p: e[:2] + e[3:] for p, e in errors.items()}
+    assert allocate(errors3, 4.3, no3, params=params) == [("^a$", no3[1]), ("^ab$", no3[2])]
     assert allocate(errors, 32.0, cands, params=params) == [("^a$", None), ("^ab$", None)]
 
 

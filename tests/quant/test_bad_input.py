@@ -416,9 +416,9 @@ ROWS = [
     ),
     # --- packing ---
     pytest.param(
-        lambda: quant.pack(jnp.array([1, 2], jnp.int8), 3),
+        lambda: quant.pack(jnp.array([1, 2], jnp.int8), 5),
         ValueError,
-        r"quant.pack: storage bits must be 2, 4 or 8, got 3",
+        r"quant.pack: storage bits must be 2, 3, 4 or 8, got 5",
         id="pack-bits",
     ),
     pytest.param(
@@ -448,7 +448,7 @@ ROWS = [
     pytest.param(
         lambda: quant.packed_shape((4,), 5),
         ValueError,
-        r"quant.packed_shape: storage bits must be 2, 4 or 8, got 5",
+        r"quant.packed_shape: storage bits must be 2, 3, 4 or 8, got 5",
         id="packed-shape-bits",
     ),
     # --- observers ---
@@ -819,7 +819,7 @@ ROWS = [
     pytest.param(
         lambda: jax.jit(lambda b: quant.pack(jnp.array([1, 2], jnp.int8), b))(4),
         ValueError,
-        r"quant.pack: storage bits must be 2, 4 or 8, got .*Tracer",
+        r"quant.pack: storage bits must be 2, 3, 4 or 8, got .*Tracer",
         id="pack-bits-traced",
     ),
     pytest.param(

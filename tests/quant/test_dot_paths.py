@@ -92,13 +92,14 @@ def test_gradient_is_the_dequantized_kernel(wrap, impl, spec):
     np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("spec", [SPECS[4], SPECS[7], SPECS[9], SPECS[10]], ids=str)
+@pytest.mark.parametrize("spec", [SPECS[4], SPECS[7], SPECS[8], SPECS[9], SPECS[10]], ids=str)
 def test_planes_are_the_unpacked_codes(spec):
     w = jnp.asarray(np.random.default_rng(2).normal(size=(64, 32)).astype(np.float32))
     q = quant.quantize(w, spec)
     planes = dot._planes(q.values, spec)
-    per = 8 // spec.storage_bits
+    per = {4: 2, 3: 8, 2: 4}[spec.storage_bits]  # codes per packed word (3 bits: 3 bytes)
     assert len(planes) == per and all(p.shape == (64, 32 // per) for p in planes)
+    assert q.values.shape[-1] == 32 * spec.storage_bits // 8  # exactly storage_bits a code
     got = jnp.stack(planes, -1).reshape(64, 32)
     want = unpack_codes(q.values, spec, (64, 32))
     assert got.dtype == want.dtype

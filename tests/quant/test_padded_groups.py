@@ -201,9 +201,9 @@ def test_round_trip_property(n, g, bits, symmetric, cols, seed):
     groups = math.ceil(n / g)
     assert q.scale.shape == (groups, 1, cols) and q.scale.size == groups * cols
     assert q.codes().shape == w.shape and q.dequantize().shape == w.shape
-    codes = 2 if spec.storage_bits == 4 else 4 if spec.storage_bits == 2 else 1
+    per, nbytes = {2: (4, 1), 3: (8, 3), 4: (2, 1), 8: (1, 1)}[spec.storage_bits]
     zp = 0 if q.zero_point is None else q.zero_point.size
-    assert q.nbytes == n * math.ceil(cols / codes) + 4 * groups * cols + zp
+    assert q.nbytes == n * math.ceil(cols / per) * nbytes + 4 * groups * cols + zp
     s = np.asarray(layout(spec, w.shape).expand(q.float_scale()), np.float64)
     err = np.abs(np.asarray(q.dequantize(), np.float64) - np.asarray(w, np.float64))
     # half a step, plus float32 rounding of the scale and of the dequantized value
@@ -215,13 +215,14 @@ def test_round_trip_property(n, g, bits, symmetric, cols, seed):
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_packed_codes_are_unpadded_with_odd_counts(bits):
-    w = _w((77, 5), seed=7)  # 385 codes, 5 a row: the last byte of a row is half empty
+    w = _w((77, 5), seed=7)  # 385 codes, 5 a row: the last word of a row is part empty
     spec = QuantSpec(bits, axis=-1, group_size=32)
     q = quant.quantize(w, spec)
-    per = 8 // spec.storage_bits
-    assert q.values.shape == (77, math.ceil(5 / per)) and q.values.dtype == jnp.uint8
+    row = {2: 2, 3: 3, 4: 3}[bits]  # bytes a row of 5 codes: 2 x 4, one 3-byte word, 3 x 2
+    assert spec.storage_bits == bits  # exact bit cost: 3 bits a code, not a nibble
+    assert q.values.shape == (77, row) and q.values.dtype == jnp.uint8
     assert q.scale.shape == (3, 1, 5)
-    assert q.nbytes == 77 * math.ceil(5 / per) + 3 * 5 * 4
+    assert q.nbytes == 77 * row + 3 * 5 * 4
     back = quant.unpack(q.values, spec.storage_bits, w.shape, signed=True)
     np.testing.assert_array_equal(back, q.codes())
 

@@ -18,9 +18,9 @@ JIT = [lambda f: f, jax.jit]
 
 @settings(max_examples=12)
 @given(
-    bits=st.sampled_from([2, 4, 8]),
+    bits=st.sampled_from([2, 3, 4, 8]),
     signed=st.booleans(),
-    shape=st.sampled_from([(1,), (7,), (3, 5), (2, 3, 8)]),
+    shape=st.sampled_from([(1,), (7,), (3, 5), (2, 3, 8), (2, 17)]),
     seed=st.integers(0, 99),
 )
 def test_pack_unpack_round_trip(bits, signed, shape, seed):
@@ -38,16 +38,24 @@ def test_int4_nibble_order():
     packed = quant.pack(jnp.array([3, -2, 0, 7], jnp.int8), 4)
     assert packed.tolist() == [3 | (0xE << 4), 0 | (7 << 4)]  # element 2i low, 2i+1 high
     assert quant.pack(jnp.array([1, 2, 3, 0], jnp.uint8), 2).tolist() == [1 | 2 << 2 | 3 << 4]
+    # 3 bits: codes 8k .. 8k+7 in the little-endian 24-bit word of bytes 3k .. 3k+2
+    codes = np.array([3, -4, 0, 1, -1, 2, -2, 3, 1], np.int8)
+    word = sum((int(c) & 7) << (3 * j) for j, c in enumerate(codes[:8]))
+    want = [word & 255, word >> 8 & 255, word >> 16, 1, 0, 0]  # the 9th code: a padded word
+    assert quant.pack(jnp.asarray(codes), 3).tolist() == want
+    back = quant.unpack(jnp.asarray(want, jnp.uint8), 3, (9,), signed=True)
+    assert back.tolist() == codes.tolist()
 
 
-@pytest.mark.parametrize("bits,ratio", [(8, 4), (4, 8), (3, 8), (2, 16)])
-def test_values_bytes_are_exact_fraction_of_float32(bits, ratio):
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+def test_values_bytes_are_exact_fraction_of_float32(bits):
+    # exactly `bits` bits a code (3 bits: 8 codes in 3 bytes, not a nibble each)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 48)).astype(np.float32))
     q = quant.quantize(x, QuantSpec(bits, axis=-1))
-    assert q.values.nbytes * ratio == x.nbytes
-    assert q.nbytes == x.nbytes // ratio + 48 * 4  # codes + one float32 scale per channel
+    assert q.values.nbytes * 8 == x.size * bits
+    assert q.nbytes == x.size * bits // 8 + 48 * 4  # codes + one float32 scale per channel
     g = quant.quantize(x, QuantSpec(bits, axis=-1, group_size=16, symmetric=False))
-    assert g.nbytes == x.nbytes // ratio + (64 // 16) * 48 * (4 + 1)  # + f32 scale, 1-byte zp
+    assert g.nbytes == x.size * bits // 8 + (64 // 16) * 48 * (4 + 1)  # + f32 scale, 1-byte zp
 
 
 SPECS = [

@@ -312,10 +312,10 @@ TAMPERED = [
         r"zero_point outside \[0, 15\]",
         id="zp-range",
     ),
-    pytest.param(
-        lambda: _with("values", lambda v: v.at[0, 0].set(0x77), name="int3_affine"),
-        r"codes outside \[0, 7\]|codes outside \[-4, 3\]",
-        id="int3-codes",
+    pytest.param(  # 3-bit codes: 6 a row take one 3-byte word, not 3 nibble bytes
+        lambda: _with("values", lambda v: v[:, :2], name="int3_affine"),
+        r"values is uint8\[8, 2\], expected uint8\[8, 3\]",
+        id="int3-values-shape",
     ),
     pytest.param(lambda: _with("extra", lambda _: jnp.ones(2)), "unexpected keys", id="extra-key"),
     pytest.param(lambda: _with("values", lambda _: None), "'values' is missing", id="no-values"),
