@@ -55,8 +55,10 @@ BASE = [
     "w4a8-rtn",
     "w4a4-rtn",
     "w4a4-gptq",
+    "w4a4-gptqact",  # GPTQ with activation order (rows by decreasing diag(X^T X))
     "kv4",
     "w4a4kv4-gptq",
+    "w4a4kv4-gptqact",
 ]
 ROWS = [r for b in BASE for r in (b, b + "+rot")]
 QUICK_ROWS = ["dense", "dense+rot", "w4a4-rtn", "w4a4-rtn+rot"]
@@ -74,14 +76,15 @@ def run_row(name, ctx, log):
     fwd = lambda p, x: models.forward(p, x, cfg)
     if weights:
         rules = bench_smollm2.quant_rules(W4)
-        if base.endswith("gptq"):
-            if (rot, "gptq") not in ctx["cache"]:
-                q, _ = quant.oneshot(
-                    fwd, params, ctx["batches"], rules, method=quant.GPTQ(), sequential=False
-                )
-                ctx["cache"][rot, "gptq"] = (quant.dequantize_params(q), time.perf_counter() - t0)
-            params, seconds = ctx["cache"][rot, "gptq"]
-            notes.append("int4 g128 GPTQ")
+        if "gptq" in base:
+            act = base.endswith("gptqact")
+            if (rot, act) not in ctx["cache"]:
+                method = quant.GPTQ(act_order=act)
+                q, _ = quant.oneshot(fwd, params, ctx["batches"], rules, method=method,
+                                     sequential=False)  # fmt: skip
+                ctx["cache"][rot, act] = (quant.dequantize_params(q), time.perf_counter() - t0)
+            params, seconds = ctx["cache"][rot, act]
+            notes.append("int4 g128 GPTQ" + (" act order" if act else ""))
         else:
             q, _ = quant.quantize_params(params, rules)
             params, seconds = quant.dequantize_params(q), time.perf_counter() - t0

@@ -113,6 +113,7 @@ ROWS = [
     "owl-sparsegpt-70-M10",
     # mixed precision under an average bit budget (quant.allocate, round to nearest)
     "alloc-4.25",
+    "alloc-3.5",
     "alloc-3.5+int2",
     "alloc-4.25+int2",
 ]

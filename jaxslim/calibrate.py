@@ -947,8 +947,8 @@ def _estimate(params: Any, hidden: Sequence[Any]) -> tuple[int, int, int]:
         weights += math.prod(shape) * np.dtype(getattr(x, "dtype", np.float32)).itemsize
         if len(shape) >= 2:
             k = math.prod(shape[:-1])
-            # X^T X, its damped inverse Cholesky and one working copy, float32; the float32 copy
-            # of the kernel and its update
+            # X^T X and the sweep's factor (one more copy while it is factored), float32; the
+            # float32 copy of the kernel and its update
             hess = max(hess, 3 * 4 * k * k + 3 * 4 * math.prod(shape))
     acts = sum(x.size * x.dtype.itemsize for b in hidden for x in jax.tree.leaves(b))
     return weights, hess, 2 * acts
