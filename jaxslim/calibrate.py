@@ -1078,7 +1078,14 @@ def stream(
     forward_float = jax.jit(block_fn)
     hidden_ref = list(hidden) if reference else None
 
+    def on_device(params: Any) -> Any:
+        # Host (NumPy) leaves, as a resumed run reads finished blocks back, are put on the
+        # device once: passed to the jitted forward as they are, every batch's call would make
+        # its own copy, all alive at once under asynchronous dispatch.
+        return jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, params)
+
     def advance_float(params: Any, batches: list[Any]) -> list[Any]:
+        params = on_device(params)
         outs = []
         for b in batches:
             y = forward_float(params, b)
@@ -1086,6 +1093,7 @@ def stream(
         return outs
 
     def advance(params: Any, batches: list[Any]) -> list[Any]:
+        params = on_device(params)
         if run is None:  # as quant.oneshot feeds the later kernels: dequantized once, eagerly
             params = _dequantized(params)
         outs = []
