@@ -234,7 +234,8 @@ def inverse_cholesky(
     """
     m = reversed_cholesky(h, path=path, fn=fn)
     u = jnp.triu(factor_rows(m, 0, m.shape[0]))
-    return jnp.where(jnp.isnan(m[0, 0]), jnp.float32(jnp.nan), u)  # all NaN with M
+    ok = jnp.all(jnp.isfinite(u)) & jnp.all(jnp.diagonal(u) > 0)  # False too when M is NaN
+    return jnp.where(ok, u, jnp.float32(jnp.nan))  # never a partly wrong factor
 
 
 def obs_factor(

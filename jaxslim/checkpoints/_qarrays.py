@@ -44,14 +44,17 @@ import numpy as np
 from jaxslim import _tree
 from jaxslim._checks import at_leaf
 from jaxslim.quant import formats
-from jaxslim.quant._packing import packed_shape
+from jaxslim.quant._packing import pack, packed_shape, unpack
 from jaxslim.quant._qarray import QArray, is_qarray, quantize
 from jaxslim.quant._spec import QuantSpec, layout
 
 MARKER = "__jaxslim_qarray__"
 """Key of the metadata array in the stored dict of a QArray."""
 
-_FORMAT, _VERSION = "jaxslim.QArray", 1
+_FORMAT, _VERSION = "jaxslim.QArray", 2
+# Version 1 stored 3-bit codes one a nibble (the 4-bit layout); version 2 packs 8 in 3 bytes.
+# Version 1 files are read and their 3-bit codes repacked.
+_READS = (1, 2)
 _FIELDS = frozenset({MARKER, "values", "scale", "zero_point", "scale_scale"})
 
 
@@ -127,10 +130,10 @@ def _meta(path: str, raw: Any) -> dict[str, Any]:
         raise _bad(path, f"metadata is not JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
         raise _bad(path, f"metadata has no format {_FORMAT!r}")
-    if meta.get("version") != _VERSION:
+    if meta.get("version") not in _READS:
         raise _bad(
             path,
-            f"metadata version {meta.get('version')!r} is not {_VERSION}; "
+            f"metadata version {meta.get('version')!r} is not one of {_READS}; "
             "upgrade jaxslim to read it",
         )
     missing = {"spec", "shape", "dtype", "values_dtype"} - set(meta)
@@ -184,7 +187,22 @@ def _decode(path: str, d: Mapping[str, Any]) -> QArray:
         raise _bad(path, f"unexpected keys {sorted(map(str, extra))}")
     meta = _meta(path, d[MARKER])
     spec, shape, dtype = _spec_shape_dtype(path, meta)
+    if meta["version"] == 1:
+        d = _nibbles_to_3bit(d, spec, shape)
     return _assemble(path, d, spec, shape, dtype, meta["values_dtype"], _bad)
+
+
+def _nibbles_to_3bit(d: Mapping[str, Any], spec: QuantSpec, shape: tuple[int, ...]) -> Any:
+    """``d`` with 3-bit codes stored one a nibble (version 1, and the layout a spec-less
+    checkpoint of that time has) repacked 8 to 3 bytes; anything else unchanged."""
+    v = d.get("values")
+    if spec.storage_bits != 3 or v is None or not hasattr(v, "shape") or not shape:
+        return d
+    if tuple(v.shape) != packed_shape(shape, 4) or tuple(v.shape) == packed_shape(shape, 3):
+        return d  # not the nibble layout, or indistinguishable from the 3-bit one
+    signed = jnp.issubdtype(jnp.dtype(spec.code_dtype), jnp.signedinteger)
+    codes = unpack(jnp.asarray(v, jnp.uint8), 4, shape, signed=bool(signed))
+    return {**d, "values": pack(codes, 3)}
 
 
 def _assemble(path, d, spec, shape, dtype, values_dtype, bad) -> QArray:
@@ -315,13 +333,15 @@ def plain_qarray_bits(d: Mapping[str, Any]) -> tuple[int | None, tuple[int, ...]
     What the layout of a spec-less QArray (``is_plain_qarray``) still tells:
 
     * ``int8`` or fp8 codes: 8 bits a code, one code per entry, shape = ``values.shape``;
-    * ``uint8`` codes ``(..., m)``: 8 bits unpacked, or 4 / 2 bits packed two / four to a byte
-      along the last axis. The width is known when the scale's last axis has the leaf's last
+    * ``uint8`` codes ``(..., m)``: 8 bits unpacked, or 4 / 3 / 2 bits packed along the last
+      axis (``quant.packed_shape``: two 4-bit codes a byte, eight 3-bit codes in 3 bytes, four
+      2-bit codes a byte). The width is known when the scale's last axis has the leaf's last
       size ``n > 1`` (per-channel scales along the last axis, ``axis=-1`` with or without
-      groups along axis -2): ``m == ceil(n * bits / 8)``. Otherwise (per-tensor scales, groups
-      without ``axis``) it is not: ``(None, None)``.
+      groups along axis -2) and exactly one width packs ``n`` codes into ``m`` bytes (not so
+      for some small ``n``: 5 codes take 3 bytes at 4 and at 3 bits). Otherwise (per-tensor
+      scales, groups without ``axis``, an ambiguous ``n``) it is not: ``(None, None)``.
 
-    The bits are the storage width: a 3-bit format stores 4. What is never recoverable: the
+    The bits are the storage width. What is never recoverable: the
     format (int, nf4, fp8 flavour), signedness, symmetry, the group size (only bounded by the
     number of groups) and the original dtype; rebuild the QArrays with
     ``restore_qarrays(tree, like=...)``.
@@ -337,9 +357,9 @@ def plain_qarray_bits(d: Mapping[str, Any]) -> tuple[int | None, tuple[int, ...]
     if not vshape or len(sshape) not in (len(vshape), len(vshape) + 1) or sshape[-1] <= 1:
         return None, None
     n = sshape[-1]
-    for bits in (8, 4, 3, 2):
-        if packed_shape((n,), bits)[-1] == vshape[-1]:
-            return bits, vshape[:-1] + (n,)
+    widths = [b for b in (8, 4, 3, 2) if packed_shape((n,), b)[-1] == vshape[-1]]
+    if len(widths) == 1:
+        return widths[0], vshape[:-1] + (n,)
     return None, None
 
 
@@ -402,7 +422,8 @@ def restore_qarrays(tree: Any, like: Any) -> Any:
             near = sorted(templates)[:3]
             raise _restore_bad(name, f"like has no QArray there (its QArrays: {near} ...)")
         seen.add(name)
-        return _assemble(name, dict(x), t.spec, tuple(t.shape), t.dtype, None, _restore_bad)
+        d = _nibbles_to_3bit(dict(x), t.spec, tuple(t.shape))  # saved before 3-bit packing
+        return _assemble(name, d, t.spec, tuple(t.shape), t.dtype, None, _restore_bad)
 
     out = jax.tree_util.tree_map_with_path(visit, tree, is_leaf=_plain_or_qarray)
     missing = sorted(set(templates) - seen)

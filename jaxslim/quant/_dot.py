@@ -10,8 +10,9 @@ Four ways to compute a product with quantized operands, chosen per backend and s
   contraction, ``acc += x_blk @ decode(codes_blk)``: each block is decoded once into a float
   buffer that stays in cache, so the kernel is read as int8/int4 and never copied whole in float.
   For a 2-D kernel ``(K, N)`` contracted on ``K`` (``x @ W``, ``nnx.Linear``) the *rows* form
-  (``rows_path_applies``) decodes packed codes with shifts inside ``int8`` in ``per`` planes of
-  columns ``j::per`` (no nibble interleave; the ``(M, N)`` outputs are interleaved at the end) and
+  (``rows_path_applies``) decodes packed codes with shifts (inside ``int8``; 3-bit words in
+  ``int32``) in ``per`` planes of columns ``j::per`` (no nibble interleave; the ``(M, N)`` outputs
+  are interleaved at the end) and
   multiplies the ``(M, N)`` partial product by a scale that is constant over the block (per
   channel: once at the end; a group of ``kb`` rows: once per block) instead of the block.
   Other layouts (an Equinox ``(N, K)`` weight, a per-head ``(d, heads, head_dim)`` kernel) take
@@ -116,7 +117,7 @@ def _cut(q: Any, contracting: tuple[int, ...]):
     whole group (``kf`` entries of ``axis``), ``tail`` the rest (one group), both ``QArray``s
     sharing ``q``'s codes and scales. ``None`` when there is no such group, or it cannot be cut
     without touching the codes: double-quantized scales (nf4: the scale blocks span the cut) or
-    a packed last axis cut inside a byte."""
+    a packed last axis cut inside a packed word (a byte; 3 bytes for 3-bit codes)."""
     if not isinstance(q, QArray) or q.ndim == 0:
         return None
     lay = layout(q.spec, q.shape)
@@ -262,7 +263,7 @@ def _kernel_view(q: QArray) -> tuple[jax.Array, jax.Array | None, int] | None:
     """For a 2-D ``(K, N)`` kernel: its scales and zero points as ``(G, 1, N)`` arrays (``G`` scale
     rows along ``K``, each covering ``K // G`` consecutive rows) and ``G``; ``None`` when the
     scales cannot be viewed so (grouped along ``N``, or a packed last axis not a multiple of the
-    codes per byte)."""
+    codes per packed word)."""
     if not isinstance(q, QArray) or q.ndim != 2:
         return None
     k, n = q.shape
@@ -336,7 +337,7 @@ def _rows_block(k: int, n: int, rows: int) -> int | None:
 def rows_path_applies(lhs: Any, rhs: Any, dimension_numbers) -> bool:
     """Whether the fast rows path applies: a 2-D ``QArray`` ``rhs`` ``(K, N)`` contracted on ``K``
     against one ``lhs`` axis, no batch dimensions, scales per channel, per tensor or in groups
-    along ``K``, and ``N`` a multiple of the codes per byte (``nnx.Linear``'s ``x @ W``)."""
+    along ``K``, and ``N`` a multiple of the codes per packed word (``nnx.Linear``'s ``x @ W``)."""
     (lc, rc), (lb, rb) = dimension_numbers
     if not isinstance(rhs, QArray) or rhs.ndim != 2 or tuple(lb) or tuple(rb):
         return False
@@ -441,7 +442,7 @@ def _rows_path(x: jax.Array, q: QArray, lc: int, mode: str, compute, precision) 
 
 def _columns_block(k: int, n: int, per: int) -> int:
     """Output columns per step of the columns path: about ``BLOCK_ELEMS // K``, a multiple of the
-    codes per byte dividing ``N`` (``N`` itself when nothing smaller divides)."""
+    codes per packed word dividing ``N`` (``N`` itself when nothing smaller divides)."""
     target = max(BLOCK_ELEMS // max(k, 1), per)
     fits = [d for d in range(per, n + 1, per) if n % d == 0 and d <= target]
     return max(fits) if fits else n
@@ -591,7 +592,8 @@ def _qdot(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sh
         raise ValueError(
             f"{fn}: impl='columns' needs rhs as a 2-D QArray kernel (K, N) contracted on K, no "
             "batch dimensions, scales per channel or in groups along K, and N a multiple of the "
-            f"codes per byte; got rhs {_describe(rhs)} and dimension_numbers {dimension_numbers}"
+            f"codes per packed word; got rhs {_describe(rhs)} and dimension_numbers "
+            f"{dimension_numbers}"
         )
     if impl == "blocked" and not (can_block or can_rows):
         raise ValueError(

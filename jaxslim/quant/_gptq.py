@@ -253,8 +253,8 @@ def _gptq(w, h, spec, damp, block_size, clip_candidates, act_order):
     w2 = w2 if in_order else w2[perm]
     # Damping, dead inputs and the inverse-Hessian factor are _obs's (shared with SparseGPT):
     # H + damp mean(diag H) I (dead diagonal -> 1), M lower with J H J = M M^T, from which the
-    # sweep computes the rows of U (H^-1 = U^T U) block by block; all NaN if H is not positive
-    # definite (traced here, so nothing raises: the RTN fallback below answers).
+    # sweep computes the rows of U (H^-1 = U^T U) block by block; m_ok is False if H is not
+    # positive definite (traced here, so nothing raises: the RTN fallback below answers).
     # Padded rows (a shorter last group) are zero weights decoupled from every real row: M is
     # the real rows' factor with identity rows and columns inserted at the reversed padded
     # positions (the factor of H with a unit block there), so they round to 0 with zero error

@@ -95,7 +95,8 @@ class QuantSpec:
         block), a tuple of as many distinct axes, ``None`` meaning the last ones (``(-2, -1)``).
 
     Every option but ``bits`` is keyword-only. Codes of 2, 3 and 4 bits are packed into
-    ``uint8`` (four 2-bit or two 3/4-bit codes a byte).
+    ``uint8`` at their exact width (four 2-bit codes a byte, eight 3-bit codes in 3 bytes, two
+    4-bit codes a byte).
 
     >>> s = QuantSpec(4, axis=-1, group_size=32)
     >>> s.qmin, s.qmax, s.storage_bits, s.format.name

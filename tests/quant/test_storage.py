@@ -17,7 +17,15 @@ from jax.sharding import PartitionSpec as P
 
 from jaxslim import _tree
 from jaxslim import checkpoints as S
-from jaxslim.quant import QArray, QuantSpec, dequantize, quantize, quantize_params, storage
+from jaxslim.quant import (
+    QArray,
+    QuantSpec,
+    dequantize,
+    pack,
+    quantize,
+    quantize_params,
+    storage,
+)
 
 MARKER = storage.MARKER
 X = jnp.asarray(np.random.default_rng(0).normal(size=(8, 6)).astype(np.float32))
@@ -238,7 +246,9 @@ TAMPERED = [
     ),
     pytest.param(lambda: _with_meta(lambda m: _set(m, "format", "x")), "format", id="format"),
     pytest.param(
-        lambda: _with_meta(lambda m: _set(m, "version", 2)), "version 2 is not 1", id="version"
+        lambda: _with_meta(lambda m: _set(m, "version", 9)),
+        r"version 9 is not one of \(1, 2\)",
+        id="version",
     ),
     pytest.param(lambda: _with_meta(lambda m: m.pop("shape")), "lacks", id="no-shape"),
     pytest.param(
@@ -326,6 +336,39 @@ TAMPERED = [
 def test_tampered_stored_qarray_raises_naming_the_path(make, cause):
     with pytest.raises(ValueError, match=rf"checkpoints.from_checkpoint: .*'a/w'.*{cause}"):
         S.from_checkpoint(make())
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_version_1_int3_in_nibbles_loads_repacked(signed):
+    """A version-1 checkpoint (3-bit codes one a nibble) loads with the same codes, repacked
+    8 to 3 bytes; so does a spec-less one restored with like=."""
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(8, 13)).astype(np.float32))
+    q = quantize(x, QuantSpec(3, axis=-1, group_size=4, signed=signed, symmetric=False))
+    tree = S.to_checkpoint({"a": {"w": q}})
+    old = tree["a"]["w"]
+    meta = json.loads(np.asarray(old[MARKER]).tobytes())
+    assert meta["version"] == 2 and old["values"].shape == (8, 6)  # 13 codes: two 3-byte words
+    meta["version"] = 1
+    old[MARKER] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    old["values"] = pack(q.codes(), 4)  # the version-1 layout: (8, 7) nibble bytes
+    back = S.from_checkpoint(tree)["a"]["w"]
+    np.testing.assert_array_equal(back.values, q.values)
+    np.testing.assert_array_equal(back.codes(), q.codes())
+    plain = {k: v for k, v in old.items() if k != MARKER}
+    restored = S.restore_qarrays({"a": {"w": plain}}, like={"a": {"w": q}})
+    np.testing.assert_array_equal(restored["a"]["w"].codes(), q.codes())
+
+
+def test_plain_qarray_bits_only_when_one_width_fits():
+    scale = np.ones((2, 1, 16), np.float32)
+    for bits, m in ((8, 16), (4, 8), (3, 6), (2, 4)):
+        v = np.zeros((8, m), np.uint8)
+        assert S.plain_qarray_bits({"values": v, "scale": scale}) == (bits, (8, 16))
+    five = np.ones((2, 1, 5), np.float32)  # 5 codes take 3 bytes at 4 bits and at 3 bits
+    assert S.plain_qarray_bits({"values": np.zeros((8, 3), np.uint8), "scale": five}) == (
+        None,
+        None,
+    )
 
 
 def test_save_npz_rejects_objects_and_name_clashes(tmp_path):
