@@ -244,7 +244,8 @@ def main() -> None:
         )
         print(f"\nresume: killed after {killed} blocks, restarted: {len(r['resumed'])} read back, "
               f"{len(r['blocks'])} computed in {r['total']:.0f} s; {len(files)} files "
-              f"{'identical, byte for byte' if same else 'DIFFER'}")  # fmt: skip
+              f"{'identical, byte for byte' if same else 'DIFFER'}; restarted process peak RSS "
+              f"{r['peak_rss'] / 2**30:.2f} GiB")  # fmt: skip
         if not same:
             raise SystemExit(1)
 
