@@ -116,6 +116,9 @@ ROWS = [
     "alloc-3.5",
     "alloc-3.5+int2",
     "alloc-4.25+int2",
+    # the same with the loss-aware prediction (calibrate.fisher: the empirical Fisher diagonal)
+    "alloc-4.25-fisher",
+    "alloc-3.5-fisher",
 ]
 FORMATS = {
     "w4g32": lambda: quant.QuantSpec(4, axis=-1, group_size=32),
@@ -303,9 +306,9 @@ def run_row(name, ctx, log):
             fwd, params, batches, sparsity, method=method, where=KERNELS, sequential=False
         )
         note += f"kernel sparsity {kernel_sparsity(out):.3f}"
-    elif (m := re.fullmatch(r"alloc-([\d.]+)(\+int2)?", name)) is not None:
+    elif (m := re.fullmatch(r"alloc-([\d.]+)(\+int2)?(-fisher)?", name)) is not None:
         budget = float(m.group(1))
-        stats = kernel_stats(ctx, log)
+        stats = kernel_fisher(ctx, log) if m.group(3) else kernel_stats(ctx, log)
         candidates = ALLOC_CANDIDATES + ([INT2] if m.group(2) else [])
         cands = [make() for _, make in candidates]
         rules = quant.allocate(stats, budget, cands, params=params)
@@ -321,6 +324,7 @@ def run_row(name, ctx, log):
                 weights += math.prod(lp[k].shape)
         mix = ", ".join(f"{n} x {label}" for label, n in counts.items() if n)
         note = f"{bits / weights:.3f} bits/weight over the kernels; {mix}"
+        note += "; Fisher sensitivities" if m.group(3) else "; output-error sensitivities"
     elif name.endswith("-stream"):
         out, note = streamed(name, ctx, log)
         eval_fwd = quant.quantized(fwd)
@@ -405,6 +409,26 @@ def kernel_stats(ctx, log):
         )
         log(f"    kernel statistics in {time.perf_counter() - t:.1f} s")
     return ctx["stats"]
+
+
+def kernel_fisher(ctx, log):
+    """``calibrate.fisher`` of the 210 kernels: squared gradients of each calibration sequence's
+    summed next-token NLL (one sequence per sample; cached)."""
+    if "fisher" not in ctx:
+        from jaxslim import calibrate
+
+        fwd = ctx["fwd"]
+
+        def loss(p, seq):
+            logits = fwd(p, seq[None, :-1])[0]
+            lse = jax.nn.logsumexp(logits, axis=-1)
+            return jnp.sum(lse - jnp.take_along_axis(logits, seq[1:, None], axis=-1)[:, 0])
+
+        t = time.perf_counter()
+        seqs = [s for b in ctx["batches"] for s in b]
+        ctx["fisher"] = calibrate.fisher(loss, ctx["params"], seqs, where=KERNELS)
+        log(f"    Fisher diagonal over {len(seqs)} sequences in {time.perf_counter() - t:.1f} s")
+    return ctx["fisher"]
 
 
 def streamed(name, ctx, log):

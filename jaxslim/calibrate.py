@@ -49,6 +49,7 @@ them.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import json
 import math
@@ -68,7 +69,7 @@ from jax import lax
 from jaxslim import _jaxpr, _tree
 from jaxslim._checks import caller, count_nonfinite, public
 
-__all__ = ["Stats", "statistics", "sequential", "stream", "StreamResult"]
+__all__ = ["Fisher", "Stats", "fisher", "statistics", "sequential", "stream", "StreamResult"]
 
 _HI = lax.Precision.HIGHEST
 
@@ -683,6 +684,135 @@ def statistics(
     [[6.0]]
     """
     return _statistics(fn, params, batches, where, kernels, dtype, reference, reference_batches)
+
+
+class Fisher(NamedTuple):
+    """The empirical Fisher diagonal of one parameter leaf (:func:`fisher`).
+
+    ``diag`` (the leaf's shape, float32) is ``sum_b (d loss_b / d w)**2`` over the ``count``
+    batches; ``diag / count`` estimates ``E[g**2]``, the diagonal of the Fisher information (of
+    the Hessian of the loss at a minimum). A ``NamedTuple``: under ``jit`` its fields are leaves.
+    """
+
+    diag: jax.Array
+    count: int
+
+
+def _fisher_step(loss_fn: Callable[..., Any], treedef: Any, idx: tuple[int, ...]):
+    @functools.partial(jax.jit, donate_argnums=(2,))
+    def step(sel, rest, acc, batch):
+        def loss(sel):
+            full = list(rest)
+            for i, x in zip(idx, sel, strict=True):
+                full[i] = x
+            return loss_fn(jax.tree_util.tree_unflatten(treedef, full), batch)
+
+        val, g = jax.value_and_grad(loss)(sel)
+        return val, [a + jnp.square(x.astype(jnp.float32)) for a, x in zip(acc, g, strict=True)]
+
+    return step
+
+
+@public("calibrate.fisher")
+def fisher(
+    loss_fn: Callable[[Any, Any], jax.Array],
+    params: Any,
+    batches: Iterable[Any],
+    *,
+    where: _tree.Where = None,
+) -> dict[str, Fisher]:
+    """The empirical Fisher diagonal of the selected leaves: squared gradients summed over batches.
+
+    For each selected leaf ``w`` and each batch ``b``, ``g_b = d loss_fn(params, batch_b) / d w``
+    (one ``jax.value_and_grad``, jitted once per batch shape); then::
+
+        diag = sum_b g_b ** 2      (w's shape, float32),      count = number of batches
+
+    Each batch is one sample of the gradient: a batch of one sequence gives the per-sample
+    estimate that SqueezeLLM and HAWQ-style sensitivity use; larger batches average the
+    gradient first (cheaper, noisier in the other direction). :func:`jaxslim.quant.sensitivities`
+    turns it into the predicted loss increase of a weight perturbation ``D``,
+    ``0.5 * sum(diag / count * D**2)`` (a second-order Taylor expansion around a minimum, with
+    the diagonal empirical Fisher standing in for the Hessian), which ``quant.allocate`` uses to
+    pick a format per kernel.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar`` (float), differentiable in the selected
+        leaves, e.g. the summed next-token negative log-likelihood of a language model.
+      params: the parameter pytree; arrays may be sharded (the squares of the gradients stay
+        sharded like them: nothing is gathered).
+      batches: an iterable of batches, each passed as ``loss_fn``'s second argument.
+      where: which leaves (``None``: every floating leaf that :func:`statistics` would call a
+        kernel, i.e. of ndim >= 2; a regex; a predicate ``(path, leaf) -> bool``). Gradients of
+        the other leaves are not computed.
+
+    Returns:
+      ``{path: Fisher(diag, count)}`` in ``jax.tree`` order.
+
+    Raises ``TypeError`` when ``loss_fn`` is not callable or does not return a float scalar,
+    ``ValueError`` on empty ``batches``, a non-finite loss (naming the batch) or a non-finite
+    gradient (naming the leaf); ``loss_fn`` failing on a batch is re-raised naming the batch.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"w": jnp.array([[1.0], [2.0]])}
+    >>> loss = lambda p, x: jnp.sum(x @ p["w"])  # d/dw = x summed over rows
+    >>> f = fisher(loss, params, [jnp.array([[1.0, 0.0]]), jnp.array([[3.0, 1.0]])])
+    >>> f["w"].diag.tolist(), f["w"].count  # 1**2 + 3**2, 0**2 + 1**2
+    ([[10.0], [1.0]], 2)
+    """
+    if not callable(loss_fn):
+        raise TypeError(
+            f"{caller()}: loss_fn must be a callable loss_fn(params, batch) -> scalar, got "
+            f"{type(loss_fn).__name__} {loss_fn!r}"
+        )
+    _tree.reject_traced(params, why="it evaluates the gradient on every batch")
+    paths = set(_tree.selected_paths(params, where))
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    names = [_tree.path_str(p) for p, _ in flat]
+    idx = tuple(i for i, n in enumerate(names) if n in paths)
+    sel = [flat[i][1] for i in idx]
+    rest = [None if i in idx else x for i, (_, x) in enumerate(flat)]
+    step = _fisher_step(loss_fn, treedef, idx)
+    acc, count, checked = None, 0, set()
+    for b, batch in enumerate(batches):
+        sig = _signature(batch)
+        if sig not in checked:
+            try:
+                out = jax.eval_shape(loss_fn, params, batch)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{caller()}: loss_fn failed on batch {b}: {e}") from e
+            if (
+                not hasattr(out, "shape")
+                or out.shape != ()
+                or not jnp.issubdtype(out.dtype, jnp.floating)
+            ):
+                raise TypeError(
+                    f"{caller()}: loss_fn must return a float scalar, got "
+                    f"{getattr(out, 'dtype', type(out).__name__)} "
+                    f"{getattr(out, 'shape', '')} on batch {b}; reduce the loss (e.g. jnp.sum)"
+                )
+            checked.add(sig)
+        if acc is None:  # zeros_like keeps each leaf's sharding: nothing is gathered
+            acc = [jnp.zeros_like(x, dtype=jnp.float32) for x in sel]
+        val, acc = step(sel, rest, acc, batch)
+        if not math.isfinite(float(val)):
+            raise ValueError(
+                f"{caller()}: the loss is {float(val)} on batch {b}; check that batch and the "
+                "parameters (a non-finite loss has no usable gradient)"
+            )
+        count += 1
+    if acc is None:
+        raise ValueError(f"{caller()}: batches is empty; pass at least one batch")
+    result = {}
+    for i, a in zip(idx, acc, strict=True):
+        bad = count_nonfinite(a)
+        if bad:
+            raise ValueError(
+                f"{caller()}: the gradient of {names[i]!r} has {bad} non-finite squared entries "
+                "(NaN or inf, e.g. an overflow in float16); compute the loss in float32"
+            )
+        result[names[i]] = Fisher(a, count)
+    return result
 
 
 def _replace(params: Any, path: str, value: Any) -> Any:

@@ -1,9 +1,11 @@
 """Mixed precision under a bit budget: per-kernel RTN sensitivities and an exact allocation.
 
 ``sensitivities`` predicts, for each kernel and candidate format, the increase of the layer's
-squared output error on the calibration inputs; ``allocate`` picks one candidate per kernel that
-minimizes the summed prediction under an average-bits-per-weight budget (a multiple-choice
-knapsack, solved by dynamic programming) and returns ordinary ``(where, spec)`` rules.
+squared output error on the calibration inputs (from ``calibrate.statistics``) or of the loss
+(from the empirical Fisher diagonal, ``calibrate.fisher``); ``allocate`` picks one candidate per
+kernel that minimizes the summed prediction under an average-bits-per-weight budget (a
+multiple-choice knapsack, solved by dynamic programming) and returns ordinary ``(where, spec)``
+rules.
 """
 
 from __future__ import annotations
@@ -32,6 +34,20 @@ Candidates = Sequence[QuantSpec | None] | Mapping[str, Sequence[QuantSpec | None
 def _trace(d: jax.Array, h: jax.Array) -> jax.Array:
     """``sum_l tr(D_l^T H_l D_l)`` for ``(L, K, N)`` ``D`` and ``(L, K, K)`` ``H``."""
     return jnp.sum(d * jnp.matmul(h, d, precision=_HI))
+
+
+@jax.jit
+def _weighted(d: jax.Array, f: jax.Array) -> jax.Array:
+    """``sum(f * d**2)``."""
+    return jnp.sum(f * jnp.square(d))
+
+
+def _is_fisher(st: Any) -> bool:
+    return hasattr(st, "diag") and hasattr(st, "count") and not hasattr(st, "xtx")
+
+
+def _is_stats(st: Any) -> bool:
+    return all(hasattr(st, a) for a in ("xtx", "contracted_axes", "lead_axes", "shape"))
 
 
 def _view(x: jax.Array, st: Any) -> jax.Array:
@@ -69,18 +85,32 @@ def sensitivities(
     *,
     where: _tree.Where = None,
 ) -> dict[str, tuple[float, ...]]:
-    """The predicted output error of every kernel under every candidate format (RTN).
+    """The predicted error of every kernel under every candidate format (RTN).
 
-    For a kernel ``W`` on its ``(K, N)`` view (``calibrate.Stats`` layout; a stacked kernel sums
-    its slices) and a candidate ``spec``::
+    With ``D = W - dequantize(quantize(W, spec))`` the candidate's rounding error, two
+    predictions, by the kind of ``stats``:
 
-        e = tr(D^T H D),   D = W - dequantize(quantize(W, spec)),   H = X^T X = stats[path].xtx
+    * ``calibrate.statistics`` (``Stats``): the layer's squared output error on the calibration
+      inputs, on the kernel's ``(K, N)`` view (a stacked kernel sums its slices)::
 
-    i.e. ``||X W - X W'||_F^2`` summed over the calibration rows; ``None`` (keep float) gives 0.
+          e = tr(D^T H D) = ||X W - X W'||_F^2,    H = X^T X = stats[path].xtx
+
+    * ``calibrate.fisher`` (``Fisher``): the predicted increase of the loss (second order around
+      a minimum, the empirical Fisher diagonal ``F = diag / count`` standing in for the
+      Hessian; HAWQ, SqueezeLLM)::
+
+          e = 0.5 * sum(F * D**2)
+
+      It weighs each kernel by what its error does to the loss at the model's output, so it
+      ranks kernels across layers where the output error of each layer alone does not (on
+      SmolLM2-135M at 4.25 bits: perplexity 18.67 against 22.27 from the output error).
+
+    ``None`` (keep float) gives 0.
 
     Args:
       params: the parameter tree ``stats`` was computed on.
-      stats: ``calibrate.statistics(fn, params, batches)``.
+      stats: ``calibrate.statistics(fn, params, batches)`` or ``calibrate.fisher(loss_fn,
+        params, batches)``.
       candidates: a list of ``QuantSpec`` or ``None`` tried on every kernel, or a dict
         ``path -> list``.
       where: which of ``stats``' kernels (``None``: all).
@@ -95,6 +125,11 @@ def sensitivities(
     >>> e = sensitivities(params, stats, [QuantSpec(8, axis=-1), QuantSpec(2, axis=-1), None])
     >>> e["w"][0] < e["w"][1], e["w"][2]
     (True, 0.0)
+    >>> fisher = calibrate.fisher(lambda p, x: jnp.sum((x @ p["w"]) ** 2), params,
+    ...                           [jnp.ones((4, 16))])
+    >>> e = sensitivities(params, fisher, [QuantSpec(8, axis=-1), QuantSpec(2, axis=-1), None])
+    >>> e["w"][0] < e["w"][1], e["w"][2]
+    (True, 0.0)
     """
     fn = "quant.sensitivities"
     _tree.check_where(where)
@@ -106,13 +141,22 @@ def sensitivities(
         w = leaves[path]
         if where is not None and not _tree.is_selected(where, path, w):
             continue
-        if tuple(w.shape) != tuple(st.shape):
-            raise ValueError(
-                f"{fn}: stats for {path!r} are of shape {tuple(st.shape)}, params holds "
-                f"{tuple(w.shape)}"
+        is_fisher = _is_fisher(st)
+        if not is_fisher and not _is_stats(st):
+            raise TypeError(
+                f"{fn}: stats[{path!r}] is a {type(st).__name__}; pass calibrate.statistics(...) "
+                "or calibrate.fisher(...)"
             )
-        h = jnp.asarray(st.xtx, jnp.float32)
-        h = h.reshape(-1, *h.shape[-2:])
+        shape = tuple(np.shape(st.diag)) if is_fisher else tuple(st.shape)
+        if tuple(w.shape) != shape:
+            raise ValueError(
+                f"{fn}: stats for {path!r} are of shape {shape}, params holds {tuple(w.shape)}"
+            )
+        if is_fisher:
+            f = jnp.asarray(st.diag, jnp.float32) * (0.5 / st.count)
+        else:
+            h = jnp.asarray(st.xtx, jnp.float32)
+            h = h.reshape(-1, *h.shape[-2:])
         errors = []
         for spec in _candidates_for(fn, candidates, path):
             if spec is None:
@@ -124,7 +168,8 @@ def sensitivities(
             except ValueError as e:
                 raise ValueError(f"{fn}: candidate {spec!r} does not fit {path!r}: {e}") from None
             d = jnp.asarray(w, jnp.float32) - w_hat.astype(jnp.float32)
-            errors.append(max(float(_trace(_view(d, st), h)), 0.0))
+            e = _weighted(d, f) if is_fisher else _trace(_view(d, st), h)
+            errors.append(max(float(e), 0.0))
         out[path] = tuple(errors)
     return out
 
@@ -201,9 +246,11 @@ def allocate(
     go unused.
 
     Args:
-      stats_or_errors: ``calibrate.statistics(...)`` (then ``sensitivities(params, stats,
-        candidates)`` is computed) or its result ``{path: (e_0, e_1, ...)}``, any nonnegative
-        predicted losses aligned with the candidates (e.g. measured perplexity increases).
+      stats_or_errors: ``calibrate.statistics(...)`` or ``calibrate.fisher(...)`` (then
+        ``sensitivities(params, stats, candidates)`` is computed; the Fisher's loss-aware
+        prediction allocates better across layers) or its result ``{path: (e_0, e_1, ...)}``,
+        any nonnegative predicted losses aligned with the candidates (e.g. measured perplexity
+        increases).
       budget: average bits per weight over these kernels (e.g. ``4.25``).
       candidates: a list of ``QuantSpec`` or ``None`` (float) for every kernel, or a dict
         ``path -> list``.
@@ -237,7 +284,7 @@ def allocate(
             f"{fn}: stats_or_errors must be a non-empty dict (calibrate.statistics or "
             f"quant.sensitivities), got {stats_or_errors!r}"
         )
-    if all(hasattr(v, "xtx") for v in stats_or_errors.values()):
+    if all(_is_stats(v) or _is_fisher(v) for v in stats_or_errors.values()):
         errors = sensitivities(params, stats_or_errors, candidates)
     else:
         errors = stats_or_errors

@@ -89,3 +89,20 @@ def test_sequential_keeps_each_kernels_sharding(mesh):
     for k in params:
         assert got[k].sharding.is_equivalent_to(sharded[k].sharding, got[k].ndim)
         np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(ref[k]))
+
+
+def test_fisher_diag_equals_single_device_and_keeps_each_leafs_sharding(mesh):
+    params = _params()
+    sharded = {k: jax.device_put(v, NamedSharding(mesh, SPECS[k])) for k, v in params.items()}
+    batches = [jax.device_put(b, NamedSharding(mesh, P("data", None))) for b in _batches()]
+    fn = make_fn(mesh)
+
+    def loss(p, x):
+        return jnp.sum(fn(p, x) ** 2)
+
+    ref = calibrate.fisher(loss, params, _batches())
+    got = calibrate.fisher(loss, sharded, batches)
+    assert list(got) == list(ref) == ["down", "stack", "up"]
+    for k in ref:
+        assert got[k].diag.sharding.is_equivalent_to(sharded[k].sharding, got[k].diag.ndim)
+        np.testing.assert_allclose(np.asarray(got[k].diag), np.asarray(ref[k].diag), rtol=1e-4)

@@ -155,6 +155,77 @@ def test_allocate_from_statistics_gives_bits_to_the_sensitive_kernel():
     assert dict(rules) == {"^quiet$": cands[1], "^loud$": cands[0]}
 
 
+def test_fisher_sensitivities_equal_half_the_weighted_squared_error():
+    key = jax.random.split(jax.random.key(2), 3)
+    params = {"a": jax.random.normal(key[0], (16, 8)), "b": jax.random.normal(key[1], (8, 4))}
+    xs = [jax.random.normal(k, (6, 16)) for k in jax.random.split(key[2], 3)]
+
+    def loss(p, x):
+        return jnp.sum(jnp.tanh(x @ p["a"]) @ p["b"])
+
+    fisher = calibrate.fisher(loss, params, xs)
+    cands = [QuantSpec(8, axis=-1), QuantSpec(3, axis=-1, group_size=8), None]
+    got = sensitivities(params, fisher, cands)
+    for k in params:
+        f = sum(np.asarray(jax.grad(loss)(params, x)[k], np.float64) ** 2 for x in xs) / len(xs)
+        want = []
+        for spec in cands:
+            w = np.asarray(params[k], np.float64)
+            wq = w if spec is None else np.asarray(dequantize(quantize(params[k], spec)))
+            want.append(0.5 * np.sum(f * (w - wq) ** 2))
+        np.testing.assert_allclose(got[k], want, rtol=1e-4)
+        assert got[k][0] < got[k][1] and got[k][2] == 0.0
+
+
+def test_fisher_allocation_protects_the_kernel_the_loss_depends_on():
+    """``big`` has 10x larger inputs but its output is scaled by 0.01 in the loss: the output
+    error of each layer says protect ``big``, the loss says protect ``small``; the Fisher
+    allocation's measured loss increase is the lower one."""
+    key = jax.random.split(jax.random.key(3), 4)
+    params = {
+        "big": jax.random.normal(key[0], (32, 16)),
+        "small": jax.random.normal(key[1], (32, 16)),
+    }
+    xs = [jax.random.normal(k, (64, 32)) for k in jax.random.split(key[2], 4)]
+    target = jax.random.normal(key[3], (64, 16))
+
+    def fn(p, x):
+        return 0.01 * ((10 * x) @ p["big"]) + x @ p["small"]
+
+    def loss(p, x):
+        return 0.5 * jnp.sum((fn(p, x) - target) ** 2)
+
+    cands = [QuantSpec(8, axis=-1), QuantSpec(2, axis=-1, group_size=8)]
+    budget = (bits(params["big"], cands[0]) + bits(params["small"], cands[1])) / (2 * 32 * 16)
+    by_output = dict(allocate(calibrate.statistics(fn, params, xs), budget, cands, params=params))
+    by_loss = dict(allocate(calibrate.fisher(loss, params, xs), budget, cands, params=params))
+    assert by_output == {"^big$": cands[0], "^small$": cands[1]}
+    assert by_loss == {"^big$": cands[1], "^small$": cands[0]}
+
+    def increase(rules):
+        q = quant_dq(params, rules)
+        return sum(float(loss(q, x) - loss(params, x)) for x in xs)
+
+    assert increase(by_loss) < 0.2 * increase(by_output)
+
+
+def quant_dq(params, rules):
+    from jaxslim.quant import dequantize_params
+
+    return dequantize_params(quantize_params(params, list(rules.items()))[0])
+
+
+def test_sensitivities_bad_input():
+    params = {"w": jnp.ones((16, 8))}
+    fisher = calibrate.fisher(lambda p, x: jnp.sum(x @ p["w"]), params, [jnp.ones((2, 16))])
+    with pytest.raises(ValueError, match=r"stats for 'w' are of shape \(16, 8\), params holds"):
+        sensitivities({"w": jnp.ones((8, 16))}, fisher, CANDS)
+    with pytest.raises(TypeError, match=r"stats\['w'\] is a tuple; pass calibrate.statistics"):
+        sensitivities(params, {"w": (1.0, 2.0)}, CANDS)
+    with pytest.raises(ValueError, match="stats name 'v', which is not a leaf"):
+        sensitivities(params, {"v": fisher["w"]}, CANDS)
+
+
 @pytest.mark.parametrize(
     ("change", "err", "match"),
     [
