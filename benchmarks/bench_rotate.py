@@ -23,14 +23,20 @@ Quantized pieces (all simulated: dequantized weights, fake-quantized activations
   ``quant.TokenQuant(4, clip=0.9)`` (QuaRot's clipping ratio) / ``TokenQuant(8)``, symmetric;
 * ``kv4``: keys (after RoPE) and values per head and token, ``TokenQuant(4, symmetric=False,
   clip=0.95)`` (QuaRot's KV setting: asymmetric, one group per head).
+
+Suffixes: ``a4s`` searches the clipping ratio per token (``clip=SEARCH``: of 1.0 .. 0.7, the one
+with the least squared error); ``a4g32`` gives each run of 32 inputs its own scale (the
+activation block of MXFP4; 16 for NVFP4); ``kv4g32`` two scales per head (64 = 2 x 32).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
+import re
 import sys
 import time
 
@@ -46,6 +52,7 @@ from jaxslim import models, quant  # noqa: E402
 A4 = quant.TokenQuant(4, clip=0.9)
 A8 = quant.TokenQuant(8)
 KV4 = quant.TokenQuant(4, symmetric=False, clip=0.95)
+SEARCH = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 W4 = quant.QuantSpec(4, axis=-1, group_size=128)
 BASE = [
     "dense",
@@ -59,6 +66,20 @@ BASE = [
     "kv4",
     "w4a4kv4-gptq",
     "w4a4kv4-gptqact",
+    # a clipping ratio searched per token, scales per 32 inputs, two KV scales per head
+    "a4s",
+    "a4g32s",
+    "kv4g32",
+    "kv4g16",
+    "w4a4s-gptqact",
+    "w4a4g32s-gptqact",
+    "w4a4g16s-gptqact",
+    "w4a4skv4g32-gptqact",
+    "w4a4g32skv4g32-gptqact",
+    # layer by layer (calibrate.stream) with the A4 quantizer in the calibration forward, plain
+    # and with error propagation (GPTQ(qep=0.5): fitted to the float model's outputs)
+    "w4a4s-gptqact-stream",
+    "w4a4s-gptqact-qep-stream",
 ]
 ROWS = [r for b in BASE for r in (b, b + "+rot")]
 QUICK_ROWS = ["dense", "dense+rot", "w4a4-rtn", "w4a4-rtn+rot"]
@@ -67,16 +88,32 @@ QUICK_ROWS = ["dense", "dense+rot", "w4a4-rtn", "w4a4-rtn+rot"]
 def run_row(name, ctx, log):
     base, rot = name.removesuffix("+rot"), name.endswith("+rot")
     params, cfg = (ctx["rotated"], ctx["rotated_config"]) if rot else (ctx["params"], ctx["config"])
-    parts = base.split("-")[0]
-    weights = parts[:2] if parts.startswith("w4") else None
-    acts = {"a4": ctx["a4"], "a8": A8}.get(parts[2:4] if weights else parts[:2])
-    kv = KV4 if "kv4" in parts else None
+    spec = "" if base == "dense" else base.split("-")[0]
+    m = re.fullmatch(r"(w4)?(?:a(4|8|16)(?:g(\d+))?(s)?)?(?:kv4(?:g(\d+))?)?", spec)
+    weights = m.group(1)
+    acts = {"4": ctx["a4"], "8": A8}.get(m.group(2))
+    if acts is not None and (m.group(3) or m.group(4)):
+        acts = dataclasses.replace(
+            acts,
+            clip=SEARCH if m.group(4) else acts.clip,
+            group_size=int(m.group(3)) if m.group(3) else None,
+        )
+    kv = KV4 if "kv4" in base else None
+    if kv is not None and m.group(5):
+        kv = dataclasses.replace(kv, group_size=int(m.group(5)))
     notes = []
     t0 = time.perf_counter()
     fwd = lambda p, x: models.forward(p, x, cfg)
     if weights:
         rules = bench_smollm2.quant_rules(W4)
-        if "gptq" in base:
+        if base.endswith("-stream"):
+            qep = "-qep" in base
+            params, seconds = (
+                streamed_gptq(params, cfg, acts, kv, ctx, qep),
+                time.perf_counter() - t0,
+            )
+            notes.append("int4 g128 GPTQ act order, layer by layer" + (", QEP 0.5" if qep else ""))
+        elif "gptq" in base:
             act = base.endswith("gptqact")
             if (rot, act) not in ctx["cache"]:
                 method = quant.GPTQ(act_order=act)
@@ -92,13 +129,41 @@ def run_row(name, ctx, log):
     else:
         seconds = 0.0
     if acts is not None:
-        notes.append(f"A{acts.bits} per token clip {acts.clip}")
+        clip = "searched" if isinstance(acts.clip, tuple) else acts.clip
+        per = f"per {acts.group_size} inputs" if acts.group_size else "per token"
+        notes.append(f"A{acts.bits} {per} clip {clip}")
     if kv is not None:
-        notes.append(f"KV{kv.bits} per head+token asym clip {kv.clip}")
+        per = f"per {kv.group_size} of a head" if kv.group_size else "per head"
+        notes.append(f"KV{kv.bits} {per}+token asym clip {kv.clip}")
     evaluate = lambda p, x: models.forward(p, x, cfg, activations=acts, kv=kv)
     log(f"  prepared in {seconds:.1f} s; evaluating")
     r = ctx["evaluate"](evaluate, jax.block_until_ready(params))
     return {"row": name, **r, "compress_seconds": seconds, "notes": ", ".join(notes) or "float"}
+
+
+def streamed_gptq(params, cfg, acts, kv, ctx, qep):
+    """GPTQ (activation order) layer by layer with ``calibrate.stream``: each layer calibrated on
+    the outputs of the quantized layers before it, through the same A4 / KV4 quantizers the
+    evaluation uses; with ``qep``, fitted to the float model's outputs (``GPTQ(qep=0.5)``)."""
+    from jaxslim import calibrate
+
+    def block_fn(p, h):
+        positions = jnp.arange(h.shape[1], dtype=jnp.int32)
+        return models.block(p, h, cfg, positions=positions, activations=acts, kv=kv)
+
+    method = quant.GPTQ(act_order=True, qep=0.5 if qep else 0.0)
+    rules = [(r"^(q|k|v|o|gate|up|down)$", W4)]
+    hidden = [models.embed(params, b, cfg) for b in ctx["batches"]]
+    blocks = [
+        (f"layers.{i}", lambda i=i: params["layers"][i]) for i in range(len(params["layers"]))
+    ]
+
+    def compress_block(p, hs, refs=None):
+        q, _ = quant.oneshot(block_fn, p, hs, rules, method=method, reference_batches=refs)
+        return quant.dequantize_params(q), None
+
+    res = calibrate.stream(block_fn, blocks, hidden, compress_block, progress=False, reference=qep)
+    return {**params, "layers": list(res.blocks)}
 
 
 def table(rows) -> str:

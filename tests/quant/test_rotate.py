@@ -223,6 +223,46 @@ def test_token_quant_clipping_formula(wrap):
     np.testing.assert_allclose(ya, ref, rtol=1e-5, atol=1e-7)
 
 
+def _np_token_quant(x, clip, bits=4):
+    """Symmetric per-vector fake quantization in NumPy (float32 like the library)."""
+    half = np.float32((2**bits - 1) / 2)
+    scale = (np.float32(clip) * np.abs(x).max(-1, keepdims=True) / half).astype(np.float32)
+    scale = np.maximum(scale, np.finfo(np.float32).eps)
+    q = np.clip(np.round(x * (np.float32(1) / scale)), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return (q * scale).astype(np.float32)
+
+
+@pytest.mark.parametrize("wrap", JIT)
+def test_token_quant_groups_equal_per_group_formula_with_a_padded_last_group(wrap):
+    rng = np.random.default_rng(1)
+    x = (rng.normal(size=(3, 20)) * np.linspace(0.1, 8, 20)).astype(np.float32)
+    y = np.asarray(wrap(quant.TokenQuant(4, group_size=8))(x))
+    assert y.shape == x.shape and y.dtype == np.float32
+    for lo in (0, 8, 16):  # groups [0, 8), [8, 16) and the padded [16, 20)
+        np.testing.assert_allclose(y[:, lo : lo + 8], _np_token_quant(x[:, lo : lo + 8], 1.0))
+    per_token = np.asarray(quant.TokenQuant(4)(x))
+    assert np.abs(y - x).sum() < np.abs(per_token - x).sum()
+    np.testing.assert_array_equal(quant.TokenQuant(4, group_size=64)(x), per_token)
+
+
+@pytest.mark.parametrize("wrap", JIT)
+def test_token_quant_clip_search_picks_the_least_error_ratio_per_vector(wrap):
+    rng = np.random.default_rng(2)
+    x = rng.standard_t(2, size=(40, 16)).astype(np.float32)  # heavy tails: ratios differ
+    ratios = (1.0, 0.9, 0.75, 0.6)
+    y = np.asarray(wrap(quant.TokenQuant(4, clip=ratios))(x))
+    cands = np.stack([_np_token_quant(x, c) for c in ratios])  # (ratio, token, K)
+    errs = ((cands - x[None]) ** 2).sum(-1)
+    best = errs.argmin(0)  # ties to the earlier ratio, like the library
+    np.testing.assert_allclose(y, cands[best, np.arange(40)], rtol=1e-6)
+    assert len(set(best.tolist())) > 1  # the search chose different ratios for different tokens
+    assert ((y - x) ** 2).sum() <= errs.sum(1).min() * (1 + 1e-6)  # beats every fixed ratio
+    g = jax.grad(lambda v: jnp.sum(quant.TokenQuant(4, clip=ratios)(v)))(jnp.asarray(x))
+    assert g.shape == x.shape and bool(jnp.all(jnp.isfinite(g)))
+    assert quant.TokenQuant(4, clip=[1.0, 0.9]) == quant.TokenQuant(4, clip=(1.0, 0.9))
+    assert hash(quant.TokenQuant(4, clip=[1.0, 0.9], group_size=16)) is not None
+
+
 @pytest.mark.parametrize(
     "kw,match",
     [
@@ -231,6 +271,11 @@ def test_token_quant_clipping_formula(wrap):
         ({"bits": 4, "clip": 0.0}, "clip must be a float in \\(0, 1\\], got 0.0"),
         ({"bits": 4, "clip": 1.5}, "got 1.5"),
         ({"bits": 4, "symmetric": 1}, "symmetric must be a bool"),
+        ({"bits": 4, "clip": ()}, "clip must be a float in \\(0, 1\\] or a non-empty tuple"),
+        ({"bits": 4, "clip": (0.9, 1.5)}, "clip must be a float in \\(0, 1\\], got 1.5"),
+        ({"bits": 4, "group_size": 0}, "group_size must be None or an int >= 1, got 0"),
+        ({"bits": 4, "group_size": 16.0}, "group_size must be None or an int >= 1, got 16.0"),
+        ({"bits": 4, "group_size": True}, "group_size must be None or an int >= 1, got True"),
     ],
 )
 def test_token_quant_bad_arguments(kw, match):
