@@ -26,7 +26,10 @@ Quantized pieces (all simulated: dequantized weights, fake-quantized activations
 
 Suffixes: ``a4s`` searches the clipping ratio per token (``clip=SEARCH``: of 1.0 .. 0.7, the one
 with the least squared error); ``a4g32`` gives each run of 32 inputs its own scale (the
-activation block of MXFP4; 16 for NVFP4); ``kv4g32`` two scales per head (64 = 2 x 32).
+activation block of MXFP4; 16 for NVFP4); ``kv4g32`` two scales per head (64 = 2 x 32);
+``gptqactc8`` GPTQ with activation order and 8 clipping ratios searched per weight group;
+``-stream`` GPTQ layer by layer (``calibrate.stream``) through the same A4 / KV4 quantizers, each
+layer calibrated on the quantized layers' outputs; ``-qep-stream`` with ``GPTQ(qep=0.5)``.
 """
 
 from __future__ import annotations
@@ -74,12 +77,17 @@ BASE = [
     "w4a4s-gptqact",
     "w4a4g32s-gptqact",
     "w4a4g16s-gptqact",
+    "w4a4s-gptqactc8",  # GPTQ with an MSE search over 8 clipped weight ranges
+    "w4a4g32s-gptqactc8",
     "w4a4skv4g32-gptqact",
     "w4a4g32skv4g32-gptqact",
     # layer by layer (calibrate.stream) with the A4 quantizer in the calibration forward, plain
     # and with error propagation (GPTQ(qep=0.5): fitted to the float model's outputs)
     "w4a4s-gptqact-stream",
     "w4a4s-gptqact-qep-stream",
+    "w4a4g32s-gptqact-qep-stream",
+    "w4a4s-gptqactc8-qep-stream",
+    "w4a4g32s-gptqactc8-qep-stream",
 ]
 ROWS = [r for b in BASE for r in (b, b + "+rot")]
 QUICK_ROWS = ["dense", "dense+rot", "w4a4-rtn", "w4a4-rtn+rot"]
@@ -107,21 +115,32 @@ def run_row(name, ctx, log):
     if weights:
         rules = bench_smollm2.quant_rules(W4)
         if base.endswith("-stream"):
-            qep = "-qep" in base
+            qep, clip = "-qep" in base, 8 if "gptqactc8" in base else 1
             params, seconds = (
-                streamed_gptq(params, cfg, acts, kv, ctx, qep),
+                streamed_gptq(params, cfg, acts, kv, ctx, qep, clip),
                 time.perf_counter() - t0,
             )
-            notes.append("int4 g128 GPTQ act order, layer by layer" + (", QEP 0.5" if qep else ""))
+            notes.append(
+                "int4 g128 GPTQ act order, layer by layer"
+                + (f", {clip} clipping ratios searched" if clip > 1 else "")
+                + (", QEP 0.5" if qep else "")
+            )
         elif "gptq" in base:
-            act = base.endswith("gptqact")
-            if (rot, act) not in ctx["cache"]:
-                method = quant.GPTQ(act_order=act)
+            act, clip = "gptqact" in base, 8 if base.endswith("gptqactc8") else 1
+            if (rot, act, clip) not in ctx["cache"]:
+                method = quant.GPTQ(act_order=act, clip_candidates=clip)
                 q, _ = quant.oneshot(fwd, params, ctx["batches"], rules, method=method,
                                      sequential=False)  # fmt: skip
-                ctx["cache"][rot, act] = (quant.dequantize_params(q), time.perf_counter() - t0)
-            params, seconds = ctx["cache"][rot, act]
-            notes.append("int4 g128 GPTQ" + (" act order" if act else ""))
+                ctx["cache"][rot, act, clip] = (
+                    quant.dequantize_params(q),
+                    time.perf_counter() - t0,
+                )
+            params, seconds = ctx["cache"][rot, act, clip]
+            notes.append(
+                "int4 g128 GPTQ"
+                + (" act order" if act else "")
+                + (f", {clip} clipping ratios searched" if clip > 1 else "")
+            )
         else:
             q, _ = quant.quantize_params(params, rules)
             params, seconds = quant.dequantize_params(q), time.perf_counter() - t0
@@ -141,7 +160,7 @@ def run_row(name, ctx, log):
     return {"row": name, **r, "compress_seconds": seconds, "notes": ", ".join(notes) or "float"}
 
 
-def streamed_gptq(params, cfg, acts, kv, ctx, qep):
+def streamed_gptq(params, cfg, acts, kv, ctx, qep, clip=1):
     """GPTQ (activation order) layer by layer with ``calibrate.stream``: each layer calibrated on
     the outputs of the quantized layers before it, through the same A4 / KV4 quantizers the
     evaluation uses; with ``qep``, fitted to the float model's outputs (``GPTQ(qep=0.5)``)."""
@@ -151,7 +170,7 @@ def streamed_gptq(params, cfg, acts, kv, ctx, qep):
         positions = jnp.arange(h.shape[1], dtype=jnp.int32)
         return models.block(p, h, cfg, positions=positions, activations=acts, kv=kv)
 
-    method = quant.GPTQ(act_order=True, qep=0.5 if qep else 0.0)
+    method = quant.GPTQ(act_order=True, qep=0.5 if qep else 0.0, clip_candidates=clip)
     rules = [(r"^(q|k|v|o|gate|up|down)$", W4)]
     hidden = [models.embed(params, b, cfg) for b in ctx["batches"]]
     blocks = [

@@ -736,6 +736,11 @@ def fisher(
     the diagonal empirical Fisher standing in for the Hessian), which ``quant.allocate`` uses to
     pick a format per kernel.
 
+    Cost: one forward and backward pass per batch (compiled once per batch shape). Memory: the
+    float32 accumulators (the selected leaves' size in float32) plus one backward pass's
+    activations and the selected leaves' gradients (only those are computed: select part of a
+    large model at a time with ``where=``).
+
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar`` (float), differentiable in the selected
         leaves, e.g. the summed next-token negative log-likelihood of a language model.
