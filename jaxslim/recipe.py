@@ -54,6 +54,7 @@ match of at least one leaf).
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
@@ -71,6 +72,7 @@ __all__ = [
     "RecipeError",
     "parse",
     "load",
+    "dumps",
     "apply",
     "named",
     "NAMED",
@@ -346,6 +348,148 @@ def parse(source: str | Mapping[str, Any]) -> Recipe:
     if default is None and all(r.spec is None for r in parsed):
         raise RecipeError("quant", "quantizes nothing: give a rule with a spec or a default")
     return Recipe(tuple(out), tuple(parsed), default, table_method)
+
+
+def _toml_value(key: str, v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)  # TOML reads Python's int and float reprs (1e-05, inf, nan) as they are
+    if isinstance(v, str):
+        return json.dumps(v)  # JSON string escapes are TOML basic-string escapes
+    if isinstance(v, tuple | list):
+        return "[" + ", ".join(_toml_value(key, x) for x in v) + "]"
+    if isinstance(v, Mapping):
+        return "{" + ", ".join(f"{k} = {_toml_value(f'{key}.{k}', x)}" for k, x in v.items()) + "}"
+    raise ValueError(
+        f"recipe.dumps: {key} = {v!r} ({type(v).__name__}) has no TOML form; recipes hold "
+        "numbers, strings, booleans and lists of them"
+    )
+
+
+def _changed(record: Any, base: Any, skip: Iterable[str] = ()) -> dict[str, Any]:
+    """The fields of a dataclass record that differ from ``base``'s (in field order)."""
+    out = {}
+    for f in dataclasses.fields(record):
+        if f.name == "_" or f.name in skip:
+            continue
+        v = getattr(record, f.name)
+        if v != getattr(base, f.name):
+            out[f.name] = v
+    return out
+
+
+def _spec_table(spec: QuantSpec | None) -> Any:
+    if spec is None:
+        return "float"
+    fmt = {} if spec.fmt == "int" else {"fmt": spec.fmt}
+    return fmt | _changed(spec, QuantSpec(fmt=spec.fmt), ("fmt",))
+
+
+def _method_table(key: str, method: Any, table: Mapping[str, type]) -> Any:
+    name = getattr(method, "name", None)
+    if name not in table or not isinstance(method, table[name]):
+        raise ValueError(f"recipe.dumps: {key} = {method!r} is not one of {list(table)}")
+    for f in _NOT_IN_TOML:
+        if getattr(method, f, None) is not None:
+            raise ValueError(
+                f"recipe.dumps: {key} = {method!r} has {f}= (a Python object), which a TOML "
+                "recipe cannot hold"
+            )
+    changed = _changed(method, table[name](), _NOT_IN_TOML)
+    return {"name": name, **changed} if changed else name
+
+
+def _structure_table(structure: Structure) -> Any:
+    kind = next(k for k, cls in _STRUCTURES.items() if type(structure) is cls)
+    fields = {f.name: getattr(structure, f.name) for f in dataclasses.fields(structure)}
+    return {"kind": kind, **fields} if fields else kind
+
+
+@public("recipe.dumps")
+def dumps(recipe: Recipe | Iterable[tuple[str | None, QuantSpec | None]]) -> str:
+    """A recipe as TOML text that :func:`parse` reads back to an equal ``Recipe``.
+
+    ``recipe`` is a ``Recipe`` or a list of ``(where, spec)`` rules (``spec=None``: float), e.g.
+    what ``quant.allocate`` returns: then the text is a ``[quant]`` table with ``default =
+    "float"`` and one ``[[quant.rules]]`` table per rule, to read, edit and pass to ``jaxslim
+    compress --recipe``. Specs, methods and structures are written with the fields that differ
+    from their defaults only.
+
+    Raises ``TypeError`` for anything else, ``ValueError`` for a record a TOML recipe cannot
+    hold (``prune.SparseGPT(quant=...)``, a ``where`` predicate).
+
+    >>> from jaxslim.quant import QuantSpec
+    >>> text = dumps([("^w$", QuantSpec(4, axis=-1, group_size=128)), ("^b$", None)])
+    >>> print(text)
+    [quant]
+    default = "float"
+    <BLANKLINE>
+    [[quant.rules]]
+    where = "^w$"
+    spec = {bits = 4, axis = [-1], group_size = 128}
+    <BLANKLINE>
+    [[quant.rules]]
+    where = "^b$"
+    spec = "float"
+    <BLANKLINE>
+    >>> parse(text).quant[0].spec == QuantSpec(4, axis=-1, group_size=128)
+    True
+    """
+    if not isinstance(recipe, Recipe):
+        if isinstance(recipe, str | Mapping) or not isinstance(recipe, Iterable):
+            raise TypeError(
+                f"recipe.dumps: recipe must be a Recipe or a list of (where, spec) rules, got "
+                f"{type(recipe).__name__}"
+            )
+        rules = []
+        for i, rule in enumerate(recipe):
+            if not (isinstance(rule, tuple | list) and len(rule) == 2):
+                raise TypeError(
+                    f"recipe.dumps: rule {i} must be a (where, spec) pair, got {rule!r}"
+                )
+            where, spec = rule
+            if where is not None and not isinstance(where, str):
+                raise ValueError(
+                    f"recipe.dumps: rule {i} has where={where!r}; a TOML recipe holds a regex "
+                    "string or no where"
+                )
+            if spec is not None and not isinstance(spec, QuantSpec):
+                raise TypeError(
+                    f"recipe.dumps: rule {i} has spec={spec!r}, not a QuantSpec or None"
+                )
+            rules.append(QuantRule(spec, where))
+        recipe = Recipe(quant=tuple(rules))
+    lines: list[str] = []
+    for i, step in enumerate(recipe.prune):
+        key = f"prune[{i}]"
+        lines += ["[[prune]]"] + ([f"where = {_toml_value(key, step.where)}"] if step.where else [])
+        lines.append(f"sparsity = {_toml_value(key, step.sparsity)}")
+        if not isinstance(step.structure, Unstructured):
+            lines.append(f"structure = {_toml_value(key, _structure_table(step.structure))}")
+        if step.scope != "layer":
+            lines.append(f"scope = {_toml_value(key, step.scope)}")
+        if not isinstance(step.method, prune.Magnitude) or step.method != prune.Magnitude():
+            m = _method_table(f"{key}.method", step.method, _PRUNE_METHODS)
+            lines.append(f"method = {_toml_value(key, m)}")
+        lines.append("")
+    if recipe.quant is not None:
+        lines += ["[quant]", f"default = {_toml_value('quant', _spec_table(recipe.default))}"]
+        if recipe.method != _RTN:
+            m = _method_table("quant.method", recipe.method, _QUANT_METHODS)
+            lines.append(f"method = {_toml_value('quant', m)}")
+        lines.append("")
+        for i, rule in enumerate(recipe.quant):
+            key = f"quant.rules[{i}]"
+            lines.append("[[quant.rules]]")
+            if rule.where is not None:
+                lines.append(f"where = {_toml_value(key, rule.where)}")
+            lines.append(f"spec = {_toml_value(key, _spec_table(rule.spec))}")
+            if rule.method is not None:
+                m = _method_table(f"{key}.method", rule.method, _QUANT_METHODS)
+                lines.append(f"method = {_toml_value(key, m)}")
+            lines.append("")
+    return "\n".join(lines)
 
 
 @public("recipe.load")

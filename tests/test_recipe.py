@@ -356,3 +356,85 @@ def test_mixed_methods_first_rule_decides():
     _leaves_equal(out["up"], ref["up"])
     _leaves_equal(out["down"], quant.hqq(params["down"], down_spec, path="down"))
     np.testing.assert_array_equal(out["embed"], params["embed"])
+
+
+# -- dumps: TOML text that parse reads back -------------------------------------------------------
+
+ROUND_TRIP_SPECS = [
+    None,
+    QuantSpec(8, axis=-1),
+    QuantSpec(4, axis=-1, group_size=128),
+    QuantSpec(3, axis=-1, group_size=128),
+    QuantSpec(2, axis=(0,), group_size=64, symmetric=False),
+    QuantSpec(fmt="nf4", axis=-1, group_size=64),
+    QuantSpec(fmt="mxfp4"),
+    QuantSpec(fmt="nvfp4"),
+    QuantSpec(fmt="mxfp8"),
+    QuantSpec(fmt="e4m3", axis=-1),
+    QuantSpec(fmt="e4m3", group_size=(128, 128)),
+    QuantSpec(8, signed=False, symmetric=False),
+]
+
+
+@pytest.mark.parametrize("name", [*recipe.NAMED, "EXAMPLE"])
+def test_dumps_round_trips_the_example_and_the_named_recipes(name):
+    r = recipe.parse(recipe.EXAMPLE) if name == "EXAMPLE" else recipe.named(name)
+    assert recipe.parse(recipe.dumps(r)) == r
+
+
+def test_dumps_round_trips_every_spec_method_and_structure():
+    r = recipe.Recipe(
+        prune=(
+            recipe.PruneStep(0.25, "Dense", prune.Channels(axis=-1, ord=1), "global"),
+            recipe.PruneStep(0.5, None, prune.NM(2, 4), "layer", prune.SparseGPT(damp=0.1)),
+            recipe.PruneStep(0.3, r"conv\d", prune.Blocks((2, 4)), "layer", prune.Magnitude()),
+            recipe.PruneStep(0.5, None, prune.Unstructured(), "layer", prune.Wanda()),
+        ),
+        quant=tuple(
+            recipe.QuantRule(spec, f"^k{i}$", quant.HQQ(iters=7) if i == 2 else None)
+            for i, spec in enumerate(ROUND_TRIP_SPECS)
+        ),
+        default=QuantSpec(8, axis=-1),
+        method=quant.GPTQ(act_order=True, clip_candidates=4),
+    )
+    text = recipe.dumps(r)
+    assert recipe.parse(text) == r
+    assert 'method = {name = "gptq", clip_candidates = 4, act_order = true}' in text
+    assert 'spec = {fmt = "mxfp4"}' in text  # defaults left out
+
+
+def test_dumps_of_allocate_rules_applies_like_the_rules():
+    k = jax.random.split(jax.random.key(0), 3)
+    params = {"a": jax.random.normal(k[0], (64, 32)), "b": jax.random.normal(k[1], (64, 32))}
+    errors = {"a": (1.0, 5.0), "b": (1.0, 9.0)}
+    cands = [QuantSpec(8, axis=-1), QuantSpec(4, axis=-1, group_size=32)]
+    rules = quant.allocate(errors, 6.5, cands, params=params)
+    text = recipe.dumps(rules)
+    assert text.startswith('[quant]\ndefault = "float"\n')
+    got, _ = recipe.apply(recipe.parse(text), params)
+    want, _ = quant.quantize_params(params, rules)
+    for name in params:
+        assert got[name].spec == want[name].spec
+        np.testing.assert_array_equal(got[name].values, want[name].values)
+
+
+@pytest.mark.parametrize(
+    "arg,err,match",
+    [
+        ("[quant]", TypeError, "must be a Recipe or a list of \\(where, spec\\) rules, got str"),
+        (3, TypeError, "got int"),
+        ([("w",)], TypeError, "rule 0 must be a \\(where, spec\\) pair"),
+        ([("w", 8)], TypeError, "rule 0 has spec=8, not a QuantSpec or None"),
+        ([(lambda p, x: True, None)], ValueError, "a TOML recipe holds a regex string"),
+        (
+            recipe.Recipe(
+                (recipe.PruneStep(0.5, method=prune.SparseGPT(quant=lambda p, w: None)),)
+            ),
+            ValueError,
+            "has quant= \\(a Python object\\)",
+        ),
+    ],
+)
+def test_dumps_bad_input(arg, err, match):
+    with pytest.raises(err, match=match):
+        recipe.dumps(arg)
