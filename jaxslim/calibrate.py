@@ -748,8 +748,8 @@ def fisher(
         sharded like them: nothing is gathered).
       batches: an iterable of batches, each passed as ``loss_fn``'s second argument.
       where: which leaves (``None``: every floating leaf that :func:`statistics` would call a
-        kernel, i.e. of ndim >= 2; a regex; a predicate ``(path, leaf) -> bool``). Gradients of
-        the other leaves are not computed.
+        kernel: a matrix, or a higher-rank leaf with two axes > 1; a regex; a predicate
+        ``(path, leaf) -> bool``). Gradients of the other leaves are not computed.
 
     Returns:
       ``{path: Fisher(diag, count)}`` in ``jax.tree`` order.

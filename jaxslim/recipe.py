@@ -54,11 +54,12 @@ match of at least one leaf).
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+
+import numpy as np
 
 from jaxslim import _tree, prune, quant, report
 from jaxslim._checks import at_leaf, public
@@ -350,13 +351,28 @@ def parse(source: str | Mapping[str, Any]) -> Recipe:
     return Recipe(tuple(out), tuple(parsed), default, table_method)
 
 
+def _toml_string(v: str) -> str:
+    """A TOML basic string: quote, backslash and control characters escaped, the rest as is."""
+    out = []
+    for ch in v:
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
 def _toml_value(key: str, v: Any) -> str:
+    if isinstance(v, np.generic):
+        v = v.item()
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int | float):
         return repr(v)  # TOML reads Python's int and float reprs (1e-05, inf, nan) as they are
     if isinstance(v, str):
-        return json.dumps(v)  # JSON string escapes are TOML basic-string escapes
+        return _toml_string(v)
     if isinstance(v, tuple | list):
         return "[" + ", ".join(_toml_value(key, x) for x in v) + "]"
     if isinstance(v, Mapping):
@@ -417,7 +433,8 @@ def dumps(recipe: Recipe | Iterable[tuple[str | None, QuantSpec | None]]) -> str
     from their defaults only.
 
     Raises ``TypeError`` for anything else, ``ValueError`` for a record a TOML recipe cannot
-    hold (``prune.SparseGPT(quant=...)``, a ``where`` predicate).
+    hold (``prune.SparseGPT(quant=...)``, a ``where`` predicate) and for a recipe that would not
+    parse back (empty, or rules that are all float).
 
     >>> from jaxslim.quant import QuantSpec
     >>> text = dumps([("^w$", QuantSpec(4, axis=-1, group_size=128)), ("^b$", None)])
@@ -463,33 +480,44 @@ def dumps(recipe: Recipe | Iterable[tuple[str | None, QuantSpec | None]]) -> str
     lines: list[str] = []
     for i, step in enumerate(recipe.prune):
         key = f"prune[{i}]"
-        lines += ["[[prune]]"] + ([f"where = {_toml_value(key, step.where)}"] if step.where else [])
+        where = [] if step.where is None else [f"where = {_toml_value(key, step.where)}"]
+        lines += ["[[prune]]", *where]
         lines.append(f"sparsity = {_toml_value(key, step.sparsity)}")
         if not isinstance(step.structure, Unstructured):
-            lines.append(f"structure = {_toml_value(key, _structure_table(step.structure))}")
+            structure = _structure_table(step.structure)
+            lines.append(f"structure = {_toml_value(f'{key}.structure', structure)}")
         if step.scope != "layer":
             lines.append(f"scope = {_toml_value(key, step.scope)}")
         if not isinstance(step.method, prune.Magnitude) or step.method != prune.Magnitude():
             m = _method_table(f"{key}.method", step.method, _PRUNE_METHODS)
-            lines.append(f"method = {_toml_value(key, m)}")
+            lines.append(f"method = {_toml_value(f'{key}.method', m)}")
         lines.append("")
     if recipe.quant is not None:
-        lines += ["[quant]", f"default = {_toml_value('quant', _spec_table(recipe.default))}"]
+        default = _toml_value("quant.default", _spec_table(recipe.default))
+        lines += ["[quant]", f"default = {default}"]
         if recipe.method != _RTN:
             m = _method_table("quant.method", recipe.method, _QUANT_METHODS)
-            lines.append(f"method = {_toml_value('quant', m)}")
+            lines.append(f"method = {_toml_value('quant.method', m)}")
         lines.append("")
         for i, rule in enumerate(recipe.quant):
             key = f"quant.rules[{i}]"
             lines.append("[[quant.rules]]")
             if rule.where is not None:
                 lines.append(f"where = {_toml_value(key, rule.where)}")
-            lines.append(f"spec = {_toml_value(key, _spec_table(rule.spec))}")
+            lines.append(f"spec = {_toml_value(f'{key}.spec', _spec_table(rule.spec))}")
             if rule.method is not None:
                 m = _method_table(f"{key}.method", rule.method, _QUANT_METHODS)
-                lines.append(f"method = {_toml_value(key, m)}")
+                lines.append(f"method = {_toml_value(f'{key}.method', m)}")
             lines.append("")
-    return "\n".join(lines)
+    text = "\n".join(lines)
+    try:
+        parse(text)
+    except RecipeError as e:
+        raise ValueError(
+            f"recipe.dumps: the recipe would not parse back ({e}); give at least one prune step "
+            "or quant rule with a spec (an all-float rule list quantizes nothing)"
+        ) from None
+    return text
 
 
 @public("recipe.load")

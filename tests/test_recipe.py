@@ -438,3 +438,39 @@ def test_dumps_of_allocate_rules_applies_like_the_rules():
 def test_dumps_bad_input(arg, err, match):
     with pytest.raises(err, match=match):
         recipe.dumps(arg)
+
+
+@pytest.mark.parametrize(
+    "where",
+    ['a"b', "back\\slash", r"layers/\d+/(q|k)$", "café/😀", "tab\there", "del\x7f", ""],
+)
+def test_dumps_round_trips_any_where_string(where):
+    r = recipe.Recipe(
+        prune=(recipe.PruneStep(0.5, where),),
+        quant=(recipe.QuantRule(QuantSpec(8, axis=-1), where),),
+        method=quant.GPTQ(damp=1e-5),
+    )
+    assert recipe.parse(recipe.dumps(r)) == r
+
+
+def test_dumps_keeps_an_empty_where_that_selects_every_leaf():
+    params = {"w": jnp.arange(1.0, 9.0).reshape(4, 2), "b": jnp.array([1.0, 2.0, 3.0, 4.0])}
+    r = recipe.Recipe(prune=(recipe.PruneStep(0.5, ""),))
+    want, _ = recipe.apply(r, params)
+    got, _ = recipe.apply(recipe.parse(recipe.dumps(r)), params)
+    np.testing.assert_array_equal(got["b"], [0.0, 0.0, 3.0, 4.0])
+    np.testing.assert_array_equal(got["b"], want["b"])
+
+
+def test_dumps_writes_numpy_scalars_as_numbers():
+    r = recipe.Recipe(quant=(recipe.QuantRule(QuantSpec(4), None, quant.HQQ(iters=np.int64(7))),))
+    assert "iters = 7" in recipe.dumps(r)
+    assert recipe.parse(recipe.dumps(r)).quant[0].method == quant.HQQ(iters=7)
+
+
+@pytest.mark.parametrize(
+    "arg", [[("^a$", None)], [], recipe.Recipe()], ids=["all-float", "no-rules", "empty"]
+)
+def test_dumps_refuses_a_recipe_that_would_not_parse_back(arg):
+    with pytest.raises(ValueError, match="recipe.dumps: the recipe would not parse back"):
+        recipe.dumps(arg)

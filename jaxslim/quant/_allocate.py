@@ -134,6 +134,13 @@ def sensitivities(
     fn = "quant.sensitivities"
     _tree.check_where(where)
     leaves = dict(_tree.leaves_with_paths(params))
+    kinds = {_is_fisher(st) for st in stats.values()}
+    if len(kinds) > 1:
+        raise ValueError(
+            f"{fn}: stats mixes calibrate.statistics and calibrate.fisher entries, whose "
+            "predictions (a layer's output error, a loss increase) are not comparable; pass one "
+            "kind for every kernel"
+        )
     out: dict[str, tuple[float, ...]] = {}
     for path, st in stats.items():
         if path not in leaves:

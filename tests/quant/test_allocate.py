@@ -224,6 +224,10 @@ def test_sensitivities_bad_input():
         sensitivities(params, {"w": (1.0, 2.0)}, CANDS)
     with pytest.raises(ValueError, match="stats name 'v', which is not a leaf"):
         sensitivities(params, {"v": fisher["w"]}, CANDS)
+    two = {"w": jnp.ones((16, 8)), "u": jnp.ones((16, 8))}
+    stats = calibrate.statistics(lambda p, x: x @ p["u"], two, [jnp.ones((2, 16))], where="u")
+    with pytest.raises(ValueError, match="mixes calibrate.statistics and calibrate.fisher"):
+        allocate({"w": fisher["w"], "u": stats["u"]}, 8.0, CANDS, params=two)
 
 
 @pytest.mark.parametrize(
