@@ -119,6 +119,15 @@ ROWS = [
     # the same with the loss-aware prediction (calibrate.fisher: the empirical Fisher diagonal)
     "alloc-4.25-fisher",
     "alloc-3.5-fisher",
+    # the Fisher allocation's formats, then GPTQ (activation order) onto each kernel's grid
+    "alloc-4.25-fisher-gptq",
+    "alloc-3.5-fisher-gptq",
+    # OWL against uniform with the layers pruned in order (each calibrated on the pruned ones)
+    "sparsegpt-70-stream",
+    "owl-sparsegpt-70-stream",
+    "owl-sparsegpt-70-M10-stream",
+    "sparsegpt-60-stream",
+    "owl-sparsegpt-60-stream",
 ]
 FORMATS = {
     "w4g32": lambda: quant.QuantSpec(4, axis=-1, group_size=32),
@@ -306,13 +315,18 @@ def run_row(name, ctx, log):
             fwd, params, batches, sparsity, method=method, where=KERNELS, sequential=False
         )
         note += f"kernel sparsity {kernel_sparsity(out):.3f}"
-    elif (m := re.fullmatch(r"alloc-([\d.]+)(\+int2)?(-fisher)?", name)) is not None:
+    elif (m := re.fullmatch(r"alloc-([\d.]+)(\+int2)?(-fisher)?(-gptq)?", name)) is not None:
         budget = float(m.group(1))
         stats = kernel_fisher(ctx, log) if m.group(3) else kernel_stats(ctx, log)
         candidates = ALLOC_CANDIDATES + ([INT2] if m.group(2) else [])
         cands = [make() for _, make in candidates]
         rules = quant.allocate(stats, budget, cands, params=params)
-        out, _ = quant.quantize_params(params, [(r"^embed$", None), *rules])
+        if m.group(4):
+            out, _ = quant.oneshot(
+                fwd, params, batches, rules, method=quant.GPTQ(act_order=True), sequential=False
+            )
+        else:
+            out, _ = quant.quantize_params(params, [(r"^embed$", None), *rules])
         eval_fwd = quant.quantized(fwd)
         counts = {label: 0 for label, _ in candidates}
         bits = weights = 0
@@ -325,6 +339,7 @@ def run_row(name, ctx, log):
         mix = ", ".join(f"{n} x {label}" for label, n in counts.items() if n)
         note = f"{bits / weights:.3f} bits/weight over the kernels; {mix}"
         note += "; Fisher sensitivities" if m.group(3) else "; output-error sensitivities"
+        note += "; GPTQ (activation order) onto the chosen grids" if m.group(4) else "; RTN"
     elif name.endswith("-stream"):
         out, note = streamed(name, ctx, log)
         eval_fwd = quant.quantized(fwd)
@@ -437,6 +452,9 @@ def streamed(name, ctx, log):
     pipeline), then read back with ``models.load_streamed``."""
     import tempfile
 
+    p = re.fullmatch(r"(owl-)?(sparsegpt|wanda)-(60|70)(?:-M(\d+))?-stream", name)
+    if p is not None:
+        return streamed_prune(ctx, log, bool(p.group(1)), p.group(2), int(p.group(3)), p.group(4))
     m = re.fullmatch(r"w([34])g(64|128)-gptq(-act)?(-qep)?-stream", name)
     if m is None:
         raise ValueError(f"unknown streamed row {name!r}")
@@ -457,6 +475,37 @@ def streamed(name, ctx, log):
     n_q = sum(quant.is_qarray(v) for lp in out["layers"] for v in lp.values())
     log(f"    {n_q} kernels quantized layer by layer")
     note = f"int{bits} g{group} symmetric, {method}, layer by layer (models.compress_streamed)"
+    return out, note
+
+
+def streamed_prune(ctx, log, owl, method_name, percent, big):
+    """Pruning layer by layer (``models.compress_streamed``, as the OWL paper runs SparseGPT),
+    uniform or with OWL's per-layer sparsities (lam 0.08, M 5 or ``big``) from the float model's
+    statistics."""
+    import tempfile
+
+    sparsity, note = percent / 100, ""
+    if owl:
+        lam, m_ = 0.08, float(big or 5)
+        sparsity = prune.owl(
+            ctx["params"], kernel_stats(ctx, log), sparsity, lam=lam, M=m_,
+            blocks=r"layers/(\d+)/", where=KERNELS,
+        )  # fmt: skip
+        per_layer = sorted({round(v, 3) for v in sparsity.values()})
+        note = f"OWL lam {lam:g} M {m_:g} per layer: {per_layer[0]:.3f} .. {per_layer[-1]:.3f}; "
+    method = prune.SparseGPT() if method_name == "sparsegpt" else prune.Wanda()
+    with tempfile.TemporaryDirectory() as d:
+        models.compress_streamed(
+            smollm2_data.gguf_path(),
+            d,
+            [np.asarray(b) for b in ctx["batches"]],
+            sparsity=sparsity,
+            prune_method=method,
+            dtype=jnp.float32,
+            progress=False,
+        )
+        out, _, _ = models.load_streamed(d)
+    note += f"kernel sparsity {kernel_sparsity(out):.3f}, layer by layer (models.compress_streamed)"
     return out, note
 
 

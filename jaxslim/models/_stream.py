@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -76,6 +76,37 @@ def _embed_rows(src: Any, batches: list[np.ndarray], config: Config) -> list[jax
         raise ValueError(f"{_FN}: calibration tokens must be in [0, vocab={vocab}), got {bad[:5]}")
     rows = {"embed": jnp.asarray(src.read_rows("model.embed_tokens.weight", used))}
     return [embed(rows, np.searchsorted(used, b).astype(np.int32), config) for b in batches]
+
+
+_SPARSITY_PATH = re.compile(r"layers/(\d+)/([^/]+)")
+_KERNEL_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def _check_sparsity_paths(sparsity: Mapping[str, Any], n_layers: int, config: Config) -> dict:
+    """A per-kernel sparsity dict checked against the checkpoint: ``{path: float}``."""
+    kernels = {leaf for leaf in _load.layer_leaves(config) if leaf in _KERNEL_NAMES}
+    bad = []
+    for path in sparsity:
+        m = _SPARSITY_PATH.fullmatch(path) if isinstance(path, str) else None
+        if m is None or int(m.group(1)) >= n_layers or m.group(2) not in kernels:
+            bad.append(path)
+    if bad:
+        raise ValueError(
+            f"{_FN}: sparsity names {bad[:5]}, which are not layer kernels of this checkpoint; "
+            f"give paths 'layers/<i>/<k>' with i < {n_layers} and k in {sorted(kernels)} "
+            "(prune.owl on the model's tree gives them)"
+        )
+    return {p: float(v) for p, v in sparsity.items()}
+
+
+def _layer_sparsity(sparsity: Any, i: int) -> Any:
+    """The sparsity ``prune.oneshot`` gets for layer ``i``: the float, the layer's share of a
+    per-kernel dict (``None`` when it names none of the layer's kernels), or ``None``."""
+    if not isinstance(sparsity, Mapping):
+        return sparsity
+    prefix = f"layers/{i}/"
+    own = {p.removeprefix(prefix): v for p, v in sparsity.items() if p.startswith(prefix)}
+    return own or None
 
 
 def _rules_for(rules: Any, prefix: str) -> list[tuple[Any, Any]]:
@@ -135,7 +166,7 @@ def compress_streamed(
     out: str | os.PathLike,
     calib_ids: Any,
     *,
-    sparsity: float | None = None,
+    sparsity: float | Mapping[str, float] | None = None,
     prune_method: Any = "sparsegpt",
     structure: Structure = Unstructured(),
     quant_rules: Any = None,
@@ -158,7 +189,9 @@ def compress_streamed(
       calib_ids: calibration tokens, ``(N, T)`` integers (split into batches of ``batch_size``
         rows) or a list of ``(B, T)`` batches.
       sparsity: prune every layer kernel (``q k v o gate up down``) to this fraction with
-        ``prune.oneshot(..., method=prune_method, structure=structure)``; ``None``: no pruning.
+        ``prune.oneshot(..., method=prune_method, structure=structure)``; a dict ``{"layers/3/q":
+        0.62, ...}`` (``prune.owl``'s per-layer sparsities, paths of the whole tree) prunes the
+        kernels it names, each to its own fraction; ``None``: no pruning.
       prune_method, structure: as ``prune.oneshot``'s ``method`` / ``structure``.
       quant_rules: ``quant.oneshot``'s rules, ``where`` written for the whole tree (a regex
         searched in ``"layers/3/q"``) and matched on the layers' leaves only (the embedding,
@@ -193,6 +226,8 @@ def compress_streamed(
         config = Config.from_hf(src.config)
         names = set(src.names())
         n_layers = len({int(m.group(1)) for n in names if (m := _load.LAYER_RE.match(n))})
+        if isinstance(sparsity, Mapping):
+            sparsity = _check_sparsity_paths(sparsity, n_layers, config)
         hidden = _embed_rows(src, batches, config)
         fn = block_fn(config)
 
@@ -214,10 +249,9 @@ def compress_streamed(
         def compress(i: int):
             def run(p: Any, hs: list[Any], refs: list[Any] | None = None) -> tuple[Any, Any]:
                 reports = [None, None]
-                if sparsity is not None:
-                    p, rep = prune.oneshot(
-                        fn, p, hs, sparsity, method=prune_method, structure=structure
-                    )
+                s = _layer_sparsity(sparsity, i)
+                if s is not None:
+                    p, rep = prune.oneshot(fn, p, hs, s, method=prune_method, structure=structure)
                     reports[0] = dataclasses.replace(rep, masks=None)  # the zeros are in p
                 if quant_rules is not None:
                     rules = _rules_for(quant_rules, f"layers/{i}/")

@@ -206,3 +206,32 @@ def test_rules_selecting_layer_0_only_leave_layer_1_as_read(ckpt, tmp_path):
     for name, leaf in out["layers"][1].items():  # float and bit-identical to the source
         assert not isinstance(leaf, quant.QArray), name
         np.testing.assert_array_equal(np.asarray(leaf), np.asarray(loaded["layers"][1][name]))
+
+
+def test_per_kernel_sparsities_equal_in_memory_sequential_oneshot(ckpt, tmp_path):
+    # prune.owl's form: {path: sparsity} over the whole tree; layer 1's v and all of layer 0's
+    # kernels left out stay dense
+    _, params, cfg = ckpt
+    sparsity = {"layers/0/q": 0.25, "layers/0/down": 0.75, "layers/1/up": 0.5}
+    compress_streamed(ckpt[0], tmp_path / "o", CALIB, sparsity=sparsity, batch_size=2,
+                      progress=False)  # fmt: skip
+    got, _, _ = load_streamed(tmp_path / "o")
+    ref, _ = prune.oneshot(_fn(cfg), params, _batches(), sparsity, method=prune.SparseGPT(),
+                           sequential=True)  # fmt: skip
+    assert _tree_equal(got, ref) == 0.0  # bit for bit
+    for path, s in sparsity.items():
+        _, i, k = path.split("/")
+        assert float(jnp.mean(got["layers"][int(i)][k] == 0)) == s
+    np.testing.assert_array_equal(got["layers"][1]["v"], params["layers"][1]["v"])
+    np.testing.assert_array_equal(got["layers"][0]["gate"], params["layers"][0]["gate"])
+
+
+@pytest.mark.parametrize(
+    "sparsity",
+    [{"layers/2/q": 0.5}, {"layers/0/attn_norm": 0.5}, {"layer/0/q": 0.5}, {"layers/0/q/x": 0.5}],
+)
+def test_per_kernel_sparsity_paths_must_be_layer_kernels(ckpt, tmp_path, sparsity):
+    with pytest.raises(
+        ValueError, match=r"models.compress_streamed: sparsity names \[.*which are "
+    ):
+        compress_streamed(ckpt[0], tmp_path / "o", CALIB, sparsity=sparsity, progress=False)
