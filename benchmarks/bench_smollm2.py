@@ -128,6 +128,10 @@ ROWS = [
     "owl-sparsegpt-70-M10-stream",
     "sparsegpt-60-stream",
     "owl-sparsegpt-60-stream",
+    "wanda-60-stream",
+    "owl-wanda-60-stream",
+    "wanda-70-stream",
+    "owl-wanda-70-stream",
 ]
 FORMATS = {
     "w4g32": lambda: quant.QuantSpec(4, axis=-1, group_size=32),
