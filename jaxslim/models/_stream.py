@@ -82,21 +82,20 @@ _SPARSITY_PATH = re.compile(r"layers/(\d+)/([^/]+)")
 _KERNEL_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-def _check_sparsity_paths(sparsity: Mapping[str, Any], n_layers: int, config: Config) -> dict:
+def _check_sparsity_paths(sparsity: Mapping[str, Any], n_layers: int) -> dict:
     """A per-kernel sparsity dict checked against the checkpoint: ``{path: float}``."""
-    kernels = {leaf for leaf in _load.layer_leaves(config) if leaf in _KERNEL_NAMES}
     bad = []
     for path in sparsity:
         m = _SPARSITY_PATH.fullmatch(path) if isinstance(path, str) else None
-        if m is None or int(m.group(1)) >= n_layers or m.group(2) not in kernels:
+        if m is None or int(m.group(1)) >= n_layers or m.group(2) not in _KERNEL_NAMES:
             bad.append(path)
     if bad:
         raise ValueError(
             f"{_FN}: sparsity names {bad[:5]}, which are not layer kernels of this checkpoint; "
-            f"give paths 'layers/<i>/<k>' with i < {n_layers} and k in {sorted(kernels)} "
+            f"give paths 'layers/<i>/<k>' with i < {n_layers} and k in {list(_KERNEL_NAMES)} "
             "(prune.owl on the model's tree gives them)"
         )
-    return {p: float(v) for p, v in sparsity.items()}
+    return dict(sparsity)  # the values are checked by prune.oneshot, naming the kernel
 
 
 def _layer_sparsity(sparsity: Any, i: int) -> Any:
@@ -227,7 +226,7 @@ def compress_streamed(
         names = set(src.names())
         n_layers = len({int(m.group(1)) for n in names if (m := _load.LAYER_RE.match(n))})
         if isinstance(sparsity, Mapping):
-            sparsity = _check_sparsity_paths(sparsity, n_layers, config)
+            sparsity = _check_sparsity_paths(sparsity, n_layers)
         hidden = _embed_rows(src, batches, config)
         fn = block_fn(config)
 
